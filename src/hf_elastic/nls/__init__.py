@@ -1,0 +1,4 @@
+from .config import NLSConfig
+from .layer import ElasticLoraLinear
+
+__all__ = ["ElasticLoraLinear", "NLSConfig"]

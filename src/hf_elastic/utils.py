@@ -1,0 +1,63 @@
+"""Small helpers shared across hf_elastic."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+ELASTIC_CONFIG_NAME = "elastic_config.json"
+SUBNET_CONFIG_NAME = "elastic_subnet.json"
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as JSON to `path` so that a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """`safetensors.torch.save_file` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def split_layer_key(key: str) -> tuple[str, str]:
+    """Split a module key into (layer index, path inside the layer).
+
+    `"model.layers.3.self_attn.q_proj"` gives `("3", "self_attn.q_proj")`; a key outside any numbered layer gives
+    `("global", key)`.
+    """
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return part, ".".join(parts[i + 1 :]) or key
+    return "global", key
+
+
+def matches_module(path: str, pattern: str) -> bool:
+    """peft-style suffix match: `pattern` equals `path` or is a dotted suffix of it."""
+    return path == pattern or path.endswith("." + pattern)

@@ -1,0 +1,133 @@
+"""Tiny random models of every architecture in the test matrix, built from configs (no Hub access)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 96
+_DECODER = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+}
+
+
+@dataclass
+class Arch:
+    name: str
+    targets: list[str]
+    rank_groups: list[list[str]]
+    uniform_heads_loadable: bool
+
+    def build(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        if self.name == "llama":
+            model = LlamaForCausalLM(LlamaConfig(**_DECODER))
+        elif self.name == "mistral":
+            model = MistralForCausalLM(MistralConfig(**_DECODER, sliding_window=None))
+        elif self.name == "qwen2":
+            model = Qwen2ForCausalLM(Qwen2Config(**_DECODER))
+        elif self.name == "phi3":
+            model = Phi3ForCausalLM(Phi3Config(**_DECODER, pad_token_id=0))
+        elif self.name == "gpt2":
+            model = GPT2LMHeadModel(
+                GPT2Config(
+                    vocab_size=VOCAB,
+                    n_embd=32,
+                    n_layer=2,
+                    n_head=4,
+                    n_inner=48,
+                    n_positions=64,
+                    resid_pdrop=0.0,
+                    embd_pdrop=0.0,
+                    attn_pdrop=0.0,
+                )
+            )
+        else:
+            model = BertForSequenceClassification(
+                BertConfig(
+                    vocab_size=VOCAB,
+                    hidden_size=32,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=48,
+                    max_position_embeddings=64,
+                    num_labels=2,
+                    hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0,
+                )
+            )
+        return model.eval()
+
+    def batch(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1, VOCAB, (2, 10), generator=g)
+        if self.name == "bert":
+            return {"input_ids": ids, "labels": torch.tensor([0, 1])}
+        return {"input_ids": ids, "labels": ids}
+
+    def heads_fraction(self) -> list[float]:
+        return [1.0, 0.5]
+
+
+ARCHS = {
+    "llama": Arch(
+        "llama",
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        [["q_proj", "k_proj", "v_proj"], ["up_proj", "gate_proj"], ["down_proj"]],
+        True,
+    ),
+    "mistral": Arch(
+        "mistral", ["q_proj", "v_proj", "up_proj", "down_proj"], [["q_proj", "v_proj"], ["up_proj"]], True
+    ),
+    "qwen2": Arch(
+        "qwen2", ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], [["q_proj", "k_proj", "v_proj"]], True
+    ),
+    "phi3": Arch("phi3", ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], [["qkv_proj"], ["gate_up_proj"]], True),
+    "gpt2": Arch("gpt2", ["c_attn", "c_proj", "c_fc"], [["attn.c_attn", "attn.c_proj"], ["mlp.c_fc"]], False),
+    "bert": Arch("bert", ["query", "value", "dense"], [["query", "value"], ["intermediate.dense"]], False),
+}
+
+
+@pytest.fixture(params=list(ARCHS), scope="module")
+def arch(request) -> Arch:
+    return ARCHS[request.param]
+
+
+@pytest.fixture(scope="module")
+def base(arch: Arch) -> torch.nn.Module:
+    return arch.build()
+
+
+def peft_kwargs(arch: Arch, **extra: Any) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"target_modules": arch.targets, "lora_alpha": 16, "lora_dropout": 0.0}
+    if arch.name == "gpt2":
+        kwargs["fan_in_fan_out"] = True
+    return kwargs | extra
+
+
+def fresh(base: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(base)
