@@ -137,3 +137,11 @@ def test_model_errors(llama, tmp_path):
         FileNotFoundError, match=r"No elastic_config.json in .*: this is not an hf_elastic super-adapter"
     ):
         load_super_network(fresh(llama), tmp_path)
+
+
+def test_conv1d_without_fan_in_fan_out_warns_and_fixes():
+    gpt2 = ARCHS["gpt2"]
+    with pytest.warns(UserWarning, match=r"fan_in_fan_out=False does not fit Conv1D; setting fan_in_fan_out=True"):
+        model = get_peft_model(gpt2.build(), NLSConfig(target_modules=["c_attn"], rank_choices=[4, 2]))
+    assert model.peft_config["default"].fan_in_fan_out is True
+    assert torch.isfinite(model(**gpt2.batch()).loss)

@@ -1,0 +1,153 @@
+"""Training step time and peak memory: NLS (elastic rank) against plain peft LoRA on the same model.
+
+Each (variant, round) runs in a fresh subprocess so peak RSS is per variant; rounds interleave the variants and the
+figures are medians over rounds. Prints a table and writes benchmarks/results/nls_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ("lora", "nls_max", "nls_uniform")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def run_variant(variant: str, steps: int, warmup: int, seq_len: int, batch_size: int) -> dict:
+    import random
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_elastic import NLSConfig, get_supernet
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+    model = LlamaForCausalLM(config)
+    if variant == "lora":
+        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules=TARGETS))
+        supernet = None
+    else:
+        model = get_peft_model(model, NLSConfig(rank_choices=[32, 24, 16], lora_alpha=64, target_modules=TARGETS))
+        supernet = get_supernet(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    data = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    rng = random.Random(0)
+    model.train()
+    rss_before = _rss_mb()
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        if variant == "nls_uniform":
+            supernet.sample(rng)
+        loss = model(input_ids=data, labels=data).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_s": statistics.median(times), "peak_rss_mb": peak, "train_rss_mb": peak - rss_before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "nls_step.json"))
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_variant(args.worker, args.steps, args.warmup, args.seq_len, args.batch_size)))
+        return
+
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for r in range(args.rounds):
+        for variant in VARIANTS:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                variant,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+                "--seq-len",
+                str(args.seq_len),
+                "--batch-size",
+                str(args.batch_size),
+            ]
+            result = json.loads(
+                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+            )
+            runs[variant].append(result)
+            print(
+                f"round {r + 1}/{args.rounds} {variant:<12} step {result['step_s'] * 1000:7.1f} ms  "
+                f"peak RSS {result['peak_rss_mb']:7.1f} MB",
+                flush=True,
+            )
+
+    summary = {
+        v: {k: statistics.median(run[k] for run in runs[v]) for k in ("step_s", "peak_rss_mb", "train_rss_mb")}
+        for v in VARIANTS
+    }
+    base = summary["lora"]
+    print(f"\n{'variant':<14}{'step ms':>10}{'x LoRA':>9}{'peak RSS MB':>13}{'x LoRA':>9}")
+    for v, s in summary.items():
+        print(
+            f"{v:<14}{s['step_s'] * 1000:>10.1f}{s['step_s'] / base['step_s']:>9.3f}"
+            f"{s['peak_rss_mb']:>13.1f}{s['peak_rss_mb'] / base['peak_rss_mb']:>9.3f}"
+        )
+    import torch
+
+    result = {
+        "benchmark": "nls_step",
+        "model": "Llama config: hidden 512, 4 layers, intermediate 1376, 8 heads, vocab 8192 (random weights)",
+        "batch": [args.batch_size, args.seq_len],
+        "adapters": "r=32 on q,k,v,o,gate,up,down; NLS rank_choices [32, 24, 16], one rank per module",
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "machine": {
+            "cpu_count": __import__("os").cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "median": summary,
+        "ratio_vs_lora": {
+            v: {"step_time": s["step_s"] / base["step_s"], "peak_rss": s["peak_rss_mb"] / base["peak_rss_mb"]}
+            for v, s in summary.items()
+        },
+        "runs": runs,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
