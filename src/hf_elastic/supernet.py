@@ -79,6 +79,7 @@ class SuperNetwork:
         self.width_layers: list[WidthLayer] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._masks: dict[str, torch.Tensor] = {}
+        self._orders: dict[str, torch.Tensor] = {}
         if isinstance(self.config, ElasticLoraConfig) and (self.config.ffn_width_choices or self.config.head_choices):
             dims += self._width_dimensions()
         if not dims:
@@ -216,9 +217,11 @@ class SuperNetwork:
         count = value if kind == "ffn" else (value // layer.group_size if value is not None else None)
         if count is None or count == units:
             return None
-        order = (self.config.channel_order or {}).get(f"{layer.index}.{kind}")
-        order = torch.tensor(order) if order is not None else torch.arange(units)
-        return order[:count].sort().values
+        key = f"{layer.index}.{kind}"
+        if key not in self._orders:
+            order = (self.config.channel_order or {}).get(key)
+            self._orders[key] = torch.tensor(order) if order is not None else torch.arange(units)
+        return self._orders[key][:count].sort().values
 
     # ------------------------------------------------------------------ size
     def _effective_sizes(self, config: SubnetConfig) -> dict[str, tuple[int, int]]:
@@ -294,6 +297,7 @@ class SuperNetwork:
             for kind, s in layer_scores.items():
                 order[f"{layer.index}.{kind}"] = torch.argsort(s, descending=True, stable=True).tolist()
         self.config.channel_order = order
+        self._orders.clear()
         self.activate(self._active)
         return order
 
