@@ -6,11 +6,14 @@ from .elastic_lora import ElasticLoraConfig
 from .nls import ElasticLoraLinear, NLSConfig
 from .search_space import Dimension, SearchSpace, SubnetConfig
 from .supernet import SuperNetwork, get_supernet, load_super_network
+from .trainer import NASTrainer, NASTrainingArguments, register_sampler
 
 __all__ = [
     "Dimension",
     "ElasticLoraConfig",
     "ElasticLoraLinear",
+    "NASTrainer",
+    "NASTrainingArguments",
     "NLSConfig",
     "SearchSpace",
     "SubnetConfig",
@@ -18,4 +21,5 @@ __all__ = [
     "__version__",
     "get_supernet",
     "load_super_network",
+    "register_sampler",
 ]
