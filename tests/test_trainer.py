@@ -194,3 +194,16 @@ def test_two_processes_sample_the_same_subnets(tmp_path):
     assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) == 3
     assert len(set(ranks[0]["history"])) > 1
     assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_gradient_checkpointing_matches_plain_training(llama, tmp_path):
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(fresh(llama), ElasticLoraConfig(**peft_kwargs(LLAMA, rank_choices=[8, 4])))
+        run = args(tmp_path / str(checkpointing), max_steps=3, gradient_checkpointing=checkpointing)
+        trainer = NASTrainer(model=model, args=run, train_dataset=dataset())
+        trainer.train()
+        results.append((trainer.sampler.history, adapter_weights(model)))
+    assert results[0][0] == results[1][0]
+    assert max((results[0][1][k] - results[1][1][k]).abs().max().item() for k in results[0][1]) <= 1e-5

@@ -1,0 +1,143 @@
+"""NASTrainer (uniform and sandwich k=2) against the stock Trainer with plain peft LoRA: step time and peak memory.
+
+Same model, data and steps; each (variant, round) runs in its own subprocess, rounds interleave the variants, figures
+are medians. Prints a table and writes benchmarks/results/nas_trainer.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = ("trainer_lora", "nas_uniform", "nas_sandwich2")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def run_variant(variant: str, steps: int, warmup: int) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from hf_elastic import NASTrainer, NASTrainingArguments, NLSConfig
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+    model = LlamaForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (64, 128), generator=torch.Generator().manual_seed(0)).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    common = {
+        "output_dir": tempfile.mkdtemp(),
+        "per_device_train_batch_size": 4,
+        "max_steps": warmup + steps,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "logging_steps": 1000,
+    }
+    timer = Timer()
+    if variant == "trainer_lora":
+        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules=TARGETS))
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[timer])
+    else:
+        sampling = "uniform" if variant == "nas_uniform" else "sandwich"
+        peft_config = NLSConfig(rank_choices=[32, 24, 16], lora_alpha=64, target_modules=TARGETS)
+        args = NASTrainingArguments(**common, sampling=sampling, sandwich_k=2)
+        trainer = NASTrainer(model=model, peft_config=peft_config, args=args, train_dataset=data, callbacks=[timer])
+    trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_s": statistics.median(timer.times[warmup:]), "peak_rss_mb": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "nas_trainer.json"))
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_variant(args.worker, args.steps, args.warmup)))
+        return
+
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for r in range(args.rounds):
+        for variant in VARIANTS:
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                variant,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+            runs[variant].append(json.loads(out))
+            print(
+                f"round {r + 1}/{args.rounds} {variant:<14} step {runs[variant][-1]['step_s'] * 1000:7.1f} ms",
+                flush=True,
+            )
+
+    summary = {v: {k: statistics.median(x[k] for x in runs[v]) for k in ("step_s", "peak_rss_mb")} for v in VARIANTS}
+    base = summary["trainer_lora"]
+    ratios = {
+        v: {"step_time": s["step_s"] / base["step_s"], "peak_rss": s["peak_rss_mb"] / base["peak_rss_mb"]}
+        for v, s in summary.items()
+    }
+    print(f"\n{'variant':<16}{'step ms':>10}{'x LoRA':>9}{'peak RSS MB':>13}{'x LoRA':>9}")
+    for v, s in summary.items():
+        print(
+            f"{v:<16}{s['step_s'] * 1000:>10.1f}{ratios[v]['step_time']:>9.3f}"
+            f"{s['peak_rss_mb']:>13.1f}{ratios[v]['peak_rss']:>9.3f}"
+        )
+    import torch
+
+    result = {
+        "benchmark": "nas_trainer",
+        "model": "Llama config: hidden 512, 4 layers, intermediate 1376, 8 heads, vocab 8192 (random weights)",
+        "batch": [4, 128],
+        "adapters": "r=32 on q,k,v,o,gate,up,down; NLS rank_choices [32, 24, 16]",
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "median": summary,
+        "ratio_vs_trainer_lora": ratios,
+        "runs": runs,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
