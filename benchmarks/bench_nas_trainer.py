@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, machine, run_interleaved, summarize
+
 VARIANTS = ("trainer_lora", "nas_uniform", "nas_sandwich2")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def run_variant(variant: str, steps: int, warmup: int) -> dict:
@@ -41,14 +38,7 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
             self.times.append(time.perf_counter() - self.start)
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=8192,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-    )
+    config = LlamaConfig(**MODEL_KWARGS)
     model = LlamaForCausalLM(config)
     ids = torch.randint(0, config.vocab_size, (64, 128), generator=torch.Generator().manual_seed(0)).tolist()
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
@@ -88,48 +78,16 @@ def main() -> None:
         print(json.dumps(run_variant(args.worker, args.steps, args.warmup)))
         return
 
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for r in range(args.rounds):
-        for variant in VARIANTS:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                variant,
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-            ]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
-            runs[variant].append(json.loads(out))
-            print(
-                f"round {r + 1}/{args.rounds} {variant:<14} step {runs[variant][-1]['step_s'] * 1000:7.1f} ms",
-                flush=True,
-            )
-
-    summary = {v: {k: statistics.median(x[k] for x in runs[v]) for k in ("step_s", "peak_rss_mb")} for v in VARIANTS}
-    base = summary["trainer_lora"]
-    ratios = {
-        v: {"step_time": s["step_s"] / base["step_s"], "peak_rss": s["peak_rss_mb"] / base["peak_rss_mb"]}
-        for v, s in summary.items()
-    }
-    print(f"\n{'variant':<16}{'step ms':>10}{'x LoRA':>9}{'peak RSS MB':>13}{'x LoRA':>9}")
-    for v, s in summary.items():
-        print(
-            f"{v:<16}{s['step_s'] * 1000:>10.1f}{ratios[v]['step_time']:>9.3f}"
-            f"{s['peak_rss_mb']:>13.1f}{ratios[v]['peak_rss']:>9.3f}"
-        )
-    import torch
-
+    runs = run_interleaved(__file__, VARIANTS, args.rounds, ["--steps", str(args.steps), "--warmup", str(args.warmup)])
+    summary, ratios = summarize(runs, "trainer_lora")
     result = {
         "benchmark": "nas_trainer",
-        "model": "Llama config: hidden 512, 4 layers, intermediate 1376, 8 heads, vocab 8192 (random weights)",
+        "model": MODEL_TEXT,
         "batch": [4, 128],
         "adapters": "r=32 on q,k,v,o,gate,up,down; NLS rank_choices [32, 24, 16]",
         "rounds": args.rounds,
         "steps_per_round": args.steps,
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": machine(),
         "median": summary,
         "ratio_vs_trainer_lora": ratios,
         "runs": runs,

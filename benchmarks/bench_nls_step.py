@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, machine, run_interleaved, summarize
+
 VARIANTS = ("lora", "nls_max", "nls_uniform")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _rss_mb() -> float:
@@ -35,14 +33,7 @@ def run_variant(variant: str, steps: int, warmup: int, seq_len: int, batch_size:
     from hf_elastic import NLSConfig, get_supernet
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=8192,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-    )
+    config = LlamaConfig(**MODEL_KWARGS)
     model = LlamaForCausalLM(config)
     if variant == "lora":
         model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules=TARGETS))
@@ -84,64 +75,19 @@ def main() -> None:
         print(json.dumps(run_variant(args.worker, args.steps, args.warmup, args.seq_len, args.batch_size)))
         return
 
-    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
-    for r in range(args.rounds):
-        for variant in VARIANTS:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                variant,
-                "--steps",
-                str(args.steps),
-                "--warmup",
-                str(args.warmup),
-                "--seq-len",
-                str(args.seq_len),
-                "--batch-size",
-                str(args.batch_size),
-            ]
-            result = json.loads(
-                subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
-            )
-            runs[variant].append(result)
-            print(
-                f"round {r + 1}/{args.rounds} {variant:<12} step {result['step_s'] * 1000:7.1f} ms  "
-                f"peak RSS {result['peak_rss_mb']:7.1f} MB",
-                flush=True,
-            )
-
-    summary = {
-        v: {k: statistics.median(run[k] for run in runs[v]) for k in ("step_s", "peak_rss_mb", "train_rss_mb")}
-        for v in VARIANTS
-    }
-    base = summary["lora"]
-    print(f"\n{'variant':<14}{'step ms':>10}{'x LoRA':>9}{'peak RSS MB':>13}{'x LoRA':>9}")
-    for v, s in summary.items():
-        print(
-            f"{v:<14}{s['step_s'] * 1000:>10.1f}{s['step_s'] / base['step_s']:>9.3f}"
-            f"{s['peak_rss_mb']:>13.1f}{s['peak_rss_mb'] / base['peak_rss_mb']:>9.3f}"
-        )
-    import torch
-
+    extra = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len)]
+    runs = run_interleaved(__file__, VARIANTS, args.rounds, [*extra, "--batch-size", str(args.batch_size)])
+    summary, ratios = summarize(runs, "lora")
     result = {
         "benchmark": "nls_step",
-        "model": "Llama config: hidden 512, 4 layers, intermediate 1376, 8 heads, vocab 8192 (random weights)",
+        "model": MODEL_TEXT,
         "batch": [args.batch_size, args.seq_len],
         "adapters": "r=32 on q,k,v,o,gate,up,down; NLS rank_choices [32, 24, 16], one rank per module",
         "rounds": args.rounds,
         "steps_per_round": args.steps,
-        "machine": {
-            "cpu_count": __import__("os").cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
+        "machine": machine(),
         "median": summary,
-        "ratio_vs_lora": {
-            v: {"step_time": s["step_s"] / base["step_s"], "peak_rss": s["peak_rss_mb"] / base["peak_rss_mb"]}
-            for v, s in summary.items()
-        },
+        "ratio_vs_lora": ratios,
         "runs": runs,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

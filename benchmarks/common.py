@@ -1,0 +1,65 @@
+"""Shared pieces of the benchmarks: the benchmark model, interleaved subprocess rounds and the summary table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+MODEL_KWARGS = {
+    "vocab_size": 8192,
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+}
+MODEL_TEXT = "Llama config: hidden 512, 4 layers, intermediate 1376, 8 heads, vocab 8192 (random weights)"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def run_interleaved(script: str, variants: tuple[str, ...], rounds: int, extra: list[str]) -> dict[str, list[dict]]:
+    """Run `script --worker VARIANT *extra` in a fresh process per (round, variant); each prints one JSON line."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for variant in variants:
+            cmd = [sys.executable, script, "--worker", variant, *extra]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+            runs[variant].append(json.loads(out))
+            print(
+                f"round {r + 1}/{rounds} {variant:<14} step {runs[variant][-1]['step_s'] * 1000:7.1f} ms  "
+                f"peak RSS {runs[variant][-1]['peak_rss_mb']:7.1f} MB",
+                flush=True,
+            )
+    return runs
+
+
+def summarize(runs: dict[str, list[dict]], baseline: str) -> tuple[dict, dict]:
+    """Medians per variant and their ratios to `baseline`; prints the table."""
+    summary = {v: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for v, rs in runs.items()}
+    base = summary[baseline]
+    ratios = {
+        v: {"step_time": s["step_s"] / base["step_s"], "peak_rss": s["peak_rss_mb"] / base["peak_rss_mb"]}
+        for v, s in summary.items()
+    }
+    print(f"\n{'variant':<16}{'step ms':>10}{'x base':>9}{'peak RSS MB':>13}{'x base':>9}")
+    for v, s in summary.items():
+        print(
+            f"{v:<16}{s['step_s'] * 1000:>10.1f}{ratios[v]['step_time']:>9.3f}"
+            f"{s['peak_rss_mb']:>13.1f}{ratios[v]['peak_rss']:>9.3f}"
+        )
+    return summary, ratios
+
+
+def machine() -> dict:
+    import torch
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
