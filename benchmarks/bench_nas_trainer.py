@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, machine, run_interleaved, summarize
+from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, run_interleaved, summarize, write_result
 
 VARIANTS = ("trainer_lora", "nas_uniform", "nas_sandwich2")
 
@@ -87,14 +87,11 @@ def main() -> None:
         "adapters": "r=32 on q,k,v,o,gate,up,down; NLS rank_choices [32, 24, 16]",
         "rounds": args.rounds,
         "steps_per_round": args.steps,
-        "machine": machine(),
         "median": summary,
         "ratio_vs_trainer_lora": ratios,
         "runs": runs,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.output}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

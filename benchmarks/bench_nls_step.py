@@ -13,7 +13,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, machine, run_interleaved, summarize
+from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, run_interleaved, summarize, write_result
 
 VARIANTS = ("lora", "nls_max", "nls_uniform")
 
@@ -85,14 +85,11 @@ def main() -> None:
         "adapters": "r=32 on q,k,v,o,gate,up,down; NLS rank_choices [32, 24, 16], one rank per module",
         "rounds": args.rounds,
         "steps_per_round": args.steps,
-        "machine": machine(),
         "median": summary,
         "ratio_vs_lora": ratios,
         "runs": runs,
     }
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.output}")
+    write_result(args.output, result)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import platform
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 MODEL_KWARGS = {
     "vocab_size": 8192,
@@ -54,12 +55,16 @@ def summarize(runs: dict[str, list[dict]], baseline: str) -> tuple[dict, dict]:
     return summary, ratios
 
 
-def machine() -> dict:
+def write_result(output: str, result: dict) -> None:
+    """Add the machine description to `result`, write it as JSON to `output` and say where."""
     import torch
 
-    return {
+    result["machine"] = {
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    Path(output).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {output}")

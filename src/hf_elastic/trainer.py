@@ -191,6 +191,9 @@ class NASTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         configs = self.sampler.current
+        if len(configs) == 1:  # already active since on_step_begin
+            self._subnet, self._subnet_weight = configs[0], 1.0
+            return super().training_step(model, inputs, num_items_in_batch)
         total = None
         for config in configs:
             self.supernet.activate(config)
