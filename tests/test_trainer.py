@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,38 +165,82 @@ def test_trainer_errors(llama, tmp_path):
     assert get_supernet(other) is trainer.supernet
 
 
+def _run_worker(out, *worker_args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    here = Path(__file__).parent
+    cmd = [sys.executable, str(here / "train_worker.py"), str(out), *worker_args]
+    if nproc > 1:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1"]
+        cmd = [sys.executable, *launcher, "--master_port", str(port), *cmd[1:]]
+    env = os.environ | {"PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+
+
 def test_two_processes_sample_the_same_subnets(tmp_path):
     """Two CPU processes (gloo, launched with torchrun as accelerate does) draw the same sub-networks."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    here = Path(__file__).parent
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(port),
-        str(here / "dist_worker.py"),
-        str(tmp_path),
-    ]
-    env = os.environ | {"PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
+    proc = _run_worker(tmp_path, "3", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) == 3
     assert len(set(ranks[0]["history"])) > 1
     assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_resume_after_the_process_is_killed(tmp_path):
+    """A run SIGKILLed after step 5 resumes from checkpoint-4 and ends exactly like an uninterrupted run."""
+    full = _run_worker(tmp_path / "full", "6")
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _run_worker(tmp_path / "killed", "6", "5")
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "rank0.json").exists()
+    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    resumed = _run_worker(tmp_path / "killed", "6", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected = json.loads((tmp_path / "full" / "rank0.json").read_text())
+    got = json.loads((tmp_path / "killed" / "rank0.json").read_text())
+    assert got["first_step"] == 4 and expected["first_step"] == 0
+    assert got["history"] == expected["history"] and len(got["history"]) == 6
+    diff = max(
+        (torch.tensor(got["weights"][k]) - torch.tensor(expected["weights"][k])).abs().max().item()
+        for k in expected["weights"]
+    )
+    assert diff <= 1e-6
+
+
+def test_bf16_autocast_trains_like_fp32(llama, tmp_path):
+    runs = {}
+    for bf16 in (False, True):
+        model = nls_model(llama)
+        trainer = NASTrainer(
+            model=model, args=args(tmp_path / str(bf16), max_steps=3, bf16=bf16), train_dataset=dataset()
+        )
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        runs[bf16] = (trainer.sampler.history, losses, adapter_weights(model))
+    assert runs[True][0] == runs[False][0]
+    loss_diff = [abs(a - b) for a, b in zip(runs[True][1], runs[False][1], strict=True)]
+    assert 0 < max(loss_diff) < 0.05  # autocast really ran in bf16, and stayed close to fp32
+    assert all(w.dtype == torch.float32 for w in runs[True][2].values())
+    assert max((runs[True][2][k] - runs[False][2][k]).abs().max().item() for k in runs[False][2]) < 0.05
+
+
+def test_torch_compile_matches_eager(llama, tmp_path):
+    runs = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(fresh(llama), ElasticLoraConfig(**peft_kwargs(LLAMA, rank_choices=[8, 4])))
+        trainer = NASTrainer(
+            model=model,
+            args=args(tmp_path / str(compile_), max_steps=2, torch_compile=compile_),
+            train_dataset=dataset(),
+        )
+        trainer.train()
+        runs.append((trainer.sampler.history, adapter_weights(model)))
+    assert runs[0][0] == runs[1][0] and len(set(runs[0][0])) == 2
+    assert max((runs[0][1][k] - runs[1][1][k]).abs().max().item() for k in runs[0][1]) <= 1e-5
 
 
 def test_gradient_checkpointing_matches_plain_training(llama, tmp_path):
