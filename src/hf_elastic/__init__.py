@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .elastic_lora import ElasticLoraConfig
 from .nls import ElasticLoraLinear, NLSConfig
 from .search_space import Dimension, SearchSpace, SubnetConfig
-from .supernet import SuperNetwork, get_supernet, load_super_network
+from .supernet import SuperNetwork, get_supernet, load_super_network, merge_subnet_adapter
 from .trainer import NASTrainer, NASTrainingArguments, register_sampler
 
 __all__ = [
@@ -21,5 +21,6 @@ __all__ = [
     "__version__",
     "get_supernet",
     "load_super_network",
+    "merge_subnet_adapter",
     "register_sampler",
 ]

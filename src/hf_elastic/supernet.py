@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 from peft import PeftModel
@@ -20,6 +23,7 @@ from .elastic_lora.arch import WidthLayer, base_layer, find_width_layers, slice_
 from .elastic_lora.config import ElasticLoraConfig
 from .nls.config import NLSConfig
 from .nls.layer import ElasticLoraLinear
+from .quantization import QuantLinear
 from .search_space import Dimension, SearchSpace, SubnetConfig
 from .utils import SUBNET_CONFIG_NAME, atomic_save_safetensors, atomic_write_json, matches_module, split_layer_key
 
@@ -87,17 +91,48 @@ class SuperNetwork:
         self.space = SearchSpace(dims)
         self._active: SubnetConfig = self.space.max_config()
         self._linear_sizes = {
-            name: tuple(weight_out_in(m).shape)
+            name: (base_layer(m).out_features, base_layer(m).in_features)
+            if isinstance(base_layer(m), QuantLinear)
+            else tuple(weight_out_in(m).shape)
             for name, m in self.base.named_modules()
-            if isinstance(base_layer(m), (nn.Linear, Conv1D))
+            if isinstance(base_layer(m), (nn.Linear, Conv1D, QuantLinear))
             and not any(part == "base_layer" or part.startswith("lora_") for part in name.split("."))
         }
-        self._base_params = sum(p.numel() for n, p in self.base.named_parameters() if "lora_" not in n)
+        self._base_params = sum(p.numel() for n, p in self.base.named_parameters() if "lora_" not in n) + sum(
+            m.qweight.numel() for m in self.base.modules() if isinstance(m, QuantLinear)
+        )
+        if self.config.sparse_adapter:
+            self._check_base_sparsity()
         model.__dict__.setdefault(_CACHE_ATTR, {})
         old = model.__dict__[_CACHE_ATTR].get(self.adapter_name)
         if old is not None:
             old.remove_hooks()
         model.__dict__[_CACHE_ATTR][self.adapter_name] = self
+
+    def _check_base_sparsity(self) -> None:
+        """Record the base's zero pattern in the config, or check it against the record of a loaded adapter."""
+        digest = hashlib.sha256()
+        zeros = {}
+        for key, module in sorted(self.lora_modules.items()):
+            mask = module.base_mask().cpu().numpy()
+            zeros[key] = int(mask.size - mask.sum())
+            digest.update(np.packbits(mask).tobytes())
+        found = {"zeros": zeros, "sha256": digest.hexdigest()}
+        recorded = self.config.base_sparsity
+        if recorded is None:
+            self.config.base_sparsity = found
+        elif recorded["sha256"] != found["sha256"]:
+            differ = [k for k in zeros if recorded["zeros"].get(k) != zeros[k]]
+            detail = (
+                f"module {differ[0]!r} has {zeros[differ[0]]} zeros here but {recorded['zeros'].get(differ[0])} in "
+                "the adapter's record"
+                if differ
+                else "the zero counts agree but the positions differ"
+            )
+            raise ValueError(
+                f"This sparse adapter was trained on a base with another zero pattern: {detail}. Load it onto the "
+                "base it was trained on (same sparsify settings and calibration data)."
+            )
 
     # ------------------------------------------------------------------ space construction
     def _rank_dimensions(self) -> list[Dimension]:
@@ -351,7 +386,9 @@ class SuperNetwork:
         """Write the rank sub-network `config` as a plain LoRA adapter that stock `PeftModel.from_pretrained` loads.
 
         Ranks that differ from `r` go to `rank_pattern`, with `alpha_pattern` keeping each module's scaling. Width
-        sub-networks change the base model, so they need `extract_model` instead.
+        sub-networks change the base model, so they need `extract_model` instead. `elastic_subnet.json` records the
+        config, its size and whether the adapter is sparse or quantization-aware: stock peft's own merge does not
+        mask, so merge such adapters with `merge_subnet_adapter`.
         """
         config = self.resolve(config)
         narrowed = [d.name for d in self.space if d.kind != "rank" and config[d.name] != d.choices[0]]
@@ -384,7 +421,8 @@ class SuperNetwork:
         save_directory = Path(save_directory)
         atomic_save_safetensors(tensors, save_directory / "adapter_model.safetensors")
         atomic_write_json(save_directory / "adapter_config.json", adapter_config)
-        atomic_write_json(save_directory / SUBNET_CONFIG_NAME, {"config": config, **self.count(config)})
+        flags = {k: getattr(self.config, k) for k in ("sparse_adapter", "quantization_aware")}
+        atomic_write_json(save_directory / SUBNET_CONFIG_NAME, {"config": config, **self.count(config), **flags})
         return save_directory
 
     def extract_model(self, config: Mapping[str, int] | NamedConfig) -> nn.Module:
@@ -445,3 +483,28 @@ def load_super_network(model: nn.Module, path: str | Path, adapter_name: str = "
     peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, config=config, **kwargs)
     get_supernet(peft_model, adapter_name)
     return peft_model
+
+
+def merge_subnet_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load an adapter written by `SuperNetwork.extract_adapter` onto `model` and merge it.
+
+    A sparse adapter's delta is masked with the base's zeros, which stock peft's `merge_and_unload` would fill in.
+    Quantization-aware adapters need the super-network: use `SuperNetwork.extract_model`.
+    """
+    path = Path(path)
+    info = json.loads((path / SUBNET_CONFIG_NAME).read_text()) if (path / SUBNET_CONFIG_NAME).is_file() else {}
+    if info.get("quantization_aware"):
+        raise ValueError(
+            f"{path} holds a quantization-aware adapter; its merge needs the INT4 base's grid. Load the super-adapter "
+            "with load_super_network and call get_supernet(model).extract_model(config)."
+        )
+    peft_model = PeftModel.from_pretrained(model, str(path))
+    if not info.get("sparse_adapter"):
+        return peft_model.merge_and_unload()
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                for name in module.active_adapters:
+                    weight += module.get_delta_weight(name).to(weight.dtype) * (weight != 0)
+    return peft_model.unload()

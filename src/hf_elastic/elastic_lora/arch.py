@@ -109,7 +109,10 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
         return module.weight.T
     if isinstance(module, nn.Linear):
         return module.weight
-    raise ValueError(f"Width slicing supports nn.Linear and Conv1D, got {type(module).__name__}.")
+    raise ValueError(
+        f"{type(module).__name__} has no float weight to slice or score: width sub-networks need nn.Linear or Conv1D "
+        "modules. Extract the sub-network from the float base, then quantize it."
+    )
 
 
 def _units(indices: torch.Tensor, size: int) -> torch.Tensor:

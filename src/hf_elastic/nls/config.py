@@ -47,7 +47,14 @@ class NLSConfig(LoraConfig):
     """
 
     elastic_method: ClassVar[str] = "nls"
-    elastic_fields: ClassVar[tuple[str, ...]] = ("rank_choices", "rank_groups", "nls_target_modules")
+    elastic_fields: ClassVar[tuple[str, ...]] = (
+        "rank_choices",
+        "rank_groups",
+        "nls_target_modules",
+        "sparse_adapter",
+        "quantization_aware",
+        "base_sparsity",
+    )
 
     r: int | None = field(
         default=None, metadata={"help": "Maximum LoRA rank (the stored adapter size). Defaults to max(rank_choices)."}
@@ -72,6 +79,30 @@ class NLSConfig(LoraConfig):
         metadata={
             "help": "Subset of target_modules whose rank is elastic (suffix match). The other adapters always use "
             "the max rank r. None makes every adapter elastic."
+        },
+    )
+
+    sparse_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "SparsePEFT: mask the adapter delta with the base weight's non-zero pattern, so merging keeps "
+            "every zero of a sparse (e.g. Wanda-pruned) base. Costs one dense (out, in) product per adapted layer "
+            "and step."
+        },
+    )
+    quantization_aware: bool = field(
+        default=False,
+        metadata={
+            "help": "QA-SparsePEFT: train the adapter through the INT4/INT8 grid of a base quantized with "
+            "hf_elastic.quantize (fixed scales and zero points, straight-through rounding), so merging gives new "
+            "integer codes exactly. Combine with sparse_adapter=True for a sparse base; needs lora_dropout=0."
+        },
+    )
+    base_sparsity: dict[str, Any] | None = field(
+        default=None,
+        metadata={
+            "help": "Fingerprint of the base model's zero pattern that a sparse adapter was trained on (zeros per "
+            "module and a digest). Filled in by hf_elastic and checked when the adapter is loaded; leave it None."
         },
     )
 
@@ -118,10 +149,17 @@ class NLSConfig(LoraConfig):
             raise ValueError(
                 f"{name}.nls_target_modules is empty. Pass None to make every adapter elastic, or name modules."
             )
+        if self.quantization_aware and self.lora_dropout:
+            raise ValueError(
+                f"{name}.lora_dropout={self.lora_dropout} cannot be used with quantization_aware=True: dropout cannot "
+                "act on weights that are put on the quantization grid. Set lora_dropout=0."
+            )
         super().__post_init__()
-        from .layer import ElasticLoraLinear
+        from .layer import ElasticLoraLinear, QuantLinear
 
-        self._register_custom_module({nn.Linear: ElasticLoraLinear, Conv1D: ElasticLoraLinear})
+        self._register_custom_module(
+            {nn.Linear: ElasticLoraLinear, Conv1D: ElasticLoraLinear, QuantLinear: ElasticLoraLinear}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The plain `LoraConfig` part: what `adapter_config.json` holds, so stock peft loads it without warnings."""
