@@ -8,19 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
-import time
 from pathlib import Path
 
-from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, run_interleaved, summarize, write_result
+from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, run_interleaved, summarize, time_training, write_result
 
 VARIANTS = ("lora", "nls_max", "nls_uniform")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def run_variant(variant: str, steps: int, warmup: int, seq_len: int, batch_size: int) -> dict:
@@ -33,32 +25,14 @@ def run_variant(variant: str, steps: int, warmup: int, seq_len: int, batch_size:
     from hf_elastic import NLSConfig, get_supernet
 
     torch.manual_seed(0)
-    config = LlamaConfig(**MODEL_KWARGS)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(LlamaConfig(**MODEL_KWARGS))
     if variant == "lora":
         model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules=TARGETS))
-        supernet = None
-    else:
-        model = get_peft_model(model, NLSConfig(rank_choices=[32, 24, 16], lora_alpha=64, target_modules=TARGETS))
-        supernet = get_supernet(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    data = torch.randint(0, config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
-    rng = random.Random(0)
-    model.train()
-    rss_before = _rss_mb()
-    times = []
-    for step in range(warmup + steps):
-        start = time.perf_counter()
-        if variant == "nls_uniform":
-            supernet.sample(rng)
-        loss = model(input_ids=data, labels=data).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"step_s": statistics.median(times), "peak_rss_mb": peak, "train_rss_mb": peak - rss_before}
+        return time_training(model, steps, warmup, seq_len, batch_size)
+    model = get_peft_model(model, NLSConfig(rank_choices=[32, 24, 16], lora_alpha=64, target_modules=TARGETS))
+    supernet, rng = get_supernet(model), random.Random(0)
+    sample = (lambda: supernet.sample(rng)) if variant == "nls_uniform" else None
+    return time_training(model, steps, warmup, seq_len, batch_size, sample)
 
 
 def main() -> None:

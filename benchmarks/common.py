@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 MODEL_KWARGS = {
@@ -20,6 +23,37 @@ MODEL_KWARGS = {
 }
 MODEL_TEXT = "Llama config: hidden 512, 4 layers, intermediate 1376, 8 heads, vocab 8192 (random weights)"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def time_training(
+    model, steps: int, warmup: int, seq_len: int, batch_size: int, before_step: Callable[[], None] | None = None
+) -> dict:
+    """Median AdamW step time of `model` on a fixed random batch, peak RSS and its growth during training."""
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    vocab = model.config.vocab_size
+    data = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    model.train()
+    rss_before = rss_mb()
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        if before_step is not None:
+            before_step()
+        model(input_ids=data, labels=data).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"step_s": statistics.median(times), "peak_rss_mb": peak, "train_rss_mb": peak - rss_before}
 
 
 def run_interleaved(script: str, variants: tuple[str, ...], rounds: int, extra: list[str]) -> dict[str, list[dict]]:
