@@ -422,7 +422,8 @@ class SuperNetwork:
         atomic_save_safetensors(tensors, save_directory / "adapter_model.safetensors")
         atomic_write_json(save_directory / "adapter_config.json", adapter_config)
         flags = {k: getattr(self.config, k) for k in ("sparse_adapter", "quantization_aware")}
-        atomic_write_json(save_directory / SUBNET_CONFIG_NAME, {"config": config, **self.count(config), **flags})
+        info = {"config": config, **self.count(config), "max": self.count("max"), **flags}
+        atomic_write_json(save_directory / SUBNET_CONFIG_NAME, info)
         return save_directory
 
     def extract_model(self, config: Mapping[str, int] | NamedConfig) -> nn.Module:
