@@ -229,7 +229,7 @@ class SuperNetwork:
             for kind, rel in (("ffn", layer.spec.ffn_out), ("heads", layer.spec.attn_out)):
                 value = config.get(f"{layer.index}.{kind}")
                 path = layer.path(rel)
-                keep = self._keep(layer, kind, value)
+                keep = self.kept_units(layer, kind, value)
                 if keep is None:
                     self._masks.pop(path, None)
                     continue
@@ -246,7 +246,7 @@ class SuperNetwork:
         config = self.space.sample(rng)
         return self.activate(config) if activate else config
 
-    def _keep(self, layer: WidthLayer, kind: str, value: int | None) -> torch.Tensor | None:
+    def kept_units(self, layer: WidthLayer, kind: str, value: int | None) -> torch.Tensor | None:
         """Sorted indices of the FFN channels or key/value groups kept at `value`; None when nothing is cut."""
         units = layer.ffn_dim if kind == "ffn" else layer.num_kv_heads
         count = value if kind == "ffn" else (value // layer.group_size if value is not None else None)
@@ -263,10 +263,10 @@ class SuperNetwork:
         sizes = dict(self._linear_sizes)
         for layer in self.width_layers:
             cuts = {}
-            keep = self._keep(layer, "ffn", config.get(f"{layer.index}.ffn"))
+            keep = self.kept_units(layer, "ffn", config.get(f"{layer.index}.ffn"))
             if keep is not None:
                 cuts.update(layer.ffn_slices(keep))
-            keep = self._keep(layer, "heads", config.get(f"{layer.index}.heads"))
+            keep = self.kept_units(layer, "heads", config.get(f"{layer.index}.heads"))
             if keep is not None:
                 cuts.update(layer.head_slices(keep))
             for rel, (rows, cols) in cuts.items():
@@ -447,8 +447,8 @@ class SuperNetwork:
         _, layers = find_width_layers(merged)
         widths = {}
         for layer in layers:
-            ffn_keep = self._keep(layer, "ffn", config.get(f"{layer.index}.ffn"))
-            kv_keep = self._keep(layer, "heads", config.get(f"{layer.index}.heads"))
+            ffn_keep = self.kept_units(layer, "ffn", config.get(f"{layer.index}.ffn"))
+            kv_keep = self.kept_units(layer, "heads", config.get(f"{layer.index}.heads"))
             slice_layer_width(layer, ffn_keep, kv_keep)
             widths[layer.index] = {
                 "ffn": layer.ffn_dim if ffn_keep is None else len(ffn_keep),
