@@ -23,6 +23,9 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .quantization import FORMAT_NAME as QUANT_FORMAT_NAME
+from .quantization import QUANT_CONFIG_NAME
+from .sparsity import SPARSITY_REPORT_NAME
 from .utils import SUBNET_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
@@ -31,11 +34,7 @@ ArtifactKind = Literal["adapter", "merged", "openvino"]
 Method = Literal["lonas", "nls", "shears", "sqft", "sqft-sparsepeft", "sqft-qa-sparsepeft"]
 
 TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "hf_elastic_card.md"
-SPARSITY_REPORT_NAME = "sparsity_report.json"
-QUANTIZATION_CONFIG_NAME = "quantization_config.json"
 OV_CONFIG_NAME = "openvino_config.json"
-# The INT4/INT8 checkpoint format of `hf_elastic.quantization.save_quantized`; stock from_pretrained cannot read it.
-HF_ELASTIC_QUANT_FORMAT = "hf_elastic.QuantLinear"
 CARD_NAME = "README.md"
 
 SIZE_KEYS = ("params", "base_params", "adapter_params", "macs")
@@ -479,7 +478,7 @@ def _collect_facts(source: Path, kind: ArtifactKind) -> _Facts:
 
     # hf_elastic's INT4/INT8 format, a transformers quantization_config, or optimum-intel's weight compression
     for name, key in (
-        (QUANTIZATION_CONFIG_NAME, None),
+        (QUANT_CONFIG_NAME, None),
         ("config.json", "quantization_config"),
         (OV_CONFIG_NAME, "quantization_config"),
     ):
@@ -702,7 +701,7 @@ def build_model_card(
     sparsity_source = "as reported by the publisher" if info.sparsity is not None else facts.sparsity_source
     if info.sparsity is None and facts.sparsity_pattern:
         sparsity_source = f"{facts.sparsity_pattern} pattern, {sparsity_source}"
-    hf_elastic_int4 = kind == "merged" and facts.quantization.get("format") == HF_ELASTIC_QUANT_FORMAT
+    hf_elastic_int4 = kind == "merged" and facts.quantization.get("format") == QUANT_FORMAT_NAME
     subnet_config = pick("subnet_config")
     size_rows = _size_rows(pick("subnet_size"), pick("max_size"))
     params_row = next((row for row in size_rows if row["name"] == _SIZE_LABELS["params"]), None)
@@ -785,7 +784,7 @@ def build_model_card(
         if auto_class != "AutoModel"
         else "OVModelForFeatureExtraction",
         "hf_elastic_int4": hf_elastic_int4,
-        "quantization_file": QUANTIZATION_CONFIG_NAME,
+        "quantization_file": QUANT_CONFIG_NAME,
         "papers": [_PAPERS[p] for p in method.papers],
         "related": [p for key, p in _PAPERS.items() if key not in method.papers],
     }
