@@ -23,10 +23,15 @@ def _masked_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, mask: torch.
     return delta if mask is None else delta * mask
 
 
+def _grouped(t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """An (out, in) tensor viewed as (out, groups, group_size) to broadcast against (out, groups, 1) scales."""
+    return t.view(scales.shape[0], scales.shape[1], -1)
+
+
 def _moved_codes(grid: _Grid, delta: torch.Tensor) -> torch.Tensor:
-    """Base codes shifted by the delta in grid steps, before clamping to the code range."""
+    """Base codes shifted by the delta in grid steps, before clamping to the code range, as (out, groups, size)."""
     codes, scales, _, _ = grid
-    return codes + torch.round(delta / scales)
+    return _grouped(codes, scales) + torch.round(_grouped(delta, scales) / scales)
 
 
 def _effective_weight(
@@ -48,10 +53,10 @@ def _effective_weight(
         return weight + delta.to(weight.dtype), mask
     _, scales, zeros, qmax = grid
     moved = _moved_codes(grid, delta)
-    gate = (moved >= 0) & (moved <= qmax)
+    gate = ((moved >= 0) & (moved <= qmax)).view(delta.shape)
     if mask is not None:
         gate &= mask
-    return (moved.clamp(0, qmax) - zeros) * scales, gate
+    return ((moved.clamp(0, qmax) - zeros) * scales).view(delta.shape), gate
 
 
 class _MaskedLora(torch.autograd.Function):
@@ -84,8 +89,7 @@ class _MaskedLora(torch.autograd.Function):
             grad_w = g2.T.to(a.dtype) @ x.reshape(-1, x.shape[-1]).to(a.dtype)
             if gate is not None:
                 grad_w = grad_w * gate
-            grad_w = grad_w * ctx.scaling
-            grad_a, grad_b = b.T @ grad_w, grad_w @ a.T
+            grad_a, grad_b = (b * ctx.scaling).T @ grad_w, grad_w @ (a * ctx.scaling).T
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None, None, None
 
 
@@ -137,16 +141,11 @@ class ElasticLoraLinear(LoraLinear):
 
     # ------------------------------------------------------------------ base weight, mask and grid
     def base_grid(self) -> _Grid | None:
-        """Codes, scales and zero points of a quantized base, expanded to (out, in) floats, and the top code."""
+        """Codes (out, in) of a quantized base, its scales and zero points as (out, groups, 1) floats, the top code."""
         base = self.get_base_layer()
         if not isinstance(base, QuantLinear):
             return None
-        return (
-            base.qweight.float(),
-            expand_groups(base.scales.float(), base.group_size),
-            expand_groups(base.zeros.float(), base.group_size),
-            2**base.bits - 1,
-        )
+        return base.qweight, base.scales.float()[..., None], base.zeros.float()[..., None], 2**base.bits - 1
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in): a view for `nn.Linear`/`Conv1D`, dequantized for `QuantLinear`."""
@@ -185,8 +184,8 @@ class ElasticLoraLinear(LoraLinear):
         delta = _masked_delta(a, b, self.scaling[adapter], self._mask(adapter))
         grid = self.base_grid() if self.quantization_aware.get(adapter) else None
         if grid is not None:
-            codes, scales, zeros, qmax = grid
-            delta = (_moved_codes(grid, delta).clamp(0, qmax) - codes) * scales
+            codes, scales, _, qmax = grid
+            delta = ((_moved_codes(grid, delta).clamp(0, qmax) - _grouped(codes, scales)) * scales).view(delta.shape)
         return transpose(delta, self.fan_in_fan_out).to(dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -200,7 +199,7 @@ class ElasticLoraLinear(LoraLinear):
                 a, b = (w.float() for w in self.lora_weights(name))
                 moved = _moved_codes(grid, _masked_delta(a, b, self.scaling[name], self._mask(name)))
                 self._merged_state.setdefault("codes", base.qweight.clone())
-                base.qweight.copy_(moved.clamp(0, grid[3]).to(base.qweight.dtype))
+                base.qweight.copy_(moved.clamp(0, grid[3]).view(base.qweight.shape).to(base.qweight.dtype))
                 self.merged_adapters.append(name)
             else:
                 if self.sparse_adapter.get(name):
