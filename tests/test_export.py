@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from hf_elastic import get_supernet
-from hf_elastic.export import export_subnetwork, load_exported
+from hf_elastic.export import accelerate, export_subnetwork, load_exported
 from hf_elastic.quantization import QuantLinear
 
 
@@ -84,3 +84,18 @@ def test_sparse_and_int4_exports_reload_exactly(tmp_path):
         assert torch.equal(reloaded(**batch).logits, expected)
     with pytest.raises(FileNotFoundError, match=r"No config.json in .*: not a model folder"):
         load_exported(tmp_path)
+
+
+def test_accelerate_backends(monkeypatch):
+    model = ARCHS["llama"].build()
+    batch = ARCHS["llama"].batch()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        assert accelerate(model, "none") is model
+        compiled = accelerate(model, "compile", dynamic=False)
+        assert (compiled(**batch).logits - expected).abs().max() <= 1e-5
+    monkeypatch.setitem(__import__("sys").modules, "intel_extension_for_pytorch", None)
+    with pytest.raises(ImportError, match=r"backend='ipex' needs intel_extension_for_pytorch.*use backend='compile'"):
+        accelerate(model, "ipex")
+    with pytest.raises(ValueError, match=r"backend='tensorrt' is unknown"):
+        accelerate(model, "tensorrt")

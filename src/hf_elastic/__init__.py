@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 from .elastic_lora import ElasticLoraConfig
-from .export import export_subnetwork, load_exported
+from .export import accelerate, export_subnetwork, load_exported
 from .hub import CardInfo, prepare_upload_folder, push_to_hub
 from .nls import ElasticLoraLinear, NLSConfig
 from .quantization import QuantizationConfig, QuantLinear, load_quantized, quantize, save_quantized
@@ -53,6 +53,7 @@ __all__ = [
     "SubnetSearch",
     "SuperNetwork",
     "__version__",
+    "accelerate",
     "export_subnetwork",
     "get_supernet",
     "load_exported",

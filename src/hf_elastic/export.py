@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -111,3 +112,30 @@ def load_exported(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
         raise ValueError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}.")
     model.tie_weights()
     return model.eval()
+
+
+def accelerate(model: nn.Module, backend: Literal["auto", "compile", "ipex", "none"] = "auto", **kwargs: Any) -> Any:
+    """Speed up PyTorch inference of an exported model; returns the model to call.
+
+    `"ipex"` runs `intel_extension_for_pytorch.optimize`, which only imports beside the torch release it was built
+    for (IPEX is end-of-life; no build supports torch 2.13). `"compile"` runs `torch.compile` (inductor, works on
+    CPU; the first call compiles). `"auto"` takes IPEX when it imports, else `torch.compile`. Keyword arguments go to
+    the chosen function. For the largest CPU speed-up, export to OpenVINO instead (`hf_elastic.openvino`).
+    """
+    if backend not in ("auto", "compile", "ipex", "none"):
+        raise ValueError(f"backend={backend!r} is unknown; use 'auto', 'compile', 'ipex' or 'none'.")
+    model.eval()
+    if backend == "none":
+        return model
+    if backend in ("auto", "ipex"):
+        try:
+            ipex = importlib.import_module("intel_extension_for_pytorch")
+        except Exception as err:  # IPEX raises on a torch version mismatch, not only ImportError
+            if backend == "ipex":
+                raise ImportError(
+                    f"backend='ipex' needs intel_extension_for_pytorch, which does not import here ({err}). IPEX is "
+                    f"end-of-life and has no build for torch {torch.__version__}; use backend='compile'."
+                ) from None
+        else:
+            return ipex.optimize(model, **kwargs)
+    return torch.compile(model, **kwargs)
