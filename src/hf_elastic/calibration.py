@@ -21,7 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .elastic_lora.arch import ARCH_SPECS
+from .elastic_lora.arch import ARCH_SPECS, transformer_layers
 from .utils import matches_module
 
 CalibrationData = Any
@@ -81,24 +81,6 @@ class LayerTargets:
     modules: dict[str, nn.Module]
 
 
-def transformer_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, module) of each transformer layer of a supported architecture, in order, whatever its linear modules
-    hold (float or quantized weights)."""
-    spec = ARCH_SPECS[model.config.model_type]
-    layers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList):
-            continue
-        for i, layer in enumerate(module):
-            try:
-                layer.get_submodule(spec.ffn_out)
-                layer.get_submodule(spec.attn_out)
-            except AttributeError:
-                continue
-            layers.append((f"{name}.{i}", layer))
-    return layers
-
-
 def find_target_modules(
     model: nn.Module,
     modules: list[str] | None = None,
@@ -121,7 +103,7 @@ def find_target_modules(
     if isinstance(modules, str):
         modules = [modules]
     out, matched = [], set()
-    for prefix, layer in transformer_layers(model):
+    for prefix, layer in transformer_layers(model, ARCH_SPECS[model_type]):
         found = {}
         for rel, module in layer.named_modules():
             if isinstance(module, BaseTunerLayer):

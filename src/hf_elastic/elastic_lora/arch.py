@@ -160,6 +160,23 @@ class WidthLayer:
         return out
 
 
+def transformer_layers(model: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.Module]]:
+    """(path, module) of each transformer layer, in order: the members of a `ModuleList` that hold both output
+    projections of `spec`, whatever their linear modules are (float or quantized)."""
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        for i, layer in enumerate(module):
+            try:
+                layer.get_submodule(spec.ffn_out)
+                layer.get_submodule(spec.attn_out)
+            except AttributeError:
+                continue
+            layers.append((f"{name}.{i}", layer))
+    return layers
+
+
 def find_width_layers(model: nn.Module) -> tuple[ArchSpec, list[WidthLayer]]:
     """Locate the transformer layers of a Hugging Face model of a supported architecture."""
     config = model.config
@@ -173,17 +190,10 @@ def find_width_layers(model: nn.Module) -> tuple[ArchSpec, list[WidthLayer]]:
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
     layers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList):
-            continue
-        for i, layer in enumerate(module):
-            try:
-                ffn_out = layer.get_submodule(spec.ffn_out)
-                layer.get_submodule(spec.attn_out)
-            except AttributeError:
-                continue
-            ffn_dim = weight_out_in(ffn_out).shape[1]
-            layers.append(WidthLayer(str(i), f"{name}.{i}", layer, spec, num_heads, num_kv_heads, head_dim, ffn_dim))
+    for path, layer in transformer_layers(model, spec):
+        ffn_dim = weight_out_in(layer.get_submodule(spec.ffn_out)).shape[1]
+        index = path.rsplit(".", 1)[1]
+        layers.append(WidthLayer(index, path, layer, spec, num_heads, num_kv_heads, head_dim, ffn_dim))
     if not layers:
         raise ValueError(f"Found no {config.model_type} layers with {spec.attn_out!r} and {spec.ffn_out!r}.")
     return spec, layers
