@@ -11,6 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from hf_elastic.cli import build_parser, main
+from hf_elastic.export import load_exported
+from hf_elastic.quantization import QuantLinear
 
 WORDS = ["the", "a", "good", "bad", "food", "taste", "great", "other", "was", "is", "not", "very", "and", "it"]
 
@@ -63,6 +65,15 @@ def test_pipeline(model_dir, tmp_path, capsys):
     )
     report = json.loads((sparse / "sparsity_report.json").read_text())
     assert report["sparsity"] == pytest.approx(0.5)
+    int4 = tmp_path / "int4"
+    main(["quantize", str(sparse), str(int4), "--group-size", "16"])
+    quantized = load_exported(int4)
+    layer = quantized.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantLinear) and layer.bits == 4 and layer.group_size == 16
+    assert torch.equal(
+        layer.dequantize() == 0,
+        AutoModelForCausalLM.from_pretrained(sparse).model.layers[0].self_attn.q_proj.weight == 0,
+    )
     super_dir = tmp_path / "super"
     main(
         [

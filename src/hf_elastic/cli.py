@@ -79,54 +79,36 @@ def _subnet_config(value: str) -> Any:
     return data.get("config", data)
 
 
-def _save_model(model: Any, tokenizer: Any, out: str, report: Any) -> None:
+def _transform_and_save(args: argparse.Namespace, transform: Any, **options: Any) -> None:
+    """Load `args.model`, run `sparsify`/`quantize` on it with the calibration file, save model + report."""
     from .quantization import QuantLinear, save_quantized
 
+    model, tokenizer = _model_and_tokenizer(args.model)
+    texts = _read_texts(args.calibration, args.template, args.num_samples) if args.calibration else None
+    report = transform(
+        model, calibration=texts, tokenizer=tokenizer, seq_len=args.seq_len, num_samples=args.num_samples, **options
+    )
     if any(isinstance(m, QuantLinear) for m in model.modules()):
-        save_quantized(model, out)
+        save_quantized(model, args.output)
     else:
-        model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    report.save(out)
+        model.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    report.save(args.output)
     print(report)
-    print(f"wrote {out}")
+    print(f"wrote {args.output}")
 
 
 def cmd_sparsify(args: argparse.Namespace) -> None:
     from .sparsity import sparsify
 
-    model, tokenizer = _model_and_tokenizer(args.model)
-    texts = _read_texts(args.calibration, args.template, args.num_samples) if args.calibration else None
-    report = sparsify(
-        model,
-        method=args.method,
-        sparsity=args.sparsity,
-        pattern=args.pattern,
-        calibration=texts,
-        tokenizer=tokenizer,
-        seq_len=args.seq_len,
-        num_samples=args.num_samples,
-    )
-    _save_model(model, tokenizer, args.output, report)
+    _transform_and_save(args, sparsify, method=args.method, sparsity=args.sparsity, pattern=args.pattern)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from .quantization import quantize
 
-    model, tokenizer = _model_and_tokenizer(args.model)
-    texts = _read_texts(args.calibration, args.template, args.num_samples) if args.calibration else None
-    report = quantize(
-        model,
-        bits=args.bits,
-        group_size=args.group_size,
-        symmetric=args.symmetric,
-        method=args.method,
-        calibration=texts,
-        tokenizer=tokenizer,
-        seq_len=args.seq_len,
-        num_samples=args.num_samples,
-    )
-    _save_model(model, tokenizer, args.output, report)
+    options = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric, "method": args.method}
+    _transform_and_save(args, quantize, **options)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
