@@ -6,11 +6,7 @@ figures are medians over rounds. Prints a table and writes benchmarks/results/nl
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, run_interleaved, summarize, time_training, write_result
+from common import MODEL_KWARGS, TARGETS, step_benchmark_main, time_training
 
 VARIANTS = ("lora", "nls_max", "nls_uniform")
 
@@ -36,34 +32,8 @@ def run_variant(variant: str, steps: int, warmup: int, seq_len: int, batch_size:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "nls_step.json"))
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(run_variant(args.worker, args.steps, args.warmup, args.seq_len, args.batch_size)))
-        return
-
-    extra = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len)]
-    runs = run_interleaved(__file__, VARIANTS, args.rounds, [*extra, "--batch-size", str(args.batch_size)])
-    summary, ratios = summarize(runs, "lora")
-    result = {
-        "benchmark": "nls_step",
-        "model": MODEL_TEXT,
-        "batch": [args.batch_size, args.seq_len],
-        "adapters": "r=32 on q,k,v,o,gate,up,down; NLS rank_choices [32, 24, 16], one rank per module",
-        "rounds": args.rounds,
-        "steps_per_round": args.steps,
-        "median": summary,
-        "ratio_vs_lora": ratios,
-        "runs": runs,
-    }
-    write_result(args.output, result)
+    info = {"adapters": "r=32 on q,k,v,o,gate,up,down; NLS rank_choices [32, 24, 16], one rank per module"}
+    step_benchmark_main(__doc__, __file__, VARIANTS, run_variant, "nls_step.json", "lora", info, rounds=5, steps=8)
 
 
 if __name__ == "__main__":

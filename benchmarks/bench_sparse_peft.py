@@ -11,11 +11,7 @@ Writes benchmarks/results/sparse_peft.json.
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-
-from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, run_interleaved, summarize, time_training, write_result
+from common import MODEL_KWARGS, TARGETS, step_benchmark_main, time_training
 
 VARIANTS = ("lora", "sparsepeft", "sparsepeft_nls", "qa_sparsepeft", "lora_dequant")
 
@@ -58,34 +54,8 @@ def run_variant(variant: str, steps: int, warmup: int, seq_len: int, batch_size:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "sparse_peft.json"))
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(run_variant(args.worker, args.steps, args.warmup, args.seq_len, args.batch_size)))
-        return
-
-    extra = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--seq-len", str(args.seq_len)]
-    runs = run_interleaved(__file__, VARIANTS, args.rounds, [*extra, "--batch-size", str(args.batch_size)])
-    summary, ratios = summarize(runs, "lora")
-    result = {
-        "benchmark": "sparse_peft",
-        "model": MODEL_TEXT + ", 50 % magnitude-pruned",
-        "batch": [args.batch_size, args.seq_len],
-        "adapters": "r=32 on q,k,v,o,gate,up,down",
-        "rounds": args.rounds,
-        "steps_per_round": args.steps,
-        "median": summary,
-        "ratio_vs_lora": ratios,
-        "runs": runs,
-    }
-    write_result(args.output, result)
+    info = {"adapters": "r=32 on q,k,v,o,gate,up,down", "base": "50 % magnitude-pruned"}
+    step_benchmark_main(__doc__, __file__, VARIANTS, run_variant, "sparse_peft.json", "lora", info, rounds=3, steps=6)
 
 
 if __name__ == "__main__":

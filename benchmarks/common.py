@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -102,3 +103,46 @@ def write_result(output: str, result: dict) -> None:
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {output}")
+
+
+def step_benchmark_main(
+    doc: str,
+    script: str,
+    variants: tuple[str, ...],
+    run_variant: Callable[..., dict],
+    output_name: str,
+    baseline: str,
+    info: dict,
+    rounds: int = 3,
+    steps: int = 6,
+) -> None:
+    """Command line of a step-time benchmark: a `--worker VARIANT` run measures one variant in its own process;
+    otherwise all variants run in interleaved rounds and the medians and ratios to `baseline` go to JSON."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--output", default=str(Path(script).parent / "results" / output_name))
+    parser.add_argument("--worker", choices=variants, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = {"steps": args.steps, "warmup": args.warmup, "seq_len": args.seq_len, "batch_size": args.batch_size}
+    if args.worker:
+        print(json.dumps(run_variant(args.worker, **sizes)))
+        return
+    extra = [f"--{k.replace('_', '-')}={v}" for k, v in sizes.items()]
+    runs = run_interleaved(script, variants, args.rounds, extra)
+    summary, ratios = summarize(runs, baseline)
+    result = {
+        "benchmark": Path(output_name).stem,
+        "model": MODEL_TEXT,
+        "batch": [args.batch_size, args.seq_len],
+        **info,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "median": summary,
+        f"ratio_vs_{baseline}": ratios,
+        "runs": runs,
+    }
+    write_result(args.output, result)
