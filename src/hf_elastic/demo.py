@@ -8,6 +8,7 @@ dry-run Hub folder with model card and Pareto plot. Run it with `hf-elastic demo
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -275,6 +276,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
             }
         ],
     )
+    shutil.rmtree(out / "hub", ignore_errors=True)  # a dry run refuses to overwrite an earlier one
     hub_dir = push_to_hub(
         ov_dir,
         "hf-elastic/smollm2-135m-instruct-sqft-demo",
