@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -16,7 +14,7 @@ from .elastic_lora.arch import find_width_layers, slice_layer_width
 from .quantization import QUANT_CONFIG_NAME, QuantLinear, load_quantized, save_quantized
 from .sparsity import sparsity_of
 from .supernet import NamedConfig, SuperNetwork
-from .utils import SUBNET_CONFIG_NAME, atomic_write_json
+from .utils import SUBNET_CONFIG_NAME, atomic_directory, atomic_write_json, check_output_dir
 
 WIDTHS_ATTR = "elastic_layer_widths"
 
@@ -37,14 +35,10 @@ def export_subnetwork(
     and MACs against the max sub-network), `sparsity_report.json` when the weights are sparse, and the tokenizer.
     The folder appears complete or not at all.
     """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} exists. Pass overwrite=True (--overwrite) or choose another folder.")
+    check_output_dir(output_dir, overwrite)
     resolved = supernet.resolve(config)
     model = supernet.extract_model(resolved)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
+    with atomic_directory(output_dir, overwrite) as tmp:
         if any(isinstance(m, QuantLinear) for m in model.modules()):
             save_quantized(model, tmp)
         else:
@@ -57,13 +51,7 @@ def export_subnetwork(
         atomic_write_json(tmp / SUBNET_CONFIG_NAME, info | {"max": supernet.count("max"), **flags})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        tmp.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output_dir
+    return Path(output_dir)
 
 
 def load_exported(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:

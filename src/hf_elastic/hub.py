@@ -9,7 +9,6 @@ import logging
 import math
 import numbers
 import os
-import secrets
 import shutil
 import tempfile
 from collections import Counter
@@ -26,7 +25,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from .quantization import FORMAT_NAME as QUANT_FORMAT_NAME
 from .quantization import QUANT_CONFIG_NAME
 from .sparsity import SPARSITY_REPORT_NAME
-from .utils import SUBNET_CONFIG_NAME
+from .utils import SUBNET_CONFIG_NAME, atomic_directory, check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -940,28 +939,10 @@ def prepare_upload_folder(
     """
     source, out = Path(source_dir), Path(out_dir)
     _check_no_overlap(source, out)
-    if out.exists() and not (overwrite and out.is_dir()):
-        raise FileExistsError(f"{str(out)!r} already exists; pass overwrite=True to replace a folder.")
+    check_output_dir(out, overwrite)
     card, extras = _card_and_extras(source, card_info, pareto_csv, pareto_plot, extra_files)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         _fill_folder(source, tmp, card, extras, link=False)
-        if out.exists():
-            old = out.parent / f".{out.name}.{secrets.token_hex(4)}.old"
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

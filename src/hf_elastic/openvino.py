@@ -40,8 +40,6 @@ import hashlib
 import importlib
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +50,7 @@ import torch
 import torch.nn as nn
 
 from .quantization import QUANT_CONFIG_NAME, QuantLinear
+from .utils import atomic_directory, check_output_dir
 
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 OV_MODEL_NAME = "openvino_model.xml"
@@ -411,8 +410,7 @@ def export_openvino(
     if not isinstance(compress_float_weights, bool):
         raise ValueError(f"compress_float_weights must be True or False, got {compress_float_weights!r}.")
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} exists. Pass overwrite=True or choose another folder.")
+    check_output_dir(output_dir, overwrite)
     _require("openvino")
     _require("openvino_tokenizers")
     exporters = _require("optimum.exporters.openvino")
@@ -459,39 +457,32 @@ def export_openvino(
 
         ov_config = OVConfig(dtype="fp16")
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     training = export_model.training
     try:
-        shapes = _cache_shapes(export_model)
-        custom = None
-        if shapes is not None and len(set(shapes)) > 1:
-            custom = _per_layer_cache_export_config(export_model, shapes)
-        exporters.export_from_model(
-            export_model,
-            tmp,
-            task=_TASK,
-            ov_config=ov_config,
-            stateful=True,
-            preprocessors=[],
-            custom_export_configs=custom,
-        )
-        xml_path = tmp / OV_MODEL_NAME
-        if quantized:
-            _embed_quantized(xml_path, quantized)
-            if compress_float_weights:
-                _compress_with_nncf(xml_path, 8, -1, False, 1.0, write_config=False)
-        elif weight_format in ("int4", "int8"):
-            bits = 4 if weight_format == "int4" else 8
-            _compress_with_nncf(xml_path, bits, nncf_group_size, symmetric, ratio)
-        if tokenizer is not None:
-            _export_tokenizer(tokenizer, tmp)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        tmp.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(output_dir, overwrite) as tmp:
+            shapes = _cache_shapes(export_model)
+            custom = None
+            if shapes is not None and len(set(shapes)) > 1:
+                custom = _per_layer_cache_export_config(export_model, shapes)
+            exporters.export_from_model(
+                export_model,
+                tmp,
+                task=_TASK,
+                ov_config=ov_config,
+                stateful=True,
+                preprocessors=[],
+                custom_export_configs=custom,
+            )
+            xml_path = tmp / OV_MODEL_NAME
+            if quantized:
+                _embed_quantized(xml_path, quantized)
+                if compress_float_weights:
+                    _compress_with_nncf(xml_path, 8, -1, False, 1.0, write_config=False)
+            elif weight_format in ("int4", "int8"):
+                bits = 4 if weight_format == "int4" else 8
+                _compress_with_nncf(xml_path, bits, nncf_group_size, symmetric, ratio)
+            if tokenizer is not None:
+                _export_tokenizer(tokenizer, tmp)
     finally:
         export_model.train(training)
     return output_dir

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,38 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """`path` as a Path; raises when it exists and `overwrite` is False (or when it is a file)."""
+    path = Path(path)
+    if path.exists() and not (overwrite and path.is_dir()):
+        raise FileExistsError(f"{str(path)!r} already exists. Pass overwrite=True or choose another folder.")
+    return path
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it replaces `path`, so `path` is complete or untouched."""
+    path = check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old / path.name, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
