@@ -113,3 +113,36 @@ def test_qa_errors():
     )
     with pytest.raises(ValueError, match=r"QuantLinear has no float weight to slice or score"):
         get_supernet(model).extract_model("min")
+
+
+def test_fused_qa_gradients_match_a_straight_through_reference():
+    arch = ARCHS["llama"]
+    model = get_peft_model(quantized(arch.build()), qa_config(arch, grouped=False))
+    _train(model, arch, steps=2)  # move some codes, so clamping and rounding matter
+    sn = get_supernet(model)
+    sn.activate("median")
+    model.train()
+    model.zero_grad()
+    model(**arch.batch(1)).loss.backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for module in sn.lora_modules.values():
+        module.forward = _ste_reference(module)
+    model(**arch.batch(1)).loss.backward()
+    params = dict(model.named_parameters())
+    assert fused.keys() == {n for n, p in params.items() if p.grad is not None}
+    for name, grad in fused.items():
+        assert (grad - params[name].grad).abs().max() <= 1e-6, name
+
+
+def _ste_reference(module):
+    def forward(x, *args, **kwargs):
+        a, b = module.lora_weights("default")
+        base = module.get_base_layer()
+        scales = expand_groups(base.scales, base.group_size)
+        zeros = expand_groups(base.zeros.float(), base.group_size)
+        steps = (b @ a) * module.scaling["default"] * module.base_mask() / scales
+        moved = (base.qweight.float() + torch.round(steps)).detach() + (steps - steps.detach())
+        return torch.nn.functional.linear(x, (moved.clamp(0, 2**base.bits - 1) - zeros) * scales)
+
+    return forward
