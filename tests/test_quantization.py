@@ -15,7 +15,6 @@ from safetensors.torch import load_file, save_file
 
 from hf_elastic import ElasticLoraLinear, NLSConfig
 from hf_elastic.calibration import Hessian, find_target_modules
-from hf_elastic.elastic_lora.arch import weight_out_in
 from hf_elastic.quantization import (
     QuantizationConfig,
     QuantLinear,
@@ -29,7 +28,7 @@ from hf_elastic.quantization import (
     quantize_codes,
     save_quantized,
 )
-from hf_elastic.sparsity import sparsify, sparsity_of
+from hf_elastic.sparsity import sparsify, sparsity_of, weight_masks
 from hf_elastic.utils import matches_module
 
 SEQ, SAMPLES = 16, 8
@@ -119,12 +118,15 @@ def test_zero_weights_get_the_zero_point_rtn_and_gptq(symmetric, bits):
 def test_sparse_model_stays_sparse(base, arch, method, symmetric):
     model = fresh(base)
     sparsify(model, "magnitude", pattern="2:4", show_progress=False)
-    masks = {n: weight_out_in(m).detach() == 0 for t in find_target_modules(model) for n, m in t.modules.items()}
+    nonzero = weight_masks(model)
     run(model, method=method, symmetric=symmetric)
     for name, module in quant_modules(model).items():
-        mask = masks[name]
+        mask = ~nonzero[name]
         assert torch.equal(module.qweight[mask], expand_groups(module.zeros, module.group_size)[mask]), name
         assert (module.dequantize()[mask] == 0).all(), name
+    after = weight_masks(model)
+    assert after.keys() == nonzero.keys()
+    assert not any((after[n] & ~nonzero[n]).any() for n in nonzero)
     report = sparsity_of(model, "2:4")
     assert report.nm_valid is True and report.total_sparsity >= 0.5
 

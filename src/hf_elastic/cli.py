@@ -221,7 +221,15 @@ def cmd_push(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(output_dir=args.output, quick=args.quick, quantization_aware=args.qa, seed=args.seed))
+    run_demo(
+        DemoConfig(
+            output_dir=args.output,
+            model_dir=args.model_dir,
+            quick=args.quick,
+            quantization_aware=args.qa,
+            seed=args.seed,
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -314,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="outputs/demo")
     p.add_argument("--quick", action="store_true", help="fewer steps and evaluations (a smoke run)")
     p.add_argument("--qa", action="store_true", help="QA-SparsePEFT on an INT4 base instead of SparsePEFT")
+    p.add_argument("--model-dir", default=None, help="a local causal LM folder to use instead of SmolLM2-135M")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser

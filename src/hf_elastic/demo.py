@@ -28,6 +28,13 @@ class DemoConfig:
     """Sizes of the demo; the defaults fit in about 15 minutes on 2 CPU cores."""
 
     output_dir: str = field(default="outputs/demo", metadata={"help": "Where every artefact of the demo goes."})
+    model_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A local causal LM folder (weights and tokenizer) to use instead of SmolLM2-135M-Instruct, e.g. "
+            "for a smoke test. Its widths must be multiples of group_size."
+        },
+    )
     quick: bool = field(default=False, metadata={"help": "A smoke run: a few steps and evaluations only."})
     quantization_aware: bool = field(
         default=False, metadata={"help": "QA-SparsePEFT on an INT4 base (exact INT4 export) instead of SparsePEFT."}
@@ -143,7 +150,9 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         print(f"[demo] {name}: {steps[name]} s", flush=True)
 
     torch.manual_seed(cfg.seed)
-    model_dir = demo_model_dir()
+    model_dir = Path(cfg.model_dir) if cfg.model_dir else demo_model_dir()
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"DemoConfig.model_dir={str(model_dir)!r} holds no config.json: pass a model folder.")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = load_demo_dataset()
     train_rows = cfg.train_steps * cfg.batch_size
@@ -247,15 +256,12 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     }
     lap("export merged sub-network")
 
-    weight_format = "fp32" if cfg.quantization_aware else "int4"
-    ov_dir = export_openvino(
-        sub_dir if cfg.quantization_aware else sub,
-        out / "openvino",
-        tokenizer=tokenizer,
-        weight_format=weight_format,
-        group_size=cfg.group_size,
-        overwrite=True,
-    )
+    if cfg.quantization_aware:  # the sub-network holds its INT4 codes: the IR takes them as they are
+        compression = {"weight_format": "fp32"}
+    else:
+        compression = {"weight_format": "int4", "group_size": cfg.group_size}
+    source = sub_dir if cfg.quantization_aware else sub
+    ov_dir = export_openvino(source, out / "openvino", tokenizer=tokenizer, overwrite=True, **compression)
     ov_model = load_openvino(ov_dir)
     ir = ir_weight_sparsity(ov_dir)
     rows["sub-network (OpenVINO INT4)"] = {
@@ -270,7 +276,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     method = "sqft-qa-sparsepeft" if cfg.quantization_aware else "sqft-sparsepeft"
     card = CardInfo(
         method=method,
-        base_model=DEMO_BASE_ID,
+        base_model=DEMO_BASE_ID if cfg.model_dir is None else model_dir.name,
         license="apache-2.0",
         training_data="Amazon fine-food reviews (small_fine_foods, R package modeldata), great/other labels",
         hyperparameters={k: v for k, v in asdict(cfg).items() if k != "output_dir"},
@@ -287,7 +293,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     shutil.rmtree(out / "hub", ignore_errors=True)  # a dry run refuses to overwrite an earlier one
     hub_dir = push_to_hub(
         ov_dir,
-        "hf-elastic/smollm2-135m-instruct-sqft-demo",
+        f"hf-elastic/{model_dir.name}-sqft-demo",
         card_info=card,
         dry_run=True,
         local_dir=out / "hub",

@@ -171,6 +171,12 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     return weight_out_in(module)
 
 
+def _is_linear_or_quantized(module: nn.Module) -> bool:
+    from .quantization import QuantLinear
+
+    return is_linear(module) or isinstance(module, QuantLinear)
+
+
 @dataclass
 class ModuleSparsity:
     name: str
@@ -264,12 +270,8 @@ def sparsity_of(model: nn.Module, pattern: str = "unstructured", modules: list[s
 
     With an N:M `pattern`, each module is also checked for it (`nm_valid`).
     """
-    from .quantization import QuantLinear
-
     nm = parse_pattern(pattern)
-    targets = find_target_modules(
-        model, modules, lambda m: is_linear(m) or isinstance(m, QuantLinear), caller="sparsity_of"
-    )
+    targets = find_target_modules(model, modules, _is_linear_or_quantized, caller="sparsity_of")
     stats = []
     for target in targets:
         for name, module in target.modules.items():
@@ -289,9 +291,12 @@ def sparsity_of(model: nn.Module, pattern: str = "unstructured", modules: list[s
 
 
 def weight_masks(model: nn.Module, modules: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Boolean (out, in) masks of the non-zero weights of the linear layers inside the transformer layers."""
-    targets = find_target_modules(model, modules, caller="weight_masks")
-    return {name: weight_out_in(m).detach() != 0 for t in targets for name, m in t.modules.items()}
+    """Boolean (out, in) masks of the non-zero weights of the linear layers inside the transformer layers.
+
+    `QuantLinear` layers count by their dequantized weights (zero exactly where the code equals the zero point).
+    """
+    targets = find_target_modules(model, modules, _is_linear_or_quantized, caller="weight_masks")
+    return {name: _dense_weight(m).detach() != 0 for t in targets for name, m in t.modules.items()}
 
 
 @torch.no_grad()
