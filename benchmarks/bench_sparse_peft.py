@@ -4,7 +4,8 @@ Variants (fresh subprocess each, rounds interleaved, medians):
 - `lora`: peft LoRA on the sparse fp32 base (the baseline);
 - `sparsepeft`: NLSConfig with one rank and `sparse_adapter=True` (plain LoRA + SparsePEFT);
 - `sparsepeft_nls`: the same with rank choices [32, 24, 16], a random rank per module and step;
-- `qa_sparsepeft`: INT4 base (RTN, asymmetric, group 32) with `sparse_adapter` and `quantization_aware`;
+- `qa_sparsepeft`: INT4 base (RTN, asymmetric, group 32, rounding residual kept) with `sparse_adapter` and
+  `quantization_aware`;
 - `lora_dequant`: peft LoRA on the dequantized INT4 base, fp32 (what QA-SparsePEFT replaces).
 Writes benchmarks/results/sparse_peft.json.
 """
@@ -31,7 +32,7 @@ def run_variant(variant: str, steps: int, warmup: int, seq_len: int, batch_size:
     model = LlamaForCausalLM(LlamaConfig(**MODEL_KWARGS))
     sparsify(model, method="magnitude", sparsity=0.5, show_progress=False)
     if variant in ("qa_sparsepeft", "lora_dequant"):
-        quantize(model, bits=4, group_size=32, show_progress=False)
+        quantize(model, bits=4, group_size=32, keep_residual=variant == "qa_sparsepeft", show_progress=False)
     if variant == "lora_dequant":
         for name, module in list(model.named_modules()):
             if isinstance(module, QuantLinear):

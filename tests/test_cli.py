@@ -66,10 +66,11 @@ def test_pipeline(model_dir, tmp_path, capsys):
     report = json.loads((sparse / "sparsity_report.json").read_text())
     assert report["sparsity"] == pytest.approx(0.5)
     int4 = tmp_path / "int4"
-    main(["quantize", str(sparse), str(int4), "--group-size", "16"])
+    main(["quantize", str(sparse), str(int4), "--group-size", "16", "--keep-residual"])
     quantized = load_exported(int4)
     layer = quantized.model.layers[0].self_attn.q_proj
     assert isinstance(layer, QuantLinear) and layer.bits == 4 and layer.group_size == 16
+    assert layer.residual is not None and layer.residual.dtype == torch.int8
     assert torch.equal(
         layer.dequantize() == 0,
         AutoModelForCausalLM.from_pretrained(sparse).model.layers[0].self_attn.q_proj.weight == 0,

@@ -12,12 +12,13 @@ from test_sparse_peft import pruned
 from test_supernet import _train, subnets
 
 from hf_elastic import ElasticLoraConfig, NLSConfig, get_supernet
+from hf_elastic.nls.layer import _moved_codes
 from hf_elastic.quantization import QuantLinear, expand_groups, quantize
 
 
-def quantized(base: torch.nn.Module, bits: int = 4) -> torch.nn.Module:
+def quantized(base: torch.nn.Module, bits: int = 4, keep_residual: bool = True) -> torch.nn.Module:
     model = pruned(base)
-    quantize(model, bits=bits, group_size=16, show_progress=False)
+    quantize(model, bits=bits, group_size=16, keep_residual=keep_residual, show_progress=False)
     return model
 
 
@@ -26,7 +27,9 @@ def codes(model: torch.nn.Module) -> dict[str, QuantLinear]:
 
 
 def qa_config(arch, grouped: bool, **extra) -> NLSConfig:
-    kwargs = peft_kwargs(arch, sparse_adapter=True, quantization_aware=True, init_lora_weights=False, **extra)
+    kwargs = peft_kwargs(
+        arch, **({"sparse_adapter": True, "quantization_aware": True, "init_lora_weights": False} | extra)
+    )
     kwargs.pop("fan_in_fan_out", None)  # a quantized Conv1D is stored as (out, in)
     if arch.name == "bert":
         kwargs["exclude_modules"] = ["pooler.dense"]  # quantize() leaves modules outside the encoder layers alone
@@ -35,9 +38,11 @@ def qa_config(arch, grouped: bool, **extra) -> NLSConfig:
     return NLSConfig(rank_choices=[8, 6, 4], **kwargs)
 
 
+@pytest.mark.filterwarnings("ignore:quantization_aware=True on a base quantized without its rounding residual")
+@pytest.mark.parametrize("keep_residual", [True, False], ids=["residual", "codes-only"])
 @pytest.mark.parametrize("grouped", [False, True])
-def test_merged_int4_codes_reproduce_the_fake_quant_forward(arch, base, grouped):
-    q_base = quantized(base)
+def test_merged_int4_codes_reproduce_the_fake_quant_forward(arch, base, grouped, keep_residual):
+    q_base = quantized(base, keep_residual=keep_residual)
     before = {k: (m.qweight.clone(), m.scales.clone(), m.zeros.clone()) for k, m in codes(q_base).items()}
     model = get_peft_model(copy.deepcopy(q_base), qa_config(arch, grouped))
     sn = get_supernet(model)
@@ -57,6 +62,7 @@ def test_merged_int4_codes_reproduce_the_fake_quant_forward(arch, base, grouped)
         for key, module in codes(merged).items():
             q0, s0, z0 = before[key]
             assert torch.equal(module.scales, s0) and torch.equal(module.zeros, z0)
+            assert module.residual is None  # it described the unmerged codes
             zero_code = q0 == expand_groups(z0, module.group_size)
             assert torch.equal(module.qweight[zero_code], q0[zero_code])  # base zeros stay exactly zero
             assert (module.dequantize()[zero_code] == 0).all()
@@ -85,15 +91,61 @@ def test_in_place_merge_unmerge_restores_codes():
     arch = ARCHS["llama"]
     model = get_peft_model(quantized(arch.build()), qa_config(arch, grouped=False))
     _train(model, arch, steps=2)
-    originals = {k: m.qweight.clone() for k, m in codes(model).items()}
+    originals = {k: (m.qweight.clone(), m.residual.clone()) for k, m in codes(model).items()}
     batch = arch.batch(4)
     with torch.no_grad():
         expected = model(**batch).logits
         model.merge_adapter()
         assert torch.equal(model(**batch).logits, expected)
-        assert any(not torch.equal(m.qweight, originals[k]) for k, m in codes(model).items())
+        assert any(not torch.equal(m.qweight, originals[k][0]) for k, m in codes(model).items())
+        assert all(m.residual is None for m in codes(model).values())
         model.unmerge_adapter()
-    assert all(torch.equal(m.qweight, originals[k]) for k, m in codes(model).items())
+        assert torch.equal(model(**batch).logits, expected)
+    for key, module in codes(model).items():
+        assert torch.equal(module.qweight, originals[key][0]) and torch.equal(module.residual, originals[key][1])
+
+
+def test_residual_makes_the_grid_forward_that_of_the_float_weights():
+    """With the residual, the codes move as `round(W / s + z + delta / s)` of the float weights (SQFT's forward): they
+    differ only where that value lies within the residual's resolution (1/508 of a step) of a rounding boundary."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 16, bias=False)
+    q = QuantLinear.from_linear(linear, 4, 16, residual=True)
+    scales = expand_groups(q.scales, 16)
+    zeros = expand_groups(q.zeros.float(), 16)
+    assert q.residual.dtype == torch.int8 and int(q.residual.abs().max()) <= 127
+    assert torch.equal(torch.round(q.qweight.float() + q.residual.float() / 254), q.qweight.float())
+    grid = (q.qweight, q.scales[..., None], q.zeros.float()[..., None], 15, q.residual)
+    exact = linear.weight.detach() / scales + zeros
+    checked = 0
+    for size in (0.05, 0.45, 2.0):
+        delta = (2 * torch.rand(16, 64) - 1) * size * scales
+        got = _moved_codes(grid, delta).reshape(16, 64)
+        target = exact + delta / scales
+        near = ((target - target.floor()) - 0.5).abs() < 1 / 254
+        assert torch.equal(got[~near], torch.round(target)[~near])
+        checked += int((~near).sum())
+        codes_only = _moved_codes(grid[:4] + (None,), delta).reshape(16, 64)
+        if size < 0.5:
+            assert torch.equal(codes_only, q.qweight.float())  # below half a step nothing moves without it
+            assert (got != q.qweight.float()).any()
+    assert checked > 0.95 * 3 * 16 * 64
+
+
+def test_untrained_qa_adapter_is_the_quantized_base_exactly():
+    arch = ARCHS["llama"]
+    q_base = quantized(arch.build())
+    batch = arch.batch(4)
+    with torch.no_grad():
+        expected = q_base.eval()(**batch).logits
+        model = get_peft_model(copy.deepcopy(q_base), qa_config(arch, grouped=False, init_lora_weights=True)).eval()
+        assert torch.equal(model(**batch).logits, expected)  # |residual| < 1/2 step: B = 0 moves no code
+
+
+def test_qa_without_residual_warns():
+    arch = ARCHS["llama"]
+    with pytest.warns(UserWarning, match=r"without its rounding residual.*keep_residual=True"):
+        get_peft_model(quantized(arch.build(), keep_residual=False), qa_config(arch, grouped=False))
 
 
 def test_qa_errors():
@@ -141,7 +193,7 @@ def _ste_reference(module):
         base = module.get_base_layer()
         scales = expand_groups(base.scales, base.group_size)
         zeros = expand_groups(base.zeros.float(), base.group_size)
-        steps = (b @ a) * module.scaling["default"] * module.base_mask() / scales
+        steps = (b @ a) * module.scaling["default"] * module.base_mask() / scales + base.residual.float() / 254
         moved = (base.qweight.float() + torch.round(steps)).detach() + (steps - steps.detach())
         return torch.nn.functional.linear(x, (moved.clamp(0, 2**base.bits - 1) - zeros) * scales)
 

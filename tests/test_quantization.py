@@ -104,7 +104,9 @@ def test_zero_weights_get_the_zero_point_rtn_and_gptq(symmetric, bits):
     rtn = (quantize_codes(w, scales, zeros, bits, 16), scales, zeros)
     gptq = gptq_quantize(w, hessian, bits, 16, symmetric)
     gptq_act = gptq_quantize(w, hessian, bits, 16, symmetric, act_order=True)
-    for codes, s, z in (rtn, gptq, gptq_act):
+    for _, _, _, residual in (gptq, gptq_act):
+        assert (residual[zero_mask] == 0).all()
+    for codes, s, z in (rtn, gptq[:3], gptq_act[:3]):
         zero_points = expand_groups(z, 16)
         assert torch.equal(codes[zero_mask], zero_points[zero_mask])
         deq = dequantize_codes(codes, s, z, 16)
@@ -152,7 +154,7 @@ def _naive_gptq(w, hessian, bits, group_size, symmetric, damp=0.01):
 def test_gptq_blocks_match_the_column_by_column_algorithm(group_size, block_size):
     w, x = sparse_weight(), correlated_inputs()
     hessian = 2 * x.T @ x / x.shape[0]
-    codes, _, _ = gptq_quantize(w, hessian, 4, group_size, block_size=block_size)
+    codes = gptq_quantize(w, hessian, 4, group_size, block_size=block_size)[0]
     reference = _naive_gptq(w, hessian, 4, 64 if group_size == -1 else group_size, False)
     assert (codes == reference).float().mean() > 0.995
 
@@ -166,7 +168,7 @@ def test_gptq_has_lower_output_error_than_rtn(bits, symmetric, act_order):
     for chunk in x.split(100):
         hessian.update(chunk)
     assert torch.allclose(hessian.hessian, 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-3)
-    codes, scales, zeros = gptq_quantize(w, hessian.hessian, bits, 16, symmetric, act_order=act_order)
+    codes, scales, zeros, _ = gptq_quantize(w, hessian.hessian, bits, 16, symmetric, act_order=act_order)
     s, z = compute_qparams(w, bits, 16, symmetric)
     rtn = dequantize_codes(quantize_codes(w, s, z, bits, 16), s, z, 16)
     gptq = dequantize_codes(codes, scales, zeros, 16)
@@ -211,7 +213,8 @@ def test_quantized_model_close_to_float(base, arch):
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_save_load_round_trip_is_bit_exact(base, arch, method, tmp_path):
     model = fresh(base)
-    run(model, method=method, symmetric=arch.name == "bert")
+    keep_residual = method == "gptq"
+    run(model, method=method, symmetric=arch.name == "bert", keep_residual=keep_residual)
     save_quantized(model, tmp_path)
     qc = json.loads((tmp_path / "quantization_config.json").read_text())
     assert (qc["bits"], qc["group_size"], qc["method"], qc["dtype"]) == (4, 16, method, "float32")
@@ -220,7 +223,8 @@ def test_save_load_round_trip_is_bit_exact(base, arch, method, tmp_path):
     before, after = quant_modules(model), quant_modules(loaded)
     assert before.keys() == after.keys()
     for name, module in before.items():
-        for buffer in ("qweight", "scales", "zeros"):
+        assert (module.residual is not None) is keep_residual and (after[name].residual is not None) is keep_residual
+        for buffer in ("qweight", "scales", "zeros") + (("residual",) if keep_residual else ()):
             assert torch.equal(getattr(module, buffer), getattr(after[name], buffer)), (name, buffer)
     batch = arch.batch()
     assert torch.equal(model(**batch).logits, loaded(**batch).logits)
@@ -292,6 +296,7 @@ def test_elastic_lora_wraps_quantlinear():
         ({"method": "awq"}, r"QuantizationConfig.method='awq' is not supported"),
         ({"damp_percent": 0.0}, r"QuantizationConfig.damp_percent=0.0 is outside \(0, 1\]"),
         ({"block_size": 0}, r"QuantizationConfig.block_size must be a positive integer, got 0"),
+        ({"keep_residual": "yes"}, r"QuantizationConfig.keep_residual must be True or False, got 'yes'"),
     ],
 )
 def test_config_errors(kwargs, message):
@@ -324,6 +329,8 @@ def test_quantlinear_errors():
     q = QuantLinear(32, 8, group_size=16)
     with pytest.raises(ValueError, match=r"QuantLinear.scales must have shape \(8, 2\) .* got \(8, 4\)"):
         q.set_quantized(q.qweight, torch.ones(8, 4), q.zeros)
+    with pytest.raises(ValueError, match=r"QuantLinear.residual must be int8, got torch.float32"):
+        q.set_quantized(q.qweight, q.scales, q.zeros, torch.zeros(8, 32))
     with pytest.raises(ValueError, match=r"codes and zero points must lie in \[0, 15\]"):
         q.set_quantized(torch.full((8, 32), 16, dtype=torch.uint8), q.scales, q.zeros)
     with pytest.raises(TypeError, match=r"needs an nn.Linear or Conv1D, got Embedding"):

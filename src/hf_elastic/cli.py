@@ -108,6 +108,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from .quantization import quantize
 
     options = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric, "method": args.method}
+    options["keep_residual"] = args.keep_residual
     _transform_and_save(args, quantize, **options)
 
 
@@ -258,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
+    p.add_argument("--keep-residual", action="store_true", help="keep the rounding residuals (QA-SparsePEFT training)")
     p.add_argument("--num-samples", type=int, default=128)
     data_args(p, False, "calibration")
     p.set_defaults(func=cmd_quantize)

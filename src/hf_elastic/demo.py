@@ -189,7 +189,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     )
     base_masks = weight_masks(model)
     if cfg.quantization_aware:
-        quantize(model, bits=4, group_size=cfg.group_size)
+        quantize(model, bits=4, group_size=cfg.group_size, keep_residual=True)
     rows["sparse base (zero-shot)"] = {
         "accuracy": accuracy(model, tokenizer, test, max_length=cfg.max_length),
         "sparsity": report.total_sparsity,

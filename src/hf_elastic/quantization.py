@@ -11,7 +11,11 @@ the attributes `in_features`, `out_features`, `bits` (4 or 8), `group_size` (a d
   input channels of a row; `scales` stay float32 when the model is cast to another dtype;
 - `zeros`: uint8 (out_features, in_features // group_size), integer zero points; symmetric quantization uses
   2**(bits - 1) everywhere;
-- `bias`: optional float parameter (out_features,), in the dtype of the rest of the model.
+- `bias`: optional float parameter (out_features,), in the dtype of the rest of the model;
+- `residual`: optional int8 (out_features, in_features), kept by `quantize(..., keep_residual=True)` for
+  QA-SparsePEFT training: the rounding residual `r = w / s + z - q` of each weight in units of 1/254 of a grid step
+  (|r| <= 127/254 < 1/2). QA-SparsePEFT then computes `clamp(round(q + r + delta / s))`, which equals
+  `Q(w + delta)` with the base's scales (the SQFT forward) without a float copy of `w`. Inference ignores it.
 
 With `s` and `z` the scale and zero point of the group of column `j`:
 
@@ -22,9 +26,9 @@ and `forward(x) = F.linear(x, dequantize(x.dtype), bias)`. The asymmetric range 
 zero points are integers, so a weight equal to 0 gets the code `z` and dequantizes to exactly 0: the zeros of a
 sparse base model survive quantization. A group of zeros gets scale 1.
 
-`save_quantized` writes `config.json`, `model.safetensors` (the state dict, with `qweight`/`scales`/`zeros` in place
-of the quantized weights) and `quantization_config.json` (bits, group size, symmetric, method, dtype and every
-quantized module); `load_quantized` rebuilds the model from them bit for bit.
+`save_quantized` writes `config.json`, `model.safetensors` (the state dict, with `qweight`/`scales`/`zeros` and any
+`residual` in place of the quantized weights) and `quantization_config.json` (bits, group size, symmetric, method,
+dtype and every quantized module); `load_quantized` rebuilds the model from them bit for bit.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ QUANT_CONFIG_NAME = "quantization_config.json"
 QUANT_WEIGHTS_NAME = "model.safetensors"
 QUANT_REPORT_NAME = "quantization_report.json"
 FORMAT_NAME = "hf_elastic.QuantLinear"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added the optional `residual`
+RESIDUAL_STEPS = 254
 _BITS = (4, 8)
 _METHODS = ("rtn", "gptq")
 
@@ -118,6 +123,12 @@ def quantize_codes(
     return codes.to(torch.uint8).reshape(weight.shape)
 
 
+def residual_codes(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The int8 rounding residual `round(254 * (w / s + z - q))`, clipped to [-127, 127], elementwise."""
+    r = w.float() / scales.float() + zeros.float() - codes.float()
+    return torch.round(r * RESIDUAL_STEPS).clamp(-127, 127).to(torch.int8)
+
+
 def dequantize_codes(
     qweight: torch.Tensor,
     scales: torch.Tensor,
@@ -161,6 +172,7 @@ class QuantLinear(nn.Module):
         )
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float32, device=device))
         self.register_buffer("zeros", torch.full((out_features, groups), zero, dtype=torch.uint8, device=device))
+        self.register_buffer("residual", None)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
@@ -177,8 +189,12 @@ class QuantLinear(nn.Module):
         qweight: torch.Tensor | None = None,
         scales: torch.Tensor | None = None,
         zeros: torch.Tensor | None = None,
+        residual: torch.Tensor | bool = False,
     ) -> QuantLinear:
-        """Quantize an `nn.Linear` or `Conv1D`: round-to-nearest, or the given codes/scales/zeros (e.g. GPTQ's)."""
+        """Quantize an `nn.Linear` or `Conv1D`: round-to-nearest, or the given codes/scales/zeros (e.g. GPTQ's).
+
+        `residual=True` keeps the rounding residual of round-to-nearest (for QA-SparsePEFT); a tensor sets it.
+        """
         if not isinstance(module, (nn.Linear, Conv1D)):
             raise TypeError(f"QuantLinear.from_linear needs an nn.Linear or Conv1D, got {type(module).__name__}.")
         weight = weight_out_in(module).detach()
@@ -191,26 +207,39 @@ class QuantLinear(nn.Module):
             scales, zeros = compute_qparams(weight, new.bits, new.group_size, new.symmetric)
         if qweight is None:
             qweight = quantize_codes(weight, scales, zeros, new.bits, new.group_size)
-        new.set_quantized(qweight, scales, zeros)
+        if residual is True:
+            gs = new.group_size
+            residual = residual_codes(
+                _grouped(weight, gs), scales[..., None], zeros[..., None], _grouped(qweight, gs)
+            ).view(qweight.shape)
+        new.set_quantized(qweight, scales, zeros, residual if isinstance(residual, torch.Tensor) else None)
         if bias is not None:
             new.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         return new
 
-    def set_quantized(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
-        """Replace codes, scales and zero points after checking shapes, dtypes and ranges."""
+    def set_quantized(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        residual: torch.Tensor | None = None,
+    ) -> None:
+        """Replace codes, scales, zero points and the optional residual after checking shapes, dtypes and ranges."""
         expected = {
             "qweight": ((self.out_features, self.in_features), torch.uint8, qweight),
             "scales": ((self.out_features, self.in_features // self.group_size), torch.float32, scales),
             "zeros": ((self.out_features, self.in_features // self.group_size), torch.uint8, zeros),
         }
+        if residual is not None:
+            expected["residual"] = ((self.out_features, self.in_features), torch.int8, residual)
         for name, (shape, dtype, value) in expected.items():
             if tuple(value.shape) != shape:
                 raise ValueError(
                     f"QuantLinear.{name} must have shape {shape} for in_features={self.in_features}, "
                     f"out_features={self.out_features}, group_size={self.group_size}; got {tuple(value.shape)}."
                 )
-            if dtype == torch.uint8 and value.dtype != torch.uint8:
-                raise ValueError(f"QuantLinear.{name} must be uint8, got {value.dtype}.")
+            if dtype != torch.float32 and value.dtype != dtype:
+                raise ValueError(f"QuantLinear.{name} must be {str(dtype).removeprefix('torch.')}, got {value.dtype}.")
         if int(qweight.max()) > 2**self.bits - 1 or int(zeros.max()) > 2**self.bits - 1:
             raise ValueError(
                 f"QuantLinear codes and zero points must lie in [0, {2**self.bits - 1}] for {self.bits} bits."
@@ -219,6 +248,7 @@ class QuantLinear(nn.Module):
         self.qweight = qweight.to(device)
         self.scales = scales.to(device, torch.float32)
         self.zeros = zeros.to(device)
+        self.residual = None if residual is None else residual.to(device)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (out_features, in_features) in `dtype`."""
@@ -250,6 +280,7 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}"
+            + (", residual=True" if self.residual is not None else "")
         )
 
 
@@ -297,6 +328,14 @@ class QuantizationConfig:
             "every linear/Conv1D layer inside the transformer layers; embeddings and the LM head stay as they are."
         },
     )
+    keep_residual: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep each weight's rounding residual (int8, one byte per weight) for QA-SparsePEFT training: "
+            "the adapter then trains as through Q(W + delta) on the float weights, so deltas below half a grid step "
+            "still move the codes of weights near a rounding boundary. Inference ignores it; merging drops it."
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_bits(self.bits)
@@ -309,8 +348,9 @@ class QuantizationConfig:
                 f"QuantizationConfig.group_size={self.group_size!r} is invalid. Use a positive divisor of the input "
                 "dimension (e.g. 128) or -1 for one group per output row."
             )
-        if not isinstance(self.symmetric, bool):
-            raise ValueError(f"QuantizationConfig.symmetric must be True or False, got {self.symmetric!r}.")
+        for name in ("symmetric", "act_order", "keep_residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"QuantizationConfig.{name} must be True or False, got {getattr(self, name)!r}.")
         if self.method not in _METHODS:
             raise ValueError(
                 f"QuantizationConfig.method={self.method!r} is not supported. Use one of {list(_METHODS)}."
@@ -368,7 +408,7 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ (Frantar et al., 2022) of one (out, in) weight with the Hessian H = 2XᵀX/n of its inputs.
 
     Columns are quantized one by one; each one's rounding error, divided by the diagonal of the Cholesky factor of
@@ -377,7 +417,8 @@ def gptq_quantize(
     `act_order`). Weights that are exactly zero stay zero: they receive no error update and get code == zero point.
 
     Returns:
-        `(qweight uint8 (out, in), scales float32 (out, groups), zeros uint8 (out, groups))`.
+        `(qweight uint8 (out, in), scales float32 (out, groups), zeros uint8 (out, groups), residual int8 (out, in))`;
+        the residual is that of each column's error-compensated weight when it was rounded (see `residual_codes`).
     """
     _check_bits(bits)
     # Work on Wᵀ (in, out): a column of W is a contiguous row, and the error updates are BLAS rank-1/rank-k updates.
@@ -407,6 +448,7 @@ def gptq_quantize(
     elif group_size % block_size:
         block_size = group_size
     codes = torch.empty(cols, rows, device=w.device)
+    residual = torch.empty(cols, rows, dtype=torch.int8, device=w.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         block, hinv_block = w[i1:i2], hinv[i1:i2, i1:i2]
@@ -424,15 +466,17 @@ def gptq_quantize(
             x = block[i].masked_fill(pruned[col], 0) if has_zeros else block[i]
             q = round_codes(x, s, z, bits)
             codes[col] = q
+            residual[col] = residual_codes(x, s, z, q)
             err = (x - (q - z) * s) / diag[col]
             errors[i] = err
             block[i + 1 :].addr_(hinv_block[i, i + 1 :], err, alpha=-1)
         if i2 < cols:
             w[i2:].addmm_(hinv[i1:i2, i2:].T, errors, alpha=-1)
-    codes = codes.T
+    codes, residual = codes.T, residual.T
     if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    return codes.to(torch.uint8).contiguous(), scales.T.contiguous(), zeros.T.to(torch.uint8).contiguous()
+        codes, residual = codes[:, torch.argsort(perm)], residual[:, torch.argsort(perm)]
+    scales, zeros = scales.T.contiguous(), zeros.T.to(torch.uint8).contiguous()
+    return codes.to(torch.uint8).contiguous(), scales, zeros, residual.contiguous()
 
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -544,6 +588,7 @@ def quantize(
     act_order: bool = False,
     block_size: int = 128,
     modules: list[str] | None = None,
+    keep_residual: bool = False,
     show_progress: bool = True,
 ) -> QuantizationReport:
     """Replace the linear layers inside the transformer layers by `QuantLinear`, in place (RTN or GPTQ).
@@ -551,7 +596,7 @@ def quantize(
     Args:
         model: a Hugging Face model of a supported architecture (llama, mistral, qwen2, phi3, gpt2, bert, roberta).
         bits, group_size, symmetric, method, damp_percent, act_order, block_size, seq_len, num_samples, batch_size,
-            modules: see `QuantizationConfig`.
+            modules, keep_residual: see `QuantizationConfig`.
         calibration: calibration data (a `datasets.Dataset`, a list of texts with `tokenizer`, or token id tensors).
             Required for GPTQ, which quantizes layer by layer on the outputs of the already quantized layers. With
             RTN it is optional and only adds the output errors to the report.
@@ -579,6 +624,7 @@ def quantize(
         num_samples=num_samples,
         batch_size=batch_size,
         modules=modules,
+        keep_residual=keep_residual,
     )
     start = time.perf_counter()
     targets = find_target_modules(model, config.modules, caller="quantize")
@@ -598,15 +644,16 @@ def quantize(
         weight = weight_out_in(module).detach()
         gs = group_sizes[path]
         if config.method == "gptq":
-            codes, scales, zeros = gptq_quantize(
+            codes, scales, zeros, residual = gptq_quantize(
                 weight, stat.hessian, config.bits, gs, config.symmetric,
                 damp_percent=config.damp_percent, act_order=config.act_order, block_size=config.block_size,
             )  # fmt: skip
             new = QuantLinear.from_linear(
-                module, config.bits, gs, config.symmetric, qweight=codes, scales=scales, zeros=zeros
-            )
+                module, config.bits, gs, config.symmetric, qweight=codes, scales=scales, zeros=zeros,
+                residual=residual if config.keep_residual else False,
+            )  # fmt: skip
         else:
-            new = QuantLinear.from_linear(module, config.bits, gs, config.symmetric)
+            new = QuantLinear.from_linear(module, config.bits, gs, config.symmetric, residual=config.keep_residual)
         approx = new.dequantize()
         error = output_error(weight, approx, stat.hessian) if stat is not None else None
         results.append(
@@ -678,6 +725,7 @@ def save_quantized(model: nn.Module, save_directory: str | Path) -> Path:
                 "group_size": m.group_size,
                 "symmetric": m.symmetric,
                 "bias": m.bias is not None,
+                "residual": m.residual is not None,
             }
             for name, m in quant.items()
         },
@@ -751,7 +799,9 @@ def load_quantized(
             spec["bias"],
             dtype=dtype,
         )
-        for buffer in ("qweight", "scales", "zeros"):
+        if spec.get("residual", False):
+            new.residual = torch.zeros_like(new.qweight, dtype=torch.int8)
+        for buffer in ("qweight", "scales", "zeros") + (("residual",) if new.residual is not None else ()):
             key, expected = f"{name}.{buffer}", getattr(new, buffer)
             if key not in tensors:
                 raise ValueError(f"{directory / QUANT_WEIGHTS_NAME} has no {key!r}; the file is incomplete.")

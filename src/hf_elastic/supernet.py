@@ -429,7 +429,8 @@ class SuperNetwork:
     def extract_model(self, config: Mapping[str, int] | NamedConfig) -> nn.Module:
         """A merged, physically sliced copy of the base model for `config` (the super-network is left untouched).
 
-        FFN channels and attention heads that the config drops are removed for real. When every layer has the same
+        FFN channels and attention heads that the config drops are removed for real, and quantized layers drop their
+        training-only rounding residual. When every layer has the same
         widths, the model config is updated so that `save_pretrained` gives a stock checkpoint; otherwise the
         per-layer widths are recorded in `config.elastic_layer_widths`.
         """
@@ -442,6 +443,9 @@ class SuperNetwork:
                 model.delete_adapter(name)
         sub.remove_hooks()
         merged = model.merge_and_unload()
+        for module in merged.modules():
+            if isinstance(module, QuantLinear):
+                module.residual = None  # training-only: a deployable model holds codes, scales and zero points
         if not self.width_layers:
             return merged
         _, layers = find_width_layers(merged)

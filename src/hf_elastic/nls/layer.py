@@ -13,9 +13,10 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.utils.other import transpose
 from transformers.pytorch_utils import Conv1D
 
-from ..quantization import QuantLinear, expand_groups
+from ..quantization import RESIDUAL_STEPS, QuantLinear, expand_groups
 
-_Grid = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+# codes (out, in), scales and zero points (out, groups, 1), top code, residual (out, in) int8 or None
+_Grid = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None]
 
 
 def _masked_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, mask: torch.Tensor | None) -> torch.Tensor:
@@ -29,9 +30,13 @@ def _grouped(t: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def _moved_codes(grid: _Grid, delta: torch.Tensor) -> torch.Tensor:
-    """Base codes shifted by the delta in grid steps, before clamping to the code range, as (out, groups, size)."""
-    codes, scales, _, _ = grid
-    return _grouped(codes, scales) + torch.round(_grouped(delta, scales) / scales)
+    """Base codes shifted by `round(residual + delta / scale)`, before clamping to the code range, as (out, groups,
+    size): `round(W / s + z + delta / s)` when the base kept its rounding residual, `q + round(delta / s)` if not."""
+    codes, scales, _, _, residual = grid
+    steps = _grouped(delta, scales) / scales
+    if residual is not None:
+        steps = steps + _grouped(residual, scales).float() / RESIDUAL_STEPS
+    return _grouped(codes, scales) + torch.round(steps)
 
 
 def _effective_weight(
@@ -44,14 +49,15 @@ def _effective_weight(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The adapted weight `W + M ⊙ sBA` (fp base) or `DQ(Q(W + M ⊙ sBA))` on the base's grid, and the gradient gate.
 
-    On a quantized base `weight` is unused: the codes move by `round(M ⊙ sBA / scale)`, clamped to the code range, so
+    On a quantized base `weight` is unused: the codes move by `round(r + M ⊙ sBA / scale)` (`r` the base's rounding
+    residual, 0 if it kept none), clamped to the code range, so
     the result lies on the base's grid; the gate is `M` and the codes that stayed inside the range (straight-through
     estimator for `round`, zero gradient where `clamp` cut).
     """
     delta = _masked_delta(a, b, scaling, mask)
     if grid is None:
         return weight + delta.to(weight.dtype), mask
-    _, scales, zeros, qmax = grid
+    _, scales, zeros, qmax, _ = grid
     moved = _moved_codes(grid, delta)
     gate = ((moved >= 0) & (moved <= qmax)).view(delta.shape)
     if mask is not None:
@@ -67,17 +73,17 @@ class _MaskedLora(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scaling, mask, codes, scales, zeros, qmax):
-        grid = None if codes is None else (codes, scales, zeros, qmax)
+    def forward(ctx, x, weight, bias, a, b, scaling, mask, codes, scales, zeros, qmax, residual):
+        grid = None if codes is None else (codes, scales, zeros, qmax, residual)
         w_eff, _ = _effective_weight(weight, a, b, scaling, mask, grid)
         ctx.scaling, ctx.qmax = scaling, qmax
-        ctx.save_for_backward(x, weight, a, b, mask, codes, scales, zeros)
+        ctx.save_for_backward(x, weight, a, b, mask, codes, scales, zeros, residual)
         return F.linear(x, w_eff.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, a, b, mask, codes, scales, zeros = ctx.saved_tensors
-        grid = None if codes is None else (codes, scales, zeros, ctx.qmax)
+        x, weight, a, b, mask, codes, scales, zeros, residual = ctx.saved_tensors
+        grid = None if codes is None else (codes, scales, zeros, ctx.qmax, residual)
         w_eff, gate = _effective_weight(weight, a, b, ctx.scaling, mask, grid)
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_bias = grad_a = grad_b = None
@@ -90,7 +96,7 @@ class _MaskedLora(torch.autograd.Function):
             if gate is not None:
                 grad_w = grad_w * gate
             grad_a, grad_b = (b * ctx.scaling).T @ grad_w, grad_w @ (a * ctx.scaling).T
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None, None, None
+        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None, None, None, None
 
 
 class ElasticLoraLinear(LoraLinear):
@@ -131,6 +137,14 @@ class ElasticLoraLinear(LoraLinear):
                 "the module out of target_modules (or add it to exclude_modules), or set quantization_aware=False."
             )
         self.quantization_aware[adapter_name] = quantization_aware
+        if quantization_aware and base.residual is None:
+            warnings.warn(
+                "quantization_aware=True on a base quantized without its rounding residual: the adapter trains "
+                "through the codes alone, so a code moves only once its delta passes half a grid step and training "
+                "is slow. Quantize with hf_elastic.quantize(..., keep_residual=True) unless the float weights are "
+                "gone.",
+                stacklevel=2,
+            )
         self.sparse_adapter[adapter_name] = bool(getattr(config, "sparse_adapter", False))
         if self.sparse_adapter[adapter_name] and bool(self.base_mask().all()):
             warnings.warn(
@@ -141,11 +155,13 @@ class ElasticLoraLinear(LoraLinear):
 
     # ------------------------------------------------------------------ base weight, mask and grid
     def base_grid(self) -> _Grid | None:
-        """Codes (out, in) of a quantized base, its scales and zero points as (out, groups, 1) floats, the top code."""
+        """Codes (out, in) of a quantized base, its scales and zero points as (out, groups, 1) floats, the top code and
+        the rounding residual (or None)."""
         base = self.get_base_layer()
         if not isinstance(base, QuantLinear):
             return None
-        return base.qweight, base.scales.float()[..., None], base.zeros.float()[..., None], 2**base.bits - 1
+        scales, zeros = base.scales.float()[..., None], base.zeros.float()[..., None]
+        return base.qweight, scales, zeros, 2**base.bits - 1, base.residual
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in): a view for `nn.Linear`/`Conv1D`, dequantized for `QuantLinear`."""
@@ -184,7 +200,7 @@ class ElasticLoraLinear(LoraLinear):
         delta = _masked_delta(a, b, self.scaling[adapter], self._mask(adapter))
         grid = self.base_grid() if self.quantization_aware.get(adapter) else None
         if grid is not None:
-            codes, scales, _, qmax = grid
+            codes, scales, _, qmax, _ = grid
             delta = ((_moved_codes(grid, delta).clamp(0, qmax) - _grouped(codes, scales)) * scales).view(delta.shape)
         return transpose(delta, self.fan_in_fan_out).to(dtype)
 
@@ -199,6 +215,9 @@ class ElasticLoraLinear(LoraLinear):
                 a, b = (w.float() for w in self.lora_weights(name))
                 moved = _moved_codes(grid, _masked_delta(a, b, self.scaling[name], self._mask(name)))
                 self._merged_state.setdefault("codes", base.qweight.clone())
+                if base.residual is not None:  # it belongs to the unmerged codes
+                    self._merged_state["residual"] = base.residual
+                    base.residual = None
                 base.qweight.copy_(moved.clamp(0, grid[3]).view(base.qweight.shape).to(base.qweight.dtype))
                 self.merged_adapters.append(name)
             else:
@@ -209,7 +228,10 @@ class ElasticLoraLinear(LoraLinear):
     def unmerge(self) -> None:
         """Undo `merge`; quantization-aware merges restore the saved base codes exactly."""
         if "codes" in self._merged_state:
-            self.get_base_layer().qweight.copy_(self._merged_state["codes"])
+            base = self.get_base_layer()
+            base.qweight.copy_(self._merged_state["codes"])
+            if "residual" in self._merged_state:
+                base.residual = self._merged_state["residual"]
             self.merged_adapters = [n for n in self.merged_adapters if not self.quantization_aware.get(n)]
         if self.merged_adapters:
             super().unmerge()
@@ -247,9 +269,11 @@ class ElasticLoraLinear(LoraLinear):
             return self.base_layer(x) + F.linear(dropout(x.to(a.dtype)), delta).to(x.dtype)
         grid = self.base_grid() if self.quantization_aware[adapter] else None
         weight = None if grid is not None else self.base_weight()
-        codes, scales, zeros, qmax = grid if grid is not None else (None, None, None, 0)
+        codes, scales, zeros, qmax, residual = grid if grid is not None else (None, None, None, 0, None)
         mask = self._mask(adapter)
-        return _MaskedLora.apply(x, weight, base.bias, a, b, self.scaling[adapter], mask, codes, scales, zeros, qmax)
+        return _MaskedLora.apply(
+            x, weight, base.bias, a, b, self.scaling[adapter], mask, codes, scales, zeros, qmax, residual
+        )
 
     def __repr__(self) -> str:
         return "hf_elastic." + super().__repr__()
