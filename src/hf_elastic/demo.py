@@ -44,13 +44,7 @@ class DemoConfig:
     rank_choices: list[int] = field(default_factory=lambda: [16, 12, 8], metadata={"help": "NLS rank choices."})
     train_steps: int = field(default=80, metadata={"help": "Optimizer steps of NAS training."})
     batch_size: int = field(default=8, metadata={"help": "Training batch size."})
-    learning_rate: float | None = field(
-        default=None,
-        metadata={
-            "help": "Training learning rate; default 5e-4, or 3e-3 with quantization_aware (an INT4 code moves only "
-            "once the adapter's delta passes half a grid step)."
-        },
-    )
+    learning_rate: float = field(default=5e-4, metadata={"help": "Training learning rate (both modes)."})
     calibration_samples: int = field(default=32, metadata={"help": "Wanda calibration prompts."})
     val_rows: int = field(default=128, metadata={"help": "Rows of the search's validation split (from train)."})
     test_rows: int = field(default=200, metadata={"help": "Held-out test rows (never trained or searched on)."})
@@ -62,8 +56,6 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"DemoConfig.sparsity={self.sparsity} must be in [0, 1); e.g. 0.5.")
-        if self.learning_rate is None:
-            self.learning_rate = 3e-3 if self.quantization_aware else 5e-4
         if self.quick:
             self.train_steps, self.calibration_samples = 4, 8
             self.val_rows, self.test_rows, self.search_budget, self.population = 16, 32, 4, 2
