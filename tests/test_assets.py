@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import llama_for
 
 from hf_elastic import assets
 from hf_elastic.assets import (
@@ -126,17 +126,7 @@ def test_collator_pads_right_with_ignored_labels(tiny_tokenizer) -> None:
 
 
 def test_batched_left_padded_scoring_matches_one_by_one(tiny_tokenizer) -> None:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = llama_for(tiny_tokenizer).eval()
     texts = ["Great.", "Not worth the money, stale and bland and old.", "I love it, tea is great."]
     batched = classify_logits(model, tiny_tokenizer, texts, batch_size=3, max_length=64)
     single = torch.cat([classify_logits(model, tiny_tokenizer, [t], batch_size=1, max_length=64) for t in texts])
