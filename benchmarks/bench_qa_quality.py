@@ -20,11 +20,13 @@ from common import write_result
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps (the demo's default length)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--group-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=5e-4, help="learning rate of every variant")
     parser.add_argument("--test-rows", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-codes-only", action="store_true", help="leave out (b'), the base without residual")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "qa_quality.json"))
     args = parser.parse_args()
 
@@ -43,7 +45,7 @@ def main() -> None:
     )
     from hf_elastic.quantization import QuantLinear
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model_dir = demo_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = load_demo_dataset()
@@ -75,7 +77,7 @@ def main() -> None:
             save_strategy="no",
             report_to="none",
             use_cpu=True,
-            seed=0,
+            seed=args.seed,
             logging_steps=10,
         )
         start = time.perf_counter()
@@ -101,7 +103,10 @@ def main() -> None:
     quantize(int4_untrained, bits=4, group_size=args.group_size, show_progress=False)
     results["int4_sparse_base_untrained"] = evaluate(int4_untrained)
 
-    for name, keep_residual in (("b_qa_sparsepeft_int4", True), ("b_codes_only_qa_sparsepeft_int4", False)):
+    variants = [("b_qa_sparsepeft_int4", True)]
+    if not args.skip_codes_only:
+        variants.append(("b_codes_only_qa_sparsepeft_int4", False))
+    for name, keep_residual in variants:
         int4_base = copy.deepcopy(sparse)
         quantize(int4_base, bits=4, group_size=args.group_size, keep_residual=keep_residual, show_progress=False)
         with warnings.catch_warnings():
@@ -123,6 +128,7 @@ def main() -> None:
             "learning_rate": args.learning_rate,
             "quantization": f"INT4 asymmetric RTN, group {args.group_size}",
             "steps": args.steps,
+            "seed": args.seed,
             "results": results,
         },
     )
