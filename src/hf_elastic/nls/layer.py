@@ -50,9 +50,9 @@ def _effective_weight(
     """The adapted weight `W + M ⊙ sBA` (fp base) or `DQ(Q(W + M ⊙ sBA))` on the base's grid, and the gradient gate.
 
     On a quantized base `weight` is unused: the codes move by `round(r + M ⊙ sBA / scale)` (`r` the base's rounding
-    residual, 0 if it kept none), clamped to the code range, so
-    the result lies on the base's grid; the gate is `M` and the codes that stayed inside the range (straight-through
-    estimator for `round`, zero gradient where `clamp` cut).
+    residual, 0 if it kept none), clamped to the code range, so the result lies on the base's grid; the gate is `M`
+    and the codes that stayed inside the range (straight-through estimator for `round`, zero gradient where `clamp`
+    cut).
     """
     delta = _masked_delta(a, b, scaling, mask)
     if grid is None:
