@@ -157,14 +157,17 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     lap("load model and data")
 
+    def measure(m: Any, folder: Path) -> dict[str, float]:
+        """Test accuracy, batch latency, decoding speed and size on disk."""
+        return {
+            "accuracy": accuracy(m, tokenizer, test, max_length=cfg.max_length),
+            "latency_ms": _latency_ms(m, tokenizer, test_texts, cfg.max_length),
+            "decode_tok_s": _decode_tokens_per_s(m, tokenizer),
+            "size_mb": _size_mb(folder),
+        }
+
     rows: dict[str, dict[str, Any]] = {}
-    rows["dense (zero-shot)"] = {
-        "accuracy": accuracy(model, tokenizer, test, max_length=cfg.max_length),
-        "latency_ms": _latency_ms(model, tokenizer, test_texts, cfg.max_length),
-        "decode_tok_s": _decode_tokens_per_s(model, tokenizer),
-        "size_mb": _size_mb(model_dir),
-        "sparsity": 0.0,
-    }
+    rows["dense (zero-shot)"] = measure(model, model_dir) | {"sparsity": 0.0}
     lap("dense baseline")
 
     from .assets import DEFAULT_TEMPLATE
@@ -238,11 +241,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
 
     sub_dir = export_subnetwork(supernet, best.config, out / "subnet", tokenizer=tokenizer, overwrite=True)
     sub = load_exported(sub_dir)
-    rows["sub-network (PyTorch)"] = {
-        "accuracy": accuracy(sub, tokenizer, test, max_length=cfg.max_length),
-        "latency_ms": _latency_ms(sub, tokenizer, test_texts, cfg.max_length),
-        "decode_tok_s": _decode_tokens_per_s(sub, tokenizer),
-        "size_mb": _size_mb(sub_dir),
+    rows["sub-network (PyTorch)"] = measure(sub, sub_dir) | {
         "sparsity": sparsity_of(sub).total_sparsity,
         "zeros_kept": _zeros_kept(base_masks, sub),
     }
@@ -256,13 +255,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     ov_dir = export_openvino(source, out / "openvino", tokenizer=tokenizer, overwrite=True, **compression)
     ov_model = load_openvino(ov_dir)
     ir = ir_weight_sparsity(ov_dir)
-    rows["sub-network (OpenVINO INT4)"] = {
-        "accuracy": accuracy(ov_model, tokenizer, test, max_length=cfg.max_length),
-        "latency_ms": _latency_ms(ov_model, tokenizer, test_texts, cfg.max_length),
-        "decode_tok_s": _decode_tokens_per_s(ov_model, tokenizer),
-        "size_mb": _size_mb(ov_dir),
-        "sparsity": _layer_sparsity(ir["weights"]),
-    }
+    rows["sub-network (OpenVINO INT4)"] = measure(ov_model, ov_dir) | {"sparsity": _layer_sparsity(ir["weights"])}
     lap("OpenVINO export")
 
     method = "sqft-qa-sparsepeft" if cfg.quantization_aware else "sqft-sparsepeft"

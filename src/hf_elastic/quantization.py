@@ -46,7 +46,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .calibration import CalibrationData, Hessian, calibration_ids, find_target_modules, run_layerwise
 from .elastic_lora.arch import weight_out_in
-from .utils import atomic_save_safetensors, atomic_write_json
+from .utils import atomic_save_safetensors, atomic_write_json, rows_by_name
 
 QUANT_CONFIG_NAME = "quantization_config.json"
 QUANT_WEIGHTS_NAME = "model.safetensors"
@@ -524,16 +524,7 @@ class QuantizationReport:
             "seconds": self.seconds,
             "mean_weight_error": self.mean_weight_error,
             "mean_output_error": self.mean_output_error,
-            "modules": {
-                m.name: {
-                    "shape": list(m.shape),
-                    "bits": m.bits,
-                    "group_size": m.group_size,
-                    "weight_error": m.weight_error,
-                    "output_error": m.output_error,
-                }
-                for m in self.modules
-            },
+            "modules": rows_by_name(self.modules),
         }
 
     def save(self, directory: str | Path) -> Path:

@@ -27,7 +27,7 @@ from .calibration import (
     run_layerwise,
 )
 from .elastic_lora.arch import weight_out_in
-from .utils import atomic_write_json
+from .utils import atomic_write_json, rows_by_name
 
 SPARSITY_REPORT_NAME = "sparsity_report.json"
 _METHODS = ("wanda", "magnitude")
@@ -232,17 +232,7 @@ class SparsityReport:
             "config": asdict(self.config) if self.config is not None else None,
             "num_calibration_samples": self.num_calibration_samples,
             "seconds": self.seconds,
-            "modules": {
-                m.name: {
-                    "shape": list(m.shape),
-                    "zeros": m.zeros,
-                    "sparsity": m.sparsity,
-                    "min_row_zeros": m.min_row_zeros,
-                    "max_row_zeros": m.max_row_zeros,
-                    "nm_valid": m.nm_valid,
-                }
-                for m in self.modules
-            },
+            "modules": rows_by_name(self.modules, "sparsity"),
         }
 
     def save(self, directory: str | Path) -> Path:

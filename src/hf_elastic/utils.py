@@ -6,8 +6,9 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,12 @@ def split_layer_key(key: str) -> tuple[str, str]:
 def matches_module(path: str, pattern: str) -> bool:
     """peft-style suffix match: `pattern` equals `path` or is a dotted suffix of it."""
     return path == pattern or path.endswith("." + pattern)
+
+
+def rows_by_name(rows: Iterable[Any], *properties: str) -> dict[str, dict[str, Any]]:
+    """Dataclass rows of a report keyed by their `name`, with the given properties added, ready for JSON."""
+    return {
+        row.name: {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(row).items() if k != "name"}
+        | {p: getattr(row, p) for p in properties}
+        for row in rows
+    }
