@@ -297,6 +297,8 @@ def test_elastic_lora_wraps_quantlinear():
         ({"damp_percent": 0.0}, r"QuantizationConfig.damp_percent=0.0 is outside \(0, 1\]"),
         ({"block_size": 0}, r"QuantizationConfig.block_size must be a positive integer, got 0"),
         ({"keep_residual": "yes"}, r"QuantizationConfig.keep_residual must be True or False, got 'yes'"),
+        ({"seq_len": 0}, r"QuantizationConfig.seq_len must be a positive integer or None, got 0"),
+        ({"modules": []}, r"QuantizationConfig.modules is empty. Pass None to quantize every linear layer"),
     ],
 )
 def test_config_errors(kwargs, message):

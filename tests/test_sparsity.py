@@ -224,7 +224,8 @@ def test_modules_selects_a_subset():
         ({"pattern": "2:4", "sparsity": 0.7}, r"sparsity=0.7 contradicts pattern='2:4', which removes 0.5"),
         ({"method": "sparsegpt"}, r"SparsityConfig.method='sparsegpt' is not supported. Use one of"),
         ({"num_samples": 0}, r"SparsityConfig.num_samples must be a positive integer, got 0"),
-        ({"modules": []}, r"SparsityConfig.modules is empty"),
+        ({"modules": []}, r"SparsityConfig.modules is empty. Pass None to prune every linear layer"),
+        ({"seq_len": True}, r"SparsityConfig.seq_len must be a positive integer or None, got True"),
     ],
 )
 def test_config_errors(kwargs, message):

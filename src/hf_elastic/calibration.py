@@ -13,7 +13,7 @@ import inspect
 import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -66,6 +66,34 @@ class Hessian:
     @property
     def hessian(self) -> torch.Tensor:
         return self.sum * (2.0 / max(self.tokens, 1))
+
+
+@dataclass(kw_only=True)
+class CalibrationSettings:
+    """Calibration fields (keyword-only) of `SparsityConfig` and `QuantizationConfig`, which also define `modules`."""
+
+    seq_len: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per calibration sample. None uses min(2048, the model's max positions)."},
+    )
+    num_samples: int = field(default=128, metadata={"help": "Number of calibration samples."})
+    batch_size: int = field(default=8, metadata={"help": "Calibration samples per forward pass."})
+
+    def _check_calibration(self, extra_positive: tuple[str, ...] = (), verb: str = "process") -> None:
+        """`seq_len`, `num_samples`, `batch_size` and `extra_positive` must be positive integers; a single `modules`
+        name becomes a list."""
+        owner = type(self).__name__
+        for name in (*extra_positive, "num_samples", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}.")
+        seq_len = self.seq_len
+        if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+            raise ValueError(f"{owner}.seq_len must be a positive integer or None, got {seq_len!r}.")
+        if isinstance(self.modules, str):
+            self.modules = [self.modules]
+        if self.modules is not None and not self.modules:
+            raise ValueError(f"{owner}.modules is empty. Pass None to {verb} every linear layer, or name some.")
 
 
 def is_linear(module: nn.Module) -> bool:

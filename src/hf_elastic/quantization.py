@@ -44,7 +44,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from .calibration import CalibrationData, Hessian, calibration_ids, find_target_modules, run_layerwise
+from .calibration import (
+    CalibrationData,
+    CalibrationSettings,
+    Hessian,
+    calibration_ids,
+    find_target_modules,
+    run_layerwise,
+)
 from .elastic_lora.arch import weight_out_in
 from .utils import atomic_save_safetensors, atomic_write_json, rows_by_name
 
@@ -285,7 +292,7 @@ class QuantLinear(nn.Module):
 
 
 @dataclass
-class QuantizationConfig:
+class QuantizationConfig(CalibrationSettings):
     """How `quantize` turns the linear layers of a model into `QuantLinear`."""
 
     bits: int = field(default=4, metadata={"help": "Bits per weight code: 4 or 8."})
@@ -315,12 +322,6 @@ class QuantizationConfig:
         },
     )
     block_size: int = field(default=128, metadata={"help": "GPTQ: columns per lazy-update block."})
-    seq_len: int | None = field(
-        default=None,
-        metadata={"help": "Tokens per calibration sample. None uses min(2048, the model's max positions)."},
-    )
-    num_samples: int = field(default=128, metadata={"help": "Number of calibration samples."})
-    batch_size: int = field(default=8, metadata={"help": "Calibration samples per forward pass."})
     modules: list[str] | None = field(
         default=None,
         metadata={
@@ -364,18 +365,7 @@ class QuantizationConfig:
                 f"QuantizationConfig.damp_percent={self.damp_percent!r} is outside (0, 1]. Use e.g. 0.01; raise it "
                 "if the Hessian is not positive definite."
             )
-        for name in ("block_size", "num_samples", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"QuantizationConfig.{name} must be a positive integer, got {value!r}.")
-        if self.seq_len is not None and (
-            isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1
-        ):
-            raise ValueError(f"QuantizationConfig.seq_len must be a positive integer or None, got {self.seq_len!r}.")
-        if isinstance(self.modules, str):
-            self.modules = [self.modules]
-        if self.modules is not None and not self.modules:
-            raise ValueError("QuantizationConfig.modules is empty. Pass None to quantize every linear layer.")
+        self._check_calibration(("block_size",), verb="quantize")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

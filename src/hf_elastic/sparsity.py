@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .calibration import (
     CalibrationData,
+    CalibrationSettings,
     SquaredNorm,
     calibration_ids,
     find_target_modules,
@@ -53,7 +54,7 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 
 
 @dataclass
-class SparsityConfig:
+class SparsityConfig(CalibrationSettings):
     """How `sparsify` prunes the linear layers of a model."""
 
     method: str = field(
@@ -76,12 +77,6 @@ class SparsityConfig:
             "highest-scored weights in every group of M consecutive input channels, e.g. '2:4'."
         },
     )
-    seq_len: int | None = field(
-        default=None,
-        metadata={"help": "Tokens per calibration sample. None uses min(2048, the model's max positions)."},
-    )
-    num_samples: int = field(default=128, metadata={"help": "Number of calibration samples."})
-    batch_size: int = field(default=8, metadata={"help": "Calibration samples per forward pass."})
     modules: list[str] | None = field(
         default=None,
         metadata={
@@ -115,18 +110,7 @@ class SparsityConfig:
                 )
             self.sparsity = implied
             self.pattern = f"{nm[0]}:{nm[1]}"
-        for name in ("num_samples", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SparsityConfig.{name} must be a positive integer, got {value!r}.")
-        if self.seq_len is not None and (
-            isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 1
-        ):
-            raise ValueError(f"SparsityConfig.seq_len must be a positive integer or None, got {self.seq_len!r}.")
-        if isinstance(self.modules, str):
-            self.modules = [self.modules]
-        if self.modules is not None and not self.modules:
-            raise ValueError("SparsityConfig.modules is empty. Pass None to prune every linear layer, or name some.")
+        self._check_calibration(verb="prune")
 
     @property
     def nm(self) -> tuple[int, int] | None:
