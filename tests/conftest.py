@@ -137,41 +137,54 @@ def fresh(base: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(base)
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained offline on a few strings; the label words become single tokens."""
-    corpus = [DEFAULT_TEMPLATE.format("This tea is great, I love it.", 1)] * 20 + [
-        DEFAULT_TEMPLATE.format("Stale and bland. Not worth the money.", 0)
-    ] * 20
+def byte_level_bpe(
+    corpus: list[str], vocab_size: int, special_tokens: list[str], **named_tokens: str
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (the GPT-2/Llama-3 kind) trained offline on `corpus`."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1000,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **named_tokens)
 
 
-def llama_for(
-    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 32, intermediate_size: int = 48
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Trained on a few demo prompts, so the label words become single tokens."""
+    corpus = [DEFAULT_TEMPLATE.format("This tea is great, I love it.", 1)] * 20 + [
+        DEFAULT_TEMPLATE.format("Stale and bland. Not worth the money.", 0)
+    ] * 20
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return byte_level_bpe(corpus, 1000, special, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token=special[0])
+
+
+def random_llama(
+    vocab_size: int, hidden_size: int = 32, intermediate_size: int = 48, seed: int = 0, **token_ids: int
 ) -> LlamaForCausalLM:
-    """A seeded two-layer random Llama whose vocabulary and special tokens are those of `tokenizer`."""
-    torch.manual_seed(0)
+    """A seeded two-layer random Llama with 4 attention heads and 2 key/value heads."""
+    torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **token_ids,
     )
     return LlamaForCausalLM(config)
+
+
+def llama_for(
+    tokenizer: PreTrainedTokenizerFast, hidden_size: int = 32, intermediate_size: int = 48
+) -> LlamaForCausalLM:
+    """`random_llama` with the vocabulary and special tokens of `tokenizer`."""
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    return random_llama(len(tokenizer), hidden_size, intermediate_size, **ids)

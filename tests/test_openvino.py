@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from conftest import byte_level_bpe, random_llama
+from transformers import AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_elastic.elastic_lora.arch import find_width_layers, slice_layer_width
 from hf_elastic.quantization import QuantLinear, quantize, save_quantized
@@ -31,37 +31,19 @@ if HAS_OPENVINO:
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+    return random_llama(VOCAB, 64, 128, seed, bos_token_id=1, eos_token_id=2, pad_token_id=0).eval()
 
 
 def bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (the GPT-2/Llama-3 kind) trained on three sentences, with VOCAB tokens."""
+    """Trained on three sentences, with VOCAB tokens."""
     corpus = [
         "the quick brown fox jumps over the lazy dog",
         "seven wizards hex jolly vampires quickly",
         "the lazy dog sleeps while the fox jumps",
     ]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    return byte_level_bpe(
+        corpus, VOCAB, ["<pad>", "<s>", "</s>"], pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
-    backend.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 def prompt(batch: int = 2, length: int = 10) -> torch.Tensor:
