@@ -52,8 +52,8 @@ def prepare(work: Path) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_elastic.openvino import export_openvino
-    from hf_elastic.quantization import quantize, save_quantized
+    from hf_elastic import quantize, save_quantized
+    from hf_elastic.export import export_openvino
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODEL_KWARGS)).eval()
@@ -112,7 +112,7 @@ def run_variant(variant: str, work: Path, prompt_len: int, new_tokens: int) -> d
     folder, properties = VARIANTS[variant]
     rss_before = rss_mb()
     if variant == "torch_int4":
-        from hf_elastic.quantization import load_quantized
+        from hf_elastic import load_quantized
 
         model = load_quantized(work / folder)
     elif properties is None:
@@ -120,7 +120,7 @@ def run_variant(variant: str, work: Path, prompt_len: int, new_tokens: int) -> d
 
         model = AutoModelForCausalLM.from_pretrained(work / folder).eval()
     else:
-        from hf_elastic.openvino import FP32_CPU_CONFIG, load_openvino
+        from hf_elastic.export import FP32_CPU_CONFIG, load_openvino
 
         model = load_openvino(work / folder, **(FP32_CPU_CONFIG if properties == "fp32" else {}))
     ids = torch.randint(3, MODEL_KWARGS["vocab_size"], (1, prompt_len), generator=torch.Generator().manual_seed(0))

@@ -34,8 +34,8 @@ def main() -> None:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-    from hf_elastic import NLSConfig, get_supernet, quantize, sparsify
-    from hf_elastic.assets import (
+    from hf_elastic import NLSConfig, QuantLinear, get_supernet, quantize, sparsify
+    from hf_elastic.demo.assets import (
         DEFAULT_TEMPLATE,
         accuracy,
         build_training_features,
@@ -43,7 +43,6 @@ def main() -> None:
         demo_model_dir,
         load_demo_dataset,
     )
-    from hf_elastic.quantization import QuantLinear
 
     torch.manual_seed(args.seed)
     model_dir = demo_model_dir()

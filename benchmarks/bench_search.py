@@ -103,7 +103,8 @@ def build_supernet(pretrain_steps: int, nas_steps: int):
 
 
 def main() -> None:
-    from hf_elastic.search import LossEvaluator, hypervolume_2d, search
+    from hf_elastic import LossEvaluator, search
+    from hf_elastic.search import hypervolume_2d
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=5)

@@ -24,9 +24,7 @@ def run_variant(variant: str, steps: int, warmup: int, seq_len: int, batch_size:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_elastic import NLSConfig, get_supernet
-    from hf_elastic.quantization import QuantLinear, quantize
-    from hf_elastic.sparsity import sparsify
+    from hf_elastic import NLSConfig, QuantLinear, get_supernet, quantize, sparsify
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODEL_KWARGS))

@@ -43,8 +43,7 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_elastic.quantization import quantize
-    from hf_elastic.sparsity import sparsify
+    from hf_elastic import quantize, sparsify
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     BertConfig,
@@ -25,7 +26,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from hf_elastic.assets import DEFAULT_TEMPLATE
+from hf_elastic import ElasticLoraConfig, NASTrainingArguments, NLSConfig, quantize
+from hf_elastic.demo.assets import DEFAULT_TEMPLATE
+from hf_elastic.models import find_width_layers, weight_out_in
 
 VOCAB = 96
 _DECODER = {
@@ -188,3 +191,97 @@ def llama_for(
     """`random_llama` with the vocabulary and special tokens of `tokenizer`."""
     ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     return random_llama(len(tokenizer), hidden_size, intermediate_size, **ids)
+
+
+def pruned(base: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `base` with half of every row of every linear layer inside the transformer layers set to zero."""
+    model = fresh(base)
+    _, layers = find_width_layers(model)
+    with torch.no_grad():
+        for layer in layers:
+            for module in layer.module.modules():
+                if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":
+                    w = weight_out_in(module)
+                    drop = w.abs().argsort(dim=1)[:, : w.shape[1] // 2]
+                    w.scatter_(1, drop, 0.0)
+    return model
+
+
+def quantized(base: torch.nn.Module, bits: int = 4, keep_residual: bool = True) -> torch.nn.Module:
+    model = pruned(base)
+    quantize(model, bits=bits, group_size=16, keep_residual=keep_residual, show_progress=False)
+    return model
+
+
+def qa_config(arch, grouped: bool, **extra) -> NLSConfig:
+    kwargs = peft_kwargs(
+        arch, **({"sparse_adapter": True, "quantization_aware": True, "init_lora_weights": False} | extra)
+    )
+    kwargs.pop("fan_in_fan_out", None)  # a quantized Conv1D is stored as (out, in)
+    if arch.name == "bert":
+        kwargs["exclude_modules"] = ["pooler.dense"]  # quantize() leaves modules outside the encoder layers alone
+    if grouped:
+        return NLSConfig(rank_choices=[8, 4, 2], rank_groups=arch.rank_groups, **kwargs)
+    return NLSConfig(rank_choices=[8, 6, 4], **kwargs)
+
+
+METHODS = ["nls", "nls_grouped", "elastic"]
+
+
+def make_config(method: str, arch: Arch, **extra) -> NLSConfig:
+    kwargs = peft_kwargs(arch, **extra)
+    if method == "nls":
+        return NLSConfig(rank_choices=[8, 6, 4], **kwargs)
+    if method == "nls_grouped":
+        return NLSConfig(
+            rank_choices=[8, 4, 2],
+            rank_groups=arch.rank_groups,
+            nls_target_modules=[m for g in arch.rank_groups for m in g],
+            **kwargs,
+        )
+    return ElasticLoraConfig(
+        rank_choices=[8, 4], ffn_width_choices=[1.0, 0.75, 0.5], head_choices=[1.0, 0.5], **kwargs
+    )
+
+
+def subnets(sn) -> list[dict[str, int]]:
+    return [
+        sn.space.max_config(),
+        sn.space.min_config(),
+        sn.space.median_config(),
+        sn.space.sample(1),
+        sn.space.sample(2),
+    ]
+
+
+def train_steps(model, arch, steps: int = 3) -> None:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(steps):
+        opt.zero_grad()
+        model(**arch.batch(step)).loss.backward()
+        opt.step()
+    model.eval()
+
+
+def dataset(n: int = 16) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 96, (n, 12), generator=g).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def args(tmp_path, **kwargs) -> NASTrainingArguments:
+    defaults = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "max_steps": 6,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 3,
+    }
+    return NASTrainingArguments(**(defaults | kwargs))

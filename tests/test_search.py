@@ -13,17 +13,25 @@ from conftest import ARCHS, fresh, peft_kwargs
 from datasets import Dataset
 from peft import get_peft_model
 
-from hf_elastic import ElasticLoraConfig, NLSConfig, get_supernet
-from hf_elastic.search import (
-    STRATEGIES,
+from hf_elastic import (
     CountEvaluator,
+    Dimension,
+    ElasticLoraConfig,
     Evaluator,
     FunctionEvaluator,
     LatencyEvaluator,
     LMEvalEvaluator,
     LossEvaluator,
     MetricEvaluator,
+    NASTrainer,
+    NASTrainingArguments,
+    NLSConfig,
     PerplexityEvaluator,
+    SearchSpace,
+    get_supernet,
+)
+from hf_elastic.search import (
+    STRATEGIES,
     SearchConfig,
     SearchResult,
     activation_importance,
@@ -32,8 +40,6 @@ from hf_elastic.search import (
     pareto_front,
     search,
 )
-from hf_elastic.search_space import Dimension, SearchSpace
-from hf_elastic.trainer import NASTrainer, NASTrainingArguments
 
 LLAMA = ARCHS["llama"]
 QUIET = {"progress": False}

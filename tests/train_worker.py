@@ -12,13 +12,11 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import ARCHS, peft_kwargs
+from conftest import ARCHS, args, dataset, peft_kwargs
 from peft import get_peft_model
-from test_trainer import args, dataset
 from transformers import TrainerCallback
 
-from hf_elastic import NLSConfig
-from hf_elastic.trainer import NASTrainer
+from hf_elastic import NASTrainer, NLSConfig
 
 
 class KillAt(TrainerCallback):

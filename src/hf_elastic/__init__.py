@@ -1,12 +1,34 @@
-"""hf_elastic: weight-sharing neural architecture search over low-rank adapters on the Hugging Face stack."""
+"""hf_elastic: weight-sharing neural architecture search over low-rank adapters on the Hugging Face stack.
 
-__version__ = "0.1.0"
+The packages follow the pipeline, and each imports only from those before it:
+`models` → `compression` → `tuners` → `nas` → `search` → `export` → `cli` / `demo`.
+"""
 
-from .elastic_lora import ElasticLoraConfig
-from .export import accelerate, export_subnetwork, load_exported
-from .hub import CardInfo, prepare_upload_folder, push_to_hub
-from .nls import ElasticLoraLinear, NLSConfig
-from .quantization import QuantizationConfig, QuantLinear, load_quantized, quantize, save_quantized
+from . import _compat
+from .compression import (
+    QuantizationConfig,
+    QuantLinear,
+    SparsityConfig,
+    SparsityReport,
+    load_quantized,
+    quantize,
+    save_quantized,
+    sparsify,
+    sparsity_of,
+)
+from .export import CardInfo, accelerate, export_subnetwork, load_exported, prepare_upload_folder, push_to_hub
+from .nas import (
+    Dimension,
+    NASTrainer,
+    NASTrainingArguments,
+    SearchSpace,
+    SubnetConfig,
+    SuperNetwork,
+    get_supernet,
+    load_super_network,
+    merge_subnet_adapter,
+    register_sampler,
+)
 from .search import (
     CountEvaluator,
     Evaluator,
@@ -21,10 +43,10 @@ from .search import (
     SubnetSearch,
     search,
 )
-from .search_space import Dimension, SearchSpace, SubnetConfig
-from .sparsity import SparsityConfig, SparsityReport, sparsify, sparsity_of
-from .supernet import SuperNetwork, get_supernet, load_super_network, merge_subnet_adapter
-from .trainer import NASTrainer, NASTrainingArguments, register_sampler
+from .tuners import ElasticLoraConfig, ElasticLoraLinear, NLSConfig
+from .version import __version__
+
+_compat.install()
 
 __all__ = [
     "CardInfo",

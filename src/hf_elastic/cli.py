@@ -15,7 +15,7 @@ _SUBNETS = ("max", "min", "median")
 def _model_and_tokenizer(path: str) -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
-    from .export import load_exported
+    from .export.subnetwork import load_exported
 
     if not Path(path, "config.json").is_file():
         raise SystemExit(f"error: {path} is not a model folder (no config.json).")
@@ -71,7 +71,7 @@ def _subnet_config(value: str) -> Any:
         raise SystemExit(f"error: --config {value!r} is neither max/min/median, a JSON object nor a file.")
     data = json.loads(Path(path).read_text())
     if "evaluations" in data:
-        from .search import SearchResult
+        from .search.result import SearchResult
 
         result = SearchResult.from_dict(data)
         chosen = result.best() if pick in ("", "best") else result.evaluations[int(pick)]
@@ -81,7 +81,8 @@ def _subnet_config(value: str) -> Any:
 
 def _transform_and_save(args: argparse.Namespace, transform: Any, **options: Any) -> None:
     """Load `args.model`, run `sparsify`/`quantize` on it with the calibration file, save model + report."""
-    from .quantization import QuantLinear, save_quantized
+    from .compression.quantization.format import QuantLinear
+    from .compression.quantization.serialization import save_quantized
 
     model, tokenizer = _model_and_tokenizer(args.model)
     texts = _read_texts(args.calibration, args.template, args.num_samples) if args.calibration else None
@@ -99,13 +100,13 @@ def _transform_and_save(args: argparse.Namespace, transform: Any, **options: Any
 
 
 def cmd_sparsify(args: argparse.Namespace) -> None:
-    from .sparsity import sparsify
+    from .compression.sparsity import sparsify
 
     _transform_and_save(args, sparsify, method=args.method, sparsity=args.sparsity, pattern=args.pattern)
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from .quantization import quantize
+    from .compression.quantization.quantize import quantize
 
     options = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric, "method": args.method}
     options["keep_residual"] = args.keep_residual
@@ -164,7 +165,8 @@ def _load_supernet(adapter: str, base: str) -> tuple[Any, Any]:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from .search import LossEvaluator, search
+    from .search.evaluators import LossEvaluator
+    from .search.searcher import search
 
     supernet, tokenizer = _load_supernet(args.adapter, args.base)
     data = _lm_dataset(_read_texts(args.data, args.template, args.num_samples), tokenizer, args.seq_len)
@@ -185,7 +187,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .export import export_subnetwork
+    from .export.subnetwork import export_subnetwork
 
     supernet, tokenizer = _load_supernet(args.adapter, args.base)
     out = export_subnetwork(
@@ -193,8 +195,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
     print(f"wrote {out}")
     if args.openvino:
-        from .export import load_exported
-        from .openvino import export_openvino
+        from .export.openvino import export_openvino
+        from .export.subnetwork import load_exported
 
         ov_dir = export_openvino(
             load_exported(out), Path(f"{out}-openvino"), tokenizer=tokenizer, weight_format=args.weight_format
@@ -203,7 +205,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> None:
-    from .hub import CardInfo, push_to_hub
+    from .export.card_info import CardInfo
+    from .export.hub import push_to_hub
 
     info = CardInfo(method=args.method, base_model=args.base_model, license=args.license)
     token = os.environ.get("HF_TOKEN") if not args.dry_run else None
@@ -220,7 +223,7 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import DemoConfig, run_demo
+    from .demo.run import DemoConfig, run_demo
 
     run_demo(
         DemoConfig(

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors.torch import save_file
@@ -19,20 +19,27 @@ ELASTIC_CONFIG_NAME = "elastic_config.json"
 SUBNET_CONFIG_NAME = "elastic_subnet.json"
 
 
-def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write `data` as JSON to `path` so that a crash never leaves a half-written file."""
+@contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file beside `path`; it replaces `path` (flushed to disk) only when the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write `data` as JSON to `path` so that a crash never leaves a half-written file."""
+    with atomic_open(path) as f:
+        json.dump(data, f, indent=2, sort_keys=True)
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:

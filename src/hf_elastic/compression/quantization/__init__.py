@@ -1,0 +1,42 @@
+"""Group-wise INT4/INT8 weight quantization: the `QuantLinear` format, RTN, GPTQ, and saving/loading."""
+
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    QUANT_CONFIG_NAME,
+    QUANT_REPORT_NAME,
+    QUANT_WEIGHTS_NAME,
+    QuantLinear,
+    dequantize_codes,
+    expand_groups,
+    resolve_group_size,
+)
+from .gptq import gptq_quantize, output_error
+from .quantize import ModuleQuantization, QuantizationConfig, QuantizationReport, quantize
+from .rtn import RESIDUAL_STEPS, compute_qparams, quantize_codes, residual_codes, round_codes
+from .serialization import load_quantized, save_quantized
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "QUANT_CONFIG_NAME",
+    "QUANT_REPORT_NAME",
+    "QUANT_WEIGHTS_NAME",
+    "RESIDUAL_STEPS",
+    "ModuleQuantization",
+    "QuantLinear",
+    "QuantizationConfig",
+    "QuantizationReport",
+    "compute_qparams",
+    "dequantize_codes",
+    "expand_groups",
+    "gptq_quantize",
+    "load_quantized",
+    "output_error",
+    "quantize",
+    "quantize_codes",
+    "residual_codes",
+    "resolve_group_size",
+    "round_codes",
+    "save_quantized",
+]

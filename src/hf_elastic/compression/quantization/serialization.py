@@ -1,0 +1,169 @@
+"""`save_quantized` / `load_quantized`: the on-disk form of a quantized model, bit for bit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ...models.arch import weight_out_in
+from ...utils import atomic_save_safetensors, atomic_write_json
+from .format import FORMAT_NAME, FORMAT_VERSION, QUANT_CONFIG_NAME, QUANT_WEIGHTS_NAME, QuantLinear
+from .quantize import QuantizationConfig, _replace
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def save_quantized(model: nn.Module, save_directory: str | Path) -> Path:
+    """Write a model quantized by `quantize` to `save_directory`: config.json, model.safetensors and
+    quantization_config.json, each file atomically. Returns the directory."""
+    from ...version import __version__
+
+    directory = Path(save_directory)
+    quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not quant:
+        raise ValueError("save_quantized found no QuantLinear in the model. Call quantize(model, ...) first.")
+    state = model.state_dict()
+    tensors, tied, seen = {}, {}, {}
+    for key, tensor in state.items():
+        ref = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if ref in seen:
+            tied[key] = seen[ref]
+        else:
+            seen[ref] = key
+            tensors[key] = tensor
+    config = getattr(model, "hf_elastic_quantization", None)
+    first = next(iter(quant.values()))
+    quant_config = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "hf_elastic_version": __version__,
+        "method": config.method if config is not None else None,
+        "bits": config.bits if config is not None else first.bits,
+        "group_size": config.group_size if config is not None else first.group_size,
+        "symmetric": config.symmetric if config is not None else first.symmetric,
+        "settings": config.to_dict() if config is not None else None,
+        "model_class": type(model).__name__,
+        "dtype": str(_model_dtype(model)).removeprefix("torch."),
+        "tied": tied,
+        "modules": {
+            name: {
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "bits": m.bits,
+                "group_size": m.group_size,
+                "symmetric": m.symmetric,
+                "bias": m.bias is not None,
+                "residual": m.residual is not None,
+            }
+            for name, m in quant.items()
+        },
+    }
+    atomic_save_safetensors(tensors, directory / QUANT_WEIGHTS_NAME)
+    model_config = json.loads(model.config.to_json_string(use_diff=True))
+    model_config["architectures"] = [type(model).__name__]
+    atomic_write_json(directory / "config.json", model_config)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(model, "can_generate") and model.can_generate():
+        atomic_write_json(directory / "generation_config.json", generation.to_diff_dict())
+    atomic_write_json(directory / QUANT_CONFIG_NAME, quant_config)
+    return directory
+
+
+def _tie(model: nn.Module, alias: str, source: str) -> None:
+    """Make `alias` the same parameter (or buffer) object as `source`, as it was when saved."""
+    owner, _, attr = alias.rpartition(".")
+    src_owner, _, src_attr = source.rpartition(".")
+    setattr(model.get_submodule(owner), attr, getattr(model.get_submodule(src_owner), src_attr))
+
+
+def load_quantized(
+    directory: str | Path, model_class: type[nn.Module] | None = None, device: torch.device | str | None = None
+) -> nn.Module:
+    """Rebuild a model written by `save_quantized`: from its config, with `QuantLinear` modules, bit for bit.
+
+    `model_class` defaults to the transformers class named in `quantization_config.json`.
+    """
+    import transformers
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    directory = Path(directory)
+    qc_path = directory / QUANT_CONFIG_NAME
+    if not qc_path.is_file():
+        raise FileNotFoundError(
+            f"No {QUANT_CONFIG_NAME} in {directory}: it was not written by save_quantized. Load an unquantized model "
+            "with from_pretrained instead."
+        )
+    qc = json.loads(qc_path.read_text())
+    if qc.get("format") != FORMAT_NAME or qc.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{qc_path} has format={qc.get('format')!r} version {qc.get('format_version')}; this hf_elastic reads "
+            f"{FORMAT_NAME!r} up to version {FORMAT_VERSION}. Upgrade hf_elastic."
+        )
+    if model_class is None:
+        model_class = getattr(transformers, qc["model_class"], None)
+        if model_class is None:
+            raise ValueError(
+                f"{qc_path} names model_class={qc['model_class']!r}, which transformers does not have. Pass "
+                "model_class=<the model's class> to load_quantized."
+            )
+    config = AutoConfig.from_pretrained(directory)
+    dtype = getattr(torch, qc["dtype"])
+    with no_init_weights():
+        model = model_class._from_config(config, dtype=dtype)
+    tensors = load_file(directory / QUANT_WEIGHTS_NAME)
+    for name, spec in qc["modules"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{qc_path} lists module {name!r}, which {model_class.__name__} does not have.") from None
+        new = QuantLinear(
+            spec["in_features"],
+            spec["out_features"],
+            spec["bits"],
+            spec["group_size"],
+            spec["symmetric"],
+            spec["bias"],
+            dtype=dtype,
+        )
+        if spec.get("residual", False):
+            new.residual = torch.zeros_like(new.qweight, dtype=torch.int8)
+        for buffer in ("qweight", "scales", "zeros") + (("residual",) if new.residual is not None else ()):
+            key, expected = f"{name}.{buffer}", getattr(new, buffer)
+            if key not in tensors:
+                raise ValueError(f"{directory / QUANT_WEIGHTS_NAME} has no {key!r}; the file is incomplete.")
+            saved = tensors[key]
+            if saved.shape != expected.shape or saved.dtype != expected.dtype:
+                raise ValueError(
+                    f"{key} in {QUANT_WEIGHTS_NAME} is {saved.dtype} {tuple(saved.shape)}, but {QUANT_CONFIG_NAME} "
+                    f"(in_features={spec['in_features']}, out_features={spec['out_features']}, "
+                    f"group_size={spec['group_size']}) needs {expected.dtype} {tuple(expected.shape)}. The two files "
+                    "do not belong together: save the model again with save_quantized."
+                )
+        _replace(model, name, new.to(weight_out_in(old).device))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    untied = [k for k in missing if qc["tied"].get(k) not in tensors]
+    for alias in missing:
+        if alias not in untied:
+            _tie(model, alias, qc["tied"][alias])
+    if untied or unexpected:
+        raise ValueError(
+            f"{directory / QUANT_WEIGHTS_NAME} does not match {model_class.__name__}: missing {untied}, unexpected "
+            f"{list(unexpected)}."
+        )
+    for name in qc["modules"]:
+        module = model.get_submodule(name)
+        if int(module.qweight.max()) > 2**module.bits - 1:
+            raise ValueError(f"{name}.qweight holds codes above {2**module.bits - 1} for bits={module.bits}.")
+    settings = qc.get("settings")
+    if settings is not None:
+        model.hf_elastic_quantization = QuantizationConfig(**settings)
+    if device is not None:
+        model.to(device)
+    return model.eval()

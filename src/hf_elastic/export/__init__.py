@@ -1,0 +1,32 @@
+"""Export of a chosen sub-network: a merged, physically sliced checkpoint, an OpenVINO IR, and a Hub upload with card.
+
+OpenVINO, optimum-intel and NNCF are imported only when an OpenVINO function runs (`pip install hf-elastic[openvino]`).
+"""
+
+from .card_info import CardInfo
+from .hub import prepare_upload_folder, push_to_hub
+from .model_card import build_model_card, check_model_card, detect_artifact_kind, measure_sparsity
+from .openvino import FP32_CPU_CONFIG, WEIGHT_FORMATS, export_openvino, load_openvino
+from .openvino_ir import IRWeight, ir_weight_sparsity, ir_weights
+from .subnetwork import WIDTHS_ATTR, accelerate, export_subnetwork, load_exported
+
+__all__ = [
+    "FP32_CPU_CONFIG",
+    "WEIGHT_FORMATS",
+    "WIDTHS_ATTR",
+    "CardInfo",
+    "IRWeight",
+    "accelerate",
+    "build_model_card",
+    "check_model_card",
+    "detect_artifact_kind",
+    "export_openvino",
+    "export_subnetwork",
+    "ir_weight_sparsity",
+    "ir_weights",
+    "load_exported",
+    "load_openvino",
+    "measure_sparsity",
+    "prepare_upload_folder",
+    "push_to_hub",
+]

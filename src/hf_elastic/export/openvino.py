@@ -1,0 +1,420 @@
+"""Export causal LMs to OpenVINO IR through optimum-intel, with exact INT4/INT8 codes for hf_elastic-quantized models.
+
+`export_openvino` writes a folder that `optimum.intel.OVModelForCausalLM.from_pretrained` (or `load_openvino`) runs:
+`openvino_model.xml/.bin`, `config.json`, `generation_config.json`, the tokenizer files and, when the tokenizer
+converts, `openvino_tokenizer.xml` / `openvino_detokenizer.xml`.
+
+Weights
+-------
+- Float models: `weight_format="fp32"` or `"fp16"`, or weight-only compression by NNCF (`"int8"`: per-channel,
+  `"int4"`: group-wise, the optimum-intel `OVWeightQuantizationConfig` settings).
+- Models quantized by `hf_elastic.quantize` (`QuantLinear`, e.g. a merged QA-SparsePEFT sub-network) are not
+  quantized again. The dequantized model is exported to an fp32 IR, then every quantized weight constant is replaced
+  by the decompression subgraph that the OpenVINO CPU plugin fuses into a weight-compressed FullyConnected:
+
+      Constant(u4|u8 codes [out, groups, group_size]) -> Convert(f32)
+        -> Subtract(Convert(f32) <- Constant(u4|u8 zero points [out, groups, 1]))
+        -> Multiply(Constant(f32 scales [out, groups, 1])) -> Reshape([out, in]) -> MatMul(transpose_b=True)
+
+  This is NNCF's INT4_ASYM pattern with f32 instead of f16 arithmetic, so `(codes - zero_points) * scales` equals
+  `QuantLinear.dequantize()` bit for bit. Symmetric hf_elastic models keep their zero point 2**(bits - 1).
+
+Sparse weights
+--------------
+`ir_weight_sparsity` counts the exact zeros of the decompressed MatMul weights of an IR. The CPU plugin property
+`CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE` (`SPARSE_WEIGHTS_PROPERTY`, `load_openvino(...,
+sparse_weights_decompression_rate=0.5)`) still exists in OpenVINO 2026.4, but it only selects a sparse kernel
+(`brgemm_avx512_amx_sparse_i8`) for int8 weights with int8 activations (statically quantized models) on CPUs with
+Intel AMX. Weight-only compressed IRs like these exports keep their dense kernels whatever the rate.
+
+Inference precision
+-------------------
+On CPUs with bf16 support the CPU plugin infers in bf16 by default. Pass `**FP32_CPU_CONFIG` to `load_openvino` for
+fp32 results that match PyTorch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..compression.quantization.format import QUANT_CONFIG_NAME, QuantLinear
+from ..utils import atomic_directory, check_output_dir
+from .openvino_ir import (
+    OV_MODEL_NAME,
+    SPARSE_WEIGHTS_PROPERTY,
+    IRWeight,
+    _drop_f16_kv_cache_option,
+    _embed_quantized,
+    _require,
+    _save_replacing,
+    ir_weight_sparsity,
+    ir_weights,
+)
+
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
+OV_TOKENIZER_NAME = "openvino_tokenizer.xml"
+OV_DETOKENIZER_NAME = "openvino_detokenizer.xml"
+# CPU settings under which an fp32 IR computes in fp32: the CPU plugin otherwise infers in bf16 on CPUs that support
+# it, stores the KV cache in u8 (or f16, from the IR's runtime options) and quantizes activations of
+# weight-compressed MatMuls to int8 in groups of 32.
+FP32_CPU_CONFIG = {
+    "INFERENCE_PRECISION_HINT": "f32",
+    "KV_CACHE_PRECISION": "f32",
+    "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0",
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_TASK = "text-generation-with-past"
+
+__all__ = [
+    "FP32_CPU_CONFIG",
+    "OV_DETOKENIZER_NAME",
+    "OV_MODEL_NAME",
+    "OV_TOKENIZER_NAME",
+    "SPARSE_WEIGHTS_PROPERTY",
+    "WEIGHT_FORMATS",
+    "IRWeight",
+    "export_openvino",
+    "ir_weight_sparsity",
+    "ir_weights",
+    "load_openvino",
+]
+
+
+def _check_options(weight_format: Any, group_size: Any, symmetric: Any, ratio: Any) -> int | None:
+    """Validate the export settings; returns the group size NNCF gets (None for fp32/fp16)."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ValueError(f"weight_format={weight_format!r} is not supported. Use one of {list(WEIGHT_FORMATS)}.")
+    if not isinstance(symmetric, bool):
+        raise ValueError(f"symmetric must be True or False, got {symmetric!r}.")
+    if group_size is not None and (
+        isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0)
+    ):
+        raise ValueError(
+            f"group_size={group_size!r} is invalid. Use a positive divisor of the hidden size (e.g. 128), -1 for one "
+            "group per output channel, or None for the default."
+        )
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio={ratio!r} must lie in (0, 1]: the fraction of weights compressed to 4 bits.")
+    if weight_format == "int8":
+        if group_size not in (None, -1) or ratio != 1:
+            raise ValueError(
+                f"weight_format='int8' is per-channel for all layers (NNCF INT8 modes); got group_size={group_size} "
+                f"and ratio={ratio}. Leave group_size=None and ratio=1.0, or use weight_format='int4'."
+            )
+        return -1
+    if weight_format == "int4":
+        return 128 if group_size is None else group_size
+    if group_size is not None or ratio != 1:
+        raise ValueError(
+            f"group_size and ratio apply to weight_format='int4'/'int8' only; got weight_format={weight_format!r} "
+            f"with group_size={group_size} and ratio={ratio}."
+        )
+    return None
+
+
+def _check_group_size(model: nn.Module, group_size: int) -> None:
+    """NNCF compresses every linear layer except the LM head group-wise: `group_size` must divide their inputs."""
+    if group_size == -1:
+        return
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head and module.in_features % group_size:
+            divisors = [d for d in (256, 128, 64, 32, 16) if module.in_features % d == 0][:2]
+            hint = f" such as {' or '.join(map(str, divisors))}" if divisors else ""
+            raise ValueError(
+                f"group_size={group_size} does not divide in_features={module.in_features} of {name}. Use a divisor "
+                f"of {module.in_features}{hint}, or group_size=-1 for one group per output channel."
+            )
+
+
+def _load_folder(path: Path) -> tuple[nn.Module, Any]:
+    """Load a checkpoint folder (stock, per-layer widths or hf_elastic INT4/INT8) and its tokenizer if it has one."""
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"No config.json in {path}: pass a transformers checkpoint folder, a folder written by "
+            "hf_elastic.export.export_subnetwork or save_quantized, or an in-memory model."
+        )
+    from .subnetwork import load_exported
+
+    model = load_exported(path)
+    tokenizer = None
+    if any((path / name).is_file() for name in _TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer
+
+
+def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, QuantLinear]]:
+    """A float32 copy of `model` with every `QuantLinear` replaced by an `nn.Linear` holding `dequantize()`."""
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    float_model = copy.deepcopy(model).float()
+    for name, module in quantized.items():
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(module.dequantize(torch.float32))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.float())
+        parent, _, child = name.rpartition(".")
+        setattr(float_model.get_submodule(parent) if parent else float_model, child, linear)
+    return float_model, quantized
+
+
+def _compress_with_nncf(
+    xml_path: Path, bits: int, group_size: int, symmetric: bool, ratio: float, write_config: bool = True
+) -> None:
+    """NNCF weight-only compression of the float MatMul/Gather weights of an IR, in place (already compressed
+    weights are left as they are)."""
+    ov = _require("openvino")
+    nncf = _require("nncf")
+    from optimum.intel import OVWeightQuantizationConfig
+
+    config = OVWeightQuantizationConfig(bits=bits, sym=symmetric, group_size=group_size, ratio=ratio)
+    model = nncf.compress_weights(ov.Core().read_model(xml_path), **config.to_nncf_dict())
+    _drop_f16_kv_cache_option(model)
+    model.set_rt_info(nncf.__version__, ["optimum", "nncf_version"])
+    _save_replacing(ov, model, xml_path)
+    if write_config:
+        (xml_path.parent / "openvino_config.json").write_text(
+            json.dumps({"dtype": f"int{bits}", "quantization_config": config.to_dict()}, indent=2, default=str)
+        )
+
+
+def _cache_shapes(model: nn.Module) -> list[tuple[int, int]] | None:
+    """(key/value heads, head dim) of every layer's KV cache after a 2-token forward, or None if not a list."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        cache = model(input_ids=torch.ones(1, 2, dtype=torch.long, device=device), use_cache=True).past_key_values
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(getattr(layer, "keys", None) is not None for layer in layers):
+        return None
+    return [(layer.keys.shape[1], layer.keys.shape[3]) for layer in layers]
+
+
+def _per_layer_cache_export_config(model: nn.Module, shapes: list[tuple[int, int]]) -> dict[str, Any]:
+    """An optimum-intel export config whose dummy KV cache has each layer's own head count (pruned heads)."""
+    from optimum.exporters.tasks import TasksManager
+
+    constructor = TasksManager.get_exporter_config_constructor(
+        model=model, exporter="openvino", task=_TASK, library_name="transformers"
+    )
+    base = constructor(model.config, int_dtype="int64", float_dtype="fp32")
+    config = base.__class__(
+        model.config, task=base.task, int_dtype="int64", float_dtype="fp32", use_past=True, use_past_in_inputs=True
+    )
+    generator = config.DUMMY_PKV_GENERATOR_CLASS
+
+    class PerLayerCacheGenerator(generator):
+        def generate(self, input_name: str, framework: str = "pt", int_dtype="int64", float_dtype="fp32"):
+            past = super().generate(input_name, framework, int_dtype, float_dtype)
+            if len(past) != len(shapes):
+                raise RuntimeError(f"The dummy KV cache has {len(past)} layers, the model {len(shapes)}.")
+            return [
+                tuple(torch.randn(t.shape[0], heads, t.shape[2], dim, dtype=t.dtype) for t in layer)
+                for layer, (heads, dim) in zip(past, shapes, strict=True)
+            ]
+
+    config.DUMMY_INPUT_GENERATOR_CLASSES = tuple(
+        PerLayerCacheGenerator if cls is generator else cls for cls in config.DUMMY_INPUT_GENERATOR_CLASSES
+    )
+    config.DUMMY_PKV_GENERATOR_CLASS = PerLayerCacheGenerator
+    return {"model": config}
+
+
+def _export_tokenizer(tokenizer: Any, directory: Path) -> None:
+    """Save the HF tokenizer files and, when openvino_tokenizers converts it, the OpenVINO (de)tokenizer."""
+    ov = _require("openvino")
+    openvino_tokenizers = _require("openvino_tokenizers")
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.padding_side = "left"  # as optimum-intel sets for text generation
+    tokenizer.save_pretrained(directory)
+    try:
+        converted = openvino_tokenizers.convert_tokenizer(tokenizer, with_detokenizer=True)
+    except Exception as error:  # noqa: BLE001 - openvino_tokenizers raises many types for unsupported tokenizers
+        warnings.warn(
+            f"openvino_tokenizers could not convert {type(tokenizer).__name__} ({error}); the folder has the HF "
+            "tokenizer files only, which AutoTokenizer and OVModelForCausalLM use.",
+            stacklevel=3,
+        )
+        return
+    converted = converted if isinstance(converted, tuple) else (converted,)
+    for model, name in zip(converted, (OV_TOKENIZER_NAME, OV_DETOKENIZER_NAME)[: len(converted)], strict=True):
+        ov.save_model(model, directory / name)
+
+
+def export_openvino(
+    model_or_dir: nn.Module | str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    weight_format: str = "fp32",
+    group_size: int | None = None,
+    symmetric: bool = False,
+    ratio: float = 1.0,
+    compress_float_weights: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Export a causal LM to an OpenVINO IR folder that `OVModelForCausalLM.from_pretrained` runs.
+
+    Args:
+        model_or_dir: a transformers causal LM in memory (any per-layer widths), or a folder: a transformers
+            checkpoint, one written by `hf_elastic.export.export_subnetwork`, or an hf_elastic INT4/INT8 folder from
+            `save_quantized`.
+        output_dir: the folder to write; it appears complete or not at all.
+        tokenizer: the model's tokenizer (defaults to the one in `model_or_dir` when that is a folder). Saved as HF
+            files and converted with `openvino_tokenizers.convert_tokenizer`.
+        weight_format: "fp32", "fp16", or NNCF weight-only compression "int8" (per channel) or "int4" (group-wise).
+            Models holding hf_elastic `QuantLinear` layers keep their own codes exactly and need "fp32" (the
+            float parts, e.g. embeddings and LM head, stay fp32).
+        group_size: int4 only: input channels per scale (default 128; must divide the hidden and FFN sizes), -1
+            for one group per output channel.
+        symmetric: int4/int8 only: symmetric codes (NNCF INT*_SYM) instead of asymmetric ones.
+        ratio: int4 only: the fraction of the weights compressed to 4 bits; the rest get int8 (NNCF's ratio).
+        compress_float_weights: hf_elastic-quantized models only: also compress the weights they keep in float
+            (embeddings, LM head) to int8 per channel with NNCF, as NNCF's own INT4 export does. The codes of the
+            quantized layers stay exact.
+        overwrite: replace `output_dir` if it exists.
+
+    Returns:
+        The output folder.
+
+    Example:
+
+    ```py
+    >>> export_openvino("subnet-int4", "subnet-int4-ov")  # hf_elastic INT4 folder: codes kept exactly
+    >>> model = load_openvino("subnet-int4-ov")
+    ```
+    """
+    nncf_group_size = _check_options(weight_format, group_size, symmetric, ratio)
+    if not isinstance(compress_float_weights, bool):
+        raise ValueError(f"compress_float_weights must be True or False, got {compress_float_weights!r}.")
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir, overwrite)
+    _require("openvino")
+    _require("openvino_tokenizers")
+    exporters = _require("optimum.exporters.openvino")
+    if weight_format in ("int4", "int8") or compress_float_weights:
+        _require("nncf")
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        model, folder_tokenizer = _load_folder(Path(model_or_dir))
+        tokenizer = tokenizer if tokenizer is not None else folder_tokenizer
+    elif isinstance(model_or_dir, nn.Module):
+        model = model_or_dir
+    else:
+        raise TypeError(
+            f"model_or_dir must be a transformers model or a folder path, got {type(model_or_dir).__name__}."
+        )
+    if not (hasattr(model, "config") and hasattr(model, "can_generate") and model.can_generate()):
+        raise ValueError(
+            f"export_openvino exports causal language models (with a generate method); got {type(model).__name__}."
+        )
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if quantized and weight_format != "fp32":
+        first = next(iter(quantized.values()))
+        raise ValueError(
+            f"The model is already quantized by hf_elastic (INT{first.bits}, group_size={first.group_size}); its "
+            f"codes are exported exactly. Use weight_format='fp32' (got {weight_format!r}) to keep them, or "
+            "export a float model to re-quantize with NNCF."
+        )
+    if compress_float_weights and not quantized:
+        raise ValueError(
+            "compress_float_weights=True applies to models quantized by hf_elastic (QuantLinear layers); this model "
+            "has none. Use weight_format='int8' or 'int4' to compress a float model with NNCF."
+        )
+    if weight_format == "int4":
+        _check_group_size(model, nncf_group_size)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    if quantized:
+        export_model, quantized = _dequantized_copy(model)
+    elif dtype != torch.float32:
+        export_model = copy.deepcopy(model).float()
+    else:
+        export_model = model
+    ov_config = None
+    if weight_format == "fp16":
+        from optimum.intel import OVConfig
+
+        ov_config = OVConfig(dtype="fp16")
+
+    training = export_model.training
+    try:
+        with atomic_directory(output_dir, overwrite) as tmp:
+            shapes = _cache_shapes(export_model)
+            custom = None
+            if shapes is not None and len(set(shapes)) > 1:
+                custom = _per_layer_cache_export_config(export_model, shapes)
+            exporters.export_from_model(
+                export_model,
+                tmp,
+                task=_TASK,
+                ov_config=ov_config,
+                stateful=True,
+                preprocessors=[],
+                custom_export_configs=custom,
+            )
+            xml_path = tmp / OV_MODEL_NAME
+            if quantized:
+                _embed_quantized(xml_path, quantized)
+                if compress_float_weights:
+                    _compress_with_nncf(xml_path, 8, -1, False, 1.0, write_config=False)
+            elif weight_format in ("int4", "int8"):
+                bits = 4 if weight_format == "int4" else 8
+                _compress_with_nncf(xml_path, bits, nncf_group_size, symmetric, ratio)
+            if tokenizer is not None:
+                _export_tokenizer(tokenizer, tmp)
+    finally:
+        export_model.train(training)
+    return output_dir
+
+
+def load_openvino(
+    output_dir: str | os.PathLike,
+    *,
+    device: str = "CPU",
+    sparse_weights_decompression_rate: float | None = None,
+    compile: bool = True,
+    **ov_config: Any,
+) -> Any:
+    """Load a folder written by `export_openvino` as an `optimum.intel.OVModelForCausalLM`.
+
+    Args:
+        output_dir: the exported folder.
+        device: the OpenVINO device.
+        sparse_weights_decompression_rate: sets `CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE`: int8 x int8 MatMuls whose
+            weights have at least this fraction of zeros use a sparse kernel (CPUs with Intel AMX; 1.0 disables it;
+            weight-only compressed models are not affected).
+        compile: compile the model now.
+        **ov_config: OpenVINO properties, e.g. `**FP32_CPU_CONFIG` for fp32 inference or `PERFORMANCE_HINT="LATENCY"`.
+    """
+    rate = sparse_weights_decompression_rate
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1):
+        raise ValueError(f"sparse_weights_decompression_rate={rate!r} must lie in [0, 1] (1.0 disables it).")
+    ov = _require("openvino")
+    _require("optimum.intel")
+    from optimum.intel import OVModelForCausalLM
+
+    path = Path(output_dir)
+    if not (path / OV_MODEL_NAME).is_file():
+        hint = (
+            " It is an hf_elastic quantized folder: run export_openvino on it first."
+            if (path / QUANT_CONFIG_NAME).is_file()
+            else ""
+        )
+        raise FileNotFoundError(f"No {OV_MODEL_NAME} in {path}. Pass a folder written by export_openvino.{hint}")
+    config = {key: str(value) for key, value in ov_config.items()}
+    if rate is not None:
+        if device != "CPU" or SPARSE_WEIGHTS_PROPERTY not in ov.Core().get_property("CPU", "SUPPORTED_PROPERTIES"):
+            raise ValueError(
+                f"{SPARSE_WEIGHTS_PROPERTY} is a CPU property that device={device!r} with OpenVINO {ov.__version__} "
+                "does not support; drop sparse_weights_decompression_rate."
+            )
+        config[SPARSE_WEIGHTS_PROPERTY] = str(float(rate))
+    return OVModelForCausalLM.from_pretrained(path, device=device, ov_config=config, compile=compile)

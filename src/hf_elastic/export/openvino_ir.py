@@ -1,0 +1,282 @@
+"""Read and write the weights of an OpenVINO IR: exact integer codes in, decompressed weights and sparsity out."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..compression.quantization.format import QuantLinear
+
+OV_MODEL_NAME = "openvino_model.xml"
+SPARSE_WEIGHTS_PROPERTY = "CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE"
+
+
+def _require(module: str) -> Any:
+    """Import an optional dependency of the OpenVINO export, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(
+            f"hf_elastic's OpenVINO export needs {module.split('.')[0]}, which could not be imported ({error}). "
+            "Install the "
+            "OpenVINO extra: pip install 'hf-elastic[openvino]'"
+        ) from error
+
+
+def _pack_u4(values: np.ndarray) -> np.ndarray:
+    """Pack uint8 values < 16 two per byte, first element in the low nibble (OpenVINO's u4 layout)."""
+    flat = values.reshape(-1).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def _unpack_4bit(packed: np.ndarray, shape: list[int], signed: bool) -> np.ndarray:
+    size = int(np.prod(shape))
+    packed = packed.reshape(-1).view(np.uint8)
+    values = np.empty(packed.size * 2, np.uint8)
+    values[0::2], values[1::2] = packed & 0x0F, packed >> 4
+    values = values[:size].reshape(shape)
+    if signed:
+        return np.where(values > 7, values.astype(np.int16) - 16, values).astype(np.int8)
+    return values
+
+
+def _integer_constant(ov: Any, values: np.ndarray, bits: int) -> Any:
+    if bits == 8:
+        return ov.op.Constant(np.ascontiguousarray(values, dtype=np.uint8))
+    tensor = ov.Tensor(ov.Type.u4, ov.Shape(list(values.shape)))
+    tensor.data[:] = _pack_u4(values)
+    return ov.op.Constant(tensor)
+
+
+def _decompression_subgraph(ov: Any, name: str, module: QuantLinear) -> Any:
+    """The u4/u8 weight decompression subgraph of one `QuantLinear`; returns its (out, in) f32 output."""
+    ops = importlib.import_module("openvino.opset13")
+    out_features, in_features, group_size = module.out_features, module.in_features, module.group_size
+    groups = in_features // group_size
+    codes = module.qweight.detach().cpu().numpy().reshape(out_features, groups, group_size)
+    zeros = module.zeros.detach().cpu().numpy().reshape(out_features, groups, 1)
+    scales = module.scales.detach().cpu().float().numpy().reshape(out_features, groups, 1)
+    codes_c = _integer_constant(ov, codes, module.bits)
+    codes_c.set_friendly_name(name)
+    zeros_c = _integer_constant(ov, zeros, module.bits)
+    zeros_c.set_friendly_name(f"{name}/zero_point")
+    scales_c = ov.op.Constant(np.ascontiguousarray(scales))
+    scales_c.set_friendly_name(f"{name}/scale")
+    weight = ops.subtract(ops.convert(codes_c, ov.Type.f32), ops.convert(zeros_c, ov.Type.f32))
+    weight.set_friendly_name(f"{name}/zero_point/subtract")
+    weight = ops.multiply(weight, scales_c)
+    weight.set_friendly_name(f"{name}/fq_weights_1")
+    shape = ops.constant(np.array([out_features, in_features], dtype=np.int64))
+    return ops.reshape(weight, shape, special_zero=False)
+
+
+def _value_key(array: np.ndarray) -> tuple[tuple[int, ...], str]:
+    return tuple(array.shape), hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _embed_quantized(xml_path: Path, quantized: dict[str, QuantLinear]) -> None:
+    """Replace the fp32 weight constants of the quantized modules in the IR at `xml_path` by their codes, in place.
+
+    Constants are matched by name (the PyTorch frontend names them `self.<module>.weight`) or, failing that, by value;
+    either way the constant must equal `QuantLinear.dequantize()` exactly.
+    """
+    ov = _require("openvino")
+    model = ov.Core().read_model(xml_path)
+    dequantized = {name: m.dequantize(torch.float32).cpu().numpy() for name, m in quantized.items()}
+    by_value: dict[tuple, list[str]] = {}
+    for name, weight in dequantized.items():
+        by_value.setdefault(_value_key(weight), []).append(name)
+    done: dict[str, str] = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        const = op.input_value(1).get_node()
+        if const.get_type_name() != "Constant" or const.get_element_type() != ov.Type.f32:
+            continue
+        ir_name = const.get_friendly_name()
+        if ir_name in done.values():
+            continue
+        stripped = ir_name.removeprefix("self.").removesuffix(".weight")
+        array = const.get_data()
+        if stripped in dequantized and stripped not in done:
+            name = stripped
+        else:
+            candidates = [n for n in by_value.get(_value_key(array), []) if n not in done]
+            if not candidates:
+                continue
+            name = candidates[0]
+        if not op.get_attributes()["transpose_b"] or not np.array_equal(array, dequantized[name]):
+            raise RuntimeError(
+                f"The IR constant {ir_name!r} does not hold the dequantized weight of {name} in (out, in) layout, so "
+                "the exact INT export cannot place its codes. Report this with the model class and the transformers "
+                "and openvino versions."
+            )
+        subgraph = _decompression_subgraph(ov, ir_name, quantized[name])
+        const.output(0).replace(subgraph.output(0))
+        done[name] = ir_name
+    missing = sorted(set(quantized) - set(done))
+    if missing:
+        raise RuntimeError(
+            f"Found no fp32 weight constant in the IR for the quantized modules {missing}; their codes were not "
+            "exported. Report this with the model class and transformers/openvino versions."
+        )
+    _drop_f16_kv_cache_option(model)
+    model.set_rt_info("hf_elastic.QuantLinear", ["hf_elastic", "weight_compression"])
+    _save_replacing(ov, model, xml_path)
+
+
+def _drop_f16_kv_cache_option(model: Any) -> None:
+    """optimum-intel asks for an f16 KV cache in fp IRs and drops the request for weight-compressed ones; so do we."""
+    if model.has_rt_info(["runtime_options", "KV_CACHE_PRECISION"]):
+        options = model.get_rt_info("runtime_options").value
+        if options["KV_CACHE_PRECISION"] == "f16":
+            options.pop("KV_CACHE_PRECISION")
+            model.set_rt_info(options, "runtime_options")
+
+
+def _save_replacing(ov: Any, model: Any, xml_path: Path) -> None:
+    tmp_xml = xml_path.with_name(f".{xml_path.stem}.tmp.xml")
+    ov.save_model(model, tmp_xml, compress_to_fp16=False)
+    del model
+    os.replace(tmp_xml, xml_path)
+    os.replace(tmp_xml.with_suffix(".bin"), xml_path.with_suffix(".bin"))
+
+
+@dataclass
+class IRWeight:
+    """A MatMul weight of an IR: the decompressed float32 weight and, when compressed, its integer parts."""
+
+    name: str
+    element_type: str
+    weight: np.ndarray
+    codes: np.ndarray | None = None
+    zero_points: np.ndarray | None = None
+    scales: np.ndarray | None = None
+
+
+_NUMPY_TYPES = {"f32": np.float32, "f16": np.float16, "u8": np.uint8, "i8": np.int8, "u4": np.uint8, "i4": np.int8}
+
+
+def _constant_array(node: Any) -> np.ndarray:
+    type_name = node.get_element_type().get_type_name()
+    shape = list(node.get_output_shape(0))
+    if type_name in ("u4", "i4"):
+        return _unpack_4bit(node.get_data(), shape, signed=type_name == "i4")
+    if type_name not in _NUMPY_TYPES:
+        raise ValueError(f"Unsupported constant type {type_name} in weight {node.get_friendly_name()!r}.")
+    return np.array(node.get_data(), dtype=_NUMPY_TYPES[type_name]).reshape(shape)
+
+
+def _evaluate_weight(output: Any, parts: dict[str, Any]) -> np.ndarray | None:
+    """Evaluate a constant weight subgraph (Constant, Convert, Subtract, Multiply, Reshape) in numpy, exactly as
+    typed in the IR; records the codes/zero-point/scale constants in `parts`. None if the input is not constant."""
+    node = output.get_node()
+    kind = node.get_type_name()
+    if kind == "Constant":
+        parts.setdefault("codes", node)
+        return _constant_array(node)
+    if kind == "Convert":
+        value = _evaluate_weight(node.input_value(0), parts)
+        dtype = _NUMPY_TYPES.get(node.get_output_element_type(0).get_type_name())
+        return None if value is None or dtype is None else value.astype(dtype)
+    if kind in ("Subtract", "Multiply"):
+        value = _evaluate_weight(node.input_value(0), parts)
+        side = node.input_value(1).get_node()
+        while side.get_type_name() == "Convert":
+            side = side.input_value(0).get_node()
+        other = _evaluate_weight(node.input_value(1), {})
+        if value is None or other is None or side.get_type_name() != "Constant":
+            return None
+        parts["zero_points" if kind == "Subtract" else "scales"] = side
+        return value - other if kind == "Subtract" else value * other
+    if kind == "Reshape":
+        value = _evaluate_weight(node.input_value(0), parts)
+        return None if value is None else value.reshape(list(node.get_output_shape(0)))
+    return None
+
+
+def ir_weights(output_dir: str | os.PathLike) -> dict[str, IRWeight]:
+    """The constant second inputs of every MatMul in `<output_dir>/openvino_model.xml`, decompressed to float32.
+
+    Keys are the names of the weight constants (e.g. `self.model.layers.0.mlp.up_proj.weight`); weights keep the
+    (out, in) layout of the IR.
+    """
+    ov = _require("openvino")
+    path = Path(output_dir)
+    xml = path / OV_MODEL_NAME if path.is_dir() else path
+    if not xml.is_file():
+        raise FileNotFoundError(f"No {OV_MODEL_NAME} in {path}. Pass a folder written by export_openvino.")
+    model = ov.Core().read_model(xml)
+    weights: dict[str, IRWeight] = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        parts: dict[str, Any] = {}
+        value = _evaluate_weight(op.input_value(1), parts)
+        if value is None:
+            continue
+        codes = parts["codes"]
+        name = codes.get_friendly_name()
+        if name in weights:
+            continue
+        compressed = "scales" in parts
+        weights[name] = IRWeight(
+            name=name,
+            element_type=codes.get_element_type().get_type_name(),
+            weight=value.astype(np.float32),
+            codes=_constant_array(codes) if compressed else None,
+            zero_points=_constant_array(parts["zero_points"]) if "zero_points" in parts else None,
+            scales=_constant_array(parts["scales"]) if compressed else None,
+        )
+    return weights
+
+
+def ir_weight_sparsity(output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Fraction of exact zeros in the decompressed MatMul weights of an exported IR, per weight and in total.
+
+    Also reports whether this OpenVINO CPU plugin has `CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE` (`cpu_property`) and
+    whether the CPU has Intel AMX (`cpu_has_amx`), which its sparse int8 kernel needs; see the module docstring.
+    """
+    ov = _require("openvino")
+    weights = ir_weights(output_dir)
+    per_weight = {}
+    zeros = total = 0
+    for name, w in weights.items():
+        n_zero = int(np.count_nonzero(w.weight == 0))
+        zeros, total = zeros + n_zero, total + w.weight.size
+        per_weight[name] = {
+            "shape": list(w.weight.shape),
+            "element_type": w.element_type,
+            "sparsity": n_zero / w.weight.size,
+        }
+    core = ov.Core()
+    supported = SPARSE_WEIGHTS_PROPERTY in core.get_property("CPU", "SUPPORTED_PROPERTIES")
+    capabilities = _cpu_flags()
+    return {
+        "sparsity": zeros / total if total else 0.0,
+        "num_zeros": zeros,
+        "num_weights": total,
+        "weights": per_weight,
+        "cpu_property": SPARSE_WEIGHTS_PROPERTY if supported else None,
+        "cpu_has_amx": "amx_int8" in capabilities or "amx_tile" in capabilities,
+    }
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()

@@ -1,0 +1,131 @@
+"""Export a sub-network as a merged, physically sliced checkpoint, and load it back without remote code."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from ..compression.quantization.format import QUANT_CONFIG_NAME, QuantLinear
+from ..compression.quantization.serialization import load_quantized, save_quantized
+from ..compression.sparsity import sparsity_of
+from ..models.arch import find_width_layers, slice_layer_width
+from ..nas.supernet import NamedConfig, SuperNetwork
+from ..utils import SUBNET_CONFIG_NAME, atomic_directory, atomic_write_json, check_output_dir
+
+WIDTHS_ATTR = "elastic_layer_widths"
+
+
+def export_subnetwork(
+    supernet: SuperNetwork,
+    config: Mapping[str, int] | NamedConfig,
+    output_dir: str | Path,
+    *,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+) -> Path:
+    """Merge the sub-network `config` into the base model, slice it and write it to `output_dir`.
+
+    The folder holds `config.json` and `model.safetensors` (a stock checkpoint when every layer keeps the same widths;
+    `load_exported` reads the per-layer case), or hf_elastic's INT4/INT8 format for a quantization-aware super-network
+    (codes, scales and zero points; see `hf_elastic.compression.quantization.format`). Also written:
+    `elastic_subnet.json` (config, size and MACs against the max sub-network), `sparsity_report.json` when the weights
+    are sparse, and the tokenizer.
+    The folder appears complete or not at all.
+    """
+    check_output_dir(output_dir, overwrite)
+    resolved = supernet.resolve(config)
+    model = supernet.extract_model(resolved)
+    with atomic_directory(output_dir, overwrite) as tmp:
+        if any(isinstance(m, QuantLinear) for m in model.modules()):
+            save_quantized(model, tmp)
+        else:
+            model.save_pretrained(tmp)
+        report = sparsity_of(model)
+        if report.total_sparsity > 0:
+            report.save(tmp)
+        flags = {k: getattr(supernet.config, k) for k in ("sparse_adapter", "quantization_aware")}
+        info = {"method": supernet.config.elastic_method, "config": resolved, **supernet.count(resolved)}
+        atomic_write_json(tmp / SUBNET_CONFIG_NAME, info | {"max": supernet.count("max"), **flags})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(output_dir)
+
+
+def load_exported(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a folder written by `export_subnetwork` (or any transformers checkpoint) into its transformers class.
+
+    Uniform widths and quantized folders need nothing special; per-layer widths (`config.elastic_layer_widths`) are
+    rebuilt by slicing each layer of a freshly built model to its recorded size before the weights are loaded.
+    """
+    import transformers
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    from transformers.initialization import no_init_weights
+
+    path = Path(path)
+    if (path / QUANT_CONFIG_NAME).is_file():
+        return load_quantized(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"No config.json in {path}: not a model folder. Pass the folder export wrote.")
+    config = AutoConfig.from_pretrained(path)
+    architecture = (config.architectures or [None])[0]
+    model_class = getattr(transformers, architecture or "", None)
+    if model_class is None:
+        raise ValueError(f"{path}/config.json names architectures={config.architectures}, unknown to transformers.")
+    widths = getattr(config, WIDTHS_ATTR, None)
+    if not widths:
+        return model_class.from_pretrained(path, dtype=dtype)
+    with no_init_weights():
+        model = model_class._from_config(config, dtype=dtype or torch.float32)
+    _, layers = find_width_layers(model)
+    for layer in layers:
+        width = widths.get(str(layer.index), widths.get(layer.index))
+        ffn = torch.arange(width["ffn"]) if width["ffn"] != layer.ffn_dim else None
+        kv_groups = width["heads"] // layer.group_size
+        heads = torch.arange(kv_groups) if width["heads"] != layer.num_heads else None
+        slice_layer_width(layer, ffn, heads)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No *.safetensors in {path}.")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    model.tie_weights()
+    return model.eval()
+
+
+def accelerate(model: nn.Module, backend: Literal["auto", "compile", "ipex", "none"] = "auto", **kwargs: Any) -> Any:
+    """Speed up PyTorch inference of an exported model; returns the model to call.
+
+    `"ipex"` runs `intel_extension_for_pytorch.optimize`, which only imports beside the torch release it was built
+    for (IPEX is end-of-life; no build supports torch 2.13). `"compile"` runs `torch.compile` (inductor, works on
+    CPU; the first call compiles). `"auto"` takes IPEX when it imports, else `torch.compile`. Keyword arguments go to
+    the chosen function. For the largest CPU speed-up, export to OpenVINO instead (`export_openvino`).
+    """
+    if backend not in ("auto", "compile", "ipex", "none"):
+        raise ValueError(f"backend={backend!r} is unknown; use 'auto', 'compile', 'ipex' or 'none'.")
+    model.eval()
+    if backend == "none":
+        return model
+    if backend in ("auto", "ipex"):
+        try:
+            ipex = importlib.import_module("intel_extension_for_pytorch")
+        except Exception as err:  # IPEX raises on a torch version mismatch, not only ImportError
+            if backend == "ipex":
+                raise ImportError(
+                    f"backend='ipex' needs intel_extension_for_pytorch, which does not import here ({err}). IPEX is "
+                    f"end-of-life and has no build for torch {torch.__version__}; use backend='compile'."
+                ) from None
+        else:
+            return ipex.optimize(model, **kwargs)
+    return torch.compile(model, **kwargs)

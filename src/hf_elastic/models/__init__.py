@@ -1,0 +1,21 @@
+"""Architecture knowledge: where the transformer layers, FFN channels and attention heads of each model live."""
+
+from .arch import (
+    ARCH_SPECS,
+    ArchSpec,
+    WidthLayer,
+    find_width_layers,
+    slice_layer_width,
+    transformer_layers,
+    weight_out_in,
+)
+
+__all__ = [
+    "ARCH_SPECS",
+    "ArchSpec",
+    "WidthLayer",
+    "find_width_layers",
+    "slice_layer_width",
+    "transformer_layers",
+    "weight_out_in",
+]

@@ -1,0 +1,515 @@
+"""`SuperNetwork`: activate, sample, measure and extract sub-networks of an elastic peft model."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+from transformers.pytorch_utils import Conv1D
+
+from ..compression.quantization.format import QuantLinear
+from ..models.arch import WidthLayer, base_layer, find_width_layers, slice_layer_width, unit_scores, weight_out_in
+from ..tuners.elastic_lora.config import ElasticLoraConfig
+from ..tuners.nls.config import NLSConfig
+from ..tuners.nls.layer import ElasticLoraLinear
+from ..utils import SUBNET_CONFIG_NAME, atomic_save_safetensors, atomic_write_json, matches_module, split_layer_key
+from .search_space import Dimension, SearchSpace, SubnetConfig
+
+_CACHE_ATTR = "_hf_elastic_supernets"
+NamedConfig = Literal["max", "min", "median"]
+
+
+def _resolve_width(name: str, value: float | int, full: int) -> int:
+    if isinstance(value, float):
+        resolved = value * full
+        if abs(resolved - round(resolved)) > 1e-6:
+            raise ValueError(f"{name} value {value} gives {resolved:g} of {full}, not a whole number; pick another.")
+        return round(resolved)
+    return value
+
+
+class SuperNetwork:
+    """The weight-sharing super-network behind a peft model built from `NLSConfig` or `ElasticLoraConfig`.
+
+    Use `get_supernet(model)` to obtain it; it is created once per model and adapter. The search space is built from
+    the config and the model: one rank dimension per group of elastic adapters in each layer, and for
+    `ElasticLoraConfig` an `"<layer>.ffn"` and `"<layer>.heads"` dimension per transformer layer.
+    """
+
+    def __init__(self, model: PeftModel, adapter_name: str | None = None) -> None:
+        if not isinstance(model, PeftModel):
+            raise ValueError(f"SuperNetwork needs a peft.PeftModel, got {type(model).__name__}.")
+        self.model = model
+        self.adapter_name = adapter_name or model.active_adapter
+        self.config = model.peft_config.get(self.adapter_name)
+        if not isinstance(self.config, NLSConfig):
+            raise ValueError(
+                f"Adapter {self.adapter_name!r} uses {type(self.config).__name__}, not an elastic config. "
+                "Create the model with NLSConfig or ElasticLoraConfig."
+            )
+        self.base = model.get_base_model()
+        self.lora_modules: dict[str, ElasticLoraLinear] = {
+            name: module
+            for name, module in self.base.named_modules()
+            if isinstance(module, ElasticLoraLinear) and self.adapter_name in module.lora_A
+        }
+        self._fixed_adapter_params = 0
+        for name, module in self.base.named_modules():
+            if not isinstance(module, LoraLayer) or isinstance(module, ElasticLoraLinear):
+                continue
+            if self.config.nls_target_modules is None or any(
+                matches_module(name, p) for p in self.config.nls_target_modules
+            ):
+                raise ValueError(
+                    f"Module {name!r} is of type {type(base_layer(module)).__name__}; an elastic rank supports "
+                    "nn.Linear and transformers Conv1D. Leave it out of nls_target_modules to keep its rank fixed."
+                )
+            self._fixed_adapter_params += sum(
+                p.numel() for n, p in module.named_parameters() if "lora_" in n and f".{self.adapter_name}" in n
+            )
+        dims = self._rank_dimensions()
+        self.width_layers: list[WidthLayer] = []
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._masks: dict[str, torch.Tensor] = {}
+        self._orders: dict[str, torch.Tensor] = {}
+        if isinstance(self.config, ElasticLoraConfig) and (self.config.ffn_width_choices or self.config.head_choices):
+            dims += self._width_dimensions()
+        if not dims:
+            raise ValueError("The model has no elastic dimension: no adapter is elastic and no width choices are set.")
+        self.space = SearchSpace(dims)
+        self._active: SubnetConfig = self.space.max_config()
+        self._linear_sizes = {
+            name: (base_layer(m).out_features, base_layer(m).in_features)
+            if isinstance(base_layer(m), QuantLinear)
+            else tuple(weight_out_in(m).shape)
+            for name, m in self.base.named_modules()
+            if isinstance(base_layer(m), (nn.Linear, Conv1D, QuantLinear))
+            and not any(part == "base_layer" or part.startswith("lora_") for part in name.split("."))
+        }
+        self._base_params = sum(p.numel() for n, p in self.base.named_parameters() if "lora_" not in n) + sum(
+            m.qweight.numel() for m in self.base.modules() if isinstance(m, QuantLinear)
+        )
+        if self.config.sparse_adapter:
+            self._check_base_sparsity()
+        model.__dict__.setdefault(_CACHE_ATTR, {})
+        old = model.__dict__[_CACHE_ATTR].get(self.adapter_name)
+        if old is not None:
+            old.remove_hooks()
+        model.__dict__[_CACHE_ATTR][self.adapter_name] = self
+
+    def _check_base_sparsity(self) -> None:
+        """Record the base's zero pattern in the config, or check it against the record of a loaded adapter."""
+        digest = hashlib.sha256()
+        zeros = {}
+        for key, module in sorted(self.lora_modules.items()):
+            mask = module.base_mask().cpu().numpy()
+            zeros[key] = int(mask.size - mask.sum())
+            digest.update(np.packbits(mask).tobytes())
+        found = {"zeros": zeros, "sha256": digest.hexdigest()}
+        recorded = self.config.base_sparsity
+        if recorded is None:
+            self.config.base_sparsity = found
+        elif recorded["sha256"] != found["sha256"]:
+            differ = [k for k in zeros if recorded["zeros"].get(k) != zeros[k]]
+            detail = (
+                f"module {differ[0]!r} has {zeros[differ[0]]} zeros here but {recorded['zeros'].get(differ[0])} in "
+                "the adapter's record"
+                if differ
+                else "the zero counts agree but the positions differ"
+            )
+            raise ValueError(
+                f"This sparse adapter was trained on a base with another zero pattern: {detail}. Load it onto the "
+                "base it was trained on (same sparsify settings and calibration data)."
+            )
+
+    # ------------------------------------------------------------------ space construction
+    def _rank_dimensions(self) -> list[Dimension]:
+        config = self.config
+        groups = config.rank_groups or []
+        patterns = config.nls_target_modules
+        members: dict[str, list[str]] = {}
+        used_groups: set[int] = set()
+        for key in self.lora_modules:
+            if patterns is not None and not any(matches_module(key, p) for p in patterns):
+                continue
+            layer, rel = split_layer_key(key)
+            group = next((i for i, g in enumerate(groups) if any(matches_module(rel, p) for p in g)), None)
+            label = rel if group is None else "+".join(groups[group])
+            if group is not None:
+                used_groups.add(group)
+            members.setdefault(f"{layer}.rank.{label}", []).append(key)
+        if patterns is not None and not members:
+            raise ValueError(
+                f"nls_target_modules={patterns} matches none of the adapted modules "
+                f"(e.g. {list(self.lora_modules)[:3]}). Use names from target_modules."
+            )
+        unused = [groups[i] for i in range(len(groups)) if i not in used_groups]
+        if unused:
+            raise ValueError(f"rank_groups entries {unused} match no elastic adapter; check the module names.")
+        self._rank_members = members
+        return [Dimension(name, "rank", tuple(config.rank_choices)) for name in members]
+
+    def _width_dimensions(self) -> list[Dimension]:
+        config: ElasticLoraConfig = self.config
+        _, self.width_layers = find_width_layers(self.base)
+        dims = []
+        for layer in self.width_layers:
+            if config.ffn_width_choices:
+                values = [_resolve_width("ffn_width_choices", v, layer.ffn_dim) for v in config.ffn_width_choices]
+                bad = [v for v in values if not 1 <= v <= layer.ffn_dim]
+                if bad:
+                    raise ValueError(
+                        f"ffn_width_choices={config.ffn_width_choices} gives widths {bad} outside [1, {layer.ffn_dim}]"
+                        f" for layer {layer.index}."
+                    )
+                dims.append(Dimension(f"{layer.index}.ffn", "ffn", tuple(values)))
+            if config.head_choices:
+                values = [_resolve_width("head_choices", v, layer.num_heads) for v in config.head_choices]
+                bad = [v for v in values if v % layer.group_size or not layer.group_size <= v <= layer.num_heads]
+                if bad:
+                    raise ValueError(
+                        f"head_choices={config.head_choices} gives head counts {bad} that are not whole key/value "
+                        f"groups: layer {layer.index} has {layer.num_heads} heads in {layer.num_kv_heads} groups of "
+                        f"{layer.group_size}. Use multiples of {layer.group_size} up to {layer.num_heads}."
+                    )
+                dims.append(Dimension(f"{layer.index}.heads", "heads", tuple(values)))
+            for rel in (layer.spec.ffn_out, layer.spec.attn_out):
+                path = layer.path(rel)
+                hook = functools.partial(SuperNetwork._mask_input, self, path)
+                self._hooks.append(self.base.get_submodule(path).register_forward_pre_hook(hook))
+        return dims
+
+    def _mask_input(self, path: str, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        mask = self._masks.get(path)
+        if mask is None:
+            return None
+        x = args[0]
+        return (x * mask.to(dtype=x.dtype, device=x.device), *args[1:])
+
+    def remove_hooks(self) -> None:
+        """Detach the width masks from the model (the super-network then always runs at full width)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._masks.clear()
+
+    # ------------------------------------------------------------------ activation
+    @property
+    def active_config(self) -> SubnetConfig:
+        return dict(self._active)
+
+    def resolve(self, config: Mapping[str, int] | NamedConfig) -> SubnetConfig:
+        """Turn `"max"`, `"min"`, `"median"` or a config dict into a validated config."""
+        if isinstance(config, str):
+            named = {"max": self.space.max_config, "min": self.space.min_config, "median": self.space.median_config}
+            if config not in named:
+                raise ValueError(f"Unknown named sub-network {config!r}; use one of {list(named)} or a dict.")
+            return named[config]()
+        return self.space.validate(config)
+
+    def activate(self, config: Mapping[str, int] | NamedConfig) -> SubnetConfig:
+        """Make `config` the sub-network that forward passes, merges and counts use. Returns the resolved config."""
+        config = self.resolve(config)
+        for name, keys in self._rank_members.items():
+            for key in keys:
+                self.lora_modules[key].active_rank[self.adapter_name] = config[name]
+        for layer in self.width_layers:
+            for kind, rel in (("ffn", layer.spec.ffn_out), ("heads", layer.spec.attn_out)):
+                value = config.get(f"{layer.index}.{kind}")
+                path = layer.path(rel)
+                keep = self.kept_units(layer, kind, value)
+                if keep is None:
+                    self._masks.pop(path, None)
+                    continue
+                cols = (layer.ffn_slices(keep) if kind == "ffn" else layer.head_slices(keep))[rel][1]
+                weight = weight_out_in(self.base.get_submodule(path))
+                mask = torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device)
+                mask[cols.to(weight.device)] = 1
+                self._masks[path] = mask
+        self._active = config
+        return dict(config)
+
+    def sample(self, rng: Any = None, activate: bool = True) -> SubnetConfig:
+        """Draw a uniformly random sub-network (seed or `random.Random`), and activate it unless told not to."""
+        config = self.space.sample(rng)
+        return self.activate(config) if activate else config
+
+    def kept_units(self, layer: WidthLayer, kind: str, value: int | None) -> torch.Tensor | None:
+        """Sorted indices of the FFN channels or key/value groups kept at `value`; None when nothing is cut."""
+        units = layer.ffn_dim if kind == "ffn" else layer.num_kv_heads
+        count = value if kind == "ffn" else (value // layer.group_size if value is not None else None)
+        if count is None or count == units:
+            return None
+        key = f"{layer.index}.{kind}"
+        if key not in self._orders:
+            order = (self.config.channel_order or {}).get(key)
+            self._orders[key] = torch.tensor(order) if order is not None else torch.arange(units)
+        return self._orders[key][:count].sort().values
+
+    # ------------------------------------------------------------------ size
+    def _effective_sizes(self, config: SubnetConfig) -> dict[str, tuple[int, int]]:
+        sizes = dict(self._linear_sizes)
+        for layer in self.width_layers:
+            cuts = {}
+            keep = self.kept_units(layer, "ffn", config.get(f"{layer.index}.ffn"))
+            if keep is not None:
+                cuts.update(layer.ffn_slices(keep))
+            keep = self.kept_units(layer, "heads", config.get(f"{layer.index}.heads"))
+            if keep is not None:
+                cuts.update(layer.head_slices(keep))
+            for rel, (rows, cols) in cuts.items():
+                out_f, in_f = sizes[layer.path(rel)]
+                sizes[layer.path(rel)] = (
+                    len(rows) if rows is not None else out_f,
+                    len(cols) if cols is not None else in_f,
+                )
+        return sizes
+
+    def count(self, config: Mapping[str, int] | NamedConfig | None = None) -> dict[str, int]:
+        """Parameters and per-token linear-layer MACs of a sub-network (default: the active one).
+
+        Returns `params` (base + adapter), `base_params`, `adapter_params` and `macs` (multiply-accumulates per token
+        of every linear layer and adapter; attention score products are not included).
+        """
+        config = self._active if config is None else self.resolve(config)
+        sizes = self._effective_sizes(config)
+        removed = 0
+        for name, (out_f, in_f) in sizes.items():
+            full_out, full_in = self._linear_sizes[name]
+            removed += full_out * full_in - out_f * in_f
+            if base_layer(self.base.get_submodule(name)).bias is not None:
+                removed += full_out - out_f
+        ranks = self.module_ranks(config)
+        adapter = sum(ranks[k] * sum(sizes[k]) for k in self.lora_modules) + self._fixed_adapter_params
+        macs = sum(o * i for o, i in sizes.values()) + adapter
+        base = self._base_params - removed
+        return {"params": base + adapter, "base_params": base, "adapter_params": adapter, "macs": macs}
+
+    def module_ranks(self, config: Mapping[str, int] | NamedConfig | None = None) -> dict[str, int]:
+        """The LoRA rank of every adapted module under a sub-network config."""
+        config = self._active if config is None else self.resolve(config)
+        ranks = {key: module.r[self.adapter_name] for key, module in self.lora_modules.items()}
+        for name, keys in self._rank_members.items():
+            ranks.update(dict.fromkeys(keys, config[name]))
+        return ranks
+
+    # ------------------------------------------------------------------ channel importance
+    def reorder_channels(
+        self, method: Literal["magnitude", "gradient"] = "magnitude", batches: Iterable | None = None
+    ):
+        """Order FFN channels and key/value groups by importance so that narrower widths keep the important ones.
+
+        `"magnitude"` scores a channel by the squared norm of every weight tied to it; `"gradient"` by the first-order
+        Taylor term |W * dL/dW| summed over `batches` (dicts passed to the model, with labels). The full model's
+        output does not change; the order is stored in the config's `channel_order` and saved with the adapter.
+        """
+        if not self.width_layers:
+            raise ValueError("reorder_channels needs an ElasticLoraConfig with ffn_width_choices or head_choices.")
+        if method == "magnitude":
+            scores = [
+                unit_scores(layer, lambda m: weight_out_in(m).detach().float() ** 2) for layer in self.width_layers
+            ]
+        elif method == "gradient":
+            if batches is None:
+                raise ValueError("reorder_channels(method='gradient') needs `batches` of model inputs with labels.")
+            scores = self._gradient_scores(batches)
+        else:
+            raise ValueError(f"Unknown importance method {method!r}; use 'magnitude' or 'gradient'.")
+        order = dict(self.config.channel_order or {})
+        for layer, layer_scores in zip(self.width_layers, scores, strict=True):
+            for kind, s in layer_scores.items():
+                order[f"{layer.index}.{kind}"] = torch.argsort(s, descending=True, stable=True).tolist()
+        self.config.channel_order = order
+        self._orders.clear()
+        self.activate(self._active)
+        return order
+
+    def _gradient_scores(self, batches: Iterable) -> list[dict[str, torch.Tensor]]:
+        weights = {
+            layer.path(rel): base_layer(self.base.get_submodule(layer.path(rel))).weight
+            for layer in self.width_layers
+            for rel in (
+                *layer.spec.ffn_in,
+                layer.spec.ffn_out,
+                layer.spec.attn_out,
+                layer.spec.qkv,
+                layer.spec.q,
+                layer.spec.k,
+                layer.spec.v,
+            )
+            if rel is not None
+        }
+        flags = {k: w.requires_grad for k, w in weights.items()}
+        acc = {k: torch.zeros_like(w, dtype=torch.float32) for k, w in weights.items()}
+        active, was_training = self._active, self.model.training
+        self.activate("max")
+        self.model.eval()
+        try:
+            for w in weights.values():
+                w.requires_grad_(True)
+            n = 0
+            for batch in batches:
+                self.model.zero_grad(set_to_none=True)
+                self.model(**batch).loss.backward()
+                for k, w in weights.items():
+                    acc[k] += (w.detach().float() * w.grad.float()).abs()
+                n += 1
+            if n == 0:
+                raise ValueError("reorder_channels(method='gradient') got no batches.")
+        finally:
+            for k, w in weights.items():
+                w.requires_grad_(flags[k])
+                w.grad = None
+            self.model.train(was_training)
+            self.activate(active)
+
+        def element_score(module: nn.Module) -> torch.Tensor:
+            name = next(k for k, w in weights.items() if w is base_layer(module).weight)
+            return acc[name].T if isinstance(base_layer(module), Conv1D) else acc[name]
+
+        return [unit_scores(layer, element_score) for layer in self.width_layers]
+
+    # ------------------------------------------------------------------ extraction
+    def extract_adapter(self, config: Mapping[str, int] | NamedConfig, save_directory: str | Path) -> Path:
+        """Write the rank sub-network `config` as a plain LoRA adapter that stock `PeftModel.from_pretrained` loads.
+
+        Ranks that differ from `r` go to `rank_pattern`, with `alpha_pattern` keeping each module's scaling. Width
+        sub-networks change the base model, so they need `extract_model` instead. `elastic_subnet.json` records the
+        config, its size and whether the adapter is sparse or quantization-aware: stock peft's own merge does not
+        mask, so merge such adapters with `merge_subnet_adapter`.
+        """
+        config = self.resolve(config)
+        narrowed = [d.name for d in self.space if d.kind != "rank" and config[d.name] != d.choices[0]]
+        if narrowed:
+            raise ValueError(
+                f"Sub-network narrows the base model ({narrowed[:3]}...); a plain LoRA adapter cannot express that. "
+                "Use SuperNetwork.extract_model(config) for a sliced, merged model."
+            )
+        ranks = self.module_ranks(config)
+        state = get_peft_model_state_dict(self.model, adapter_name=self.adapter_name)
+        tensors = {}
+        for key, value in state.items():
+            module_key = key.removeprefix("base_model.model.").split(".lora_", 1)[0]
+            rank = ranks.get(module_key)
+            if rank is not None and ".lora_A." in key:
+                value = value[:rank]
+            elif rank is not None and ".lora_B." in key:
+                value = value[:, :rank]
+            tensors[key] = value.clone()
+        lora = self.config
+        full_scaling = lora.lora_alpha / (math.sqrt(lora.r) if lora.use_rslora else lora.r)
+        rank_pattern = {k: r for k, r in ranks.items() if r != lora.r}
+        alpha_pattern = {k: full_scaling * (math.sqrt(r) if lora.use_rslora else r) for k, r in rank_pattern.items()}
+        adapter_config = lora.to_dict() | {
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "inference_mode": True,
+        }
+        adapter_config = {k: sorted(v) if isinstance(v, set) else v for k, v in adapter_config.items()}
+        save_directory = Path(save_directory)
+        atomic_save_safetensors(tensors, save_directory / "adapter_model.safetensors")
+        atomic_write_json(save_directory / "adapter_config.json", adapter_config)
+        flags = {k: getattr(self.config, k) for k in ("sparse_adapter", "quantization_aware")}
+        info = {"config": config, **self.count(config), "max": self.count("max"), **flags}
+        atomic_write_json(save_directory / SUBNET_CONFIG_NAME, info)
+        return save_directory
+
+    def extract_model(self, config: Mapping[str, int] | NamedConfig) -> nn.Module:
+        """A merged, physically sliced copy of the base model for `config` (the super-network is left untouched).
+
+        FFN channels and attention heads that the config drops are removed for real, and quantized layers drop their
+        training-only rounding residual. When every layer has the same
+        widths, the model config is updated so that `save_pretrained` gives a stock checkpoint; otherwise the
+        per-layer widths are recorded in `config.elastic_layer_widths`.
+        """
+        config = self.resolve(config)
+        model = copy.deepcopy(self.model)
+        sub: SuperNetwork = model.__dict__[_CACHE_ATTR][self.adapter_name]
+        sub.activate(config)
+        for name in list(model.peft_config):
+            if name != self.adapter_name:
+                model.delete_adapter(name)
+        sub.remove_hooks()
+        merged = model.merge_and_unload()
+        for module in merged.modules():
+            if isinstance(module, QuantLinear):
+                module.residual = None  # training-only: a deployable model holds codes, scales and zero points
+        if not self.width_layers:
+            return merged
+        _, layers = find_width_layers(merged)
+        widths = {}
+        for layer in layers:
+            ffn_keep = self.kept_units(layer, "ffn", config.get(f"{layer.index}.ffn"))
+            kv_keep = self.kept_units(layer, "heads", config.get(f"{layer.index}.heads"))
+            slice_layer_width(layer, ffn_keep, kv_keep)
+            widths[layer.index] = {
+                "ffn": layer.ffn_dim if ffn_keep is None else len(ffn_keep),
+                "heads": layer.num_heads if kv_keep is None else len(kv_keep) * layer.group_size,
+            }
+        spec, first = layers[0].spec, layers[0]
+        uniform = all(w == widths[first.index] for w in widths.values())
+        heads = widths[first.index]["heads"]
+        if uniform and (spec.heads_in_config or heads == first.num_heads):
+            setattr(merged.config, spec.ffn_config_attr, widths[first.index]["ffn"])
+            if spec.heads_in_config:
+                merged.config.head_dim = first.head_dim
+                merged.config.num_attention_heads = heads
+                merged.config.num_key_value_heads = heads // first.group_size
+        else:
+            merged.config.elastic_layer_widths = widths
+        return merged
+
+
+def get_supernet(model: PeftModel, adapter_name: str | None = None) -> SuperNetwork:
+    """The `SuperNetwork` of an elastic peft model, created on first use and cached on the model."""
+    name = adapter_name or getattr(model, "active_adapter", None)
+    cached = getattr(model, "__dict__", {}).get(_CACHE_ATTR, {}).get(name)
+    return cached if cached is not None else SuperNetwork(model, name)
+
+
+def load_super_network(model: nn.Module, path: str | Path, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+    """Load a saved super-adapter (`adapter_config.json` + `elastic_config.json`) onto `model` as a super-network.
+
+    Keyword arguments go to `PeftModel.from_pretrained` (e.g. `is_trainable=True`).
+    """
+    config = NLSConfig.from_pretrained(str(path))
+    peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, config=config, **kwargs)
+    get_supernet(peft_model, adapter_name)
+    return peft_model
+
+
+def merge_subnet_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load an adapter written by `SuperNetwork.extract_adapter` onto `model` and merge it.
+
+    A sparse adapter's delta is masked with the base's zeros, which stock peft's `merge_and_unload` would fill in.
+    Quantization-aware adapters need the super-network: use `SuperNetwork.extract_model`.
+    """
+    path = Path(path)
+    info = json.loads((path / SUBNET_CONFIG_NAME).read_text()) if (path / SUBNET_CONFIG_NAME).is_file() else {}
+    if info.get("quantization_aware"):
+        raise ValueError(
+            f"{path} holds a quantization-aware adapter; its merge needs the INT4 base's grid. Load the super-adapter "
+            "with load_super_network and call get_supernet(model).extract_model(config)."
+        )
+    peft_model = PeftModel.from_pretrained(model, str(path))
+    if not info.get("sparse_adapter"):
+        return peft_model.merge_and_unload()
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                for name in module.active_adapters:
+                    weight += module.get_delta_weight(name).to(weight.dtype) * (weight != 0)
+    return peft_model.unload()

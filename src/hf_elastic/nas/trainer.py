@@ -1,0 +1,239 @@
+"""`NASTrainer`: a `transformers.Trainer` that trains a weight-sharing super-network, one sub-network per step."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig, get_peft_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
+
+from ..utils import atomic_write_json
+from .search_space import SearchSpace, SubnetConfig
+from .supernet import SuperNetwork, get_supernet
+
+NAS_STATS_NAME = "nas_stats.json"
+Sampler = Callable[[SearchSpace, random.Random, int], list[SubnetConfig]]
+
+
+def _uniform(space: SearchSpace, rng: random.Random, k: int) -> list[SubnetConfig]:
+    return [space.sample(rng)]
+
+
+def _sandwich(space: SearchSpace, rng: random.Random, k: int) -> list[SubnetConfig]:
+    return [space.max_config(), space.min_config(), *(space.sample(rng) for _ in range(k))]
+
+
+def _max(space: SearchSpace, rng: random.Random, k: int) -> list[SubnetConfig]:
+    return [space.max_config()]
+
+
+SAMPLERS: dict[str, Sampler] = {"uniform": _uniform, "sandwich": _sandwich, "max": _max}
+
+
+def register_sampler(name: str, sampler: Sampler) -> None:
+    """Make `sampler(space, rng, k) -> [configs]` available as `NASTrainingArguments(sampling=name)`.
+
+    The configs returned for one optimizer step are all trained in that step (losses averaged); `rng` is seeded from
+    the training seed and the global step, so every process draws the same sub-networks.
+    """
+    SAMPLERS[name] = sampler
+
+
+def space_fingerprint(space: SearchSpace) -> str:
+    return hashlib.sha256(json.dumps(space.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class NASTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the super-network training settings."""
+
+    sampling: str = field(
+        default="uniform",
+        metadata={
+            "help": "How sub-networks are drawn each optimizer step: 'uniform' (random per dimension), 'sandwich' "
+            "(max, min and sandwich_k random ones, losses averaged), 'max' (plain LoRA training), or a name added "
+            "with hf_elastic.register_sampler.",
+        },
+    )
+    sandwich_k: int = field(default=2, metadata={"help": "Random sub-networks per step for sampling='sandwich'."})
+    eval_subnets: list[str] = field(
+        default_factory=lambda: ["median"],
+        metadata={
+            "help": "Sub-networks that evaluate() scores, among 'max', 'min' and 'median'. Metrics are named "
+            "eval_<name>_<metric>; eval_<metric> repeats the first one."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sampling not in SAMPLERS:
+            raise ValueError(
+                f"NASTrainingArguments.sampling={self.sampling!r} is unknown; use one of {sorted(SAMPLERS)} "
+                "or register your own with hf_elastic.register_sampler."
+            )
+        if self.sandwich_k < 0:
+            raise ValueError(f"NASTrainingArguments.sandwich_k={self.sandwich_k} must be >= 0.")
+        bad = [n for n in self.eval_subnets if n not in ("max", "min", "median")]
+        if not self.eval_subnets or bad:
+            raise ValueError(
+                f"NASTrainingArguments.eval_subnets={self.eval_subnets!r} must be a non-empty list of "
+                "'max', 'min' and 'median'."
+            )
+
+
+class SubnetSampler(TrainerCallback, ExportableState):
+    """Draws the sub-networks of each optimizer step and records how often each choice was trained.
+
+    The draw for step `s` depends only on `(seed, s)`, so distributed ranks agree and a resumed run continues the
+    same sequence; the statistics travel in checkpoints through `ExportableState`.
+    """
+
+    def __init__(self, supernet: SuperNetwork, sampling: str, seed: int, sandwich_k: int = 2) -> None:
+        self.supernet, self.sampling, self.seed, self.sandwich_k = supernet, sampling, seed, sandwich_k
+        self.fingerprint = space_fingerprint(supernet.space)
+        self.current: list[SubnetConfig] = [supernet.space.max_config()]
+        self.choice_counts: dict[str, dict[str, int]] = {d.name: {} for d in supernet.space}
+        self.config_losses: dict[str, list[float]] = {}
+        self.history: list[str] = []
+
+    def draw(self, step: int) -> list[SubnetConfig]:
+        rng = random.Random(f"{self.seed}:{step}")
+        return SAMPLERS[self.sampling](self.supernet.space, rng, self.sandwich_k)
+
+    def key(self, config: SubnetConfig) -> str:
+        """Compact form of a config: its choice indices (0 = largest) joined by '.'."""
+        return ".".join(map(str, self.supernet.space.encode(config)))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.current = self.draw(state.global_step)
+        for config in self.current:
+            for name, value in config.items():
+                counts = self.choice_counts[name]
+                counts[str(value)] = counts.get(str(value), 0) + 1
+        self.history.append(self.key(self.current[0]))
+        self.supernet.activate(self.current[0])
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if not saved:
+            return
+        saved = saved[0] if isinstance(saved, list) else saved
+        if saved["args"]["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                "The checkpoint was trained with a different search space "
+                f"(fingerprint {saved['args']['fingerprint']}, this model {self.fingerprint}). "
+                "Resume with the same NLSConfig/ElasticLoraConfig and model."
+            )
+        for name in ("choice_counts", "config_losses", "history"):
+            setattr(self, name, saved["attributes"][name])
+
+    def record_loss(self, config: SubnetConfig, loss: float) -> None:
+        mean_count = self.config_losses.setdefault(self.key(config), [0.0, 0])
+        mean_count[1] += 1
+        mean_count[0] += (loss - mean_count[0]) / mean_count[1]
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "sampling": self.sampling,
+            "seed": self.seed,
+            "search_space": self.supernet.space.to_dict(),
+            "choice_counts": self.choice_counts,
+            "config_losses": {k: {"mean_loss": m, "count": n} for k, (m, n) in self.config_losses.items()},
+            "history": self.history,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "args": {"sampling": self.sampling, "seed": self.seed, "fingerprint": self.fingerprint},
+            "attributes": {
+                "choice_counts": self.choice_counts,
+                "config_losses": self.config_losses,
+                "history": self.history,
+            },
+        }
+
+
+class NASTrainer(Trainer):
+    """Trains an `NLSConfig`/`ElasticLoraConfig` super-network: one sampled sub-network per optimizer step.
+
+    Accepts a peft model, or a base model plus `peft_config` (then `get_peft_model` is called here). With plain
+    `TrainingArguments` the defaults of `NASTrainingArguments` apply.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        *,
+        peft_config: PeftConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if peft_config is not None:
+            model = get_peft_model(model, peft_config)
+        self.supernet = get_supernet(model)
+        args = args or NASTrainingArguments(output_dir="tmp_trainer")
+        self.sampling = getattr(args, "sampling", "uniform")
+        self.eval_subnets = getattr(args, "eval_subnets", ["median"])
+        if self.sampling == "sandwich" and self.supernet.space.num_configs < 2:
+            raise ValueError("sampling='sandwich' needs at least two sub-networks, but the search space has one.")
+        self.sampler = SubnetSampler(self.supernet, self.sampling, args.seed, getattr(args, "sandwich_k", 2))
+        self._subnet, self._subnet_weight = self.sampler.current[0], 1.0
+        callbacks = [*(kwargs.pop("callbacks", None) or []), self.sampler]
+        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        configs = self.sampler.current
+        if len(configs) == 1:  # already active since on_step_begin
+            self._subnet, self._subnet_weight = configs[0], 1.0
+            return super().training_step(model, inputs, num_items_in_batch)
+        total = None
+        for config in configs:
+            self.supernet.activate(config)
+            self._subnet, self._subnet_weight = config, 1.0 / len(configs)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            total = loss if total is None else total + loss
+        self.supernet.activate(configs[0])
+        return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if model.training:
+            self.sampler.record_loss(self._subnet, loss.detach().float().item())
+            loss = loss * self._subnet_weight
+        return (loss, result[1]) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:
+            logs["subnet_params"] = self.supernet.count(self.sampler.current[0])["params"]
+        super().log(logs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Score each sub-network in `eval_subnets`; metrics are `<prefix>_<subnet>_<name>`."""
+        previous = self.supernet.active_config
+        metrics: dict[str, float] = {}
+        try:
+            for name in self.eval_subnets:
+                self.supernet.activate(name)
+                result = super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_{name}")
+                metrics.update(result)
+                if name == self.eval_subnets[0]:
+                    prefix = f"{metric_key_prefix}_{name}_"
+                    metrics.update({f"{metric_key_prefix}_{k.removeprefix(prefix)}": v for k, v in result.items()})
+        finally:
+            self.supernet.activate(previous)
+        return metrics
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the super-adapter (plain LoRA + `elastic_config.json`) and the sampling statistics."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            atomic_write_json(Path(output_dir or self.args.output_dir) / NAS_STATS_NAME, self.sampler.stats())

@@ -1,0 +1,64 @@
+"""Sub-network search: score sub-networks of a trained super-network and find the best trade-offs.
+
+After NAS training, `search` evaluates sub-networks with one or more objectives (a quality objective such as the eval
+loss, and a cost such as the parameter count, the MACs or the measured latency) and returns a `SearchResult` with
+every evaluated sub-network and the Pareto front.
+
+Strategies:
+
+- `"max"`, `"min"`, `"median"`: the fixed sub-networks of the search space (median is the Shears/SQFT heuristic).
+- `"loss_based"`: uses the per-sub-network training losses of `nas_stats.json`; see `loss_based_config`.
+- `"activation_based"`: uses adapter and channel activations on a few calibration batches; see
+  `activation_importance`.
+- `"random"`: `budget` distinct uniformly random sub-networks.
+- `"nsga2"`: multi-objective evolutionary search (NSGA-II) over the choice index of every dimension.
+
+NSGA-II comes from optuna (`optuna.samplers.NSGAIISampler`) rather than pymoo: optuna is actively maintained with
+frequent releases; it is a pure-Python wheel whose dependencies (numpy, sqlalchemy, alembic, colorlog, pyyaml, tqdm)
+need no compiler, while pymoo 0.6 requires scipy, autograd, cma, moocore and alive-progress; its ask/tell API keeps
+the loop here (caching repeated sub-networks, the progress bar, NaN handling, activating the model); it handles
+integer and categorical parameters natively; and a seeded sampler makes runs reproducible. The search runs over the
+choice index (0 = largest) of every dimension with more than one choice.
+"""
+
+from .evaluators import (
+    COUNT_OBJECTIVES,
+    CountEvaluator,
+    Direction,
+    Evaluator,
+    FunctionEvaluator,
+    LatencyEvaluator,
+    LMEvalEvaluator,
+    LossEvaluator,
+    MetricEvaluator,
+    PerplexityEvaluator,
+)
+from .heuristics import HEURISTICS, activation_based_config, activation_importance, loss_based_config
+from .result import Evaluation, SearchResult, hypervolume_2d, pareto_front
+from .searcher import STRATEGIES, SearchConfig, SearchTarget, SubnetSearch, search
+
+__all__ = [
+    "COUNT_OBJECTIVES",
+    "HEURISTICS",
+    "STRATEGIES",
+    "CountEvaluator",
+    "Direction",
+    "Evaluation",
+    "Evaluator",
+    "FunctionEvaluator",
+    "LMEvalEvaluator",
+    "LatencyEvaluator",
+    "LossEvaluator",
+    "MetricEvaluator",
+    "PerplexityEvaluator",
+    "SearchConfig",
+    "SearchResult",
+    "SearchTarget",
+    "SubnetSearch",
+    "activation_based_config",
+    "activation_importance",
+    "hypervolume_2d",
+    "loss_based_config",
+    "pareto_front",
+    "search",
+]

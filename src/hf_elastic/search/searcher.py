@@ -1,0 +1,486 @@
+"""`search` / `SubnetSearch`: evaluate sub-networks of a super-network with a strategy and a set of objectives."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from peft import PeftModel
+
+from ..nas.search_space import SearchSpace, SubnetConfig
+from ..nas.supernet import SuperNetwork, get_supernet, load_super_network
+from ..nas.trainer import NAS_STATS_NAME, NASTrainer
+from .evaluators import (
+    COUNT_OBJECTIVES,
+    CountEvaluator,
+    Evaluator,
+    FunctionEvaluator,
+    LatencyEvaluator,
+    LossEvaluator,
+    PerplexityEvaluator,
+)
+from .heuristics import HEURISTICS, activation_based_config, activation_importance, loss_based_config
+from .result import Evaluation, SearchResult
+
+STRATEGIES = ("nsga2", "random", "max", "min", "median", "loss_based", "activation_based")
+
+
+@dataclass
+class SearchConfig:
+    """Settings of a sub-network search."""
+
+    strategy: str = field(
+        default="nsga2",
+        metadata={"help": f"How sub-networks are chosen: one of {list(STRATEGIES)}."},
+    )
+    objectives: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "Objective names, e.g. ('loss', 'params'). Each is the name of a given evaluator, one of "
+            f"{list(COUNT_OBJECTIVES)} or 'latency' (built in), or 'loss'/'perplexity' when searching from a "
+            "NASTrainer with an eval dataset. None: the given evaluators' names, plus 'params' if there is only one."
+        },
+    )
+    budget: int = field(
+        default=100,
+        metadata={
+            "help": "Distinct sub-networks that 'nsga2' and 'random' evaluate (evaluator calls; repeated proposals "
+            "are served from the cache). The search also stops after 20 x budget proposals or when the space is "
+            "exhausted."
+        },
+    )
+    population: int = field(
+        default=10,
+        metadata={
+            "help": "NSGA-II population size (sub-networks per generation); budget / population generations run. "
+            "About budget / 10 worked best in benchmarks/bench_search.py."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the random and NSGA-II strategies."})
+    reference_subnets: tuple[str, ...] = field(
+        default=("max", "min", "median"),
+        metadata={
+            "help": f"Heuristic sub-networks evaluated as well, for comparison and plots; among {list(HEURISTICS)}. "
+            "They do not count against the budget."
+        },
+    )
+    crossover_prob: float = field(default=0.9, metadata={"help": "NSGA-II crossover probability."})
+    mutation_prob: float | None = field(
+        default=None, metadata={"help": "NSGA-II per-dimension mutation probability; None: 1 / number of dimensions."}
+    )
+    loss_tolerance: float = field(
+        default=0.01,
+        metadata={
+            "help": "loss_based: take the smallest choice whose marginal loss is within this fraction of the best."
+        },
+    )
+    activation_threshold: float = field(
+        default=0.9,
+        metadata={"help": "activation_based: take the smallest choice that keeps this fraction of activation energy."},
+    )
+    calibration_batches: int = field(
+        default=4, metadata={"help": "activation_based: number of calibration batches to run."}
+    )
+    progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar with the current best."})
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"SearchConfig.strategy={self.strategy!r} is unknown; use one of {list(STRATEGIES)}.")
+        if self.objectives is not None:
+            if isinstance(self.objectives, str):
+                self.objectives = (self.objectives,)
+            self.objectives = tuple(self.objectives)
+            if not self.objectives or not all(isinstance(o, str) and o for o in self.objectives):
+                raise ValueError(
+                    f"SearchConfig.objectives={self.objectives!r} must be a non-empty list of names, e.g. "
+                    "('loss', 'params'), or None."
+                )
+            if len(set(self.objectives)) != len(self.objectives):
+                raise ValueError(f"SearchConfig.objectives={self.objectives!r} repeats a name; list each once.")
+        for name in ("budget", "population", "calibration_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SearchConfig.{name}={value!r} must be a positive integer.")
+        if self.population < 2:
+            raise ValueError(f"SearchConfig.population={self.population} must be >= 2 (NSGA-II needs two parents).")
+        if self.strategy == "nsga2" and self.budget < self.population:
+            raise ValueError(
+                f"SearchConfig.budget={self.budget} is smaller than population={self.population}: NSGA-II would not "
+                f"finish its first generation. Raise budget to at least {self.population} or lower population."
+            )
+        self.reference_subnets = tuple(self.reference_subnets)
+        bad = [r for r in self.reference_subnets if r not in HEURISTICS]
+        if bad:
+            raise ValueError(
+                f"SearchConfig.reference_subnets holds {bad}; use names among {list(HEURISTICS)} or an empty tuple."
+            )
+        if not 0.0 <= self.crossover_prob <= 1.0:
+            raise ValueError(f"SearchConfig.crossover_prob={self.crossover_prob} must be in [0, 1].")
+        if self.mutation_prob is not None and not 0.0 <= self.mutation_prob <= 1.0:
+            raise ValueError(f"SearchConfig.mutation_prob={self.mutation_prob} must be in [0, 1] or None.")
+        if not self.loss_tolerance >= 0.0:
+            raise ValueError(f"SearchConfig.loss_tolerance={self.loss_tolerance} must be >= 0 (0 = lowest loss).")
+        if not 0.0 < self.activation_threshold <= 1.0:
+            raise ValueError(f"SearchConfig.activation_threshold={self.activation_threshold} must be in (0, 1].")
+
+
+SearchTarget = SuperNetwork | PeftModel | NASTrainer | SearchSpace | str | os.PathLike
+
+
+class SubnetSearch:
+    """Runs one search; `search()` is the one-call front end.
+
+    Args:
+        target: a `SuperNetwork`, an elastic `PeftModel`, a `NASTrainer` (its eval dataset, collator and training
+            statistics are used), a saved super-adapter directory (with `base_model`), or a bare `SearchSpace`
+            (then every objective must be an evaluator that needs no model, e.g. `FunctionEvaluator`).
+        evaluators: an `Evaluator`, a plain callable `fn(config) -> float` (objective `"score"`, minimized), or a
+            list of them.
+        config: the `SearchConfig`.
+        base_model: the base model to load a super-adapter directory onto.
+        nas_stats: training statistics for `loss_based`: a `nas_stats.json` path or its dict (default: the
+            trainer's, or `nas_stats.json` in the super-adapter directory).
+        calibration_data: batches for `activation_based` (default: the first evaluator's data, or the trainer's
+            eval set).
+    """
+
+    def __init__(
+        self,
+        target: SearchTarget,
+        evaluators: Evaluator | Callable | Sequence[Evaluator | Callable] | None = None,
+        config: SearchConfig | None = None,
+        *,
+        base_model: nn.Module | None = None,
+        nas_stats: str | os.PathLike | Mapping[str, Any] | None = None,
+        calibration_data: Any = None,
+    ) -> None:
+        self.config = config or SearchConfig()
+        trainer, directory = None, None
+        if isinstance(target, NASTrainer):
+            trainer, self.supernet = target, target.supernet
+        elif isinstance(target, SuperNetwork):
+            self.supernet = target
+        elif isinstance(target, PeftModel):
+            self.supernet = get_supernet(target)
+        elif isinstance(target, SearchSpace):
+            self.supernet = None
+        elif isinstance(target, (str, os.PathLike)):
+            directory = Path(target)
+            if base_model is None:
+                raise ValueError(
+                    f"Searching the super-adapter in {directory} needs the base model: pass base_model=... "
+                    "(the model the adapter was trained on)."
+                )
+            self.supernet = get_supernet(load_super_network(base_model, directory))
+        else:
+            raise ValueError(
+                f"Cannot search {type(target).__name__}; pass a SuperNetwork, an elastic PeftModel, a NASTrainer, "
+                "a super-adapter directory or a SearchSpace."
+            )
+        self.space = target if self.supernet is None else self.supernet.space
+        if len(self.space) == 0:
+            raise ValueError("The search space has no dimensions: there is nothing to search.")
+        if self.space.num_configs == 1:
+            raise ValueError(
+                "Every dimension of the search space has a single choice, so there is only one sub-network and "
+                "nothing to search. Give some dimension two or more choices."
+            )
+        self.trainer = trainer
+        self.nas_stats = self._load_stats(nas_stats, trainer, directory)
+        given = (
+            [] if evaluators is None else list(evaluators) if isinstance(evaluators, (list, tuple)) else [evaluators]
+        )
+        given = [e if isinstance(e, Evaluator) else FunctionEvaluator(e) for e in given]
+        self.objectives, self.evaluators = self._resolve_objectives(given)
+        self.directions = [e.direction for e in self.evaluators]
+        self.calibration_data = calibration_data
+        if calibration_data is None:
+            self.calibration_data = next((e.batches for e in self.evaluators if hasattr(e, "batches")), None)
+            if self.calibration_data is None and trainer is not None and trainer.eval_dataset is not None:
+                self.calibration_data = trainer.get_eval_dataloader()
+        self.records: dict[str, Evaluation] = {}
+        self.cache_hits = 0
+        self._heuristics: dict[str, SubnetConfig] = {}
+
+    @staticmethod
+    def _load_stats(nas_stats: Any, trainer: NASTrainer | None, directory: Path | None) -> dict[str, Any] | None:
+        if isinstance(nas_stats, Mapping):
+            return dict(nas_stats)
+        if nas_stats is not None:
+            return json.loads(Path(nas_stats).read_text())
+        if trainer is not None:
+            return trainer.sampler.stats()
+        if directory is not None and (directory / NAS_STATS_NAME).is_file():
+            return json.loads((directory / NAS_STATS_NAME).read_text())
+        return None
+
+    def _resolve_objectives(self, given: list[Evaluator]) -> tuple[list[str], list[Evaluator]]:
+        names = [e.name for e in given]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Two evaluators share a name in {names}; give each a distinct `name`.")
+        objectives = self.config.objectives
+        if objectives is None:
+            if not given:
+                objectives = ("loss", "params") if self.trainer is not None else ()
+            else:
+                objectives = tuple(names) + (("params",) if len(given) == 1 and self.supernet is not None else ())
+            if not objectives:
+                raise ValueError("No objective: pass an evaluator (e.g. LossEvaluator(batches)) or objectives=.")
+        by_name = {e.name: e for e in given}
+        trainer_data = None
+        if self.trainer is not None and self.trainer.eval_dataset is not None:
+            trainer_data = self.trainer.get_eval_dataloader()
+        evaluators = []
+        for name in objectives:
+            if name in by_name:
+                evaluator = by_name[name]
+            elif name in COUNT_OBJECTIVES:
+                evaluator = CountEvaluator(name)
+            elif name == "latency":
+                evaluator = LatencyEvaluator()
+            elif name in ("loss", "perplexity") and trainer_data is not None:
+                evaluator = (LossEvaluator if name == "loss" else PerplexityEvaluator)(trainer_data)
+            else:
+                known = [
+                    *by_name,
+                    *COUNT_OBJECTIVES,
+                    "latency",
+                    *(["loss", "perplexity"] if trainer_data is not None else []),
+                ]
+                raise ValueError(
+                    f"Unknown objective {name!r}; available here: {known}. For another objective pass an Evaluator "
+                    f"with name={name!r}."
+                )
+            if self.supernet is None and (
+                evaluator.needs_model or isinstance(evaluator, (CountEvaluator, LatencyEvaluator))
+            ):
+                raise ValueError(
+                    f"Objective {name!r} needs a super-network, but the target is a bare SearchSpace. Search a "
+                    "SuperNetwork, or use FunctionEvaluator objectives."
+                )
+            evaluators.append(evaluator)
+        unused = [n for n in names if n not in objectives]
+        if unused:
+            raise ValueError(f"Evaluators {unused} are not in objectives={list(objectives)}; add their names.")
+        return list(objectives), evaluators
+
+    # ------------------------------------------------------------------ evaluation
+    def key(self, config: SubnetConfig) -> str:
+        return ".".join(map(str, self.space.encode(config)))
+
+    def evaluate(self, config: SubnetConfig, source: str) -> tuple[Evaluation, bool]:
+        """Evaluate `config` once (later calls return the cached record). Returns the record and whether it is new."""
+        key = self.key(config)
+        record = self.records.get(key)
+        if record is not None:
+            self.cache_hits += 1
+            if source not in record.sources:
+                record.sources.append(source)
+            return record, False
+        config = self.space.validate(config)
+        if self.supernet is not None and any(e.needs_model for e in self.evaluators):
+            self.supernet.activate(config)
+        values = {}
+        for name, evaluator in zip(self.objectives, self.evaluators, strict=True):
+            value = evaluator(self.supernet, config)
+            try:
+                values[name] = float(value)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"Evaluator {name!r} returned {value!r}; it must return a float.") from e
+        record = Evaluation(len(self.records), key, config, values, [source])
+        self.records[key] = record
+        if not record.valid:
+            warnings.warn(
+                f"Sub-network {key} got non-finite objectives {values}; it is kept out of the front.", stacklevel=2
+            )
+        return record, True
+
+    def heuristic_config(self, name: str) -> SubnetConfig:
+        """The sub-network a heuristic strategy picks (computed once per search)."""
+        if name not in self._heuristics:
+            self._heuristics[name] = self._heuristic_config(name)
+        return dict(self._heuristics[name])
+
+    def _heuristic_config(self, name: str) -> SubnetConfig:
+        if name in ("max", "min", "median"):
+            return getattr(self.space, f"{name}_config")()
+        if name == "loss_based":
+            if self.nas_stats is None:
+                raise ValueError(
+                    "strategy 'loss_based' needs training statistics: pass nas_stats= (nas_stats.json or its dict), "
+                    "search a NASTrainer, or a super-adapter directory holding nas_stats.json."
+                )
+            return loss_based_config(self.space, self.nas_stats, self.config.loss_tolerance)
+        if name == "activation_based":
+            if self.supernet is None:
+                raise ValueError("strategy 'activation_based' needs a super-network, not a bare SearchSpace.")
+            if self.calibration_data is None:
+                raise ValueError(
+                    "strategy 'activation_based' needs calibration batches: pass calibration_data= (a list of "
+                    "batches or a DataLoader), a LossEvaluator, or a NASTrainer with an eval dataset."
+                )
+            batches = itertools.islice(self.calibration_data, self.config.calibration_batches)
+            fractions = activation_importance(self.supernet, batches)
+            return activation_based_config(fractions, self.config.activation_threshold)
+        raise ValueError(f"Unknown heuristic {name!r}; use one of {list(HEURISTICS)}.")
+
+    def _best_text(self) -> str:
+        name, direction = self.objectives[0], self.directions[0]
+        values = [r.values[name] for r in self.records.values() if r.valid]
+        if not values:
+            return ""
+        return f"best {name}={(min(values) if direction == 'minimize' else max(values)):.4g}"
+
+    # ------------------------------------------------------------------ strategies
+    def run(self) -> SearchResult:
+        """Evaluate the reference sub-networks, then run the strategy; returns the `SearchResult`."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        model = self.supernet.model if self.supernet is not None else None
+        previous = self.supernet.active_config if self.supernet is not None else None
+        was_training = model.training if model is not None else False
+        start, trials = time.perf_counter(), 0
+        searched = cfg.strategy in ("nsga2", "random")
+        total = cfg.budget if searched else 1
+        bar = tqdm(total=total, desc=f"search ({cfg.strategy})", disable=not cfg.progress)
+        if model is not None:
+            model.eval()
+        try:
+            for name in cfg.reference_subnets:
+                self.evaluate(self.heuristic_config(name), name)
+            if cfg.strategy == "nsga2":
+                trials = self._nsga2(bar)
+            elif cfg.strategy == "random":
+                trials = self._random(bar)
+            else:
+                self.evaluate(self.heuristic_config(cfg.strategy), cfg.strategy)
+                trials = 1
+                bar.update(1)
+        finally:
+            bar.close()
+            if self.supernet is not None:
+                self.supernet.activate(previous)
+                model.train(was_training)
+        evaluations = list(self.records.values())
+        info = {
+            "budget": cfg.budget if searched else None,
+            "population": cfg.population if cfg.strategy == "nsga2" else None,
+            "trials": trials,
+            "evaluations": len(evaluations),
+            "cache_hits": self.cache_hits,
+            "wall_time_s": time.perf_counter() - start,
+            "reference_subnets": list(cfg.reference_subnets),
+        }
+        return SearchResult(self.space, self.objectives, self.directions, evaluations, cfg.strategy, cfg.seed, info)
+
+    def _max_trials(self) -> int:
+        return 20 * self.config.budget
+
+    def _random(self, bar: Any) -> int:
+        rng, new, trials = random.Random(self.config.seed), 0, 0
+        while new < self.config.budget and trials < self._max_trials() and len(self.records) < self.space.num_configs:
+            trials += 1
+            record, fresh = self.evaluate(self.space.sample(rng), "random")
+            if fresh:
+                new += 1
+                bar.update(1)
+                bar.set_postfix_str(self._best_text(), refresh=False)
+        return trials
+
+    def _nsga2(self, bar: Any) -> int:
+        import optuna
+        from optuna.distributions import IntDistribution
+        from optuna.trial import TrialState
+
+        cfg = self.config
+        searchable = [d for d in self.space if len(d.choices) > 1]
+        distributions = {d.name: IntDistribution(0, len(d.choices) - 1) for d in searchable}
+        fixed = {d.name: d.choices[0] for d in self.space if len(d.choices) == 1}
+        sampler = optuna.samplers.NSGAIISampler(
+            population_size=cfg.population,
+            crossover_prob=cfg.crossover_prob,
+            mutation_prob=cfg.mutation_prob,
+            seed=cfg.seed,
+        )
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            study = optuna.create_study(directions=self.directions, sampler=sampler)
+            new, trials = 0, 0
+            while new < cfg.budget and trials < self._max_trials() and len(self.records) < self.space.num_configs:
+                trials += 1
+                trial = study.ask(distributions)
+                config = fixed | {d.name: d.choices[trial.params[d.name]] for d in searchable}
+                record, fresh = self.evaluate(config, "nsga2")
+                if record.valid:
+                    study.tell(trial, [record.values[o] for o in self.objectives])
+                else:
+                    study.tell(trial, state=TrialState.FAIL)
+                if fresh:
+                    new += 1
+                    bar.update(1)
+                    bar.set_postfix_str(self._best_text(), refresh=False)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+        return trials
+
+
+def search(
+    target: SearchTarget,
+    evaluator: Evaluator | Callable | Sequence[Evaluator | Callable] | None = None,
+    strategy: str = "nsga2",
+    *,
+    objectives: Sequence[str] | None = None,
+    budget: int = 100,
+    population: int = 10,
+    seed: int = 0,
+    base_model: nn.Module | None = None,
+    nas_stats: str | os.PathLike | Mapping[str, Any] | None = None,
+    calibration_data: Any = None,
+    output_dir: str | os.PathLike | None = None,
+    **kwargs: Any,
+) -> SearchResult:
+    """Search the sub-networks of a trained super-network.
+
+    Args:
+        target: a `SuperNetwork`, elastic `PeftModel`, `NASTrainer`, super-adapter directory (with `base_model`)
+            or `SearchSpace`; see `SubnetSearch`.
+        evaluator: the quality objective(s): `LossEvaluator`, `PerplexityEvaluator`, `MetricEvaluator`,
+            `LMEvalEvaluator`, your own `Evaluator`, or a callable `fn(config) -> float`. Optional with a
+            `NASTrainer` (its eval loss is used).
+        strategy: one of `"nsga2"`, `"random"`, `"max"`, `"min"`, `"median"`, `"loss_based"`, `"activation_based"`.
+        objectives: objective names, e.g. `("loss", "params")`, `("accuracy", "latency")`; default: the
+            evaluator's name and `"params"`.
+        budget, population, seed: distinct sub-networks to evaluate, NSGA-II population size, and seed.
+        output_dir: if set, write `search.json`, `search.csv` and `search.png` there.
+        **kwargs: other `SearchConfig` fields (e.g. `reference_subnets=()`, `progress=False`).
+
+    Example:
+
+    ```py
+    >>> result = search(supernet, LossEvaluator(eval_batches), objectives=("loss", "params"), budget=200)
+    >>> result.front                                        # non-dominated sub-networks
+    >>> result.best_under("loss", "params", 0.7, relative=True).config
+    ```
+    """
+    objectives = tuple(objectives) if objectives is not None else None
+    config = SearchConfig(
+        strategy=strategy, objectives=objectives, budget=budget, population=population, seed=seed, **kwargs
+    )
+    runner = SubnetSearch(
+        target, evaluator, config, base_model=base_model, nas_stats=nas_stats, calibration_data=calibration_data
+    )
+    result = runner.run()
+    if output_dir is not None:
+        result.save(output_dir)
+    return result

@@ -1,0 +1,3 @@
+from .config import ElasticLoraConfig
+
+__all__ = ["ElasticLoraConfig"]

@@ -1,0 +1,99 @@
+"""The package layout: the public API, the old import paths, imports that point down the pipeline, module sizes."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import hf_elastic
+from hf_elastic._compat import MOVED_MODULES
+
+PACKAGE = Path(hf_elastic.__file__).parent
+# Each stage may import from the stages before it only.
+PIPELINE = ["utils", "version", "models", "compression", "tuners", "nas", "search", "export", "demo", "cli"]
+
+
+def _modules() -> list[tuple[str, Path]]:
+    out = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out.append((".".join(parts), path))
+    return out
+
+
+def _internal_imports(name: str, path: Path) -> list[str]:
+    """Modules of hf_elastic (dotted, relative to the package; '' for the package itself) imported by a file."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package[: len(package) - (node.level - 1)]
+            found.append(".".join(base + ([node.module] if node.module else [])))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_elastic"):
+            found.append(node.module.removeprefix("hf_elastic").removeprefix("."))
+    return found
+
+
+@pytest.mark.parametrize(("name", "path"), [m for m in _modules() if m[0].split(".")[0] in PIPELINE])
+def test_imports_point_down_the_pipeline(name: str, path: Path) -> None:
+    stage = PIPELINE.index(name.split(".")[0])
+    for target in _internal_imports(name, path):
+        if target == "" and name.split(".")[0] in ("demo", "cli"):
+            continue  # the entry points use the public API
+        assert target, f"{name} imports the hf_elastic package itself; import the module that defines the name"
+        assert PIPELINE.index(target.split(".")[0]) <= stage, f"{name} imports {target}, a later stage"
+
+
+@pytest.mark.parametrize(("name", "path"), _modules())
+def test_no_module_is_over_600_lines(name: str, path: Path) -> None:
+    assert len(path.read_text().splitlines()) <= 600, name
+
+
+def test_public_api() -> None:
+    for name in hf_elastic.__all__:
+        assert getattr(hf_elastic, name) is not None, name
+    assert callable(hf_elastic.search)  # the function; the package of the same name stays importable
+    assert importlib.import_module("hf_elastic.search").SearchResult is hf_elastic.SearchResult
+
+
+def test_old_module_paths_import_the_same_objects() -> None:
+    code = (
+        "import importlib, sys, warnings\n"
+        f"moved = {dict(MOVED_MODULES)!r}\n"
+        "for old, new in moved.items():\n"
+        "    with warnings.catch_warnings(record=True) as caught:\n"
+        "        warnings.simplefilter('always')\n"
+        "        module = importlib.import_module('hf_elastic.' + old)\n"
+        "    assert module is importlib.import_module('hf_elastic.' + new), (old, module)\n"
+        "    assert any(w.category is FutureWarning and 'hf_elastic.' + new in str(w.message) for w in caught), old\n"
+        "objects = {id(m): m for n, m in sys.modules.items() if n.startswith('hf_elastic')}.values()\n"
+        "files = [m.__file__ for m in objects]\n"
+        "assert len(files) == len(set(files)), 'a file was loaded twice'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_old_from_imports_keep_working() -> None:
+    code = (
+        "import warnings; warnings.simplefilter('ignore')\n"
+        "from hf_elastic.nls import NLSConfig, ElasticLoraLinear\n"
+        "from hf_elastic.nls.layer import ElasticLoraLinear as L\n"
+        "from hf_elastic.tuners.nls.layer import ElasticLoraLinear as M\n"
+        "assert L is M is ElasticLoraLinear\n"
+        "from hf_elastic.quantization import QuantLinear, quantize, save_quantized, load_quantized, gptq_quantize\n"
+        "from hf_elastic.openvino import export_openvino, load_openvino, ir_weight_sparsity, FP32_CPU_CONFIG\n"
+        "from hf_elastic.hub import CardInfo, build_model_card, push_to_hub, prepare_upload_folder\n"
+        "from hf_elastic.search import SearchResult, LossEvaluator, pareto_front, search\n"
+        "from hf_elastic.export import export_subnetwork, load_exported, accelerate\n"
+        "from hf_elastic.elastic_lora.arch import ARCH_SPECS, find_width_layers\n"
+        "import hf_elastic\n"
+        "assert QuantLinear is hf_elastic.QuantLinear and SearchResult is hf_elastic.SearchResult\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

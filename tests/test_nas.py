@@ -1,0 +1,524 @@
+"""Search space, super-network, NASTrainer, and the errors of configs and sub-network choices."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ARCHS, METHODS, args, dataset, fresh, make_config, peft_kwargs, subnets, train_steps
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, TrainerCallback
+
+from hf_elastic import ElasticLoraConfig, ElasticLoraLinear, NLSConfig, SuperNetwork, get_supernet, load_super_network
+from hf_elastic.nas.trainer import NAS_STATS_NAME, NASTrainer, register_sampler
+
+# ---------------------------------------------------------------------------------------------------- supernet
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_sampled_subnet_trains(arch, base, method):
+    model = get_peft_model(fresh(base), make_config(method, arch, init_lora_weights=False))
+    sn = get_supernet(model)
+    assert get_supernet(model) is sn
+    batch = arch.batch()
+    losses = []
+    for config in subnets(sn):
+        sn.activate(config)
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        losses.append(loss.item())
+        ranks = sn.module_ranks(config)
+        for key, module in sn.lora_modules.items():
+            grad_a = module.lora_A["default"].weight.grad
+            rank = ranks[key]
+            assert grad_a[:rank].abs().sum() > 0, key
+            assert torch.count_nonzero(grad_a[rank:]) == 0, key
+    assert losses[0] != losses[1], "min and max sub-networks gave the same loss"
+    counts = [sn.count(c)["params"] for c in subnets(sn)[:2]]
+    assert counts[0] > counts[1]
+
+
+@pytest.mark.parametrize("method", ["nls", "elastic"])
+def test_max_subnet_equals_plain_lora(arch, base, method):
+    torch.manual_seed(1)
+    elastic = get_peft_model(fresh(base), make_config(method, arch))
+    get_supernet(elastic).activate("max")
+    torch.manual_seed(1)
+    lora = get_peft_model(fresh(base), LoraConfig(r=8, **peft_kwargs(arch)))
+    elastic.eval()
+    lora.eval()
+    batch = arch.batch(9)
+    for _ in range(2):
+        with torch.no_grad():
+            diff = (elastic(**batch).logits - lora(**batch).logits).abs().max().item()
+        assert diff <= 1e-6
+        train_steps(elastic, arch)
+        train_steps(lora, arch)
+    assert any(
+        m.lora_B["default"].weight.abs().sum() > 0 for m in elastic.modules() if isinstance(m, ElasticLoraLinear)
+    )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_roundtrip(arch, base, method, tmp_path):
+    model = get_peft_model(fresh(base), make_config(method, arch, init_lora_weights=False))
+    sn = get_supernet(model)
+    if method == "elastic":
+        sn.reorder_channels()
+    config = sn.sample(3)
+    batch = arch.batch()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    adapter_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    elastic_config = json.loads((tmp_path / "elastic_config.json").read_text())
+    assert "rank_choices" not in adapter_config and adapter_config["r"] == 8
+    assert elastic_config["method"] == ("elastic_lora" if method == "elastic" else "nls")
+
+    loaded = load_super_network(fresh(base), tmp_path)
+    assert type(loaded.peft_config["default"]) is type(model.peft_config["default"])
+    sn2 = get_supernet(loaded)
+    assert sn2.space == sn.space
+    sn2.activate(config)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
+
+    stock = PeftModel.from_pretrained(fresh(base), tmp_path)
+    sn.activate("max")
+    with torch.no_grad():
+        assert (stock(**batch).logits - model(**batch).logits).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("method", ["nls", "nls_grouped"])
+def test_extracted_adapter_loads_in_stock_peft(arch, base, method, tmp_path):
+    model = get_peft_model(fresh(base), make_config(method, arch, init_lora_weights=False))
+    sn = get_supernet(model)
+    batch = arch.batch()
+    for i, config in enumerate([sn.space.min_config(), sn.space.sample(4)]):
+        sn.activate(config)
+        with torch.no_grad():
+            expected = model(**batch).logits
+        out = sn.extract_adapter(config, tmp_path / str(i))
+        saved = json.loads((out / "adapter_config.json").read_text())
+        ranks = sn.module_ranks(config)
+        assert saved["rank_pattern"] == {k: r for k, r in ranks.items() if r != 8}
+        stock = PeftModel.from_pretrained(fresh(base), out)
+        with torch.no_grad():
+            assert (stock(**batch).logits - expected).abs().max().item() <= 1e-5
+        n_adapter = sum(p.numel() for n, p in stock.named_parameters() if "lora_" in n)
+        assert n_adapter == sn.count(config)["adapter_params"]
+        merged = sn.extract_model(config)
+        with torch.no_grad():
+            assert (merged(**batch).logits - expected).abs().max().item() <= 1e-5
+
+
+def test_elastic_width_extraction(arch, base, tmp_path):
+    model = get_peft_model(fresh(base), make_config("elastic", arch, init_lora_weights=False))
+    sn = get_supernet(model)
+    batch = arch.batch()
+    uniform = {n: (d.choices[-1] if d.kind != "rank" else d.choices[0]) for n, d in sn.space.dimensions.items()}
+    for config in [sn.space.sample(5), sn.space.min_config(), uniform]:
+        sn.activate(config)
+        with torch.no_grad():
+            expected = model(**batch).logits
+        sub = sn.extract_model(config)
+        with torch.no_grad():
+            assert (sub(**batch).logits - expected).abs().max().item() <= 1e-5
+        assert sum(p.numel() for p in sub.parameters()) == sn.count(config)["base_params"]
+        with torch.no_grad():
+            assert torch.equal(model(**batch).logits, expected), "extraction changed the super-network"
+    assert sn.count(uniform)["macs"] < sn.count("max")["macs"]
+    if arch.uniform_heads_loadable:
+        sub.save_pretrained(tmp_path)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+        assert reloaded.config.intermediate_size == 24 and reloaded.config.num_attention_heads == 2
+        with torch.no_grad():
+            assert (reloaded(**batch).logits - expected).abs().max().item() <= 1e-5
+    else:
+        assert sub.config.elastic_layer_widths == {"0": {"ffn": 24, "heads": 2}, "1": {"ffn": 24, "heads": 2}}
+
+
+@pytest.mark.parametrize("method", ["magnitude", "gradient"])
+def test_reorder_keeps_full_output_and_changes_narrow_subnets(arch, base, method):
+    model = get_peft_model(fresh(base), make_config("elastic", arch, init_lora_weights=False))
+    sn = get_supernet(model)
+    batch = arch.batch()
+    with torch.no_grad():
+        full_before = model(**batch).logits
+        sn.activate("min")
+        min_before = model(**batch).logits
+    sn.reorder_channels(method, batches=[arch.batch(7)] if method == "gradient" else None)
+    order = model.peft_config["default"].channel_order
+    assert sorted(order["0.ffn"]) == list(range(48)) and sorted(order["0.heads"]) == list(
+        range(sn.width_layers[0].num_kv_heads)
+    )
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    with torch.no_grad():
+        assert not torch.equal(model(**batch).logits, min_before)
+        sub = sn.extract_model("min")
+        assert (sub(**batch).logits - model(**batch).logits).abs().max().item() <= 1e-5
+        sn.activate("max")
+        assert torch.equal(model(**batch).logits, full_before)
+
+
+def test_magnitude_order_puts_strongest_channel_first():
+    arch = ARCHS["llama"]
+    base = arch.build()
+    with torch.no_grad():
+        base.model.layers[0].mlp.down_proj.weight[:, 17] *= 100
+    model = get_peft_model(base, make_config("elastic", arch))
+    order = get_supernet(model).reorder_channels()
+    assert order["0.ffn"][0] == 17 and order["1.ffn"][0] != 17
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+LLAMA = ARCHS["llama"]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return LLAMA.build()
+
+
+def nls_model(base):
+    torch.manual_seed(0)
+    return get_peft_model(fresh(base), NLSConfig(**peft_kwargs(LLAMA, rank_choices=[8, 6, 4])))
+
+
+def adapter_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_one_subnet_per_optimizer_step_and_stats(llama, tmp_path):
+    model = nls_model(llama)
+    trainer = NASTrainer(model=model, args=args(tmp_path, gradient_accumulation_steps=2), train_dataset=dataset())
+    seen = []
+    original = trainer.supernet.activate
+
+    def spy(config):
+        seen.append(trainer.supernet.resolve(config))
+        return original(config)
+
+    trainer.supernet.activate = spy
+    trainer.train()
+    steps = trainer.state.global_step
+    assert steps == 6 and len(trainer.sampler.history) == 6
+    # each optimizer step: activation at step begin, then per micro-batch (2) activate + restore
+    # exactly one activation per optimizer step, none per micro-batch
+    assert seen == [trainer.sampler.draw(step)[0] for step in range(6)]
+    assert len({json.dumps(b, sort_keys=True) for b in seen}) > 1
+    trainer.save_model(tmp_path / "final")
+    stats = json.loads((tmp_path / "final" / NAS_STATS_NAME).read_text())
+    assert sum(stats["choice_counts"]["0.rank.self_attn.q_proj"].values()) == 6
+    assert sum(v["count"] for v in stats["config_losses"].values()) == 12
+    assert (tmp_path / "final" / "elastic_config.json").is_file()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("subnet_params" in h for h in logged)
+
+
+def test_sandwich_and_custom_sampler(llama, tmp_path):
+    trainer = NASTrainer(
+        model=llama.__class__(llama.config),
+        args=args(tmp_path, sampling="sandwich", sandwich_k=1, max_steps=2),
+        peft_config=ElasticLoraConfig(**peft_kwargs(LLAMA, rank_choices=[8, 4])),
+        train_dataset=dataset(),
+    )
+    trainer.train()
+    assert sum(v["count"] for v in trainer.sampler.stats()["config_losses"].values()) == 2 * 3
+    space = trainer.supernet.space
+    assert trainer.sampler.draw(0)[:2] == [space.max_config(), space.min_config()]
+
+    register_sampler("always_min", lambda space, rng, k: [space.min_config()])
+    trainer = NASTrainer(
+        model=nls_model(llama), args=args(tmp_path, sampling="always_min", max_steps=2), train_dataset=dataset()
+    )
+    trainer.train()
+    assert set(trainer.sampler.history) == {".".join(["2"] * len(trainer.supernet.space))}
+
+
+def test_evaluate_names_each_subnet(llama, tmp_path):
+    trainer = NASTrainer(
+        model=nls_model(llama), args=args(tmp_path, eval_subnets=["median", "max", "min"]), eval_dataset=dataset(8)
+    )
+    before = trainer.supernet.active_config
+    metrics = trainer.evaluate()
+    assert {"eval_median_loss", "eval_max_loss", "eval_min_loss", "eval_loss"} <= set(metrics)
+    assert metrics["eval_loss"] == metrics["eval_median_loss"]
+    assert trainer.supernet.active_config == before
+
+
+def test_resume_continues_the_same_sequence(llama, tmp_path):
+    full = NASTrainer(model=nls_model(llama), args=args(tmp_path / "full"), train_dataset=dataset())
+    full.train()
+
+    run = args(tmp_path / "part", save_strategy="steps", save_steps=3)
+    part = NASTrainer(model=nls_model(llama), args=run, train_dataset=dataset())
+    part.add_callback(_StopAt(3))
+    part.train()
+    assert part.state.global_step == 3
+
+    resumed = NASTrainer(model=nls_model(llama), args=run, train_dataset=dataset())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-3"))
+    assert resumed.sampler.history == full.sampler.history
+    assert resumed.sampler.choice_counts == full.sampler.choice_counts
+    expected, got = adapter_weights(full.model), adapter_weights(resumed.model)
+    assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
+
+
+class _StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_trainer_errors(llama, tmp_path):
+    with pytest.raises(ValueError, match=r"sampling='nope' is unknown; use one of \["):
+        args(tmp_path, sampling="nope")
+    with pytest.raises(ValueError, match=r"eval_subnets=\['best'\] must be a non-empty list"):
+        args(tmp_path, eval_subnets=["best"])
+    with pytest.raises(ValueError, match=r"sandwich_k=-1 must be >= 0"):
+        args(tmp_path, sandwich_k=-1)
+    single = get_peft_model(fresh(llama), NLSConfig(**peft_kwargs(LLAMA, target_modules=["q_proj"], rank_choices=[8])))
+    with pytest.raises(ValueError, match=r"sampling='sandwich' needs at least two sub-networks"):
+        NASTrainer(model=single, args=args(tmp_path, sampling="sandwich"), train_dataset=dataset())
+
+    run = args(tmp_path / "a", save_strategy="steps", save_steps=2, max_steps=2)
+    NASTrainer(model=nls_model(llama), args=run, train_dataset=dataset()).train()
+    other = get_peft_model(fresh(llama), NLSConfig(**peft_kwargs(LLAMA, rank_choices=[8, 2])))
+    trainer = NASTrainer(model=other, args=args(tmp_path / "a", max_steps=4), train_dataset=dataset())
+    with pytest.raises(ValueError, match=r"checkpoint was trained with a different search space"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert get_supernet(other) is trainer.supernet
+
+
+def _run_worker(out, *worker_args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+    here = Path(__file__).parent
+    cmd = [sys.executable, str(here / "train_worker.py"), str(out), *worker_args]
+    if nproc > 1:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1"]
+        cmd = [sys.executable, *launcher, "--master_port", str(port), *cmd[1:]]
+    env = os.environ | {"PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+
+
+def test_two_processes_sample_the_same_subnets(tmp_path):
+    """Two CPU processes (gloo, launched with torchrun as accelerate does) draw the same sub-networks."""
+    proc = _run_worker(tmp_path, "3", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["world"] == ranks[1]["world"] == 2
+    assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) == 3
+    assert len(set(ranks[0]["history"])) > 1
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_resume_after_the_process_is_killed(tmp_path):
+    """A run SIGKILLed after step 5 resumes from checkpoint-4 and ends exactly like an uninterrupted run."""
+    full = _run_worker(tmp_path / "full", "6")
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _run_worker(tmp_path / "killed", "6", "5")
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "rank0.json").exists()
+    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    resumed = _run_worker(tmp_path / "killed", "6", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected = json.loads((tmp_path / "full" / "rank0.json").read_text())
+    got = json.loads((tmp_path / "killed" / "rank0.json").read_text())
+    assert got["first_step"] == 4 and expected["first_step"] == 0
+    assert got["history"] == expected["history"] and len(got["history"]) == 6
+    diff = max(
+        (torch.tensor(got["weights"][k]) - torch.tensor(expected["weights"][k])).abs().max().item()
+        for k in expected["weights"]
+    )
+    assert diff <= 1e-6
+
+
+def test_bf16_autocast_trains_like_fp32(llama, tmp_path):
+    runs = {}
+    for bf16 in (False, True):
+        model = nls_model(llama)
+        trainer = NASTrainer(
+            model=model, args=args(tmp_path / str(bf16), max_steps=3, bf16=bf16), train_dataset=dataset()
+        )
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        runs[bf16] = (trainer.sampler.history, losses, adapter_weights(model))
+    assert runs[True][0] == runs[False][0]
+    loss_diff = [abs(a - b) for a, b in zip(runs[True][1], runs[False][1], strict=True)]
+    assert 0 < max(loss_diff) < 0.05  # autocast really ran in bf16, and stayed close to fp32
+    assert all(w.dtype == torch.float32 for w in runs[True][2].values())
+    assert max((runs[True][2][k] - runs[False][2][k]).abs().max().item() for k in runs[False][2]) < 0.05
+
+
+def test_torch_compile_matches_eager(llama, tmp_path):
+    runs = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(fresh(llama), ElasticLoraConfig(**peft_kwargs(LLAMA, rank_choices=[8, 4])))
+        trainer = NASTrainer(
+            model=model,
+            args=args(tmp_path / str(compile_), max_steps=2, torch_compile=compile_),
+            train_dataset=dataset(),
+        )
+        trainer.train()
+        runs.append((trainer.sampler.history, adapter_weights(model)))
+    assert runs[0][0] == runs[1][0] and len(set(runs[0][0])) == 2
+    assert max((runs[0][1][k] - runs[1][1][k]).abs().max().item() for k in runs[0][1]) <= 1e-5
+
+
+def test_gradient_checkpointing_matches_plain_training(llama, tmp_path):
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(fresh(llama), ElasticLoraConfig(**peft_kwargs(LLAMA, rank_choices=[8, 4])))
+        run = args(tmp_path / str(checkpointing), max_steps=3, gradient_checkpointing=checkpointing)
+        trainer = NASTrainer(model=model, args=run, train_dataset=dataset())
+        trainer.train()
+        results.append((trainer.sampler.history, adapter_weights(model)))
+    assert results[0][0] == results[1][0]
+    assert max((results[0][1][k] - results[1][1][k]).abs().max().item() for k in results[0][1]) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"rank_choices": []}, r"NLSConfig.rank_choices must be a non-empty list, got \[\]"),
+        ({"rank_choices": [8, 0]}, r"rank_choices must hold positive integers, got 0 in \[8, 0\]"),
+        ({"rank_choices": [8, 2.5]}, r"rank_choices must hold positive integers, got 2.5"),
+        ({"r": 4, "rank_choices": [8, 4]}, r"rank_choices contains 8, above r=4. Raise r to 8"),
+        ({"use_dora": True}, r"NLSConfig.use_dora=True is not supported"),
+        ({"lora_bias": True}, r"NLSConfig.lora_bias=True is not supported"),
+        ({"rank_pattern": {"q_proj": 4}}, r"NLSConfig.rank_pattern=\{'q_proj': 4\} is not supported"),
+        ({"rank_groups": [["q_proj"], []]}, r"rank_groups must be a non-empty list of non-empty lists"),
+        ({"nls_target_modules": []}, r"nls_target_modules is empty"),
+    ],
+)
+def test_nls_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NLSConfig(target_modules=["q_proj"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"ffn_width_choices": [1.0, 1.5]}, r"ffn_width_choices holds 1.5, outside \(0, 1\]"),
+        ({"head_choices": [0.0]}, r"head_choices holds 0.0, outside \(0, 1\]"),
+        ({"ffn_width_choices": [0]}, r"ffn_width_choices holds 0; absolute sizes must be >= 1"),
+        ({"ffn_width_choices": []}, r"ffn_width_choices must be a non-empty list or None"),
+        ({"head_choices": ["half"]}, r"head_choices holds 'half'; use fractions"),
+        ({"channel_order": [1, 2]}, r"channel_order must be a dict or None, got list"),
+        ({"rank_choices": [16], "r": 8}, r"ElasticLoraConfig.rank_choices contains 16, above r=8"),
+    ],
+)
+def test_elastic_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ElasticLoraConfig(target_modules=["q_proj"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"head_choices": [1.0, 0.25]}, r"head counts \[1\] that are not whole key/value groups: layer 0 has 4 heads"),
+        ({"head_choices": [3]}, r"Use multiples of 2 up to 4"),
+        ({"ffn_width_choices": [1.0, 0.3]}, r"ffn_width_choices value 0.3 gives 14.4 of 48, not a whole number"),
+        ({"ffn_width_choices": [100]}, r"gives widths \[100\] outside \[1, 48\] for layer 0"),
+        ({"nls_target_modules": ["nope"]}, r"nls_target_modules=\['nope'\] matches none of the adapted modules"),
+        ({"rank_groups": [["q_proj"], ["nope"]]}, r"rank_groups entries \[\['nope'\]\] match no elastic adapter"),
+    ],
+)
+def test_space_errors(llama, kwargs, message):
+    model = get_peft_model(fresh(llama), ElasticLoraConfig(**peft_kwargs(LLAMA, rank_choices=[8, 4]) | kwargs))
+    with pytest.raises(ValueError, match=message):
+        get_supernet(model)
+
+
+def test_target_modules_matching_nothing(llama):
+    with pytest.raises(ValueError, match=r"Target modules \{'nope'\} not found in the base model"):
+        get_peft_model(fresh(llama), NLSConfig(target_modules=["nope"]))
+
+
+def test_unsupported_module_and_architecture(llama):
+    model = get_peft_model(fresh(llama), NLSConfig(target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(
+        ValueError, match=r"Module 'model.embed_tokens' is of type Embedding; an elastic rank supports"
+    ):
+        get_supernet(model)
+    fixed = get_peft_model(
+        fresh(llama), NLSConfig(target_modules=["q_proj", "embed_tokens"], nls_target_modules=["q_proj"])
+    )
+    counts = get_supernet(fixed).count("max")
+    assert counts["adapter_params"] == sum(p.numel() for n, p in fixed.named_parameters() if "lora_" in n)
+
+    torch.manual_seed(0)
+    neox = GPTNeoXForCausalLM(
+        GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
+    )
+    model = get_peft_model(neox, ElasticLoraConfig(target_modules=["query_key_value"]))
+    with pytest.raises(ValueError, match=r"Elastic width is not supported for model_type='gpt_neox'; supported: "):
+        get_supernet(model)
+
+
+def test_subnet_config_errors(llama, tmp_path):
+    model = get_peft_model(fresh(llama), ElasticLoraConfig(**peft_kwargs(LLAMA, rank_choices=[8, 4])))
+    sn = get_supernet(model)
+    full = sn.space.max_config()
+    with pytest.raises(ValueError, match=r"names unknown dimensions \['bogus'\]"):
+        sn.activate(full | {"bogus": 1})
+    with pytest.raises(ValueError, match=r"misses dimensions \['0.ffn'\]. Start from space.max_config\(\)"):
+        sn.activate({k: v for k, v in full.items() if k != "0.ffn"})
+    with pytest.raises(ValueError, match=r"sets 0.ffn=47, which is not among its choices \[48, 42, 36, 30, 24\]"):
+        sn.activate(full | {"0.ffn": 47})
+    with pytest.raises(ValueError, match=r"Unknown named sub-network 'huge'"):
+        sn.activate("huge")
+    with pytest.raises(ValueError, match=r"must be a dict of dimension name to value, got \[1, 2\]"):
+        sn.activate([1, 2])
+    with pytest.raises(ValueError, match=r"Expected \d+ choice indices, got 1"):
+        sn.space.decode([0])
+    with pytest.raises(ValueError, match=r"a plain LoRA adapter cannot express that. Use SuperNetwork.extract_model"):
+        sn.extract_adapter("min", tmp_path)
+    with pytest.raises(ValueError, match=r"Unknown importance method 'random'"):
+        sn.reorder_channels("random")
+    with pytest.raises(ValueError, match=r"needs `batches` of model inputs with labels"):
+        sn.reorder_channels("gradient")
+    with pytest.raises(ValueError, match=r"got no batches"):
+        sn.reorder_channels("gradient", batches=[])
+
+
+def test_model_errors(llama, tmp_path):
+    with pytest.raises(ValueError, match=r"SuperNetwork needs a peft.PeftModel, got LlamaForCausalLM"):
+        SuperNetwork(fresh(llama))
+    lora = get_peft_model(fresh(llama), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"Adapter 'default' uses LoraConfig, not an elastic config"):
+        get_supernet(lora)
+    nls = get_peft_model(fresh(llama), NLSConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"reorder_channels needs an ElasticLoraConfig"):
+        get_supernet(nls).reorder_channels()
+    lora.save_pretrained(tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match=r"No elastic_config.json in .*: this is not an hf_elastic super-adapter"
+    ):
+        load_super_network(fresh(llama), tmp_path)
+
+
+def test_conv1d_without_fan_in_fan_out_warns_and_fixes():
+    gpt2 = ARCHS["gpt2"]
+    with pytest.warns(UserWarning, match=r"fan_in_fan_out=False does not fit Conv1D; setting fan_in_fan_out=True"):
+        model = get_peft_model(gpt2.build(), NLSConfig(target_modules=["c_attn"], rank_choices=[4, 2]))
+    assert model.peft_config["default"].fan_in_fan_out is True
+    assert torch.isfinite(model(**gpt2.batch()).loss)
