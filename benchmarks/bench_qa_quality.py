@@ -35,11 +35,11 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from hf_elastic import NLSConfig, QuantLinear, get_supernet, quantize, sparsify
+    from hf_elastic.data import completion_collator
     from hf_elastic.demo.assets import (
         DEFAULT_TEMPLATE,
         accuracy,
         build_training_features,
-        demo_data_collator,
         demo_model_dir,
         load_demo_dataset,
     )
@@ -52,7 +52,7 @@ def main() -> None:
     test = data["test"].select(range(args.test_rows))
     features = build_training_features(tokenizer, train)
     test_features = build_training_features(tokenizer, test)
-    collator = demo_data_collator(tokenizer)
+    collator = completion_collator(tokenizer)
 
     sparse = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     calibration = [DEFAULT_TEMPLATE.format(t) for t in train["text"][:128]]

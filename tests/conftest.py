@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -285,3 +287,42 @@ def args(tmp_path, **kwargs) -> NASTrainingArguments:
         "seed": 3,
     }
     return NASTrainingArguments(**(defaults | kwargs))
+
+
+def hub_model_cache(cache: Path, repo_id: str, revisions: dict[str, int]) -> dict[str, torch.nn.Module]:
+    """Lay out the Hub cache (`models--org--name/snapshots/<sha>`, `refs/<name>`) with one random Llama per ref."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    tokenizer = byte_level_bpe(["hello there"] * 5, 300, ["</s>"], eos_token="</s>")
+    models = {}
+    for ref, seed in revisions.items():
+        sha = f"{seed:040x}"
+        model = ARCHS["llama"].build()
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(seed)
+        model.save_pretrained(repo / "snapshots" / sha)
+        tokenizer.save_pretrained(repo / "snapshots" / sha)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(sha)
+        models[ref] = model
+    return models
+
+
+def hub_dataset_cache(cache: Path, repo_id: str, splits: dict[str, list[dict]]) -> None:
+    """Lay out `datasets`' own cache as if `repo_id` had been downloaded once, for offline loading."""
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.json.json import Json
+
+    name = repo_id.split("/")[-1]
+    raw = cache.parent / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        (raw / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = DataFilesDict.from_patterns({s: [str(raw / f"{s}.jsonl")] for s in splits})
+    builder = Json(cache_dir=str(cache.parent / "build"), dataset_name=name, data_files=files)
+    builder.download_and_prepare()
+    target = cache / repo_id.replace("/", "___") / "default" / "0.0.0" / ("0" * 16)
+    target.mkdir(parents=True)
+    for file in Path(builder.cache_dir).iterdir():
+        if file.suffix in (".arrow", ".json"):
+            (target / file.name).write_bytes(file.read_bytes())

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import ARCHS
+from conftest import ARCHS, hub_dataset_cache, hub_model_cache
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from hf_elastic import QuantLinear, load_exported
 from hf_elastic.cli import build_parser, main
+from hf_elastic.nas import Dimension, SearchSpace
+from hf_elastic.search import Evaluation, SearchResult
 
 WORDS = ["the", "a", "good", "bad", "food", "taste", "great", "other", "was", "is", "not", "very", "and", "it"]
 
@@ -166,13 +172,171 @@ def test_pipeline(model_dir, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_clear_errors(model_dir, tmp_path, capsys):
-    with pytest.raises(SystemExit, match="is not a model folder"):
-        main(["sparsify", str(tmp_path / "nope"), str(tmp_path / "x"), "--method", "magnitude", "--sparsity", "0.5"])
-    with pytest.raises(SystemExit, match="is not an hf_elastic super-adapter"):
-        main(["export", str(tmp_path), "--base", str(model_dir), "--output", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match=r"--template uses column 'text', but .* has \['review'\]"):
-        main(["train", str(model_dir), str(tmp_path / "t"), "--data", str(model_dir.parent / "data.jsonl")])
+def instruction_rows(path, n: int = 24) -> str:
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for i in range(n):
+        words = " ".join(WORDS[j] for j in torch.randint(0, 6, (6,), generator=g))
+        rows.append({"prompt": f"the food was {words} it was", "completion": " good" if i % 2 else " bad"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_instruction_data_lonas_widths_and_task_search(model_dir, tmp_path, capsys):
+    data = instruction_rows(tmp_path / "sft.jsonl")
+    super_dir = tmp_path / "lonas"
+    train = ["train", str(model_dir), str(super_dir), "--data", data, "--eval-data", data, "--eval-samples", "8"]
+    train += ["--method", "elastic_lora", "--ffn-width-choices", "1.0", "0.5", "--head-choices", "1.0", "0.5"]
+    train += ["--reorder", "magnitude", "--rank-choices", "4", "2", "--target-modules", "q_proj", "v_proj"]
+    train += ["--max-steps", "4", "--eval-steps", "2", "--batch-size", "4", "--bf16", "--gradient-checkpointing"]
+    train += ["--warmup-ratio", "0.25", "--lr-scheduler", "cosine", "--seq-len", "24", "--save-steps", "4"]
+    main(train)
+    printed = capsys.readouterr().out
+    assert all(f"eval_{name}_loss=" in printed for name in ("median", "max", "min"))
+    elastic = json.loads((super_dir / "elastic_config.json").read_text())
+    assert elastic["ffn_width_choices"] == [1.0, 0.5] and elastic["head_choices"] == [1.0, 0.5]
+    assert sorted(elastic["channel_order"]) == ["0.ffn", "0.heads", "1.ffn", "1.heads"]
+    state = json.loads((super_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [e["step"] for e in state["log_history"] if "eval_median_loss" in e] == [2, 4]
+
+    search_dir = tmp_path / "acc"
+    search = ["search", str(super_dir), "--base", str(model_dir), "--output", str(search_dir), "--data", data]
+    main(search + ["--metric", "accuracy", "--label-words", "bad", "good", "--budget", "4", "--population", "2"])
+    result = json.loads((search_dir / "search.json").read_text())
+    assert result["objectives"] == ["accuracy", "params"]
+    values = [e["values"]["accuracy"] for e in result["evaluations"]]
+    assert len(values) >= 4 and all(v in {i / 24 for i in range(25)} for v in values)
+
+    out = tmp_path / "sub"
+    main(["export", str(super_dir), "--base", str(model_dir), "--output", str(out), "--config",
+          str(search_dir / "search.json"), "--select", "best_under:params:0.9"])  # fmt: skip
+    chosen = json.loads((out / "elastic_subnet.json").read_text())
+    assert chosen["params"] <= 0.9 * chosen["max"]["params"]
+
+    em_dir = tmp_path / "em"
+    main(["search", str(super_dir), "--base", str(model_dir), "--output", str(em_dir), "--data", data, "--strategy",
+          "median", "--metric", "exact-match", "--answer-regex", "(good|bad)", "--max-new-tokens", "2"])  # fmt: skip
+    em = json.loads((em_dir / "search.json").read_text())
+    assert em["objectives"][0] == "exact_match" and 0.0 <= em["evaluations"][0]["values"]["exact_match"] <= 1.0
+
+
+def test_unknown_hub_id_offline_is_one_error_line(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit):
+        main(["sparsify", "acme/absent", str(tmp_path / "x"), "--method", "magnitude", "--sparsity", "0.5"])
+    assert capsys.readouterr().err.startswith("error: Could not load 'acme/absent'")
+
+
+def test_hub_ids_for_model_and_data_offline(tmp_path):
+    """The Hub-id code paths, run as a user would: `hf-elastic` in a fresh process with HF_HUB_OFFLINE=1."""
+    hub_model_cache(tmp_path / "hub", "acme/tiny-llama", {"main": 1})
+    tokenizer_dir = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / f"{1:040x}"
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>").save_pretrained(
+        tokenizer_dir
+    )
+    rows = [{"prompt": "the food was", "completion": " good"}, {"prompt": "it was", "completion": " bad"}] * 4
+    hub_dataset_cache(tmp_path / "datasets", "acme/tiny-sft", {"train": rows})
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+                        "HF_DATASETS_CACHE": str(tmp_path / "datasets")}  # fmt: skip
+    cli = [sys.executable, "-m", "hf_elastic"]
+    sparse = tmp_path / "sparse"
+    run = subprocess.run(
+        [*cli, "sparsify", "acme/tiny-llama", str(sparse), "--method", "magnitude", "--sparsity", "0.5",
+         "--dtype", "float32"], env=env, capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert json.loads((sparse / "sparsity_report.json").read_text())["sparsity"] == pytest.approx(0.5)
+    run = subprocess.run(
+        [*cli, "train", "acme/tiny-llama", str(tmp_path / "t"), "--data", "acme/tiny-sft", "--max-steps", "1",
+         "--rank-choices", "4", "2", "--target-modules", "q_proj", "--batch-size", "2"], env=env, capture_output=True,
+        text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "t" / "adapter_model.safetensors").is_file()
+
+
+ERRORS = [
+    (
+        ["sparsify", "{tmp}/nope", "{tmp}/x", "--method", "magnitude", "--sparsity", "0.5"],
+        r"nope is neither a model folder nor a Hub model id",
+    ),
+    (["sparsify", "{model}", "{tmp}/s", "--method", "magnitude", "--sparsity", "1.5"], r"sparsity=1.5"),
+    (["export", "{tmp}", "--base", "{model}", "--output", "{tmp}/o"], r"is not an hf_elastic super-adapter"),
+    (["train", "{model}", "{tmp}/t", "--data", "{data}"], r"columns \['review'\] have no 'messages'.*--template"),
+    (
+        ["train", "{model}", "{tmp}/t", "--data", "{data}", "--template", "{{review}}", "--bf16", "--fp16"],
+        r"--bf16 and --fp16 exclude each other",
+    ),
+    (
+        ["train", "{model}", "{tmp}/t", "--data", "{data}", "--template", "{{review}}", "--ffn-width-choices", "0.5"],
+        r"--ffn-width-choices need --method elastic_lora",
+    ),
+    (
+        ["train", "{model}", "{tmp}/t", "--data", "{data}", "--template", "{{review}}", "--eval-steps", "2"],
+        r"--eval-steps needs evaluation data",
+    ),
+    (["train", "{model}", "{tmp}/t", "--data", "{tmp}/none.jsonl"], r"--data .*none.jsonl does not exist"),
+    (
+        ["train", "{model}", "{tmp}/t", "--data", "{data}", "--template", "{{review}}", "--response-template", "XYZ"],
+        r"--response-template 'XYZ' does not occur",
+    ),
+    (
+        [
+            "train",
+            "{model}",
+            "{tmp}/t",
+            "--data",
+            "{data}",
+            "--template",
+            "{{review}}",
+            "--dtype",
+            "float32",
+            "--revision",
+            "v1",
+        ],
+        r"does not match|revision",
+    ),
+    (
+        ["export", "{tmp}", "--base", "{model}", "--output", "{tmp}/o", "--weight-format", "int4"],
+        r"--weight-format int4 applies to the OpenVINO IR; add --openvino",
+    ),
+    (
+        ["export", "{tmp}", "--base", "{model}", "--output", "{tmp}/o", "--config", "{{bad"],
+        r"--config '\{bad' is not valid JSON",
+    ),
+    (
+        ["export", "{tmp}", "--base", "{model}", "--output", "{tmp}/o", "--config", "{search}:abc"],
+        r"use .*search.json:best or .*:<index of an evaluation>",
+    ),
+    (
+        ["export", "{tmp}", "--base", "{model}", "--output", "{tmp}/o", "--config", "{search}:7"],
+        r"has 2 evaluations, numbered 0 to 1",
+    ),
+    (
+        ["export", "{tmp}", "--base", "{model}", "--output", "{tmp}/o", "--config", "{search}", "--select", "worst"],
+        r"--select 'worst': use 'best' or 'best_under:<cost>:<fraction>'",
+    ),
+    (
+        ["search", "{tmp}", "--base", "{model}", "--output", "{tmp}/o", "--metric", "accuracy"],
+        r"is not an hf_elastic super-adapter",
+    ),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), ERRORS, ids=[str(i) for i in range(len(ERRORS))])
+def test_clear_errors(model_dir, tmp_path, capsys, argv, message):
+    space = SearchSpace([Dimension("r", "rank", (4, 2))])
+    rows = enumerate([(4, 10.0), (2, 5.0)])
+    evaluations = [Evaluation(i, str(i), {"r": r}, {"loss": 1.0, "params": p}, ["random"]) for i, (r, p) in rows]
+    search = SearchResult(space, ["loss", "params"], ["minimize", "minimize"], evaluations, "random").to_json(
+        tmp_path / "search.json"
+    )
+    fields = {"tmp": tmp_path, "model": model_dir, "data": model_dir.parent / "data.jsonl", "search": search}
     with pytest.raises(SystemExit) as exit_:
-        main(["sparsify", str(model_dir), str(tmp_path / "s"), "--method", "magnitude", "--sparsity", "1.5"])
-    assert exit_.value.code == 1 and "sparsity=1.5" in capsys.readouterr().err
+        main([a.format(**fields) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    assert re.search(message, err), err

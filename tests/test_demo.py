@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import llama_for
 
+from hf_elastic.data import completion_collator
 from hf_elastic.demo import DemoConfig, assets, run_demo
 from hf_elastic.demo.assets import (
     DEFAULT_TEMPLATE,
@@ -18,7 +19,6 @@ from hf_elastic.demo.assets import (
     accuracy,
     build_training_features,
     classify_logits,
-    demo_data_collator,
     demo_model_dir,
     encode_prompt,
     load_demo_dataset,
@@ -156,7 +156,7 @@ def test_training_features_mask_all_but_the_answer(tiny_tokenizer) -> None:
 
 def test_collator_pads_right_with_ignored_labels(tiny_tokenizer) -> None:
     feats = build_training_features(tiny_tokenizer, load_demo_dataset({"train": 8})["train"], max_length=64)
-    batch = demo_data_collator(tiny_tokenizer)([feats[i] for i in range(8)])
+    batch = completion_collator(tiny_tokenizer)([feats[i] for i in range(8)])
     lengths = [len(f) for f in feats["input_ids"]]
     assert batch["input_ids"].shape == (8, max(lengths))
     assert batch["attention_mask"].sum(-1).tolist() == lengths

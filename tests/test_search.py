@@ -6,10 +6,11 @@ import csv
 import json
 import math
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ARCHS, fresh, peft_kwargs
+from conftest import ARCHS, fresh, llama_for, peft_kwargs
 from datasets import Dataset
 from peft import get_peft_model
 
@@ -30,11 +31,15 @@ from hf_elastic import (
     SearchSpace,
     get_supernet,
 )
+from hf_elastic.data import encode_text
 from hf_elastic.search import (
     STRATEGIES,
+    ExactMatchEvaluator,
+    LabelWordEvaluator,
     SearchConfig,
     SearchResult,
     activation_importance,
+    extract_answer,
     hypervolume_2d,
     loss_based_config,
     pareto_front,
@@ -558,3 +563,53 @@ def test_bad_input_gives_clear_errors(supernet, batches):
     with pytest.raises(ValueError, match="repeats a name"):
         SearchConfig(objectives=("loss", "loss"))
     assert SearchConfig(strategy="random", budget=3, population=20).budget == 3  # population only binds NSGA-II
+
+
+def test_label_word_accuracy_matches_unpadded_scoring(tiny_tokenizer) -> None:
+    model = llama_for(tiny_tokenizer).eval()
+    prompts = ["Review: This tea is great\nSentiment:", "Review: Stale\nSentiment:", "Review: I love it\nSentiment:"]
+    words = [" negative", " positive"]
+    ids = [tiny_tokenizer.encode(w, add_special_tokens=False)[0] for w in words]
+    with torch.no_grad():
+        rows = [torch.tensor([encode_text(tiny_tokenizer, p)]) for p in prompts]
+        predicted = [int(model(row).logits[0, -1, ids].argmax()) for row in rows]
+    labels = [1, 0, 0]
+    expected = sum(p == g for p, g in zip(predicted, labels, strict=True)) / 3
+    evaluator = LabelWordEvaluator(prompts, labels, words, tiny_tokenizer, batch_size=2)
+    assert evaluator(SimpleNamespace(model=model), {}) == expected
+    by_answer = LabelWordEvaluator.from_answers(prompts, ["positive", "negative", "negative"], words, tiny_tokenizer)
+    assert by_answer.labels == labels
+    with pytest.raises(ValueError, match=r"The answer 'maybe' is none of the label words"):
+        LabelWordEvaluator.from_answers(prompts[:1], ["maybe"], words, tiny_tokenizer)
+    with pytest.raises(ValueError, match="start with the same token"):
+        LabelWordEvaluator(prompts[:1], [0], [" positive", " positive!"], tiny_tokenizer)
+    with pytest.raises(ValueError, match=r"Labels \[2\] are outside 0..1"):
+        LabelWordEvaluator(prompts[:1], [2], words, tiny_tokenizer)
+
+
+class _Scripted(torch.nn.Module):
+    """`generate` appends fixed texts to the prompts, to test the answer matching exactly."""
+
+    def __init__(self, tokenizer, outputs: list[str]) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.outputs = tokenizer, outputs
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        rows = [self.tokenizer.encode(self.outputs.pop(0), add_special_tokens=False) for _ in range(len(input_ids))]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        return torch.cat([input_ids, torch.tensor([r + [pad] * (width - len(r)) for r in rows])], dim=1)
+
+
+def test_exact_match_extracts_final_answers(tiny_tokenizer) -> None:
+    assert extract_answer("so 1,234 apples. #### 1,234.", r"####\s*(-?[\d,]*\.?\d+)") == "1234"
+    assert extract_answer("no answer here", r"####\s*(\d+)") is None
+    references = ["12 + 30 = 42 #### 42", "#### 7", "plain"]
+    outputs = ["I think #### 42", "#### 8", "plain"]
+    evaluator = ExactMatchEvaluator(["q1", "q2", "q3"], references, tiny_tokenizer, batch_size=2, max_new_tokens=4)
+    assert evaluator.answers == ["42", "7", "plain"]
+    score = evaluator(SimpleNamespace(model=_Scripted(tiny_tokenizer, outputs)), {})
+    assert score == pytest.approx(1 / 3)  # "plain" has no #### in the generation either, so only 42 matches
+    with pytest.raises(ValueError, match="is not a regular expression"):
+        ExactMatchEvaluator(["q"], ["a"], tiny_tokenizer, answer_regex="(")

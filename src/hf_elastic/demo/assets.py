@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..data import special_prefix
+
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -27,14 +29,12 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TEMPLATE",
     "DEMO_DATA_DIR",
-    "DemoDataCollator",
     "DEMO_GGUF_FILE",
     "LABEL_NAMES",
     "PromptTemplate",
     "accuracy",
     "build_training_features",
     "classify_logits",
-    "demo_data_collator",
     "demo_model_dir",
     "encode_prompt",
     "load_demo_dataset",
@@ -312,16 +312,6 @@ Chosen by zero-shot accuracy of SmolLM2-135M-Instruct on 100 test rows against s
 """
 
 
-def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids the tokenizer adds in front of a text (a BOS token, or nothing)."""
-    plain = tokenizer.encode("a", add_special_tokens=False)
-    full = tokenizer.encode("a", add_special_tokens=True)
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return full[:start]
-    return []
-
-
 def encode_prompt(
     tokenizer: PreTrainedTokenizerBase,
     text: str,
@@ -337,7 +327,7 @@ def encode_prompt(
     """
     cache = _cache if _cache is not None else {}
     if "head" not in cache:
-        cache["head"] = _special_prefix(tokenizer) + tokenizer.encode(template.prefix, add_special_tokens=False)
+        cache["head"] = special_prefix(tokenizer) + tokenizer.encode(template.prefix, add_special_tokens=False)
         cache["tail"] = tokenizer.encode(template.suffix, add_special_tokens=False)
         cache["answers"] = template.label_token_ids(tokenizer)
     head, tail = cache["head"], cache["tail"]
@@ -456,7 +446,7 @@ def build_training_features(
 
     Returns:
         `datasets.Dataset` with `input_ids`, `attention_mask` and `labels` (`-100` everywhere except the answer token),
-        unpadded; batch it with `demo_data_collator(tokenizer)`.
+        unpadded; batch it with `hf_elastic.data.completion_collator(tokenizer)`.
     """
     cache: dict[str, list[int]] = {}
 
@@ -470,29 +460,3 @@ def build_training_features(
         return {"input_ids": input_ids, "attention_mask": masks, "labels": labels}
 
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing demo prompts")
-
-
-class DemoDataCollator:
-    """Right-pads `input_ids` (pad token), `attention_mask` (0) and `labels` (-100) to the longest row.
-
-    Right padding keeps the default position ids correct, so no `position_ids` are needed during training.
-    """
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
-        self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, features: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": -100}
-        return {
-            key: torch.tensor([list(f[key]) + [value] * (width - len(f[key])) for f in features])
-            for key, value in fill.items()
-        }
-
-
-def demo_data_collator(tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> DemoDataCollator:
-    """The padding collator for `build_training_features` output (pads with the pad token, else EOS)."""
-    return DemoDataCollator(_pad_id(tokenizer), pad_to_multiple_of)

@@ -123,13 +123,14 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     from .. import NASTrainer, NASTrainingArguments, NLSConfig
     from ..compression.quantization.quantize import quantize
     from ..compression.sparsity import sparsify, sparsity_of, weight_masks
+    from ..data import completion_collator
     from ..export.card_info import CardInfo
     from ..export.hub import push_to_hub
     from ..export.openvino import export_openvino, load_openvino
     from ..export.openvino_ir import ir_weight_sparsity
     from ..export.subnetwork import export_subnetwork, load_exported
     from ..search.searcher import search
-    from .assets import accuracy, build_training_features, demo_data_collator, demo_model_dir, load_demo_dataset
+    from .assets import accuracy, build_training_features, demo_model_dir, load_demo_dataset
 
     cfg = config or DemoConfig()
     out = Path(cfg.output_dir)
@@ -220,7 +221,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         args=args,
         peft_config=peft_config,
         train_dataset=features,
-        data_collator=demo_data_collator(tokenizer),
+        data_collator=completion_collator(tokenizer),
     )
     trainer.train()
     trainer.save_model(str(out / "super-adapter"))

@@ -36,6 +36,7 @@ from .evaluators import (
 from .heuristics import HEURISTICS, activation_based_config, activation_importance, loss_based_config
 from .result import Evaluation, SearchResult, hypervolume_2d, pareto_front
 from .searcher import STRATEGIES, SearchConfig, SearchTarget, SubnetSearch, search
+from .tasks import ExactMatchEvaluator, LabelWordEvaluator, extract_answer
 
 __all__ = [
     "COUNT_OBJECTIVES",
@@ -45,8 +46,10 @@ __all__ = [
     "Direction",
     "Evaluation",
     "Evaluator",
+    "ExactMatchEvaluator",
     "FunctionEvaluator",
     "LMEvalEvaluator",
+    "LabelWordEvaluator",
     "LatencyEvaluator",
     "LossEvaluator",
     "MetricEvaluator",
@@ -57,6 +60,7 @@ __all__ = [
     "SubnetSearch",
     "activation_based_config",
     "activation_importance",
+    "extract_answer",
     "hypervolume_2d",
     "loss_based_config",
     "pareto_front",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -261,6 +263,7 @@ class LMEvalEvaluator(Evaluator):
         metric: the result key per task, e.g. `"acc,none"` or `"acc_norm,none"`.
         limit: examples per task (None: all).
         batch_size: lm-eval batch size.
+        include_path: a folder (or list of folders) of your own lm-eval task YAML files, so `tasks` may name them.
         name, direction: objective name and direction (`"maximize"` for accuracies).
         **kwargs: passed on to `lm_eval.simple_evaluate`.
     """
@@ -273,6 +276,7 @@ class LMEvalEvaluator(Evaluator):
         *,
         limit: int | float | None = None,
         batch_size: int = 1,
+        include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
         name: str = "lm_eval",
         direction: Direction = "maximize",
         **kwargs: Any,
@@ -295,6 +299,14 @@ class LMEvalEvaluator(Evaluator):
             limit,
             batch_size,
         )
+        if include_path is not None:
+            paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path)
+            missing = [str(p) for p in paths if not Path(p).is_dir()]
+            if missing:
+                raise FileNotFoundError(f"LMEvalEvaluator include_path {missing} is not a folder of task YAML files.")
+            from lm_eval.tasks import TaskManager
+
+            kwargs["task_manager"] = TaskManager(include_path=[str(p) for p in paths])
         self.name, self.direction, self.kwargs = name, direction, kwargs
 
     def __call__(self, supernet: SuperNetwork | None, config: SubnetConfig) -> float:

@@ -1,0 +1,255 @@
+"""The `hf-elastic` subcommands; each takes the parsed arguments of its parser in `hf_elastic.cli.parser`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from .inputs import (
+    calibration_texts,
+    instruction_format,
+    load_model_and_tokenizer,
+    read_rows,
+    subnet_config,
+    token_dataset,
+)
+
+
+def _transform_and_save(args: argparse.Namespace, transform: Any, **options: Any) -> None:
+    """Load `args.model`, run `sparsify`/`quantize` on it with the calibration data, save model + report."""
+    from ..compression.quantization.format import QuantLinear
+    from ..compression.quantization.serialization import save_quantized
+
+    model, tokenizer = load_model_and_tokenizer(args)
+    texts = calibration_texts(args, tokenizer)
+    report = transform(
+        model, calibration=texts, tokenizer=tokenizer, seq_len=args.seq_len, num_samples=args.num_samples, **options
+    )
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        save_quantized(model, args.output)
+    else:
+        model.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    report.save(args.output)
+    print(report)
+    print(f"wrote {args.output}")
+
+
+def cmd_sparsify(args: argparse.Namespace) -> None:
+    from ..compression.sparsity import sparsify
+
+    _transform_and_save(args, sparsify, method=args.method, sparsity=args.sparsity, pattern=args.pattern)
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from ..compression.quantization.quantize import quantize
+
+    options = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric, "method": args.method}
+    _transform_and_save(args, quantize, keep_residual=args.keep_residual, **options)
+
+
+def _peft_config(args: argparse.Namespace) -> Any:
+    from ..tuners import ElasticLoraConfig, NLSConfig
+
+    common = {
+        "rank_choices": args.rank_choices,
+        "target_modules": args.target_modules,
+        "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout,
+        "sparse_adapter": args.sparse_adapter,
+        "quantization_aware": args.quantization_aware,
+        "task_type": "CAUSAL_LM",
+    }
+    if args.method == "elastic_lora":
+        return ElasticLoraConfig(ffn_width_choices=args.ffn_width_choices, head_choices=args.head_choices, **common)
+    widths = [o for o in ("ffn_width_choices", "head_choices", "reorder") if getattr(args, o) is not None]
+    if widths:
+        flags = ", ".join("--" + o.replace("_", "-") for o in widths)
+        raise ValueError(f"{flags} need --method elastic_lora (LoNAS); --method nls trains elastic ranks only.")
+    return NLSConfig(**common)
+
+
+def _training_arguments(args: argparse.Namespace, has_eval: bool) -> Any:
+    import torch
+
+    from ..nas.trainer import NASTrainingArguments
+
+    if args.bf16 and args.fp16:
+        raise ValueError("--bf16 and --fp16 exclude each other; pick one.")
+    if args.eval_steps is not None and not has_eval:
+        raise ValueError("--eval-steps needs evaluation data: pass --eval-data (or --eval-split of --data).")
+    steps = {"max_steps": args.max_steps} if args.max_steps is not None else {}
+    if args.num_train_epochs is None and args.max_steps is None:
+        steps = {"max_steps": 200}
+    evaluation = {"eval_strategy": "steps", "eval_steps": args.eval_steps} if args.eval_steps else {}
+    return NASTrainingArguments(
+        output_dir=args.output,
+        sampling=args.sampling,
+        sandwich_k=args.sandwich_k,
+        eval_subnets=args.eval_subnets,
+        num_train_epochs=args.num_train_epochs or 1.0,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_ratio=args.warmup_ratio,
+        per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        logging_steps=args.logging_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        report_to="none",
+        seed=args.seed,
+        use_cpu=args.cpu or not torch.accelerator.is_available(),
+        **steps,
+        **evaluation,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+    from peft import get_peft_model
+
+    from ..data import completion_collator
+    from ..nas import NASTrainer, get_supernet
+
+    peft_config = _peft_config(args)
+    eval_source = args.eval_data or (args.data if args.eval_split else None)
+    training_args = _training_arguments(args, eval_source is not None)
+    train_rows = read_rows(args, args.data, args.split, args.num_samples, "--data")
+    eval_rows = None
+    if eval_source:
+        eval_rows = read_rows(args, eval_source, args.eval_split or args.split, args.eval_samples, "--eval-data")
+    model, tokenizer = load_model_and_tokenizer(args)
+    train = token_dataset(args, train_rows, tokenizer, model)
+    evaluation = token_dataset(args, eval_rows, tokenizer, model) if eval_rows is not None else None
+    torch.manual_seed(args.seed)  # the LoRA initialisation follows the training seed
+    model = get_peft_model(model, peft_config)
+    collator = completion_collator(tokenizer)
+    if args.reorder:
+        batches = [collator([train[i] for i in range(min(len(train), args.batch_size))])]
+        get_supernet(model).reorder_channels(args.reorder, batches if args.reorder == "gradient" else None)
+    trainer = NASTrainer(
+        model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collator
+    )
+    trainer.train(resume_from_checkpoint=args.resume or None)
+    trainer.save_model(args.output)
+    tokenizer.save_pretrained(args.output)
+    if evaluation is not None:
+        metrics = trainer.evaluate()
+        print(" ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.endswith("_loss")))
+    print(f"wrote the super-adapter to {args.output}")
+
+
+def _load_supernet(args: argparse.Namespace) -> tuple[Any, Any]:
+    from ..nas import get_supernet, load_super_network
+    from ..utils import ELASTIC_CONFIG_NAME
+
+    if not Path(args.adapter, ELASTIC_CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{args.adapter} is not an hf_elastic super-adapter (no {ELASTIC_CONFIG_NAME}).")
+    model, tokenizer = load_model_and_tokenizer(args, args.base)
+    return get_supernet(load_super_network(model, args.adapter)), tokenizer
+
+
+def _quality_evaluator(args: argparse.Namespace, tokenizer: Any, model: Any) -> Any:
+    from ..data import completion_collator, prompts_and_answers
+    from ..search import ExactMatchEvaluator, LabelWordEvaluator, LMEvalEvaluator, LossEvaluator, PerplexityEvaluator
+
+    if args.metric == "lm-eval":
+        if not args.tasks:
+            raise ValueError("--metric lm-eval needs --tasks, e.g. --tasks arc_easy hellaswag.")
+        return LMEvalEvaluator(
+            args.tasks, tokenizer, args.lm_eval_metric, limit=args.num_samples, include_path=args.include_path
+        )
+    if not args.data:
+        raise ValueError(f"--metric {args.metric} needs --data (evaluation rows).")
+    rows = read_rows(args, args.data, args.split, args.num_samples, "--data")
+    if args.metric in ("loss", "perplexity"):
+        data = token_dataset(args, rows, tokenizer, model)
+        cls = LossEvaluator if args.metric == "loss" else PerplexityEvaluator
+        return cls(data, data_collator=completion_collator(tokenizer), batch_size=args.batch_size)
+    prompts, answers = prompts_and_answers(rows, instruction_format(args), tokenizer)
+    if args.metric == "accuracy":
+        if not args.label_words:
+            raise ValueError("--metric accuracy needs --label-words, e.g. --label-words ' negative' ' positive'.")
+        return LabelWordEvaluator.from_answers(
+            prompts, answers, args.label_words, tokenizer, batch_size=args.batch_size
+        )
+    return ExactMatchEvaluator(
+        prompts, answers, tokenizer, args.answer_regex, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size
+    )
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from ..nas.trainer import NAS_STATS_NAME
+    from ..search.searcher import search
+
+    supernet, tokenizer = _load_supernet(args)
+    evaluator = _quality_evaluator(args, tokenizer, supernet.model)
+    stats = Path(args.adapter, NAS_STATS_NAME)
+    result = search(
+        supernet,
+        evaluator,
+        args.strategy,
+        objectives=(evaluator.name, args.cost),
+        budget=args.budget,
+        population=args.population,
+        seed=args.seed,
+        nas_stats=stats if stats.is_file() and args.strategy == "loss_based" else None,
+        output_dir=args.output,
+    )
+    print(f"{len(result.evaluations)} sub-networks evaluated, {len(result.front)} on the Pareto front")
+    print(f"wrote {args.output}/search.json, search.csv and search.png")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from ..export.openvino import export_openvino
+    from ..export.subnetwork import export_subnetwork, load_exported
+
+    if args.weight_format != "fp32" and not args.openvino:
+        raise ValueError(f"--weight-format {args.weight_format} applies to the OpenVINO IR; add --openvino.")
+    config = subnet_config(args.config, args.select)
+    supernet, tokenizer = _load_supernet(args)
+    out = export_subnetwork(supernet, config, args.output, tokenizer=tokenizer, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    if args.openvino:
+        ov_dir = export_openvino(
+            load_exported(out), Path(f"{out}-openvino"), tokenizer=tokenizer, weight_format=args.weight_format
+        )
+        print(f"wrote {ov_dir}")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from ..export.card_info import CardInfo
+    from ..export.hub import push_to_hub
+
+    info = CardInfo(method=args.method, base_model=args.base_model, license=args.license)
+    token = os.environ.get("HF_TOKEN") if not args.dry_run else None
+    where = push_to_hub(
+        args.folder,
+        args.repo_id,
+        card_info=info,
+        token=token,
+        private=args.private,
+        dry_run=args.dry_run,
+        local_dir=args.local_dir,
+    )
+    print(f"{'wrote' if args.dry_run else 'pushed'} {where}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from ..demo.run import DemoConfig, run_demo
+
+    run_demo(
+        DemoConfig(
+            output_dir=args.output,
+            model_dir=args.model_dir,
+            quick=args.quick,
+            quantization_aware=args.qa,
+            seed=args.seed,
+        )
+    )

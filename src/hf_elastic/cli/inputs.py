@@ -1,0 +1,120 @@
+"""What the commands read: models (folder or Hub id), data (file, folder or Hub data set), sub-network configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+_SUBNETS = ("max", "min", "median")
+
+
+def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None) -> tuple[Any, Any]:
+    """The model and tokenizer of `source` (default `args.model`): a folder (any hf_elastic export too) or a Hub id."""
+    from ..export.subnetwork import load_exported
+    from ..models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+
+    source = source or args.model
+    dtype = resolve_dtype(args.dtype)
+    hub = {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
+    if Path(source).is_dir():
+        if args.revision:
+            raise ValueError(f"--revision {args.revision} applies to Hub ids; {source} is a local folder.")
+        if not Path(source, "config.json").is_file():
+            raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
+        model = load_exported(source, dtype=None if dtype == "auto" else dtype)
+    else:
+        model = load_causal_lm(source, dtype=dtype, **hub)
+    return model, load_tokenizer(source, **hub)
+
+
+def instruction_format(args: argparse.Namespace) -> Any:
+    from ..data import InstructionFormat
+
+    return InstructionFormat(
+        template=args.template,
+        response_template=args.response_template,
+        completion_only=getattr(args, "completion_only", True),
+        text_column=args.text_column,
+    )
+
+
+def read_rows(args: argparse.Namespace, source: str, split: str, limit: int | None, option: str) -> Any:
+    from ..data import load_rows
+
+    return load_rows(
+        source, config=args.data_config, split=split, revision=args.data_revision, limit=limit, option=option
+    )
+
+
+def calibration_texts(args: argparse.Namespace, tokenizer: Any) -> list[str] | None:
+    """The calibration rows as plain texts (prompt and answer joined), or None without `--calibration`."""
+    if not args.calibration:
+        return None
+    rows = read_rows(args, args.calibration, args.split, args.num_samples, "--calibration")
+    fmt = instruction_format(args)
+    shape = fmt.shape(rows.column_names)
+    return ["".join(text for text, _ in fmt.segments(row, shape, tokenizer)) for row in rows]
+
+
+def token_dataset(args: argparse.Namespace, rows: Any, tokenizer: Any, model: Any) -> Any:
+    from ..compression.calibration import max_positions
+    from ..data import tokenize_rows
+
+    fmt = instruction_format(args)
+    return tokenize_rows(
+        rows, tokenizer, args.seq_len, fmt, packing=getattr(args, "packing", False), max_positions=max_positions(model)
+    )
+
+
+def subnet_config(value: str, select: str = "best") -> Any:
+    """`max`/`min`/`median`, a JSON object, a JSON file with a config, or a search result (+ `:best`/`:<index>`)."""
+    if value in _SUBNETS:
+        return value
+    if value.lstrip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {value!r} is not valid JSON ({err.msg} at column {err.colno}).") from None
+    path, _, pick = value.partition(":")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--config {value!r} is neither max/min/median, a JSON object nor a file.")
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {path} is not a JSON file ({err}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} holds a {type(data).__name__}; expected a JSON object.")
+    if "evaluations" not in data:
+        return data.get("config", data)
+    from ..search.result import SearchResult
+
+    result = SearchResult.from_dict(data)
+    if pick.isdigit():
+        index = int(pick)
+        count = len(result.evaluations)
+        if index >= count:
+            raise ValueError(f"--config {value}: {path} has {count} evaluations, numbered 0 to {count - 1}.")
+        return result.evaluations[index].config
+    if pick not in ("", "best"):
+        raise ValueError(f"--config {value}: use {path}, {path}:best or {path}:<index of an evaluation>.")
+    return select_from(result, select).config
+
+
+def select_from(result: Any, select: str) -> Any:
+    """`best` (first objective) or `best_under:<cost>:<fraction of the max sub-network's cost>` of a search result."""
+    if select == "best":
+        return result.best()
+    kind, _, rest = select.partition(":")
+    cost, _, fraction = rest.partition(":")
+    try:
+        limit = float(fraction)
+    except ValueError:
+        limit = -1.0
+    if kind != "best_under" or not cost or not 0 < limit <= 1:
+        raise ValueError(
+            f"--select {select!r}: use 'best' or 'best_under:<cost>:<fraction>', e.g. 'best_under:params:0.7' "
+            f"(objectives of this search: {list(result.objectives)})."
+        )
+    return result.best_under(result.objectives[0], cost, limit, relative=True)

@@ -1,0 +1,202 @@
+"""The argument parser of `hf-elastic`: one subparser per pipeline step."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import commands
+
+_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+_SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup", "polynomial")
+
+
+def _model_args(p: argparse.ArgumentParser, what: str = "model") -> None:
+    p.add_argument("--revision", default=None, help=f"branch, tag or commit of the {what} on the Hub")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        default="auto",
+        help="weights' dtype when loading (auto: the checkpoint's own)",
+    )
+    p.add_argument("--trust-remote-code", action="store_true", help="run the Hub repo's own modelling code")
+
+
+def _data_args(p: argparse.ArgumentParser, option: str, required: bool) -> None:
+    p.add_argument(
+        "--" + option,
+        required=required,
+        help="a .jsonl/.json/.csv/.parquet/.txt file, a folder, or a Hub data set id (e.g. openai/gsm8k)",
+    )
+    p.add_argument("--data-config", default=None, help="configuration of a Hub data set (e.g. 'main' for gsm8k)")
+    p.add_argument("--data-revision", default=None, help="branch, tag or commit of a Hub data set")
+    p.add_argument("--split", default="train", help="split to read (default: train)")
+    p.add_argument(
+        "--template",
+        default=None,
+        help="how a row reads, with {column} fields, e.g. 'Question: {question}\\nAnswer: {answer}'. Default: the "
+        "'messages' (chat template), 'prompt'+'completion' or 'text' column",
+    )
+    p.add_argument(
+        "--response-template", default=None, help="text after which the answer starts in --template (e.g. 'Answer:')"
+    )
+    p.add_argument("--text-column", default="text", help="column of plain-text rows")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per row (longer rows are cut)")
+
+
+def _positive(kind: type) -> object:
+    def parse(value: str) -> int | float:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a {kind.__name__}") from None
+        if number <= 0:
+            raise argparse.ArgumentTypeError(f"{value} must be > 0")
+        return number
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __doc__ as description
+
+    parser = argparse.ArgumentParser(prog="hf-elastic", description=description)
+    sub = parser.add_subparsers(dest="command", required=True)
+    positive_int, positive_float = _positive(int), _positive(float)
+
+    p = sub.add_parser("sparsify", help="prune a model with Wanda or magnitude (unstructured or N:M)")
+    p.add_argument("model", help="model folder or Hub id")
+    p.add_argument("output", help="where to write the sparse model and sparsity_report.json")
+    p.add_argument("--method", choices=("wanda", "magnitude"), default="wanda")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of zeros per row (unstructured)")
+    p.add_argument("--pattern", default="unstructured", help="'unstructured', '2:4' or '4:8'")
+    p.add_argument("--num-samples", type=positive_int, default=128, help="calibration rows")
+    _model_args(p)
+    _data_args(p, "calibration", False)
+    p.set_defaults(func=commands.cmd_sparsify)
+
+    p = sub.add_parser("quantize", help="INT4/INT8 group-wise quantization (RTN or GPTQ), in hf_elastic's format")
+    p.add_argument("model", help="model folder or Hub id (may be sparse: zeros stay zero)")
+    p.add_argument("output")
+    p.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
+    p.add_argument("--keep-residual", action="store_true", help="keep the rounding residuals (QA-SparsePEFT training)")
+    p.add_argument("--num-samples", type=positive_int, default=128, help="calibration rows")
+    _model_args(p)
+    _data_args(p, "calibration", False)
+    p.set_defaults(func=commands.cmd_quantize)
+
+    p = sub.add_parser("train", help="train an NLS / LoNAS super-network with NASTrainer (causal LM)")
+    p.add_argument("model", help="base model folder or Hub id (dense, sparse or hf_elastic INT4)")
+    p.add_argument("output", help="where to write checkpoints and the super-adapter")
+    p.add_argument("--method", choices=("nls", "elastic_lora"), default="nls", help="elastic_lora = LoNAS widths")
+    p.add_argument("--rank-choices", type=positive_int, nargs="+", default=[16, 12, 8])
+    p.add_argument("--target-modules", nargs="+", default=_TARGETS)
+    p.add_argument("--lora-alpha", type=positive_int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument(
+        "--ffn-width-choices", type=positive_float, nargs="+", default=None, help="LoNAS, e.g. 1.0 0.75 0.5"
+    )
+    p.add_argument("--head-choices", type=positive_float, nargs="+", default=None, help="LoNAS, e.g. 1.0 0.75")
+    p.add_argument("--reorder", choices=("magnitude", "gradient"), default=None, help="LoNAS channel importance")
+    p.add_argument("--sparse-adapter", action="store_true", help="SparsePEFT: keep the base's zeros when merging")
+    p.add_argument("--quantization-aware", action="store_true", help="QA-SparsePEFT on an hf_elastic INT4 base")
+    p.add_argument("--sampling", default="uniform", help="uniform, sandwich, max or a registered sampler")
+    p.add_argument("--sandwich-k", type=int, default=2, help="random sub-networks per step with --sampling sandwich")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (default 200)")
+    p.add_argument("--num-train-epochs", type=positive_float, default=None, help="epochs, instead of --max-steps")
+    p.add_argument("--learning-rate", type=positive_float, default=3e-4)
+    p.add_argument("--lr-scheduler", choices=_SCHEDULERS, default="linear")
+    p.add_argument("--warmup-ratio", type=float, default=0.0)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--gradient-accumulation-steps", type=positive_int, default=1)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    p.add_argument("--fp16", action="store_true", help="fp16 mixed precision (GPU)")
+    p.add_argument("--logging-steps", type=positive_int, default=10)
+    p.add_argument("--save-steps", type=positive_int, default=50)
+    p.add_argument("--num-samples", type=positive_int, default=None, help="use the first N training rows")
+    p.add_argument("--eval-data", default=None, help="evaluation rows (same forms as --data)")
+    p.add_argument("--eval-split", default=None, help="evaluation split (of --eval-data, else of --data)")
+    p.add_argument("--eval-samples", type=positive_int, default=None, help="use the first N evaluation rows")
+    p.add_argument("--eval-steps", type=positive_int, default=None, help="evaluate every N steps during training")
+    p.add_argument("--eval-subnets", nargs="+", choices=("median", "max", "min"), default=["median", "max", "min"])
+    p.add_argument(
+        "--completion-only",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="learn the completion only (prompt tokens get label -100)",
+    )
+    p.add_argument("--packing", action="store_true", help="concatenate rows into full --seq-len blocks")
+    p.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
+    _model_args(p)
+    _data_args(p, "data", True)
+    p.set_defaults(func=commands.cmd_train)
+
+    p = sub.add_parser("search", help="search sub-networks of a super-adapter (a task metric or loss vs a cost)")
+    p.add_argument("adapter", help="super-adapter folder (from train)")
+    p.add_argument("--base", required=True, help="the base model (folder or Hub id) it was trained on")
+    p.add_argument("--output", required=True, help="folder for search.json/.csv/.png")
+    p.add_argument("--strategy", default="nsga2", help="nsga2, random, median, max, min, loss_based")
+    p.add_argument(
+        "--metric",
+        choices=("loss", "perplexity", "accuracy", "exact-match", "lm-eval"),
+        default="loss",
+        help="quality objective: loss/perplexity on --data, accuracy of --label-words, exact match of the answer "
+        "found by --answer-regex in greedy generations, or lm-eval --tasks",
+    )
+    p.add_argument("--label-words", nargs="+", default=None, help="one word per class, for --metric accuracy")
+    p.add_argument("--answer-regex", default=r"####\s*(-?[\d,]*\.?\d+)", help="final-answer pattern (GSM8K)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation length for exact-match")
+    p.add_argument("--tasks", nargs="+", default=None, help="lm-eval task names, for --metric lm-eval")
+    p.add_argument("--include-path", default=None, help="folder of your own lm-eval task YAML files")
+    p.add_argument("--lm-eval-metric", default="acc,none", help="lm-eval result key, e.g. acc_norm,none")
+    p.add_argument("--cost", choices=("params", "macs", "latency"), default="params")
+    p.add_argument("--budget", type=positive_int, default=40)
+    p.add_argument("--population", type=positive_int, default=10)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--num-samples", type=positive_int, default=64, help="evaluation rows (lm-eval: per task)")
+    p.add_argument("--seed", type=int, default=0)
+    _model_args(p, "base model")
+    _data_args(p, "data", False)
+    p.set_defaults(func=commands.cmd_search)
+
+    p = sub.add_parser("export", help="merge and slice a sub-network; optionally to OpenVINO IR")
+    p.add_argument("adapter", help="super-adapter folder")
+    p.add_argument("--base", required=True, help="the base model (folder or Hub id)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--config", default="median", help="max/min/median, a JSON object, or search.json[:best|:<i>]")
+    p.add_argument(
+        "--select",
+        default="best",
+        help="with a search.json: 'best' (first objective) or 'best_under:<cost>:<fraction>' of the max's cost",
+    )
+    p.add_argument("--openvino", action="store_true", help="also write <output>-openvino (OpenVINO IR)")
+    p.add_argument("--weight-format", choices=("fp32", "fp16", "int8", "int4"), default="fp32")
+    p.add_argument("--overwrite", action="store_true")
+    _model_args(p, "base model")
+    p.set_defaults(func=commands.cmd_export)
+
+    p = sub.add_parser("push", help="publish an adapter, merged model or OpenVINO folder with a model card")
+    p.add_argument("folder")
+    p.add_argument("repo_id", help="user/name on the Hub")
+    p.add_argument("--method", default="sqft-sparsepeft", help="lonas, nls, shears, sqft, sqft-sparsepeft, ...")
+    p.add_argument("--base-model", required=True, help="Hub id of the base model, for the card")
+    p.add_argument("--license", default=None)
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="write the folder that would be uploaded; no network")
+    p.add_argument("--local-dir", default=None, help="where --dry-run writes the folder")
+    p.set_defaults(func=commands.cmd_push)
+
+    p = sub.add_parser("demo", help="the whole pipeline offline on SmolLM2-135M and fine-food reviews")
+    p.add_argument("--output", default="outputs/demo")
+    p.add_argument("--quick", action="store_true", help="fewer steps and evaluations (a smoke run)")
+    p.add_argument("--qa", action="store_true", help="QA-SparsePEFT on an INT4 base instead of SparsePEFT")
+    p.add_argument("--model-dir", default=None, help="a local causal LM folder to use instead of SmolLM2-135M")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=commands.cmd_demo)
+    return parser

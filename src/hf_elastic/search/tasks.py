@@ -1,0 +1,170 @@
+"""Task metrics of the active sub-network: label-word accuracy (classification) and exact match (GSM8K style)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ..data import encode_text
+from ..nas.search_space import SubnetConfig
+from ..nas.supernet import SuperNetwork
+from .evaluators import Evaluator
+
+GSM8K_ANSWER = r"####\s*(-?[\d,]*\.?\d+)"
+
+
+def _left_padded(tokenizer: Any, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    rows = [encode_text(tokenizer, p) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _chunks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, start + size)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+class LabelWordEvaluator(Evaluator):
+    """Accuracy of the label word with the highest next-token logit after each prompt.
+
+    Args:
+        prompts: the texts the label word follows.
+        labels: the index into `label_words` of each prompt's answer.
+        label_words: one word per class; the first token of each is scored (they must differ), so include a leading
+            space where the word follows a space (`" positive"`).
+        tokenizer: the model's tokenizer.
+        batch_size: prompts per forward pass.
+    """
+
+    name, direction = "accuracy", "maximize"
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        labels: Sequence[int],
+        label_words: Sequence[str],
+        tokenizer: Any,
+        batch_size: int = 8,
+    ) -> None:
+        if len(prompts) != len(labels) or not prompts:
+            raise ValueError(
+                f"LabelWordEvaluator needs as many labels as prompts (>0); got {len(prompts)} and {len(labels)}."
+            )
+        if len(label_words) < 2:
+            raise ValueError(f"LabelWordEvaluator needs at least two label words, got {list(label_words)}.")
+        bad = [label for label in labels if not 0 <= label < len(label_words)]
+        if bad:
+            raise ValueError(f"Labels {sorted(set(bad))[:5]} are outside 0..{len(label_words) - 1} (the label words).")
+        token_ids = []
+        for word in label_words:
+            ids = tokenizer.encode(word, add_special_tokens=False)
+            if not ids:
+                raise ValueError(f"Label word {word!r} has no tokens.")
+            token_ids.append(ids[0])
+        if len(set(token_ids)) < len(token_ids):
+            raise ValueError(f"Label words {list(label_words)} start with the same token; pick words that differ.")
+        self.prompts, self.labels, self.tokenizer, self.batch_size = list(prompts), list(labels), tokenizer, batch_size
+        self.token_ids = token_ids
+
+    @classmethod
+    def from_answers(
+        cls, prompts: Sequence[str], answers: Sequence[str], label_words: Sequence[str], tokenizer: Any, **kwargs: Any
+    ) -> LabelWordEvaluator:
+        """Build it from answer texts, each equal to one of `label_words` (compared without surrounding spaces)."""
+        words = [w.strip() for w in label_words]
+        labels = []
+        for answer in answers:
+            if answer.strip() not in words:
+                raise ValueError(f"The answer {answer.strip()!r} is none of the label words {list(label_words)}.")
+            labels.append(words.index(answer.strip()))
+        return cls(prompts, labels, label_words, tokenizer, **kwargs)
+
+    @torch.no_grad()
+    def __call__(self, supernet: SuperNetwork, config: SubnetConfig) -> float:
+        model = supernet.model
+        correct = 0
+        for part in _chunks(len(self.prompts), self.batch_size):
+            batch = _left_padded(self.tokenizer, self.prompts[part], _device(model))
+            # explicit positions: left padding must not shift them (matches unpadded one-by-one scoring)
+            positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            logits = model(**batch, position_ids=positions, use_cache=False).logits[:, -1, self.token_ids]
+            gold = torch.tensor(self.labels[part], device=logits.device)
+            correct += int((logits.argmax(-1) == gold).sum())
+        return correct / len(self.prompts)
+
+
+def extract_answer(text: str, pattern: str) -> str | None:
+    """The first match of `pattern` in `text` (its first group if it has one), without commas and outer spaces."""
+    match = re.search(pattern, text)
+    if match is None:
+        return None
+    value = match.group(1) if match.groups() else match.group(0)
+    return value.replace(",", "").strip().rstrip(".")
+
+
+class ExactMatchEvaluator(Evaluator):
+    """Share of prompts whose greedy generation contains the reference's final answer (GSM8K-style exact match).
+
+    The answer is extracted from both the generation and the reference with `answer_regex` (default: the number
+    after `####`, as GSM8K writes it); a reference without a match is used whole.
+
+    Args:
+        prompts: the questions as the model sees them (the chat template already applied, if any).
+        references: the reference completions.
+        tokenizer: the model's tokenizer.
+        answer_regex: a regular expression; its first group (or whole match) is the answer.
+        max_new_tokens: generation length.
+        batch_size: prompts per `generate` call.
+    """
+
+    name, direction = "exact_match", "maximize"
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        references: Sequence[str],
+        tokenizer: Any,
+        answer_regex: str = GSM8K_ANSWER,
+        max_new_tokens: int = 256,
+        batch_size: int = 8,
+    ) -> None:
+        if len(prompts) != len(references) or not prompts:
+            raise ValueError(
+                f"ExactMatchEvaluator needs as many references as prompts (>0); got {len(prompts)} and "
+                f"{len(references)}."
+            )
+        try:
+            re.compile(answer_regex)
+        except re.error as err:
+            raise ValueError(f"answer_regex={answer_regex!r} is not a regular expression: {err}.") from None
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1.")
+        self.prompts, self.tokenizer = list(prompts), tokenizer
+        self.answer_regex, self.max_new_tokens, self.batch_size = answer_regex, max_new_tokens, batch_size
+        self.answers = [extract_answer(r, answer_regex) or r.strip() for r in references]
+
+    @torch.no_grad()
+    def __call__(self, supernet: SuperNetwork, config: SubnetConfig) -> float:
+        model = supernet.model
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        correct = 0
+        for part in _chunks(len(self.prompts), self.batch_size):
+            batch = _left_padded(self.tokenizer, self.prompts[part], _device(model))
+            out = model.generate(
+                **batch, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad, num_beams=1
+            )
+            texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            correct += sum(
+                extract_answer(t, self.answer_regex) == a for t, a in zip(texts, self.answers[part], strict=True)
+            )
+        return correct / len(self.prompts)
