@@ -1,0 +1,234 @@
+"""The shared runner of the papers' recipes: compress the base, train the super-adapter, evaluate, export.
+
+Each recipe script (`lonas.py`, `shears.py`, `sqft_sparsepeft.py`, `sqft_qa_sparsepeft.py`) only sets the published
+hyper-parameters. On a GPU machine with the Hub they run as they are (GSM8K from the Hub, lm-eval `gsm8k` for the
+heuristic sub-network). `--tiny` swaps in a tiny random Llama and synthetic GSM8K-style rows, offline, in seconds: the
+test suite runs it so the scripts cannot rot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_elastic import (
+    ElasticLoraConfig,
+    NASTrainer,
+    NASTrainingArguments,
+    NLSConfig,
+    export_subnetwork,
+    get_supernet,
+    quantize,
+    sparsify,
+)
+from hf_elastic.data import InstructionFormat, completion_collator, load_rows, prompts_and_answers, tokenize_rows
+from hf_elastic.search import ExactMatchEvaluator, LMEvalEvaluator
+
+GSM8K = InstructionFormat(template="Question: {question}\nAnswer: {answer}", response_template="Answer:")
+# Modules each architecture exposes to LoRA (Phi-3 fuses q/k/v and gate/up).
+TARGETS = {
+    "phi3": ["qkv_proj", "gate_up_proj", "down_proj"],
+    "default": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+}
+
+
+@dataclass
+class Recipe:
+    """A published recipe: how the base is compressed and how the super-adapter is trained."""
+
+    name: str
+    paper: str
+    sparsity: float = 0.0
+    gptq_bits: int | None = None
+    sparse_adapter: bool = False
+    quantization_aware: bool = False
+    rank_choices: list[int] = field(default_factory=lambda: [32, 28, 24, 20, 16])
+    group_qkv: bool = True
+    ffn_width_choices: list[float] | None = None
+    extra_targets: list[str] = field(default_factory=list)
+    lora_alpha: int = 64
+    lora_dropout: float = 0.1
+    learning_rate: float = 3e-4
+    epochs: float = 3.0
+    batch_size: int = 16
+    gradient_accumulation: int = 1
+    warmup_steps: int = 100
+    default_model: str = "meta-llama/Meta-Llama-3-8B"
+
+
+def parse_args(recipe: Recipe, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=f"{recipe.name}: {recipe.paper}")
+    parser.add_argument("--model", default=recipe.default_model, help="Hub id or folder of the base model")
+    parser.add_argument("--data", default="openai/gsm8k", help="training data (Hub id or file)")
+    parser.add_argument("--data-config", default="main")
+    parser.add_argument("--template", default=GSM8K.template, help="how a row reads, with {column} fields")
+    parser.add_argument("--response-template", default=GSM8K.response_template, help="text before the answer")
+    parser.add_argument("--output-dir", default=f"outputs/{recipe.name}")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--calibration-samples", type=int, default=128)
+    parser.add_argument("--eval-limit", type=int, default=None, help="GSM8K test rows for lm-eval (default: all)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--tiny", action="store_true", help="tiny random model and synthetic rows, offline, CPU")
+    return parser.parse_args(argv)
+
+
+def synthetic_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """GSM8K-shaped rows: a question and a worked answer ending in `#### <number>`."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        rows.append({"question": f"What is {a} plus {b}?", "answer": f"{a} plus {b} is {a + b}. #### {a + b}"})
+    return rows
+
+
+def tiny_model_and_tokenizer(rows: list[dict[str, str]]) -> tuple[Any, Any]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    backend.train_from_iterator([f"{r['question']} {r['answer']}" for r in rows], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config), tokenizer
+
+
+def peft_config(recipe: Recipe, model_type: str) -> NLSConfig:
+    targets = TARGETS.get(model_type, TARGETS["default"]) + recipe.extra_targets
+    groups = [["q_proj", "k_proj", "v_proj"]] if recipe.group_qkv and "q_proj" in targets else None
+    common = {
+        "rank_choices": recipe.rank_choices,
+        "rank_groups": groups,
+        "target_modules": targets,
+        "lora_alpha": recipe.lora_alpha,
+        "lora_dropout": recipe.lora_dropout,
+        "sparse_adapter": recipe.sparse_adapter,
+        "quantization_aware": recipe.quantization_aware,
+        "task_type": "CAUSAL_LM",
+    }
+    if recipe.ffn_width_choices:
+        return ElasticLoraConfig(ffn_width_choices=recipe.ffn_width_choices, head_choices=[1.0], **common)
+    return NLSConfig(**common)
+
+
+def run(recipe: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
+    """Run `recipe` end to end and return (and write) a summary of what it produced."""
+    from datasets import Dataset
+
+    from hf_elastic.models.loading import load_causal_lm, load_tokenizer
+
+    args = parse_args(recipe, argv)
+    fmt = InstructionFormat(template=args.template, response_template=args.response_template)
+    out = Path(args.output_dir)
+    torch.manual_seed(args.seed)
+    cuda = torch.cuda.is_available() and not args.tiny
+    if args.tiny:
+        train_rows, test_rows = Dataset.from_list(synthetic_rows(64, 0)), Dataset.from_list(synthetic_rows(8, 1))
+        model, tokenizer = tiny_model_and_tokenizer(list(train_rows))
+        args.seq_len, group_size, epochs, batch, accumulation, warmup = 48, 16, 1.0, 8, 1, 0
+    else:
+        train_rows = load_rows(args.data, config=args.data_config, split="train")
+        test_rows = None
+        model = load_causal_lm(args.model, dtype=torch.bfloat16 if cuda else torch.float32)
+        model.to("cuda" if cuda else "cpu")
+        tokenizer = load_tokenizer(args.model)
+        group_size, epochs = 128, recipe.epochs
+        batch, accumulation, warmup = recipe.batch_size, recipe.gradient_accumulation, recipe.warmup_steps
+    calibration_rows = train_rows.select(range(min(args.calibration_samples, len(train_rows))))
+    calibration = [fmt.template.format(**row) for row in calibration_rows]
+    summary: dict[str, Any] = {
+        "recipe": recipe.name,
+        "paper": recipe.paper,
+        "model": "tiny" if args.tiny else args.model,
+    }
+    if recipe.sparsity:
+        report = sparsify(
+            model,
+            sparsity=recipe.sparsity,
+            calibration=calibration,
+            tokenizer=tokenizer,
+            seq_len=args.seq_len,
+            num_samples=len(calibration),
+        )
+        summary["base_sparsity"] = report.total_sparsity
+    if recipe.gptq_bits:
+        quantize(
+            model,
+            bits=recipe.gptq_bits,
+            group_size=group_size,
+            method="gptq",
+            calibration=calibration,
+            tokenizer=tokenizer,
+            seq_len=args.seq_len,
+            num_samples=len(calibration),
+            keep_residual=recipe.quantization_aware,
+        )
+        summary["base_bits"] = recipe.gptq_bits
+    config = peft_config(recipe, model.config.model_type)
+    training = NASTrainingArguments(
+        output_dir=str(out / "super-adapter"),
+        num_train_epochs=epochs,
+        learning_rate=recipe.learning_rate,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        warmup_steps=warmup,
+        lr_scheduler_type="linear",
+        bf16=cuda,
+        logging_steps=20,
+        save_strategy="epoch",
+        save_total_limit=1,
+        report_to="none",
+        seed=args.seed,
+        use_cpu=not cuda,
+        disable_tqdm=args.tiny,
+    )
+    from peft import get_peft_model
+
+    model = get_peft_model(model, config)
+    supernet = get_supernet(model)
+    if recipe.ffn_width_choices:
+        supernet.reorder_channels("magnitude")
+    train = tokenize_rows(train_rows, tokenizer, args.seq_len, fmt)
+    trainer = NASTrainer(model=model, args=training, train_dataset=train, data_collator=completion_collator(tokenizer))
+    summary["train_loss"] = trainer.train().training_loss
+    trainer.save_model(str(out / "super-adapter"))
+    tokenizer.save_pretrained(out / "super-adapter")
+
+    supernet.activate("median")  # the Shears/SQFT heuristic sub-network
+    if args.tiny:
+        prompts, answers = prompts_and_answers(test_rows, fmt, tokenizer)
+        evaluator = ExactMatchEvaluator(prompts, answers, tokenizer, max_new_tokens=12)
+    else:
+        metric = "exact_match,strict-match"
+        evaluator = LMEvalEvaluator(["gsm8k"], tokenizer, metric, limit=args.eval_limit, batch_size=8)
+    heuristic = supernet.active_config
+    summary["heuristic"] = {"config": heuristic, evaluator.name: evaluator(supernet, heuristic)}
+    summary["heuristic"]["params"] = supernet.count(heuristic)["params"]
+    if recipe.sparse_adapter or recipe.ffn_width_choices:
+        merged = export_subnetwork(supernet, "median", out / "merged", tokenizer=tokenizer, overwrite=True)
+        summary["export"] = str(merged)
+    else:  # a dense adapter does not merge into a sparse or INT4 base exactly: ship base + plain LoRA adapter
+        summary["export"] = str(supernet.extract_adapter("median", out / "heuristic-adapter"))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(json.dumps(summary, indent=2, default=str))
+    return summary

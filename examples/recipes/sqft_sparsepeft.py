@@ -1,0 +1,19 @@
+"""SQFT + SparsePEFT (Muñoz et al., EMNLP 2024 findings): sparse base, NLS adapter masked by the base's zeros.
+
+Published settings (Llama-3-8B, GSM8K, 50 % Wanda): LoRA r=32, rank choices 32/28/24/20/16 with q/k/v sharing one
+rank, alpha 64, dropout 0.1 on q/k/v/up/down, lr 3e-4, 3 epochs, batch 16, 100 warm-up steps. The heuristic
+sub-network merges into the base and keeps every zero.
+"""
+
+from recipe import Recipe, run
+
+SQFT_SPARSEPEFT = Recipe(
+    name="sqft-sparsepeft",
+    paper="SQFT: Low-cost Model Adaptation in Low-precision Sparse Foundation Models",
+    sparsity=0.5,
+    sparse_adapter=True,
+    epochs=3,
+)
+
+if __name__ == "__main__":
+    run(SQFT_SPARSEPEFT)
