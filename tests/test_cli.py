@@ -264,7 +264,18 @@ ERRORS = [
         r"nope is neither a model folder nor a Hub model id",
     ),
     (["sparsify", "{model}", "{tmp}/s", "--method", "magnitude", "--sparsity", "1.5"], r"sparsity=1.5"),
-    (["export", "{tmp}", "--base", "{model}", "--output", "{tmp}/o"], r"is not an hf_elastic super-adapter"),
+    (["export", "{tmp}/plain", "--base", "{model}", "--output", "{tmp}/o"], r"is not an hf_elastic super-adapter"),
+    (["export", "{adapter}", "--base", "{model}", "--output", "{adapter}/sub"], r"--output .*/sub overlaps the input"),
+    (
+        ["export", "{adapter}", "--base", "{model}", "--output", "{full}"],
+        r"--output .* exists and is not empty; pass --overwrite",
+    ),
+    (
+        ["sparsify", "{model}", "{model}", "--method", "magnitude", "--sparsity", "0.5"],
+        r"output .* overlaps the input",
+    ),
+    (["quantize", "{model}", "{full}"], r"output .* exists and is not empty; pass --overwrite"),
+    (["train", "{model}", "{tmp}/t", "--data", "{data}", "--seq-len", "0"], None),
     (["train", "{model}", "{tmp}/t", "--data", "{data}"], r"columns \['review'\] have no 'messages'.*--template"),
     (
         ["train", "{model}", "{tmp}/t", "--data", "{data}", "--template", "{{review}}", "--bf16", "--fp16"],
@@ -300,24 +311,35 @@ ERRORS = [
         r"does not match|revision",
     ),
     (
-        ["export", "{tmp}", "--base", "{model}", "--output", "{tmp}/o", "--weight-format", "int4"],
+        ["export", "{adapter}", "--base", "{model}", "--output", "{tmp}/o", "--weight-format", "int4"],
         r"--weight-format int4 applies to the OpenVINO IR; add --openvino",
     ),
     (
-        ["export", "{tmp}", "--base", "{model}", "--output", "{tmp}/o", "--config", "{{bad"],
+        ["export", "{adapter}", "--base", "{model}", "--output", "{tmp}/o", "--config", "{{bad"],
         r"--config '\{bad' is not valid JSON",
     ),
     (
-        ["export", "{tmp}", "--base", "{model}", "--output", "{tmp}/o", "--config", "{search}:abc"],
+        ["export", "{adapter}", "--base", "{model}", "--output", "{tmp}/o", "--config", "{search}:abc"],
         r"use .*search.json:best or .*:<index of an evaluation>",
     ),
     (
-        ["export", "{tmp}", "--base", "{model}", "--output", "{tmp}/o", "--config", "{search}:7"],
+        ["export", "{adapter}", "--base", "{model}", "--output", "{tmp}/o", "--config", "{search}:7"],
         r"has 2 evaluations, numbered 0 to 1",
     ),
     (
-        ["export", "{tmp}", "--base", "{model}", "--output", "{tmp}/o", "--config", "{search}", "--select", "worst"],
-        r"--select 'worst': use 'best' or 'best_under:<cost>:<fraction>'",
+        [
+            "export",
+            "{adapter}",
+            "--base",
+            "{model}",
+            "--output",
+            "{tmp}/o",
+            "--config",
+            "{search}",
+            "--select",
+            "bad",
+        ],
+        r"--select 'bad': use 'best' or 'best_under:<cost>:<fraction>'",
     ),
     (
         ["search", "{tmp}", "--base", "{model}", "--output", "{tmp}/o", "--metric", "accuracy"],
@@ -334,9 +356,19 @@ def test_clear_errors(model_dir, tmp_path, capsys, argv, message):
     search = SearchResult(space, ["loss", "params"], ["minimize", "minimize"], evaluations, "random").to_json(
         tmp_path / "search.json"
     )
+    adapter, full = tmp_path / "super", tmp_path / "full"
+    for folder in (adapter, full, tmp_path / "plain"):
+        folder.mkdir()
+    (adapter / "elastic_config.json").write_text("{}")
+    (full / "keep.txt").write_text("do not lose me")
     fields = {"tmp": tmp_path, "model": model_dir, "data": model_dir.parent / "data.jsonl", "search": search}
+    fields |= {"adapter": adapter, "full": full}
     with pytest.raises(SystemExit) as exit_:
         main([a.format(**fields) for a in argv])
     err = capsys.readouterr().err
+    assert (full / "keep.txt").read_text() == "do not lose me"
+    if message is None:  # argparse's own usage error
+        assert exit_.value.code == 2 and "error: argument --seq-len" in err
+        return
     assert exit_.value.code == 1 and err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
     assert re.search(message, err), err

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -42,23 +45,105 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """`safetensors.torch.save_file` through a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+        save_file(tensors, tmp, metadata={"format": "pt"} | (metadata or {}))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
-    """`path` as a Path; raises when it exists and `overwrite` is False (or when it is a file)."""
+def read_json(path: str | os.PathLike, fix: str = "write it again") -> dict[str, Any]:
+    """A JSON object from `path`, or an error that names the file, what is wrong and `fix`."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {fix}.")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); {fix}.") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; {fix}.")
+    return data
+
+
+def load_safetensors(path: str | os.PathLike, fix: str = "save it again") -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors and metadata of a safetensors file, or an error naming the file when it is missing or damaged."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {fix}.")
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(path), metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        size = path.stat().st_size
+        raise ValueError(f"{path} ({size} bytes) is not a readable safetensors file ({err}); {fix}.") from None
+
+
+def digest(value: Any) -> str:
+    """A short SHA-256 of `value` as canonical JSON, to bind files of one save together."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _stale_copies(path: Path, suffix: str) -> list[tuple[Path, int | None]]:
+    """Hidden `.{name}.[pid.]xxxx.{suffix}` folders that `atomic_directory` left beside `path`, with their pid."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)\.)?[^.]+\.{suffix}$")
+    found = []
+    for entry in path.parent.glob(f".{path.name}.*.{suffix}") if path.parent.is_dir() else ():
+        match = pattern.match(entry.name)
+        if match and entry.is_dir():
+            found.append((entry, int(match.group(1)) if match.group(1) else None))
+    return sorted(found, key=lambda item: item[0].stat().st_mtime)
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_directory(path: str | os.PathLike) -> None:
+    """Finish what a killed `atomic_directory` left: restore `path` from its moved-away copy, drop stale temp folders.
+
+    A process killed between moving the old folder away and moving the new one in leaves `path` missing and the old
+    copy in `.{name}.<pid>.xxxx.old/`; it is moved back. Temporary folders of processes that no longer run are removed.
+    """
+    path = Path(path)
+    for old, _ in reversed(_stale_copies(path, "old")):
+        inner = old / path.name
+        if not path.exists() and inner.is_dir():
+            os.replace(inner, path)
+            warnings.warn(f"Restored {path} from {old.name}: an earlier overwrite was interrupted.", stacklevel=3)
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp, pid in _stale_copies(path, "tmp"):
+        if not _alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+            warnings.warn(f"Removed {tmp}, the unfinished output of an interrupted run.", stacklevel=3)
+
+
+def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
+    """`path` as a Path, after `recover_directory`; raises when it exists and `overwrite` is False (or is a file)."""
+    path = Path(path)
+    recover_directory(path)
     if path.exists() and not (overwrite and path.is_dir()):
         raise FileExistsError(f"{str(path)!r} already exists. Pass overwrite=True or choose another folder.")
     return path
@@ -66,14 +151,19 @@ def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; on success it replaces `path`, so `path` is complete or untouched."""
+    """Yield a temporary folder beside `path`; on success it replaces `path`, so `path` is complete or untouched.
+
+    A run killed at any point leaves either the old or the new folder at `path` (or, between the two renames, the
+    old one in a hidden `.old` folder); the next `atomic_directory` or `check_output_dir` call on `path` restores it.
+    """
     path = check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    prefix = f".{path.name}.{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
             try:
                 os.replace(tmp, path)

@@ -17,22 +17,41 @@ from .inputs import (
 )
 
 
-def _transform_and_save(args: argparse.Namespace, transform: Any, **options: Any) -> None:
-    """Load `args.model`, run `sparsify`/`quantize` on it with the calibration data, save model + report."""
-    from ..compression.quantization.format import QuantLinear
-    from ..compression.quantization.serialization import save_quantized
+def _check_output(output: str, inputs: list[str], overwrite: bool, option: str = "output") -> Path:
+    """Refuse an output that is an input, lies inside one or holds one, or exists without --overwrite."""
+    from ..utils import check_output_dir
 
+    out = Path(output).resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if Path(source).exists() and (out == src or src in out.parents or out in src.parents):
+            raise ValueError(f"The {option} {output} overlaps the input {source}; write to a new folder.")
+    if Path(output).exists() and not Path(output).is_dir():
+        raise FileExistsError(f"The {option} {output} is a file; pass a folder.")
+    if Path(output).is_dir() and any(Path(output).iterdir()) and not overwrite:
+        raise FileExistsError(f"The {option} {output} exists and is not empty; pass --overwrite to replace it.")
+    return check_output_dir(output, overwrite=True)
+
+
+def _transform_and_save(args: argparse.Namespace, transform: Any, **options: Any) -> None:
+    """Load `args.model`, run `sparsify`/`quantize` on it with the calibration data, save model + report atomically."""
+    from ..compression.quantization.format import QuantLinear
+    from ..compression.quantization.serialization import write_quantized
+    from ..utils import atomic_directory
+
+    _check_output(args.output, [args.model], args.overwrite)
     model, tokenizer = load_model_and_tokenizer(args)
     texts = calibration_texts(args, tokenizer)
     report = transform(
         model, calibration=texts, tokenizer=tokenizer, seq_len=args.seq_len, num_samples=args.num_samples, **options
     )
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
-        save_quantized(model, args.output)
-    else:
-        model.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
-    report.save(args.output)
+    with atomic_directory(args.output, overwrite=True) as tmp:
+        if any(isinstance(m, QuantLinear) for m in model.modules()):
+            write_quantized(model, tmp)
+        else:
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        report.save(tmp)
     print(report)
     print(f"wrote {args.output}")
 
@@ -145,12 +164,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"wrote the super-adapter to {args.output}")
 
 
-def _load_supernet(args: argparse.Namespace) -> tuple[Any, Any]:
-    from ..nas import get_supernet, load_super_network
+def _check_adapter(args: argparse.Namespace) -> None:
     from ..utils import ELASTIC_CONFIG_NAME
 
     if not Path(args.adapter, ELASTIC_CONFIG_NAME).is_file():
         raise FileNotFoundError(f"{args.adapter} is not an hf_elastic super-adapter (no {ELASTIC_CONFIG_NAME}).")
+
+
+def _load_supernet(args: argparse.Namespace) -> tuple[Any, Any]:
+    from ..nas import get_supernet, load_super_network
+
+    _check_adapter(args)
     model, tokenizer = load_model_and_tokenizer(args, args.base)
     return get_supernet(load_super_network(model, args.adapter)), tokenizer
 
@@ -212,13 +236,18 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     if args.weight_format != "fp32" and not args.openvino:
         raise ValueError(f"--weight-format {args.weight_format} applies to the OpenVINO IR; add --openvino.")
+    _check_adapter(args)
     config = subnet_config(args.config, args.select)
+    ov_dir = Path(f"{args.output}-openvino")
+    inputs = [args.adapter, args.base]
+    for folder in (args.output, *([ov_dir] if args.openvino else [])):  # check every output before writing any
+        _check_output(str(folder), inputs, args.overwrite, "--output")
     supernet, tokenizer = _load_supernet(args)
-    out = export_subnetwork(supernet, config, args.output, tokenizer=tokenizer, overwrite=args.overwrite)
+    out = export_subnetwork(supernet, config, args.output, tokenizer=tokenizer, overwrite=True)
     print(f"wrote {out}")
     if args.openvino:
-        ov_dir = export_openvino(
-            load_exported(out), Path(f"{out}-openvino"), tokenizer=tokenizer, weight_format=args.weight_format
+        export_openvino(
+            load_exported(out), ov_dir, tokenizer=tokenizer, weight_format=args.weight_format, overwrite=True
         )
         print(f"wrote {ov_dir}")
 

@@ -40,7 +40,7 @@ def _data_args(p: argparse.ArgumentParser, option: str, required: bool) -> None:
         "--response-template", default=None, help="text after which the answer starts in --template (e.g. 'Answer:')"
     )
     p.add_argument("--text-column", default="text", help="column of plain-text rows")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per row (longer rows are cut)")
+    p.add_argument("--seq-len", type=_positive(int), default=256, help="tokens per row (longer rows are cut)")
 
 
 def _positive(kind: type) -> object:
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, default=None, help="fraction of zeros per row (unstructured)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured', '2:4' or '4:8'")
     p.add_argument("--num-samples", type=positive_int, default=128, help="calibration rows")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _model_args(p)
     _data_args(p, "calibration", False)
     p.set_defaults(func=commands.cmd_sparsify)
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
     p.add_argument("--keep-residual", action="store_true", help="keep the rounding residuals (QA-SparsePEFT training)")
     p.add_argument("--num-samples", type=positive_int, default=128, help="calibration rows")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _model_args(p)
     _data_args(p, "calibration", False)
     p.set_defaults(func=commands.cmd_quantize)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..compression.quantization.format import QUANT_CONFIG_NAME, QuantLinear
-from ..compression.quantization.serialization import load_quantized, save_quantized
+from ..compression.quantization.serialization import load_quantized, write_quantized
 from ..compression.sparsity import sparsity_of
 from ..models.arch import find_width_layers, slice_layer_width
 from ..nas.supernet import NamedConfig, SuperNetwork
@@ -42,7 +42,7 @@ def export_subnetwork(
     model = supernet.extract_model(resolved)
     with atomic_directory(output_dir, overwrite) as tmp:
         if any(isinstance(m, QuantLinear) for m in model.modules()):
-            save_quantized(model, tmp)
+            write_quantized(model, tmp)
         else:
             model.save_pretrained(tmp)
         report = sparsity_of(model)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ...models.arch import weight_out_in
-from ...utils import atomic_save_safetensors, atomic_write_json
+from ...utils import atomic_directory, atomic_save_safetensors, atomic_write_json, digest, load_safetensors, read_json
 from .format import FORMAT_NAME, FORMAT_VERSION, QUANT_CONFIG_NAME, QUANT_WEIGHTS_NAME, QuantLinear
 from .quantize import QuantizationConfig, _replace
 
@@ -18,12 +20,31 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def save_quantized(model: nn.Module, save_directory: str | Path) -> Path:
+_DTYPES = ("float32", "float16", "bfloat16")
+_FIX = "save the model again with save_quantized"
+
+
+def save_quantized(
+    model: nn.Module, save_directory: str | Path, *, tokenizer: Any = None, overwrite: bool = True
+) -> Path:
     """Write a model quantized by `quantize` to `save_directory`: config.json, model.safetensors and
-    quantization_config.json, each file atomically. Returns the directory."""
+    quantization_config.json (and the tokenizer, if given).
+
+    The folder is written beside the destination and swapped in whole, so it holds the old save or the new one, never
+    a mix, even when the process dies; its files share a save id that `load_quantized` checks. An existing folder is
+    replaced unless `overwrite=False`. Returns the directory.
+    """
+    with atomic_directory(save_directory, overwrite) as tmp:
+        write_quantized(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(save_directory)
+
+
+def write_quantized(model: nn.Module, directory: Path) -> None:
+    """The files of `save_quantized`, written into an existing (temporary) folder."""
     from ...version import __version__
 
-    directory = Path(save_directory)
     quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not quant:
         raise ValueError("save_quantized found no QuantLinear in the model. Call quantize(model, ...) first.")
@@ -38,6 +59,7 @@ def save_quantized(model: nn.Module, save_directory: str | Path) -> Path:
             tensors[key] = tensor
     config = getattr(model, "hf_elastic_quantization", None)
     first = next(iter(quant.values()))
+    save_id = uuid.uuid4().hex
     quant_config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -50,6 +72,7 @@ def save_quantized(model: nn.Module, save_directory: str | Path) -> Path:
         "model_class": type(model).__name__,
         "dtype": str(_model_dtype(model)).removeprefix("torch."),
         "tied": tied,
+        "save_id": save_id,
         "modules": {
             name: {
                 "in_features": m.in_features,
@@ -63,7 +86,8 @@ def save_quantized(model: nn.Module, save_directory: str | Path) -> Path:
             for name, m in quant.items()
         },
     }
-    atomic_save_safetensors(tensors, directory / QUANT_WEIGHTS_NAME)
+    binding = {"hf_elastic_save_id": save_id, "hf_elastic_modules": digest(quant_config["modules"])}
+    atomic_save_safetensors(tensors, directory / QUANT_WEIGHTS_NAME, binding)
     model_config = json.loads(model.config.to_json_string(use_diff=True))
     model_config["architectures"] = [type(model).__name__]
     atomic_write_json(directory / "config.json", model_config)
@@ -71,7 +95,6 @@ def save_quantized(model: nn.Module, save_directory: str | Path) -> Path:
     if generation is not None and hasattr(model, "can_generate") and model.can_generate():
         atomic_write_json(directory / "generation_config.json", generation.to_diff_dict())
     atomic_write_json(directory / QUANT_CONFIG_NAME, quant_config)
-    return directory
 
 
 def _tie(model: nn.Module, alias: str, source: str) -> None:
@@ -89,7 +112,6 @@ def load_quantized(
     `model_class` defaults to the transformers class named in `quantization_config.json`.
     """
     import transformers
-    from safetensors.torch import load_file
     from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
@@ -100,12 +122,22 @@ def load_quantized(
             f"No {QUANT_CONFIG_NAME} in {directory}: it was not written by save_quantized. Load an unquantized model "
             "with from_pretrained instead."
         )
-    qc = json.loads(qc_path.read_text())
-    if qc.get("format") != FORMAT_NAME or qc.get("format_version", 0) > FORMAT_VERSION:
+    qc = read_json(qc_path, _FIX)
+    version = qc.get("format_version")
+    if qc.get("format") != FORMAT_NAME or not isinstance(version, int) or isinstance(version, bool):
         raise ValueError(
-            f"{qc_path} has format={qc.get('format')!r} version {qc.get('format_version')}; this hf_elastic reads "
-            f"{FORMAT_NAME!r} up to version {FORMAT_VERSION}. Upgrade hf_elastic."
+            f"{qc_path} has format={qc.get('format')!r}, format_version={version!r}; this hf_elastic reads "
+            f"{FORMAT_NAME!r} with an integer version up to {FORMAT_VERSION}: {_FIX}."
         )
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{qc_path} has format_version={version}; this hf_elastic reads up to {FORMAT_VERSION}. "
+                         "Upgrade hf_elastic.")  # fmt: skip
+    if not isinstance(qc.get("modules"), dict) or not qc["modules"]:
+        raise ValueError(f"{qc_path} lists no quantized 'modules'; {_FIX}.")
+    if qc.get("dtype") not in _DTYPES:
+        raise ValueError(f"{qc_path} has dtype={qc.get('dtype')!r}; expected one of {list(_DTYPES)}: {_FIX}.")
+    if not isinstance(qc.get("model_class"), str) or not isinstance(qc.get("tied", {}), dict):
+        raise ValueError(f"{qc_path} lacks a 'model_class' name or has a malformed 'tied' map; {_FIX}.")
     if model_class is None:
         model_class = getattr(transformers, qc["model_class"], None)
         if model_class is None:
@@ -117,7 +149,18 @@ def load_quantized(
     dtype = getattr(torch, qc["dtype"])
     with no_init_weights():
         model = model_class._from_config(config, dtype=dtype)
-    tensors = load_file(directory / QUANT_WEIGHTS_NAME)
+    tensors, metadata = load_safetensors(directory / QUANT_WEIGHTS_NAME, _FIX)
+    saved_id = metadata.get("hf_elastic_save_id")
+    if saved_id is not None and qc.get("save_id") not in (None, saved_id):
+        raise ValueError(
+            f"{directory / QUANT_WEIGHTS_NAME} and {QUANT_CONFIG_NAME} come from different saves (save ids {saved_id} "
+            f"and {qc['save_id']}), e.g. after an interrupted overwrite; {_FIX}."
+        )
+    if metadata.get("hf_elastic_modules", digest(qc["modules"])) != digest(qc["modules"]):
+        raise ValueError(
+            f"The module settings in {qc_path} (bits, group size, shapes) differ from those saved with "
+            f"{QUANT_WEIGHTS_NAME}: the file was edited after saving. Restore it or {_FIX}."
+        )
     for name, spec in qc["modules"].items():
         try:
             old = model.get_submodule(name)
@@ -148,10 +191,11 @@ def load_quantized(
                 )
         _replace(model, name, new.to(weight_out_in(old).device))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
-    untied = [k for k in missing if qc["tied"].get(k) not in tensors]
+    tied = qc.get("tied", {})
+    untied = [k for k in missing if tied.get(k) not in tensors]
     for alias in missing:
         if alias not in untied:
-            _tie(model, alias, qc["tied"][alias])
+            _tie(model, alias, tied[alias])
     if untied or unexpected:
         raise ValueError(
             f"{directory / QUANT_WEIGHTS_NAME} does not match {model_class.__name__}: missing {untied}, unexpected "
