@@ -272,21 +272,22 @@ def dataset(n: int = 16) -> Dataset:
     return Dataset.from_dict({"input_ids": ids, "labels": ids})
 
 
+TRAIN_DEFAULTS = {
+    "per_device_train_batch_size": 4,
+    "per_device_eval_batch_size": 8,
+    "max_steps": 6,
+    "learning_rate": 1e-2,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "use_cpu": True,
+    "disable_tqdm": True,
+    "seed": 3,
+}
+
+
 def args(tmp_path, **kwargs) -> NASTrainingArguments:
-    defaults = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 8,
-        "max_steps": 6,
-        "learning_rate": 1e-2,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 3,
-    }
-    return NASTrainingArguments(**(defaults | kwargs))
+    return NASTrainingArguments(**(TRAIN_DEFAULTS | {"output_dir": str(tmp_path)} | kwargs))
 
 
 def hub_model_cache(cache: Path, repo_id: str, revisions: dict[str, int]) -> dict[str, torch.nn.Module]:

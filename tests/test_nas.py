@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -303,28 +303,80 @@ def test_trainer_errors(llama, tmp_path):
     assert get_supernet(other) is trainer.supernet
 
 
-def _run_worker(out, *worker_args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+def test_save_model_warns_when_fsdp_saves_no_adapter(llama, tmp_path, monkeypatch):
+    trainer = NASTrainer(model=nls_model(llama), args=args(tmp_path, max_steps=1), train_dataset=dataset())
+    sharded = SimpleNamespace(state_dict_type="StateDictType.SHARDED_STATE_DICT")
+    monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin", sharded, raising=False)
+    trainer.is_fsdp_enabled = True  # what FSDP with its default SHARDED_STATE_DICT looks like to save_model
+    with pytest.warns(UserWarning, match=r"wrote no super-adapter.*--fsdp_state_dict_type FULL_STATE_DICT"):
+        trainer.save_model(tmp_path / "final")
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == [NAS_STATS_NAME]
+
+
+ACCELERATE_LAUNCH = ["-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", "0"]
+# accelerate 1.15 runs `--cpu` scripts once (only mpirun starts more); `--multi_gpu` picks its torchrun launcher,
+# and the workers' `use_cpu=True` makes them a MULTI_CPU (gloo) group.
+DDP_LAUNCH = [*ACCELERATE_LAUNCH, "--multi_gpu"]
+FSDP_LAUNCH = [
+    *ACCELERATE_LAUNCH,
+    "--use_fsdp",
+    "--fsdp_version=2",
+    "--fsdp_auto_wrap_policy=TRANSFORMER_BASED_WRAP",
+    "--fsdp_transformer_layer_cls_to_wrap=LlamaDecoderLayer",
+    "--fsdp_state_dict_type=FULL_STATE_DICT",
+]
+
+
+def _run_worker(out, *worker_args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     here = Path(__file__).parent
-    cmd = [sys.executable, str(here / "train_worker.py"), str(out), *worker_args]
-    if nproc > 1:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1"]
-        cmd = [sys.executable, *launcher, "--master_port", str(port), *cmd[1:]]
-    env = os.environ | {"PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *(launcher or []), str(here / "train_worker.py"), str(out), *worker_args]
+    env = os.environ | {
+        "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "HF_HOME": str(Path(out) / "hf_home"),  # no accelerate default_config.yaml
+    }
     return subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
 
 
-def test_two_processes_sample_the_same_subnets(tmp_path):
-    """Two CPU processes (gloo, launched with torchrun as accelerate does) draw the same sub-networks."""
-    proc = _run_worker(tmp_path, "3", nproc=2)
+def _ranks(out) -> list[dict]:
+    return [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp")
+    proc = _run_worker(out, "3", launcher=DDP_LAUNCH)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["world"] == ranks[1]["world"] == 2
-    assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) == 3
-    assert len(set(ranks[0]["history"])) > 1
+    return _ranks(out)
+
+
+def test_two_processes_sample_the_same_subnets(ddp_run):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: two gloo processes draw the same sub-networks."""
+    assert ddp_run[0]["world"] == ddp_run[1]["world"] == 2
+    assert ddp_run[0]["history"] == ddp_run[1]["history"] and len(ddp_run[0]["history"]) == 3
+    assert len(set(ddp_run[0]["history"])) > 1
+    assert ddp_run[0]["weights"] == ddp_run[1]["weights"]
+
+
+def test_fsdp2_on_cpu_shards_and_saves_a_loadable_super_adapter(ddp_run, tmp_path):
+    """accelerate's FSDP2 path on two gloo processes (its CPU gate lifted in the worker) trains like DDP."""
+    proc = _run_worker(tmp_path, "3", "fsdp", launcher=FSDP_LAUNCH)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ranks = _ranks(tmp_path)
+    # accelerate itself would have fallen back to DDP on CPU; FSDP2 wrapped the model and halved every LoRA matrix
+    assert [r["accelerate_chose"] for r in ranks] == ["MULTI_CPU", "MULTI_CPU"]
+    assert [r["wrapped"] for r in ranks] == ["FSDPPeftModel", "FSDPPeftModel"]
+    for rank in ranks:
+        assert len(rank["shards"]) == 28
+        assert all(local[0] * 2 == full[0] and local[1:] == full[1:] for local, full in rank["shards"].values())
+    assert ranks[0]["history"] == ranks[1]["history"] == ddp_run[0]["history"]
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["loaded"] == ranks[1]["loaded"]
+    for name, full in ranks[0]["weights"].items():
+        loaded = torch.tensor(ranks[0]["loaded"][name])
+        assert torch.isfinite(loaded).all() and torch.equal(loaded, torch.tensor(full)), name
+        assert (loaded - torch.tensor(ddp_run[0]["weights"][name])).abs().max().item() <= 1e-5, name
+    assert json.loads((tmp_path / "final" / NAS_STATS_NAME).read_text())["history"] == ranks[0]["history"]
 
 
 def test_resume_after_the_process_is_killed(tmp_path):

@@ -1,8 +1,11 @@
-"""Subprocess worker for the trainer tests: `train_worker.py OUT MAX_STEPS [KILL_AT]`.
+"""Subprocess worker for the trainer tests: `train_worker.py OUT MAX_STEPS [KILL_AT | resume | fsdp]`.
 
 Trains the tiny Llama NLS super-network, saving a checkpoint every 2 steps, and writes each rank's sampled sequence,
 first step and adapter weights to OUT/rank<r>.json. With KILL_AT the process SIGKILLs itself at the end of that step;
 KILL_AT=resume resumes from the last checkpoint in OUT instead.
+
+`fsdp` (under `accelerate launch --use_fsdp --fsdp_version 2 ... --fsdp_state_dict_type FULL_STATE_DICT`) trains with
+accelerate's FSDP2 code path on CPU, saves the super-adapter to OUT/final and loads it back on every rank.
 """
 
 import json
@@ -12,11 +15,13 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from conftest import ARCHS, args, dataset, peft_kwargs
 from peft import get_peft_model
 from transformers import TrainerCallback
 
-from hf_elastic import NASTrainer, NLSConfig
+from hf_elastic import NASTrainer, NLSConfig, load_super_network
 
 
 class KillAt(TrainerCallback):
@@ -31,24 +36,49 @@ class KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class CPUFSDPTrainer(NASTrainer):
+    """`NASTrainer` on accelerate's FSDP2 path with gloo.
+
+    accelerate 1.15 keeps the FSDP plugin only for GPU-like distributed types (`AcceleratorState.__init__`), so on CPU
+    `accelerate launch --use_fsdp` trains with DDP. This lifts that gate; the plugin reads launch's FSDP_* variables.
+    Test-only: it relies on accelerate's shared-state internals.
+    """
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        self.accelerate_chose = self.accelerator.distributed_type.value
+        self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        for state in (PartialState(), self.accelerator.state):  # AcceleratorState() copies PartialState's fields
+            state.distributed_type = DistributedType.FSDP
+        self.is_fsdp_enabled = True
+
+
+def lora(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
 out, max_steps = Path(sys.argv[1]), int(sys.argv[2])
+mode = sys.argv[3] if len(sys.argv) > 3 else ""
 torch.manual_seed(0)
 model = get_peft_model(ARCHS["llama"].build(), NLSConfig(**peft_kwargs(ARCHS["llama"], rank_choices=[8, 6, 4])))
 run = args(out, max_steps=max_steps, per_device_train_batch_size=2, save_strategy="steps", save_steps=2)
-trainer = NASTrainer(model=model, args=run, train_dataset=dataset())
-mode = sys.argv[3] if len(sys.argv) > 3 else ""
+trainer = (CPUFSDPTrainer if mode == "fsdp" else NASTrainer)(model=model, args=run, train_dataset=dataset())
 killer = KillAt(int(mode) if mode.isdigit() else None)
 trainer.add_callback(killer)
 trainer.train(resume_from_checkpoint=mode == "resume" or None)
 rank = trainer.args.process_index
-weights = {n: p.detach().tolist() for n, p in model.named_parameters() if "lora_" in n}
-(out / f"rank{rank}.json").write_text(
-    json.dumps(
-        {
-            "world": trainer.args.world_size,
-            "first_step": killer.first_step,
-            "history": trainer.sampler.history,
-            "weights": weights,
-        }
-    )
-)
+report = {"world": trainer.args.world_size, "first_step": killer.first_step, "history": trainer.sampler.history}
+if mode == "fsdp":
+    trainer.save_model(str(out / "final"))  # every rank gathers the full state dict; rank 0 writes it
+    params = lora(model)
+    report["accelerate_chose"] = trainer.accelerate_chose
+    report["wrapped"] = type(trainer.model_wrapped).__name__
+    report["shards"] = {n: [list(p.to_local().shape), list(p.shape)] for n, p in params.items()}
+    report["weights"] = {n: p.full_tensor().tolist() for n, p in params.items()}
+    trainer.accelerator.wait_for_everyone()
+    report["loaded"] = {
+        n: p.detach().tolist() for n, p in lora(load_super_network(ARCHS["llama"].build(), out / "final")).items()
+    }
+else:
+    report["weights"] = {n: p.detach().tolist() for n, p in lora(model).items()}
+(out / f"rank{rank}.json").write_text(json.dumps(report))

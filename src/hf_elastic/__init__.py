@@ -4,7 +4,9 @@ The packages follow the pipeline, and each imports only from those before it:
 `models` → `compression` → `tuners` → `nas` → `search` → `export` → `cli` / `demo`.
 """
 
-from . import _compat
+from typing import Any
+
+from . import _compat, nas
 from .compression import (
     QuantizationConfig,
     QuantLinear,
@@ -18,8 +20,11 @@ from .compression import (
 )
 from .export import CardInfo, accelerate, export_subnetwork, load_exported, prepare_upload_folder, push_to_hub
 from .nas import (
+    TRL_NAMES,
     Dimension,
+    NASArgumentsMixin,
     NASTrainer,
+    NASTrainerMixin,
     NASTrainingArguments,
     SearchSpace,
     SubnetConfig,
@@ -48,6 +53,13 @@ from .version import __version__
 
 _compat.install()
 
+
+def __getattr__(name: str) -> Any:
+    if name in TRL_NAMES:  # NASSFTTrainer, NASSFTConfig: imported on first use, they need trl
+        return getattr(nas, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "CardInfo",
     "CountEvaluator",
@@ -60,7 +72,11 @@ __all__ = [
     "LatencyEvaluator",
     "LossEvaluator",
     "MetricEvaluator",
+    "NASArgumentsMixin",
+    "NASSFTConfig",
+    "NASSFTTrainer",
     "NASTrainer",
+    "NASTrainerMixin",
     "NASTrainingArguments",
     "NLSConfig",
     "PerplexityEvaluator",

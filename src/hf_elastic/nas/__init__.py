@@ -1,12 +1,36 @@
-"""Weight-sharing NAS: the search space, the super-network view of a peft model, and the trainer that samples it."""
+"""Weight-sharing NAS: the search space, the super-network view of a peft model, and the trainers that sample it.
+
+`NASSFTTrainer` and `NASSFTConfig` (trl's SFTTrainer) are imported on first use and need `pip install hf-elastic[trl]`.
+"""
+
+from typing import Any
 
 from .search_space import Dimension, SearchSpace, SubnetConfig
 from .supernet import NamedConfig, SuperNetwork, get_supernet, load_super_network, merge_subnet_adapter
-from .trainer import NASTrainer, NASTrainingArguments, register_sampler
+from .trainer import NASArgumentsMixin, NASTrainer, NASTrainerMixin, NASTrainingArguments, register_sampler
+
+TRL_NAMES = ("NASSFTConfig", "NASSFTTrainer")
+
+
+def __getattr__(name: str) -> Any:
+    if name not in TRL_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        from . import sft
+    except ImportError as error:
+        raise ImportError(
+            f"hf_elastic.{name} needs trl ({error}); install it with `pip install 'hf-elastic[trl]'` (Python >= 3.11)."
+        ) from error
+    return getattr(sft, name)
+
 
 __all__ = [
     "Dimension",
+    "NASArgumentsMixin",
+    "NASSFTConfig",
+    "NASSFTTrainer",
     "NASTrainer",
+    "NASTrainerMixin",
     "NASTrainingArguments",
     "NamedConfig",
     "SearchSpace",

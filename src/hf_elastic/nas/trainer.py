@@ -1,12 +1,14 @@
-"""`NASTrainer`: a `transformers.Trainer` that trains a weight-sharing super-network, one sub-network per step."""
+"""`NASTrainer` and `NASTrainerMixin`: Trainers that train a weight-sharing super-network, one sub-network per step."""
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import random
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +54,12 @@ def space_fingerprint(space: SearchSpace) -> str:
 
 
 @dataclass
-class NASTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the super-network training settings."""
+class NASArgumentsMixin:
+    """The super-network training settings, to mix into any `TrainingArguments` subclass.
+
+    `NASTrainingArguments` is `TrainingArguments` with them; for another trainer's config write
+    `@dataclass class MyConfig(NASArgumentsMixin, ItsConfig): pass` (e.g. `NASSFTConfig` for trl's `SFTConfig`).
+    """
 
     sampling: str = field(
         default="uniform",
@@ -74,19 +80,24 @@ class NASTrainingArguments(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        name = type(self).__name__
         if self.sampling not in SAMPLERS:
             raise ValueError(
-                f"NASTrainingArguments.sampling={self.sampling!r} is unknown; use one of {sorted(SAMPLERS)} "
+                f"{name}.sampling={self.sampling!r} is unknown; use one of {sorted(SAMPLERS)} "
                 "or register your own with hf_elastic.register_sampler."
             )
         if self.sandwich_k < 0:
-            raise ValueError(f"NASTrainingArguments.sandwich_k={self.sandwich_k} must be >= 0.")
+            raise ValueError(f"{name}.sandwich_k={self.sandwich_k} must be >= 0.")
         bad = [n for n in self.eval_subnets if n not in ("max", "min", "median")]
         if not self.eval_subnets or bad:
             raise ValueError(
-                f"NASTrainingArguments.eval_subnets={self.eval_subnets!r} must be a non-empty list of "
-                "'max', 'min' and 'median'."
+                f"{name}.eval_subnets={self.eval_subnets!r} must be a non-empty list of 'max', 'min' and 'median'."
             )
+
+
+@dataclass
+class NASTrainingArguments(NASArgumentsMixin, TrainingArguments):
+    """`TrainingArguments` plus the super-network training settings."""
 
 
 class SubnetSampler(TrainerCallback, ExportableState):
@@ -161,33 +172,72 @@ class SubnetSampler(TrainerCallback, ExportableState):
         }
 
 
-class NASTrainer(Trainer):
-    """Trains an `NLSConfig`/`ElasticLoraConfig` super-network: one sampled sub-network per optimizer step.
+class NASTrainerMixin:
+    """Makes a `transformers.Trainer` subclass train a super-network: one sampled sub-network per optimizer step.
 
-    Accepts a peft model, or a base model plus `peft_config` (then `get_peft_model` is called here). With plain
-    `TrainingArguments` the defaults of `NASTrainingArguments` apply.
+    Put it first among the bases, e.g. `class NASSFTTrainer(NASTrainerMixin, SFTTrainer)`; `NASTrainer` is
+    `NASTrainerMixin` on `Trainer`. It adds the `SubnetSampler` callback (same draws for the same seed on every
+    trainer and rank, resumable), trains each config of a sandwich step on every micro-batch with the losses averaged,
+    scores `eval_subnets` in `evaluate`, logs `subnet_params` and writes `nas_stats.json` beside the super-adapter.
+
+    The NAS settings are read from `args` (fields of `NASArgumentsMixin`; plain arguments get its defaults).
+    `peft_config` is applied with `get_peft_model` here, or handed to the trainer when its `__init__` takes one
+    (trl's trainers do).
     """
+
+    supernet: SuperNetwork
+    sampler: SubnetSampler
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if Trainer in mro and mro.index(Trainer) < mro.index(NASTrainerMixin):
+            base = next((b for b in cls.__bases__ if issubclass(b, Trainer)), Trainer).__name__
+            raise TypeError(
+                f"{cls.__name__} lists NASTrainerMixin after {base}, so the Trainer's methods would hide the "
+                f"sampler's; put it first: `class {cls.__name__}(NASTrainerMixin, {base})`."
+            )
 
     def __init__(
         self,
-        model: torch.nn.Module | None = None,
+        model: Any = None,
         args: TrainingArguments | None = None,
-        *,
+        *rest: Any,
         peft_config: PeftConfig | None = None,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(self, Trainer):
+            raise TypeError(
+                f"{type(self).__name__} needs a transformers.Trainer among its bases, after NASTrainerMixin."
+            )
         if peft_config is not None:
-            model = get_peft_model(model, peft_config)
-        self.supernet = get_supernet(model)
-        args = args or NASTrainingArguments(output_dir="tmp_trainer")
-        self.sampling = getattr(args, "sampling", "uniform")
-        self.eval_subnets = getattr(args, "eval_subnets", ["median"])
+            if "peft_config" in inspect.signature(super().__init__).parameters:
+                kwargs["peft_config"] = peft_config
+            else:
+                model = get_peft_model(model, peft_config)
+        try:
+            super().__init__(model, args, *rest, **kwargs)
+        except TypeError as error:
+            field_names = [f.name for f in fields(NASArgumentsMixin) if f"'{f.name}'" in str(error)]
+            if not field_names:
+                raise
+            raise TypeError(
+                f"{type(self).__name__}: its trainer rebuilt `args` as its own config class, which has no "
+                f"{field_names[0]!r} field ({error}). Pass args of a config class that mixes in the NAS settings, "
+                "e.g. `@dataclass class MyConfig(NASArgumentsMixin, ItsConfig): pass` (hf_elastic.NASSFTConfig for "
+                "trl's SFTConfig)."
+            ) from error
+        self._setup_sampler()
+
+    def _setup_sampler(self) -> None:
+        self.supernet = get_supernet(self.model)
+        self.sampling = getattr(self.args, "sampling", "uniform")
+        self.eval_subnets = getattr(self.args, "eval_subnets", ["median"])
         if self.sampling == "sandwich" and self.supernet.space.num_configs < 2:
             raise ValueError("sampling='sandwich' needs at least two sub-networks, but the search space has one.")
-        self.sampler = SubnetSampler(self.supernet, self.sampling, args.seed, getattr(args, "sandwich_k", 2))
+        self.sampler = SubnetSampler(self.supernet, self.sampling, self.args.seed, getattr(self.args, "sandwich_k", 2))
         self._subnet, self._subnet_weight = self.sampler.current[0], 1.0
-        callbacks = [*(kwargs.pop("callbacks", None) or []), self.sampler]
-        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        self.add_callback(self.sampler)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         configs = self.sampler.current
@@ -220,14 +270,17 @@ class NASTrainer(Trainer):
         """Score each sub-network in `eval_subnets`; metrics are `<prefix>_<subnet>_<name>`."""
         previous = self.supernet.active_config
         metrics: dict[str, float] = {}
+        plain = f"{metric_key_prefix}_"
         try:
             for name in self.eval_subnets:
                 self.supernet.activate(name)
-                result = super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_{name}")
-                metrics.update(result)
-                if name == self.eval_subnets[0]:
-                    prefix = f"{metric_key_prefix}_{name}_"
-                    metrics.update({f"{metric_key_prefix}_{k.removeprefix(prefix)}": v for k, v in result.items()})
+                own = f"{plain}{name}_"
+                for key, value in super().evaluate(eval_dataset, ignore_keys, own[:-1]).items():
+                    if key.startswith(plain) and not key.startswith(own):  # logged with the plain prefix (trl)
+                        key = own + key.removeprefix(plain)
+                    metrics[key] = value
+                    if name == self.eval_subnets[0] and key.startswith(own):
+                        metrics[plain + key.removeprefix(own)] = value
         finally:
             self.supernet.activate(previous)
         return metrics
@@ -235,5 +288,33 @@ class NASTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the super-adapter (plain LoRA + `elastic_config.json`) and the sampling statistics."""
         super().save_model(output_dir, _internal_call)
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type) and not _internal_call:
+            warnings.warn(
+                "save_model wrote no super-adapter: FSDP's state_dict_type is "
+                f"{plugin.state_dict_type}, which Trainer saves only in checkpoints. Launch with "
+                "`--fsdp_state_dict_type FULL_STATE_DICT` (or set it in the FSDP plugin) to save a loadable adapter.",
+                stacklevel=2,
+            )
         if self.args.should_save:
             atomic_write_json(Path(output_dir or self.args.output_dir) / NAS_STATS_NAME, self.sampler.stats())
+
+
+class NASTrainer(NASTrainerMixin, Trainer):
+    """Trains an `NLSConfig`/`ElasticLoraConfig` super-network: one sampled sub-network per optimizer step.
+
+    Accepts a peft model, or a base model plus `peft_config` (then `get_peft_model` is called here). With plain
+    `TrainingArguments` the defaults of `NASTrainingArguments` apply. `NASTrainerMixin` brings the same behaviour to
+    other `Trainer` subclasses (`NASSFTTrainer` for trl).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        *,
+        peft_config: PeftConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        args = args or NASTrainingArguments(output_dir="tmp_trainer")
+        super().__init__(model, args, peft_config=peft_config, **kwargs)

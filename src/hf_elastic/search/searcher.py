@@ -18,7 +18,7 @@ from peft import PeftModel
 
 from ..nas.search_space import SearchSpace, SubnetConfig
 from ..nas.supernet import SuperNetwork, get_supernet, load_super_network
-from ..nas.trainer import NAS_STATS_NAME, NASTrainer
+from ..nas.trainer import NAS_STATS_NAME, NASTrainerMixin
 from .evaluators import (
     COUNT_OBJECTIVES,
     CountEvaluator,
@@ -133,16 +133,17 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.activation_threshold={self.activation_threshold} must be in (0, 1].")
 
 
-SearchTarget = SuperNetwork | PeftModel | NASTrainer | SearchSpace | str | os.PathLike
+SearchTarget = SuperNetwork | PeftModel | NASTrainerMixin | SearchSpace | str | os.PathLike
 
 
 class SubnetSearch:
     """Runs one search; `search()` is the one-call front end.
 
     Args:
-        target: a `SuperNetwork`, an elastic `PeftModel`, a `NASTrainer` (its eval dataset, collator and training
-            statistics are used), a saved super-adapter directory (with `base_model`), or a bare `SearchSpace`
-            (then every objective must be an evaluator that needs no model, e.g. `FunctionEvaluator`).
+        target: a `SuperNetwork`, an elastic `PeftModel`, a `NASTrainer` or other `NASTrainerMixin` trainer (its
+            eval dataset, collator and training statistics are used), a saved super-adapter directory (with
+            `base_model`), or a bare `SearchSpace` (then every objective must be an evaluator that needs no model,
+            e.g. `FunctionEvaluator`).
         evaluators: an `Evaluator`, a plain callable `fn(config) -> float` (objective `"score"`, minimized), or a
             list of them.
         config: the `SearchConfig`.
@@ -165,7 +166,7 @@ class SubnetSearch:
     ) -> None:
         self.config = config or SearchConfig()
         trainer, directory = None, None
-        if isinstance(target, NASTrainer):
+        if isinstance(target, NASTrainerMixin):
             trainer, self.supernet = target, target.supernet
         elif isinstance(target, SuperNetwork):
             self.supernet = target
@@ -212,7 +213,7 @@ class SubnetSearch:
         self._heuristics: dict[str, SubnetConfig] = {}
 
     @staticmethod
-    def _load_stats(nas_stats: Any, trainer: NASTrainer | None, directory: Path | None) -> dict[str, Any] | None:
+    def _load_stats(nas_stats: Any, trainer: NASTrainerMixin | None, directory: Path | None) -> dict[str, Any] | None:
         if isinstance(nas_stats, Mapping):
             return dict(nas_stats)
         if nas_stats is not None:
