@@ -12,14 +12,14 @@ from typing import Any
 _SUBNETS = ("max", "min", "median")
 
 
-def _model_and_tokenizer(path: str) -> tuple[Any, Any]:
+def _model_and_tokenizer(path: str, device: str = "cpu") -> tuple[Any, Any]:
     from transformers import AutoTokenizer
 
     from .export.subnetwork import load_exported
 
     if not Path(path, "config.json").is_file():
         raise SystemExit(f"error: {path} is not a model folder (no config.json).")
-    return load_exported(path), AutoTokenizer.from_pretrained(path)
+    return load_exported(path).to(device), AutoTokenizer.from_pretrained(path)
 
 
 def _read_texts(path: str, template: str, limit: int | None = None) -> list[str]:
@@ -84,7 +84,7 @@ def _transform_and_save(args: argparse.Namespace, transform: Any, **options: Any
     from .compression.quantization.format import QuantLinear
     from .compression.quantization.serialization import save_quantized
 
-    model, tokenizer = _model_and_tokenizer(args.model)
+    model, tokenizer = _model_and_tokenizer(args.model, args.device)
     texts = _read_texts(args.calibration, args.template, args.num_samples) if args.calibration else None
     report = transform(
         model, calibration=texts, tokenizer=tokenizer, seq_len=args.seq_len, num_samples=args.num_samples, **options
@@ -155,10 +155,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"wrote the super-adapter to {args.output}")
 
 
-def _load_supernet(adapter: str, base: str) -> tuple[Any, Any]:
+def _load_supernet(adapter: str, base: str, device: str) -> tuple[Any, Any]:
     from . import get_supernet, load_super_network
 
-    model, tokenizer = _model_and_tokenizer(base)
+    model, tokenizer = _model_and_tokenizer(base, device)
     if not Path(adapter, "elastic_config.json").is_file():
         raise SystemExit(f"error: {adapter} is not an hf_elastic super-adapter (no elastic_config.json).")
     return get_supernet(load_super_network(model, adapter)), tokenizer
@@ -168,7 +168,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     from .search.evaluators import LossEvaluator
     from .search.searcher import search
 
-    supernet, tokenizer = _load_supernet(args.adapter, args.base)
+    supernet, tokenizer = _load_supernet(args.adapter, args.base, args.device)
     data = _lm_dataset(_read_texts(args.data, args.template, args.num_samples), tokenizer, args.seq_len)
     stats = Path(args.adapter, "nas_stats.json")
     result = search(
@@ -189,7 +189,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from .export.subnetwork import export_subnetwork
 
-    supernet, tokenizer = _load_supernet(args.adapter, args.base)
+    supernet, tokenizer = _load_supernet(args.adapter, args.base, args.device)
     out = export_subnetwork(
         supernet, _subnet_config(args.config), args.output, tokenizer=tokenizer, overwrite=args.overwrite
     )
@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--template", default="{text}", help="how a row becomes text, e.g. '{title}: {body}'")
         p.add_argument("--seq-len", type=int, default=256, help="tokens per sample")
 
+    def device_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="cpu", help="where the model runs, e.g. cpu, cuda or cuda:1")
+
     p = sub.add_parser("sparsify", help="prune a model with Wanda or magnitude (unstructured or N:M)")
     p.add_argument("model", help="model folder")
     p.add_argument("output", help="where to write the sparse model and sparsity_report.json")
@@ -253,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", default="unstructured", help="'unstructured', '2:4' or '4:8'")
     p.add_argument("--num-samples", type=int, default=128, help="calibration samples")
     data_args(p, False, "calibration")
+    device_arg(p)
     p.set_defaults(func=cmd_sparsify)
 
     p = sub.add_parser("quantize", help="INT4/INT8 group-wise quantization (RTN or GPTQ), in hf_elastic's format")
@@ -265,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-residual", action="store_true", help="keep the rounding residuals (QA-SparsePEFT training)")
     p.add_argument("--num-samples", type=int, default=128)
     data_args(p, False, "calibration")
+    device_arg(p)
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("train", help="train an NLS / LoNAS super-network with NASTrainer (causal LM)")
@@ -300,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=64, help="evaluation rows")
     p.add_argument("--seed", type=int, default=0)
     data_args(p, True, "data")
+    device_arg(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("export", help="merge and slice a sub-network; optionally to OpenVINO IR")
@@ -310,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--openvino", action="store_true", help="also write <output>-openvino (OpenVINO IR)")
     p.add_argument("--weight-format", choices=("fp32", "fp16", "int8", "int4"), default="fp32")
     p.add_argument("--overwrite", action="store_true")
+    device_arg(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("push", help="publish an adapter, merged model or OpenVINO folder with a model card")
