@@ -73,21 +73,61 @@ def run_interleaved(script: str, variants: tuple[str, ...], rounds: int, extra: 
     return runs
 
 
-def summarize(runs: dict[str, list[dict]], baseline: str) -> tuple[dict, dict]:
-    """Medians per variant and their ratios to `baseline`; prints the table."""
-    summary = {v: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for v, rs in runs.items()}
+def _median(values) -> float | None:
+    values = list(values)
+    return None if any(v is None for v in values) else statistics.median(values)
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return None if value is None or not base else value / base
+
+
+def summarize(
+    runs: dict[str, list[dict]], baseline: str, memory_key: str = "peak_rss_mb", memory_label: str = "peak RSS MB"
+) -> tuple[dict, dict]:
+    """Medians per variant and their ratios to `baseline` (step time and `memory_key`, None where not measured);
+    prints the table."""
+    summary = {v: {k: _median(x[k] for x in rs) for k in rs[0]} for v, rs in runs.items()}
     base = summary[baseline]
+    memory_ratio = memory_key.removesuffix("_mb")
     ratios = {
-        v: {"step_time": s["step_s"] / base["step_s"], "peak_rss": s["peak_rss_mb"] / base["peak_rss_mb"]}
+        v: {
+            "step_time": _ratio(s["step_s"], base["step_s"]),
+            memory_ratio: _ratio(s[memory_key], base[memory_key]),
+        }
         for v, s in summary.items()
     }
-    print(f"\n{'variant':<16}{'step ms':>10}{'x base':>9}{'peak RSS MB':>13}{'x base':>9}")
+
+    def fmt(value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    width = len(memory_label) + 2
+    print(f"\n{'variant':<16}{'step ms':>10}{'x base':>9}{memory_label:>{width}}{'x base':>9}")
     for v, s in summary.items():
         print(
             f"{v:<16}{s['step_s'] * 1000:>10.1f}{ratios[v]['step_time']:>9.3f}"
-            f"{s['peak_rss_mb']:>13.1f}{ratios[v]['peak_rss']:>9.3f}"
+            f"{fmt(s[memory_key], '.1f'):>{width}}{fmt(ratios[v][memory_ratio], '.3f'):>9}"
         )
     return summary, ratios
+
+
+def cpu_info() -> dict:
+    """The CPU model and whether it has AVX2, AVX-512F and AMX, from /proc/cpuinfo (None where it is unreadable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu_model": platform.processor() or None, "cpu_flags": None}
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {
+        "cpu_model": fields.get("model name"),
+        "cpu_flags": {
+            "avx2": "avx2" in flags,
+            "avx512f": "avx512f" in flags,
+            "amx": any(f.startswith("amx") for f in flags),
+        },
+    }
 
 
 def write_result(output: str, result: dict) -> None:
@@ -99,7 +139,7 @@ def write_result(output: str, result: dict) -> None:
         "platform": platform.platform(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-    }
+    } | result.get("machine", {})
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(json.dumps(result, indent=2))
     print(f"\nwrote {output}")

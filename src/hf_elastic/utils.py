@@ -178,6 +178,35 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
         raise
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait until the work queued on an accelerator has finished (nothing to wait for on CPU), e.g. before reading a
+    clock."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type != "cpu" and hasattr(getattr(torch, device.type, None), "synchronize"):
+        getattr(torch, device.type).synchronize()
+
+
+@contextmanager
+def ieee_fp32_matmul() -> Iterator[None]:
+    """Float32 matmuls on CUDA in full precision inside the block, also where TF32 is enabled (GPTQ's Hessian and
+    its inverse lose too much in TF32's 10-bit mantissa). The setting is restored on exit."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        name, full, previous = "allow_tf32", False, matmul.allow_tf32
+    except RuntimeError:  # TF32 was set with the fp32_precision API, which the legacy flag refuses to read
+        name, full, previous = "fp32_precision", "ieee", matmul.fp32_precision
+    if previous in (False, "ieee", "none"):
+        yield
+        return
+    setattr(matmul, name, full)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, previous)
+
+
 def split_layer_key(key: str) -> tuple[str, str]:
     """Split a module key into (layer index, path inside the layer).
 

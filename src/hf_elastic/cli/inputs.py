@@ -12,6 +12,8 @@ _SUBNETS = ("max", "min", "median")
 
 def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None) -> tuple[Any, Any]:
     """The model and tokenizer of `source` (default `args.model`): a folder (any hf_elastic export too) or a Hub id."""
+    import torch
+
     from ..export.subnetwork import load_exported
     from ..models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 
@@ -26,6 +28,9 @@ def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None
         model = load_exported(source, dtype=None if dtype == "auto" else dtype)
     else:
         model = load_causal_lm(source, dtype=dtype, **hub)
+    device = getattr(args, "device", None)
+    if device is not None:
+        model.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     return model, load_tokenizer(source, **hub)
 
 

@@ -10,8 +10,10 @@ _TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 _SCHEDULERS = ("linear", "cosine", "cosine_with_min_lr", "constant", "constant_with_warmup", "polynomial")
 
 
-def _model_args(p: argparse.ArgumentParser, what: str = "model") -> None:
+def _model_args(p: argparse.ArgumentParser, what: str = "model", device: bool = True) -> None:
     p.add_argument("--revision", default=None, help=f"branch, tag or commit of the {what} on the Hub")
+    if device:
+        p.add_argument("--device", default="auto", help="where the model runs: auto (cuda when present), cpu, cuda:1")
     p.add_argument(
         "--dtype",
         choices=("auto", "bfloat16", "float16", "float32"),
@@ -135,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="checkpoint folder to resume from")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
-    _model_args(p)
+    _model_args(p, device=False)
     _data_args(p, "data", True)
     p.set_defaults(func=commands.cmd_train)
 

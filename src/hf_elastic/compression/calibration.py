@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from ..models.arch import ARCH_SPECS, transformer_layers
-from ..utils import matches_module
+from ..utils import ieee_fp32_matmul, matches_module
 
 CalibrationData = Any
 """A `datasets.Dataset` (an `input_ids` column, or a `text` column with a tokenizer), a list of texts (with a
@@ -43,7 +43,7 @@ class SquaredNorm:
         self.tokens = 0
 
     def update(self, x: torch.Tensor) -> None:
-        self.sum += x.float().pow(2).sum(0)
+        self.sum += x.to(self.sum.device, torch.float32).pow(2).sum(0)
         self.tokens += x.shape[0]
 
     @property
@@ -59,8 +59,9 @@ class Hessian:
         self.tokens = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.float()
-        self.sum.addmm_(x.T, x)
+        x = x.to(self.sum.device, torch.float32)
+        with ieee_fp32_matmul():
+            self.sum.addmm_(x.T, x)
         self.tokens += x.shape[0]
 
     @property

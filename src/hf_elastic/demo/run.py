@@ -89,7 +89,9 @@ def _latency_ms(model: Any, tokenizer: Any, texts: list[str], max_length: int, r
 
 
 def _decode_tokens_per_s(model: Any, tokenizer: Any, new_tokens: int = 32) -> float:
-    inputs = tokenizer("The best snack I ever bought was", return_tensors="pt")
+    from .assets import _model_device
+
+    inputs = tokenizer("The best snack I ever bought was", return_tensors="pt").to(_model_device(model))
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
     model.generate(**inputs, **kwargs)
     start = time.perf_counter()

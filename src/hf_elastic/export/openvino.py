@@ -154,9 +154,9 @@ def _load_folder(path: Path) -> tuple[nn.Module, Any]:
 
 
 def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, QuantLinear]]:
-    """A float32 copy of `model` with every `QuantLinear` replaced by an `nn.Linear` holding `dequantize()`."""
+    """A float32 copy of `model` on CPU with every `QuantLinear` replaced by an `nn.Linear` holding `dequantize()`."""
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    float_model = copy.deepcopy(model).float()
+    float_model = copy.deepcopy(model).to("cpu", torch.float32)
     for name, module in quantized.items():
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         with torch.no_grad():
@@ -331,11 +331,11 @@ def export_openvino(
         )
     if weight_format == "int4":
         _check_group_size(model, nncf_group_size)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
     if quantized:
         export_model, quantized = _dequantized_copy(model)
-    elif dtype != torch.float32:
-        export_model = copy.deepcopy(model).float()
+    elif first is not None and (first.dtype != torch.float32 or first.device.type != "cpu"):
+        export_model = copy.deepcopy(model).to("cpu", torch.float32)  # the exporter traces float32 on CPU
     else:
         export_model = model
     ov_config = None

@@ -60,7 +60,8 @@ def load_exported(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
     """Load a folder written by `export_subnetwork` (or any transformers checkpoint) into its transformers class.
 
     Uniform widths and quantized folders need nothing special; per-layer widths (`config.elastic_layer_widths`) are
-    rebuilt by slicing each layer of a freshly built model to its recorded size before the weights are loaded.
+    rebuilt by slicing each layer of a freshly built model to its recorded size before the weights are loaded. The
+    model gets `dtype`, or else the dtype it was saved in (as `from_pretrained` does).
     """
     import transformers
     from safetensors.torch import load_file
@@ -80,8 +81,11 @@ def load_exported(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
     widths = getattr(config, WIDTHS_ATTR, None)
     if not widths:
         return model_class.from_pretrained(path, dtype=dtype)
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with no_init_weights():
-        model = model_class._from_config(config, dtype=dtype or torch.float32)
+        model = model_class._from_config(config, dtype=dtype)
     _, layers = find_width_layers(model)
     for layer in layers:
         width = widths.get(str(layer.index), widths.get(layer.index))

@@ -117,7 +117,7 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
 def _units(indices: torch.Tensor, size: int) -> torch.Tensor:
     """Expand unit indices (heads, groups) of `size` channels each into channel indices."""
-    return (indices[:, None] * size + torch.arange(size)).reshape(-1)
+    return (indices[:, None] * size + torch.arange(size, device=indices.device)).reshape(-1)
 
 
 @dataclass

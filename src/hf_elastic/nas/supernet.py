@@ -354,6 +354,7 @@ class SuperNetwork:
         flags = {k: w.requires_grad for k, w in weights.items()}
         acc = {k: torch.zeros_like(w, dtype=torch.float32) for k, w in weights.items()}
         active, was_training = self._active, self.model.training
+        device = next(self.model.parameters()).device
         self.activate("max")
         self.model.eval()
         try:
@@ -362,6 +363,7 @@ class SuperNetwork:
             n = 0
             for batch in batches:
                 self.model.zero_grad(set_to_none=True)
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 self.model(**batch).loss.backward()
                 for k, w in weights.items():
                     acc[k] += (w.detach().float() * w.grad.float()).abs()
@@ -510,6 +512,6 @@ def merge_subnet_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         for module in peft_model.modules():
             if isinstance(module, LoraLayer):
                 weight = module.get_base_layer().weight
-                for name in module.active_adapters:
-                    weight += module.get_delta_weight(name).to(weight.dtype) * (weight != 0)
+                for name in module.active_adapters:  # float32 deltas: a bf16 weight is rounded once, as by peft
+                    weight += module.get_delta_weight(name) * (weight != 0)
     return peft_model.unload()

@@ -114,6 +114,7 @@ class SubnetSampler(TrainerCallback, ExportableState):
         self.choice_counts: dict[str, dict[str, int]] = {d.name: {} for d in supernet.space}
         self.config_losses: dict[str, list[float]] = {}
         self.history: list[str] = []
+        self._pending: list[tuple[str, torch.Tensor]] = []
 
     def draw(self, step: int) -> list[SubnetConfig]:
         rng = random.Random(f"{self.seed}:{step}")
@@ -146,12 +147,32 @@ class SubnetSampler(TrainerCallback, ExportableState):
         for name in ("choice_counts", "config_losses", "history"):
             setattr(self, name, saved["attributes"][name])
 
-    def record_loss(self, config: SubnetConfig, loss: float) -> None:
-        mean_count = self.config_losses.setdefault(self.key(config), [0.0, 0])
+    def record_loss(self, config: SubnetConfig, loss: float | torch.Tensor) -> None:
+        """Add a training loss of `config` to its running mean; a tensor is read at the end of the optimizer step,
+        so that recording it does not wait for the accelerator in the middle of a step."""
+        if isinstance(loss, torch.Tensor):
+            self._pending.append((self.key(config), loss.detach().float().reshape(())))
+        else:
+            self._add_loss(self.key(config), loss)
+
+    def _add_loss(self, key: str, loss: float) -> None:
+        mean_count = self.config_losses.setdefault(key, [0.0, 0])
         mean_count[1] += 1
         mean_count[0] += (loss - mean_count[0]) / mean_count[1]
 
+    def flush(self) -> None:
+        """Fold the losses recorded as tensors into the running means, with one device-to-host copy."""
+        if self._pending:
+            keys, losses = zip(*self._pending, strict=True)
+            self._pending = []
+            for key, loss in zip(keys, torch.stack(losses).tolist(), strict=True):
+                self._add_loss(key, loss)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.flush()
+
     def stats(self) -> dict[str, Any]:
+        self.flush()
         return {
             "sampling": self.sampling,
             "seed": self.seed,
@@ -162,6 +183,7 @@ class SubnetSampler(TrainerCallback, ExportableState):
         }
 
     def state(self) -> dict[str, Any]:
+        self.flush()
         return {
             "args": {"sampling": self.sampling, "seed": self.seed, "fingerprint": self.fingerprint},
             "attributes": {
@@ -257,7 +279,7 @@ class NASTrainerMixin:
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
         if model.training:
-            self.sampler.record_loss(self._subnet, loss.detach().float().item())
+            self.sampler.record_loss(self._subnet, loss)
             loss = loss * self._subnet_weight
         return (loss, result[1]) if return_outputs else loss
 

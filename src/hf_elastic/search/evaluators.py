@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from ..nas.search_space import SubnetConfig
 from ..nas.supernet import SuperNetwork
+from ..utils import synchronize
 
 Direction = Literal["minimize", "maximize"]
 COUNT_OBJECTIVES = ("params", "base_params", "adapter_params", "macs")
@@ -367,11 +368,11 @@ class LatencyEvaluator(Evaluator):
         inputs = {k: v.to(device) for k, v in self._inputs(model).items()}
         times = []
         with torch.no_grad():
+            synchronize(device)  # the extraction's copies and merges may still be queued
             for i in range(self.warmup + self.repeats):
                 start = time.perf_counter()
                 model(**inputs)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                synchronize(device)
                 if i >= self.warmup:
                     times.append(time.perf_counter() - start)
         return statistics.median(times) * 1000.0

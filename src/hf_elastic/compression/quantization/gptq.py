@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ...utils import ieee_fp32_matmul
 from .format import _check_bits, resolve_group_size
 from .rtn import compute_qparams, residual_codes, round_codes
 
@@ -27,6 +28,7 @@ def _inverse_cholesky(hessian: torch.Tensor, damp_percent: float) -> torch.Tenso
 
 
 @torch.no_grad()
+@ieee_fp32_matmul()
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -53,14 +55,14 @@ def gptq_quantize(
     w = weight.detach().float().T.contiguous()
     cols, rows = w.shape
     group_size = resolve_group_size(group_size, cols)
-    h = hessian.detach().float().clone()
+    h = hessian.detach().to(w.device, torch.float32, copy=True)
     pruned = w == 0
     has_zeros = bool(pruned.any())
     dead = h.diagonal() == 0
     h[dead, dead] = 1
     groups = cols // group_size
-    scales = torch.ones(groups, rows, device=w.device)
-    zeros = torch.zeros(groups, rows, device=w.device)
+    scales = torch.ones(groups, rows, dtype=w.dtype, device=w.device)
+    zeros = torch.zeros(groups, rows, dtype=w.dtype, device=w.device)
     perm, group_of = None, [c // group_size for c in range(cols)]
     if act_order:
         s, z = compute_qparams(weight, bits, group_size, symmetric)
@@ -75,12 +77,12 @@ def gptq_quantize(
         block_size = group_size * (block_size // group_size)
     elif group_size % block_size:
         block_size = group_size
-    codes = torch.empty(cols, rows, device=w.device)
+    codes = torch.empty(cols, rows, dtype=w.dtype, device=w.device)
     residual = torch.empty(cols, rows, dtype=torch.int8, device=w.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         block, hinv_block = w[i1:i2], hinv[i1:i2, i1:i2]
-        errors = torch.empty(i2 - i1, rows, device=w.device)
+        errors = torch.empty(i2 - i1, rows, dtype=w.dtype, device=w.device)
         for i in range(i2 - i1):
             col = i1 + i
             if perm is None and col % group_size == 0:
@@ -109,8 +111,10 @@ def gptq_quantize(
 
 def output_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
     """Relative output error ‖X(W - Ŵ)ᵀ‖ / ‖XWᵀ‖ on the calibration inputs, from H ∝ XᵀX."""
-    delta = (weight.float() - approx.float()).T
+    hessian = hessian.to(weight.device, torch.float32)
+    delta = (weight.float() - approx.to(weight.device, torch.float32)).T
     w = weight.float().T
-    num = (delta * (hessian @ delta)).sum()
-    den = (w * (hessian @ w)).sum()
+    with ieee_fp32_matmul():
+        num = (delta * (hessian @ delta)).sum()
+        den = (w * (hessian @ w)).sum()
     return float((num / den).sqrt()) if den > 0 else 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -40,6 +41,13 @@ def _moved_codes(grid: _Grid, delta: torch.Tensor) -> torch.Tensor:
     return _grouped(codes, scales) + torch.round(steps)
 
 
+def _full_precision(device: torch.device) -> AbstractContextManager:
+    """Autocast switched off on `device`, so that the adapted weight is built in float32 under mixed precision too."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
+
+
 def _effective_weight(
     weight: torch.Tensor | None,
     a: torch.Tensor,
@@ -48,16 +56,18 @@ def _effective_weight(
     mask: torch.Tensor | None,
     grid: _Grid | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The adapted weight `W + M ⊙ sBA` (fp base) or `DQ(Q(W + M ⊙ sBA))` on the base's grid, and the gradient gate.
+    """The adapted weight `W + M ⊙ sBA` (fp base) or `DQ(Q(W + M ⊙ sBA))` on the base's grid, in float32, and the
+    gradient gate. The delta is computed in float32 whatever the dtypes of the weights, so a bf16/fp16 base is rounded
+    once, when the caller casts the result, as peft's merge rounds it.
 
     On a quantized base `weight` is unused: the codes move by `round(r + M ⊙ sBA / scale)` (`r` the base's rounding
     residual, 0 if it kept none), clamped to the code range, so the result lies on the base's grid; the gate is `M`
     and the codes that stayed inside the range (straight-through estimator for `round`, zero gradient where `clamp`
     cut).
     """
-    delta = _masked_delta(a, b, scaling, mask)
+    delta = _masked_delta(a.float(), b.float(), scaling, mask)
     if grid is None:
-        return weight + delta.to(weight.dtype), mask
+        return weight + delta, mask
     _, scales, zeros, qmax, _ = grid
     moved = _moved_codes(grid, delta)
     gate = ((moved >= 0) & (moved <= qmax)).view(delta.shape)
@@ -70,13 +80,16 @@ class _MaskedLora(torch.autograd.Function):
     """`F.linear(x, W_eff, bias)` with `W_eff` from `_effective_weight`, recomputed in backward instead of stored.
 
     Autograd through the expression would keep a dense `W_eff` per layer for the backward pass; this keeps only `x`
-    and the adapter. The gradient of the masked delta, `M ⊙ (gᵀx)`, is projected onto `A` and `B`.
+    and the adapter. The gradient of the masked delta, `M ⊙ (gᵀx)`, is projected onto `A` and `B`. `W_eff` is built
+    in float32 outside autocast; the two dense products (`F.linear` and `gᵀx`) run in the activations' and gradient's
+    dtype, as for a plain `nn.Linear`.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scaling, mask, codes, scales, zeros, qmax, residual):
         grid = None if codes is None else (codes, scales, zeros, qmax, residual)
-        w_eff, _ = _effective_weight(weight, a, b, scaling, mask, grid)
+        with _full_precision(x.device):
+            w_eff, _ = _effective_weight(weight, a, b, scaling, mask, grid)
         ctx.scaling, ctx.qmax = scaling, qmax
         ctx.save_for_backward(x, weight, a, b, mask, codes, scales, zeros, residual)
         return F.linear(x, w_eff.to(x.dtype), None if bias is None else bias.to(x.dtype))
@@ -85,7 +98,8 @@ class _MaskedLora(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, a, b, mask, codes, scales, zeros, residual = ctx.saved_tensors
         grid = None if codes is None else (codes, scales, zeros, ctx.qmax, residual)
-        w_eff, gate = _effective_weight(weight, a, b, ctx.scaling, mask, grid)
+        with _full_precision(x.device):
+            w_eff, gate = _effective_weight(weight, a, b, ctx.scaling, mask, grid)
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -93,7 +107,7 @@ class _MaskedLora(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = g2.sum(0)
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            grad_w = g2.T.to(a.dtype) @ x.reshape(-1, x.shape[-1]).to(a.dtype)
+            grad_w = (g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(a.dtype)
             if gate is not None:
                 grad_w = grad_w * gate
             grad_a, grad_b = (b * ctx.scaling).T @ grad_w, grad_w @ (a * ctx.scaling).T
@@ -195,15 +209,14 @@ class ElasticLoraLinear(LoraLinear):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         a, b = self.lora_weights(adapter)
-        dtype = b.dtype
-        if a.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-            a, b = a.float(), b.float()
-        delta = _masked_delta(a, b, self.scaling[adapter], self._mask(adapter))
-        grid = self.base_grid() if self.quantization_aware.get(adapter) else None
-        if grid is not None:
-            codes, scales, _, qmax, _ = grid
-            delta = ((_moved_codes(grid, delta).clamp(0, qmax) - _grouped(codes, scales)) * scales).view(delta.shape)
-        return transpose(delta, self.fan_in_fan_out).to(dtype)
+        with _full_precision(a.device):
+            delta = _masked_delta(a.float(), b.float(), self.scaling[adapter], self._mask(adapter))
+            grid = self.base_grid() if self.quantization_aware.get(adapter) else None
+            if grid is not None:
+                codes, scales, _, qmax, _ = grid
+                moved = _moved_codes(grid, delta).clamp(0, qmax)
+                delta = ((moved - _grouped(codes, scales)) * scales).view(delta.shape)
+        return transpose(delta, self.fan_in_fan_out).to(b.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merge like peft; sparse adapters keep every base zero, quantization-aware ones write new integer codes."""
@@ -214,7 +227,8 @@ class ElasticLoraLinear(LoraLinear):
             if self.quantization_aware.get(name):
                 base, grid = self.get_base_layer(), self.base_grid()
                 a, b = (w.float() for w in self.lora_weights(name))
-                moved = _moved_codes(grid, _masked_delta(a, b, self.scaling[name], self._mask(name)))
+                with _full_precision(a.device):
+                    moved = _moved_codes(grid, _masked_delta(a, b, self.scaling[name], self._mask(name)))
                 self._merged_state.setdefault("codes", base.qweight.clone())
                 if base.residual is not None:  # it belongs to the unmerged codes
                     self._merged_state["residual"] = base.residual
