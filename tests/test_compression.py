@@ -610,3 +610,55 @@ def test_load_errors(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=rf"{key} in model.safetensors is torch.float32 \(32, 4\), but .* needs "):
         load_quantized(tmp_path)
+
+
+def _edit_quant_config(change):
+    def edit(folder):
+        data = json.loads((folder / "quantization_config.json").read_text())
+        (folder / "quantization_config.json").write_text(json.dumps(change(data)))
+
+    return edit
+
+
+def _set_bits(bits):
+    def change(data):
+        for spec in data["modules"].values():
+            spec["bits"] = bits
+        return data | {"bits": bits}
+
+    return change
+
+
+INT4_DAMAGE = {
+    "weights missing": (
+        lambda f: (f / "model.safetensors").unlink(),
+        FileNotFoundError,
+        r"model.safetensors does not",
+    ),
+    "weights truncated": (
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:200]),
+        ValueError,
+        r"model.safetensors \(200 bytes\) is not a readable safetensors file",
+    ),
+    "config invalid": (lambda f: (f / "quantization_config.json").write_text("{"), ValueError, "is not valid JSON"),
+    "string version": (_edit_quant_config(lambda d: d | {"format_version": "2"}), ValueError, "integer version"),
+    "no modules": (
+        _edit_quant_config(lambda d: {k: v for k, v in d.items() if k != "modules"}),
+        ValueError,
+        r"lists no quantized 'modules'",
+    ),  # fmt: skip
+    "unknown dtype": (_edit_quant_config(lambda d: d | {"dtype": "float99"}), ValueError, r"dtype='float99'"),
+    "bits 4 to 8": (_edit_quant_config(_set_bits(8)), ValueError, r"was edited after saving|differ from those saved"),
+    "other save": (_edit_quant_config(lambda d: d | {"save_id": "0" * 32}), ValueError, "come from different saves"),
+}
+
+
+@pytest.mark.parametrize("case", list(INT4_DAMAGE))
+def test_damaged_int4_folder_gives_a_clear_error(tmp_path, case):
+    model = ARCHS["llama"].build()
+    run_quantize(model)
+    folder = save_quantized(model, tmp_path / "int4")
+    damage, error, message = INT4_DAMAGE[case]
+    damage(folder)
+    with pytest.raises(error, match=message):
+        load_quantized(folder)

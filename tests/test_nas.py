@@ -574,3 +574,164 @@ def test_conv1d_without_fan_in_fan_out_warns_and_fixes():
         model = get_peft_model(gpt2.build(), NLSConfig(target_modules=["c_attn"], rank_choices=[4, 2]))
     assert model.peft_config["default"].fan_in_fan_out is True
     assert torch.isfinite(model(**gpt2.batch()).loss)
+
+
+# ---------------------------------------------------------------------------------------------------- reliability
+class _PoisonStep(TrainerCallback):
+    """Makes the loss of one optimizer step NaN by scaling a base weight by NaN for that step only."""
+
+    def __init__(self, model, step: int) -> None:
+        self.weight, self.step, self.saved = model.get_base_model().model.norm.weight, step, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            self.saved = self.weight.detach().clone()
+            self.weight.data.fill_(float("nan"))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.saved is not None:
+            self.weight.data.copy_(self.saved)
+            self.saved = None
+
+
+def _trainer(tmp_path, **kwargs) -> NASTrainer:
+    model = get_peft_model(ARCHS["llama"].build(), NLSConfig(**peft_kwargs(ARCHS["llama"], rank_choices=[8, 4])))
+    return NASTrainer(model=model, args=args(tmp_path, **kwargs), train_dataset=dataset())
+
+
+def test_a_nan_step_is_skipped_named_and_kept_out_of_the_saved_adapter(tmp_path, caplog):
+    trainer = _trainer(tmp_path / "run")
+    trainer.add_callback(_PoisonStep(trainer.model, step=3))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    with caplog.at_level("WARNING", logger="hf_elastic.nas.trainer"):
+        trainer.train()
+    assert any("Skipped the update of step 3, sub-network" in r.message for r in caplog.records)
+    assert trainer.sampler.skipped_steps == [{"step": 3, "subnets": [trainer.sampler.history[2]]}]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters() if p.requires_grad)
+    trainer.save_model(str(tmp_path / "super"))
+    stats = json.loads((tmp_path / "super" / NAS_STATS_NAME).read_text(), parse_constant=lambda c: 1 / 0)
+    assert sum(v["count"] for v in stats["config_losses"].values()) == 5 and stats["skipped_steps"][0]["step"] == 3
+
+
+def test_on_nonfinite_stop_raises_and_nan_weights_are_never_saved(tmp_path):
+    trainer = _trainer(tmp_path / "run", on_nonfinite="stop")
+    trainer.add_callback(_PoisonStep(trainer.model, step=2))
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss or gradient at step 2, sub-network"):
+        trainer.train()
+    with torch.no_grad():
+        next(p for p in trainer.model.parameters() if p.requires_grad).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="Refusing to save to .*hold NaN or inf"):
+        trainer.save_model(str(tmp_path / "super"))
+    assert not (tmp_path / "super").exists()
+    with pytest.raises(ValueError, match=r"on_nonfinite='never' is unknown; use 'skip' or 'stop'"):
+        args(tmp_path, on_nonfinite="never")
+
+
+def test_training_seed_sets_the_lora_initialisation(tmp_path):
+    def lora_a(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed + 100)  # the global RNG must not matter
+        config = NLSConfig(**peft_kwargs(ARCHS["llama"], rank_choices=[8, 4]))
+        trainer = NASTrainer(model=ARCHS["llama"].build(), peft_config=config, args=args(tmp_path, seed=seed))
+        return next(p for n, p in trainer.model.named_parameters() if "lora_A" in n).detach().clone()
+
+    assert torch.equal(lora_a(5), lora_a(5)) and not torch.equal(lora_a(5), lora_a(6))
+
+
+def test_resume_skips_an_incomplete_last_checkpoint(tmp_path, caplog):
+    out = tmp_path / "run"
+    _trainer(out, save_strategy="steps", save_steps=2, max_steps=4).train()
+    os.remove(out / "checkpoint-4" / "trainer_state.json")  # as if killed while checkpoint-4 was written
+    resumed = _trainer(out, save_strategy="steps", save_steps=2, max_steps=4)
+    with caplog.at_level("WARNING", logger="hf_elastic.nas.trainer"):
+        resumed.train(resume_from_checkpoint=True)
+    assert any("Skipping" in r.message and "checkpoint-4" in r.message for r in caplog.records)
+    assert resumed.state.global_step == 4
+    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-4: .*Pass an earlier checkpoint"):
+        os.remove(out / "checkpoint-4" / "trainer_state.json")
+        _trainer(out, max_steps=4).train(resume_from_checkpoint=str(out / "checkpoint-4"))
+
+
+def test_malicious_pickle_in_a_checkpoint_is_named(tmp_path):
+    out = tmp_path / "run"
+    _trainer(out, save_strategy="steps", save_steps=2, max_steps=2).train()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"x": Evil()}, out / "checkpoint-2" / "rng_state.pth")
+    with pytest.raises(ValueError, match=r"Refused to load a pickled file of .*checkpoint-2"):
+        _trainer(out, max_steps=4).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("adapter") / "super"
+    trainer = _trainer(path.parent / "run", max_steps=2)
+    trainer.train()
+    trainer.save_model(str(path))
+    return path
+
+
+def _edit_json(name: str, change):
+    def edit(folder: Path) -> None:
+        data = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps(change(data)))
+
+    return edit
+
+
+def _without(key: str):
+    return lambda d: {k: v for k, v in d.items() if k != key}
+
+
+ADAPTER_DAMAGE = {
+    "elastic invalid json": (lambda f: (f / "elastic_config.json").write_text("{oops"), r"is not valid JSON"),
+    "elastic is a list": (lambda f: (f / "elastic_config.json").write_text("[]"), r"holds a JSON list"),
+    "unknown key": (_edit_json("elastic_config.json", lambda d: d | {"ranks": [1]}), r"keys \['ranks'\] that"),
+    "no rank_choices": (_edit_json("elastic_config.json", _without("rank_choices")), r"has no 'rank_choices'"),
+    "choices edited": (_edit_json("elastic_config.json", lambda d: d | {"rank_choices": [4, 2]}), r"was edited"),
+    "method changed": (_edit_json("elastic_config.json", lambda d: d | {"method": "elastic_lora"}), r"was edited"),
+    "r mismatch": (_edit_json("adapter_config.json", lambda d: d | {"r": 16}), r"has r=16, but .* rank_choices"),
+    "weights missing": (lambda f: (f / "adapter_model.safetensors").unlink(), r"adapter_model.safetensors"),
+    "weights truncated": (
+        lambda f: (f / "adapter_model.safetensors").write_bytes((f / "adapter_model.safetensors").read_bytes()[:99]),
+        r"come from different saves|not a readable safetensors file",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAPTER_DAMAGE))
+def test_damaged_super_adapter_gives_a_clear_error(saved_adapter, tmp_path, case):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(saved_adapter, folder)
+    damage, message = ADAPTER_DAMAGE[case]
+    damage(folder)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_super_network(ARCHS["llama"].build(), folder)
+
+
+def test_adapter_on_another_base(saved_adapter):
+    other = ARCHS["llama"].build()
+    with torch.no_grad():
+        other.model.layers[0].self_attn.q_proj.weight.add_(1.0)
+    with pytest.warns(UserWarning, match="was trained on another base model"):
+        load_super_network(other, saved_adapter)
+    with pytest.raises(ValueError, match="was trained on another base model"):
+        load_super_network(other, saved_adapter, strict=True)
+    config = ARCHS["llama"].build().config.to_dict()
+    config.pop("head_dim", None)
+    wider = type(other)(type(other.config)(**(config | {"hidden_size": 2 * config["hidden_size"]})))
+    with pytest.raises(ValueError, match="does not fit this base model"):
+        load_super_network(wider, saved_adapter)
+
+
+def test_channel_order_is_checked():
+    config = ElasticLoraConfig(
+        **peft_kwargs(ARCHS["llama"]), rank_choices=[4], ffn_width_choices=[1.0, 0.5], channel_order={"0.ffn": [0, 0]}
+    )
+    with pytest.raises(ValueError, match=r"channel_order\['0.ffn'\] must be a permutation of 0..\d+"):
+        get_supernet(get_peft_model(ARCHS["llama"].build(), config))

@@ -93,6 +93,15 @@ def load_safetensors(path: str | os.PathLike, fix: str = "save it again") -> tup
         raise ValueError(f"{path} ({size} bytes) is not a readable safetensors file ({err}); {fix}.") from None
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
+
+
 def digest(value: Any) -> str:
     """A short SHA-256 of `value` as canonical JSON, to bind files of one save together."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -133,6 +142,8 @@ def recover_directory(path: str | os.PathLike) -> None:
         if not path.exists() and inner.is_dir():
             os.replace(inner, path)
             warnings.warn(f"Restored {path} from {old.name}: an earlier overwrite was interrupted.", stacklevel=3)
+        else:
+            warnings.warn(f"Removed {old}, the old copy an interrupted overwrite of {path} left.", stacklevel=3)
         shutil.rmtree(old, ignore_errors=True)
     for tmp, pid in _stale_copies(path, "tmp"):
         if not _alive(pid):

@@ -17,6 +17,6 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, OSError, ImportError) as err:
+    except (ValueError, OSError, ImportError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -107,6 +107,7 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool) -> Any:
         output_dir=args.output,
         sampling=args.sampling,
         sandwich_k=args.sandwich_k,
+        on_nonfinite=args.on_nonfinite,
         eval_subnets=args.eval_subnets,
         num_train_epochs=args.num_train_epochs or 1.0,
         learning_rate=args.learning_rate,
@@ -155,7 +156,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     trainer = NASTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collator
     )
-    trainer.train(resume_from_checkpoint=args.resume or None)
+    trainer.train(resume_from_checkpoint=True if args.resume == "last" else args.resume)
     trainer.save_model(args.output)
     tokenizer.save_pretrained(args.output)
     if evaluation is not None:

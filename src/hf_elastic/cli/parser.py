@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="learn the completion only (prompt tokens get label -100)",
     )
     p.add_argument("--packing", action="store_true", help="concatenate rows into full --seq-len blocks")
-    p.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+    p.add_argument("--resume", default=None, help="checkpoint folder to resume from, or 'last' (newest complete one)")
+    p.add_argument("--on-nonfinite", choices=("skip", "stop"), default="skip", help="a NaN/inf step: skip it or stop")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
     _model_args(p, device=False)

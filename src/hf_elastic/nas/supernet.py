@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +25,14 @@ from ..models.arch import WidthLayer, base_layer, find_width_layers, slice_layer
 from ..tuners.elastic_lora.config import ElasticLoraConfig
 from ..tuners.nls.config import NLSConfig
 from ..tuners.nls.layer import ElasticLoraLinear
-from ..utils import SUBNET_CONFIG_NAME, atomic_save_safetensors, atomic_write_json, matches_module, split_layer_key
+from ..utils import (
+    SUBNET_CONFIG_NAME,
+    atomic_save_safetensors,
+    atomic_write_json,
+    load_safetensors,
+    matches_module,
+    split_layer_key,
+)
 from .search_space import Dimension, SearchSpace, SubnetConfig
 
 _CACHE_ATTR = "_hf_elastic_supernets"
@@ -103,11 +111,32 @@ class SuperNetwork:
         )
         if self.config.sparse_adapter:
             self._check_base_sparsity()
+        self._check_channel_order()
+        if self.config.base_fingerprint is None:
+            self.config.base_fingerprint = self.base_fingerprint()
         model.__dict__.setdefault(_CACHE_ATTR, {})
         old = model.__dict__[_CACHE_ATTR].get(self.adapter_name)
         if old is not None:
             old.remove_hooks()
         model.__dict__[_CACHE_ATTR][self.adapter_name] = self
+
+    def base_fingerprint(self) -> str:
+        """Digest of the adapted base weights: class, shape and first row of each (cheap on any model size)."""
+        return base_fingerprint(self.lora_modules)
+
+    def _check_channel_order(self) -> None:
+        """Every recorded order must be a permutation of its layer's FFN channels or key/value groups."""
+        units = {f"{layer.index}.ffn": layer.ffn_dim for layer in self.width_layers}
+        units |= {f"{layer.index}.heads": layer.num_kv_heads for layer in self.width_layers}
+        for key, order in (getattr(self.config, "channel_order", None) or {}).items():
+            if key not in units:
+                raise ValueError(f"channel_order has {key!r}, which names no width dimension ({sorted(units)[:4]}).")
+            if sorted(order) != list(range(units[key])):
+                raise ValueError(
+                    f"channel_order[{key!r}] must be a permutation of 0..{units[key] - 1}, got {len(order)} entries "
+                    f"from {min(order, default=None)} to {max(order, default=None)}. Reorder again with "
+                    "reorder_channels or remove the entry."
+                )
 
     def _check_base_sparsity(self) -> None:
         """Record the base's zero pattern in the config, or check it against the record of a loaded adapter."""
@@ -425,6 +454,7 @@ class SuperNetwork:
         atomic_write_json(save_directory / "adapter_config.json", adapter_config)
         flags = {k: getattr(self.config, k) for k in ("sparse_adapter", "quantization_aware")}
         info = {"config": config, **self.count(config), "max": self.count("max"), **flags}
+        info["base_fingerprint"] = self.config.base_fingerprint
         atomic_write_json(save_directory / SUBNET_CONFIG_NAME, info)
         return save_directory
 
@@ -474,6 +504,17 @@ class SuperNetwork:
         return merged
 
 
+def base_fingerprint(lora_modules: Mapping[str, LoraLayer]) -> str:
+    """Digest of the base weights under LoRA modules (keyed by module path): class, shape and first row of each."""
+    sha = hashlib.sha256()
+    for key, module in sorted(lora_modules.items()):
+        base = module.get_base_layer()
+        weight = base.dequantize() if isinstance(base, QuantLinear) else weight_out_in(base)
+        sha.update(f"{key}:{type(base).__name__}:{tuple(weight.shape)}".encode())
+        sha.update(weight[0, :256].detach().float().cpu().numpy().tobytes())
+    return sha.hexdigest()[:16]
+
+
 def get_supernet(model: PeftModel, adapter_name: str | None = None) -> SuperNetwork:
     """The `SuperNetwork` of an elastic peft model, created on first use and cached on the model."""
     name = adapter_name or getattr(model, "active_adapter", None)
@@ -481,14 +522,41 @@ def get_supernet(model: PeftModel, adapter_name: str | None = None) -> SuperNetw
     return cached if cached is not None else SuperNetwork(model, name)
 
 
-def load_super_network(model: nn.Module, path: str | Path, adapter_name: str = "default", **kwargs: Any) -> PeftModel:
+def load_super_network(
+    model: nn.Module, path: str | Path, adapter_name: str = "default", *, strict: bool = False, **kwargs: Any
+) -> PeftModel:
     """Load a saved super-adapter (`adapter_config.json` + `elastic_config.json`) onto `model` as a super-network.
 
-    Keyword arguments go to `PeftModel.from_pretrained` (e.g. `is_trainable=True`).
+    The adapter's record of its base (`base_fingerprint`) is compared with `model`: another base gives a warning, or
+    a `ValueError` with `strict=True`. Keyword arguments go to `PeftModel.from_pretrained` (e.g. `is_trainable=True`).
     """
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
     config = NLSConfig.from_pretrained(str(path))
-    peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, config=config, **kwargs)
-    get_supernet(peft_model, adapter_name)
+    weights = Path(path, SAFETENSORS_WEIGHTS_NAME)
+    if Path(path).is_dir():
+        load_safetensors(weights, "save the super-adapter again")
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, config=config, **kwargs)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[-1].strip() if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"The adapter in {path} does not fit this base model ({first}). It was trained on a base with other "
+            "shapes (hidden size, heads, layers), or adapter_config.json's r does not match the stored weights."
+        ) from None
+    recorded = config.base_fingerprint
+    config.base_fingerprint = None
+    supernet = get_supernet(peft_model, adapter_name)
+    found = supernet.config.base_fingerprint
+    supernet.config.base_fingerprint = recorded or found
+    if recorded is not None and recorded != found:
+        message = (
+            f"The adapter in {path} was trained on another base model (base fingerprint {recorded}, this model "
+            f"{found}): its weights, sparsity or quantization differ. Load it onto the base it was trained on."
+        )
+        if strict:
+            raise ValueError(message)
+        warnings.warn(message, stacklevel=2)
     return peft_model
 
 
@@ -506,6 +574,15 @@ def merge_subnet_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             "with load_super_network and call get_supernet(model).extract_model(config)."
         )
     peft_model = PeftModel.from_pretrained(model, str(path))
+    recorded = info.get("base_fingerprint")
+    layers = {n: m for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+    found = base_fingerprint(layers)
+    if recorded is not None and recorded != found:
+        warnings.warn(
+            f"The sub-adapter in {path} was extracted from a super-network on another base model (fingerprint "
+            f"{recorded}, this model {found}); merge it onto the base it was trained on.",
+            stacklevel=2,
+        )
     if not info.get("sparse_adapter"):
         return peft_model.merge_and_unload()
     with torch.no_grad():

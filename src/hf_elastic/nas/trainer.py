@@ -5,7 +5,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
+import math
+import os
+import pickle
 import random
+import re
+import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -14,14 +20,15 @@ from typing import Any
 
 import torch
 from peft import PeftConfig, get_peft_model
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ExportableState
 
-from ..utils import atomic_write_json
+from ..utils import ELASTIC_CONFIG_NAME, atomic_write_json
 from .search_space import SearchSpace, SubnetConfig
 from .supernet import SuperNetwork, get_supernet
 
 NAS_STATS_NAME = "nas_stats.json"
+logger = logging.getLogger(__name__)
 Sampler = Callable[[SearchSpace, random.Random, int], list[SubnetConfig]]
 
 
@@ -77,6 +84,13 @@ class NASArgumentsMixin:
             "eval_<name>_<metric>; eval_<metric> repeats the first one."
         },
     )
+    on_nonfinite: str = field(
+        default="skip",
+        metadata={
+            "help": "What a non-finite loss or gradient does to an optimizer step: 'skip' (no update, a warning "
+            "naming the step and sub-network) or 'stop' (raise)."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +102,8 @@ class NASArgumentsMixin:
             )
         if self.sandwich_k < 0:
             raise ValueError(f"{name}.sandwich_k={self.sandwich_k} must be >= 0.")
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"{name}.on_nonfinite={self.on_nonfinite!r} is unknown; use 'skip' or 'stop'.")
         bad = [n for n in self.eval_subnets if n not in ("max", "min", "median")]
         if not self.eval_subnets or bad:
             raise ValueError(
@@ -107,8 +123,12 @@ class SubnetSampler(TrainerCallback, ExportableState):
     same sequence; the statistics travel in checkpoints through `ExportableState`.
     """
 
-    def __init__(self, supernet: SuperNetwork, sampling: str, seed: int, sandwich_k: int = 2) -> None:
+    def __init__(
+        self, supernet: SuperNetwork, sampling: str, seed: int, sandwich_k: int = 2, on_nonfinite: str = "skip"
+    ) -> None:
         self.supernet, self.sampling, self.seed, self.sandwich_k = supernet, sampling, seed, sandwich_k
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps: list[dict[str, Any]] = []
         self.fingerprint = space_fingerprint(supernet.space)
         self.current: list[SubnetConfig] = [supernet.space.max_config()]
         self.choice_counts: dict[str, dict[str, int]] = {d.name: {} for d in supernet.space}
@@ -144,8 +164,9 @@ class SubnetSampler(TrainerCallback, ExportableState):
                 f"(fingerprint {saved['args']['fingerprint']}, this model {self.fingerprint}). "
                 "Resume with the same NLSConfig/ElasticLoraConfig and model."
             )
-        for name in ("choice_counts", "config_losses", "history"):
-            setattr(self, name, saved["attributes"][name])
+        for name in ("choice_counts", "config_losses", "history", "skipped_steps"):
+            if name in saved["attributes"]:
+                setattr(self, name, saved["attributes"][name])
 
     def record_loss(self, config: SubnetConfig, loss: float | torch.Tensor) -> None:
         """Add a training loss of `config` to its running mean; a tensor is read at the end of the optimizer step,
@@ -156,6 +177,8 @@ class SubnetSampler(TrainerCallback, ExportableState):
             self._add_loss(self.key(config), loss)
 
     def _add_loss(self, key: str, loss: float) -> None:
+        if not math.isfinite(loss):
+            return  # reported by on_pre_optimizer_step, which also drops the step's update
         mean_count = self.config_losses.setdefault(key, [0.0, 0])
         mean_count[1] += 1
         mean_count[0] += (loss - mean_count[0]) / mean_count[1]
@@ -167,6 +190,23 @@ class SubnetSampler(TrainerCallback, ExportableState):
             self._pending = []
             for key, loss in zip(keys, torch.stack(losses).tolist(), strict=True):
                 self._add_loss(key, loss)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        """Drop the update of a step whose gradients are not finite (or raise, with `on_nonfinite='stop'`)."""
+        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None] if model else []
+        if not params or bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all()):
+            return
+        keys = [self.key(c) for c in self.current]
+        where = f"step {state.global_step + 1}, sub-network {' + '.join(keys)} (choice indices, 0 = largest)"
+        if self.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"Non-finite loss or gradient at {where}. Check the data and the learning rate, or pass "
+                "on_nonfinite='skip' to skip such steps."
+            )
+        for p in params:
+            p.grad = None  # the optimizer leaves parameters without gradients untouched (no moments, no decay)
+        self.skipped_steps.append({"step": state.global_step + 1, "subnets": keys})
+        logger.warning("Skipped the update of %s: its loss or gradients are not finite.", where)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.flush()
@@ -180,6 +220,7 @@ class SubnetSampler(TrainerCallback, ExportableState):
             "choice_counts": self.choice_counts,
             "config_losses": {k: {"mean_loss": m, "count": n} for k, (m, n) in self.config_losses.items()},
             "history": self.history,
+            "skipped_steps": self.skipped_steps,
         }
 
     def state(self) -> dict[str, Any]:
@@ -190,6 +231,7 @@ class SubnetSampler(TrainerCallback, ExportableState):
                 "choice_counts": self.choice_counts,
                 "config_losses": self.config_losses,
                 "history": self.history,
+                "skipped_steps": self.skipped_steps,
             },
         }
 
@@ -233,6 +275,7 @@ class NASTrainerMixin:
                 f"{type(self).__name__} needs a transformers.Trainer among its bases, after NASTrainerMixin."
             )
         if peft_config is not None:
+            set_seed(args.seed if args is not None else 42)  # the LoRA initialisation follows the training seed
             if "peft_config" in inspect.signature(super().__init__).parameters:
                 kwargs["peft_config"] = peft_config
             else:
@@ -257,7 +300,13 @@ class NASTrainerMixin:
         self.eval_subnets = getattr(self.args, "eval_subnets", ["median"])
         if self.sampling == "sandwich" and self.supernet.space.num_configs < 2:
             raise ValueError("sampling='sandwich' needs at least two sub-networks, but the search space has one.")
-        self.sampler = SubnetSampler(self.supernet, self.sampling, self.args.seed, getattr(self.args, "sandwich_k", 2))
+        self.sampler = SubnetSampler(
+            self.supernet,
+            self.sampling,
+            self.args.seed,
+            getattr(self.args, "sandwich_k", 2),
+            getattr(self.args, "on_nonfinite", "skip"),
+        )
         self._subnet, self._subnet_weight = self.sampler.current[0], 1.0
         self.add_callback(self.sampler)
 
@@ -307,9 +356,47 @@ class NASTrainerMixin:
             self.supernet.activate(previous)
         return metrics
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`; `resume_from_checkpoint=True` takes the newest complete checkpoint, skipping one that an
+        interrupted save left half-written (with a warning)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint-<step> folder in {self.args.output_dir} to resume from.")
+        elif resume_from_checkpoint:
+            problem = checkpoint_problem(Path(resume_from_checkpoint))
+            if problem:
+                raise ValueError(
+                    f"Cannot resume from {resume_from_checkpoint}: {problem}. Pass an earlier checkpoint, or "
+                    "resume_from_checkpoint=True for the newest complete one."
+                )
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"Refused to load a pickled file of {resume_from_checkpoint} (optimizer.pt, scheduler.pt, "
+                f"rng_state*.pth): it holds more than tensors ({error}). Resume only from checkpoints you wrote."
+            ) from None
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the super-adapter (plain LoRA + `elastic_config.json`) and the sampling statistics."""
-        super().save_model(output_dir, _internal_call)
+        """Save the super-adapter (plain LoRA + `elastic_config.json`) and the sampling statistics.
+
+        The files are written to a staging folder and moved into place, `elastic_config.json` last; it records the
+        adapter's SHA-256, so `load_super_network` detects weights and configs of different saves. Adapter weights
+        that are not finite are never saved.
+        """
+        out = Path(output_dir or self.args.output_dir)
+        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:
+            raise FloatingPointError(
+                f"Refusing to save to {out}: {len(bad)} adapter tensors hold NaN or inf (first: {bad[0]}). Resume "
+                "from the last checkpoint with a lower learning rate, or train with on_nonfinite='stop' to find the "
+                "step."
+            )
+        staging = out.parent / f".{out.name}.saving"
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        super().save_model(str(staging), _internal_call)
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
         if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type) and not _internal_call:
             warnings.warn(
@@ -318,8 +405,54 @@ class NASTrainerMixin:
                 "`--fsdp_state_dict_type FULL_STATE_DICT` (or set it in the FSDP plugin) to save a loadable adapter.",
                 stacklevel=2,
             )
-        if self.args.should_save:
-            atomic_write_json(Path(output_dir or self.args.output_dir) / NAS_STATS_NAME, self.sampler.stats())
+        if not self.args.should_save:
+            return
+        elastic = staging / ELASTIC_CONFIG_NAME
+        save_id = json.loads(elastic.read_text()).get("save_id") if elastic.is_file() else None
+        atomic_write_json(staging / NAS_STATS_NAME, self.sampler.stats() | {"save_id": save_id})
+        out.mkdir(parents=True, exist_ok=True)
+        for name in sorted(os.listdir(staging), key=lambda n: n == ELASTIC_CONFIG_NAME):
+            if (out / name).is_dir() and not (out / name).is_symlink():
+                shutil.rmtree(out / name)
+            os.replace(staging / name, out / name)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete Trainer checkpoint, or None. Trainer writes `trainer_state.json` last."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_dir():
+        return "it is not a folder"
+    state = path / "trainer_state.json"
+    if not state.is_file():
+        return "it has no trainer_state.json (its save was interrupted)"
+    try:
+        json.loads(state.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "its trainer_state.json is not valid JSON (its save was interrupted)"
+    for weights in path.glob("*.safetensors"):
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            return f"{weights.name} is damaged ({error})"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-<step>` folder of `output_dir` that is complete; incomplete newer ones are skipped."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        logger.warning("Skipping %s: %s.", path, problem)
+    return None
 
 
 class NASTrainer(NASTrainerMixin, Trainer):

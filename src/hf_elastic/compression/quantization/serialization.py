@@ -34,6 +34,8 @@ def save_quantized(
     a mix, even when the process dies; its files share a save id that `load_quantized` checks. An existing folder is
     replaced unless `overwrite=False`. Returns the directory.
     """
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("save_quantized found no QuantLinear in the model. Call quantize(model, ...) first.")
     with atomic_directory(save_directory, overwrite) as tmp:
         write_quantized(model, tmp)
         if tokenizer is not None:

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
+import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch.nn as nn
 from peft import LoraConfig
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from transformers.pytorch_utils import Conv1D
 
-from ...utils import ELASTIC_CONFIG_NAME, atomic_write_json
+from ...utils import ELASTIC_CONFIG_NAME, atomic_write_json, digest, file_sha256, read_json
 
 _METHODS: dict[str, type[NLSConfig]] = {}
 
@@ -54,6 +55,7 @@ class NLSConfig(LoraConfig):
         "sparse_adapter",
         "quantization_aware",
         "base_sparsity",
+        "base_fingerprint",
     )
 
     r: int | None = field(
@@ -103,6 +105,14 @@ class NLSConfig(LoraConfig):
         metadata={
             "help": "Fingerprint of the base model's zero pattern that a sparse adapter was trained on (zeros per "
             "module and a digest). Filled in by hf_elastic and checked when the adapter is loaded; leave it None."
+        },
+    )
+
+    base_fingerprint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Digest of the targeted base weights (class, shape and first row of each) the adapter was trained "
+            "on. Filled in by hf_elastic; load_super_network warns (or with strict=True raises) on another base."
         },
     )
 
@@ -175,9 +185,18 @@ class NLSConfig(LoraConfig):
         }
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write `adapter_config.json` (plain LoRA, max rank) and `elastic_config.json` (search space settings)."""
+        """Write `adapter_config.json` (plain LoRA, max rank) and `elastic_config.json` (search space settings).
+
+        `elastic_config.json` also records a digest of its own settings and, when peft has just written the adapter
+        beside it, the adapter's SHA-256, so that an edited config or weights of another save are detected on load.
+        """
         super().save_pretrained(save_directory, **kwargs)
-        atomic_write_json(Path(save_directory) / ELASTIC_CONFIG_NAME, self.elastic_dict())
+        data = self.elastic_dict()
+        data |= {"save_id": uuid.uuid4().hex, "digest": _settings_digest(data)}
+        weights = Path(save_directory) / SAFETENSORS_WEIGHTS_NAME
+        if weights.is_file():
+            data["adapter_sha256"] = file_sha256(weights)
+        atomic_write_json(Path(save_directory) / ELASTIC_CONFIG_NAME, data)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
@@ -196,16 +215,54 @@ class NLSConfig(LoraConfig):
                     f"No {ELASTIC_CONFIG_NAME} in {directory}: this is not an hf_elastic super-adapter. "
                     "Load a plain LoRA adapter with peft.PeftModel.from_pretrained instead."
                 )
-        elastic = json.loads(elastic_path.read_text())
-        method = elastic.pop("method", None)
-        elastic.pop("hf_elastic_version", None)
+        fix = "save the super-adapter again (NASTrainer.save_model or model.save_pretrained)"
+        elastic = read_json(elastic_path, fix)
+        stored_digest, adapter_sha = elastic.pop("digest", None), elastic.pop("adapter_sha256", None)
+        elastic.pop("save_id", None)
+        method = elastic.get("method")
         if method not in _METHODS:
             raise ValueError(f"{elastic_path} names method={method!r}; known methods are {sorted(_METHODS)}.")
-        lora = LoraConfig.from_pretrained(str(elastic_path.parent), **kwargs).to_dict()
         target_cls = _METHODS[method]
+        unknown = sorted(set(elastic) - set(target_cls.elastic_fields) - {"method", "hf_elastic_version"})
+        if unknown:
+            raise ValueError(f"{elastic_path} has keys {unknown} that {target_cls.__name__} does not know; {fix}.")
+        if "rank_choices" not in elastic:
+            raise ValueError(f"{elastic_path} has no 'rank_choices'; {fix}.")
+        if stored_digest is not None and stored_digest != _settings_digest(elastic):
+            raise ValueError(
+                f"{elastic_path} was edited after it was saved (its settings no longer match its digest): restore it, "
+                f"or {fix}."
+            )
+        weights = elastic_path.parent / SAFETENSORS_WEIGHTS_NAME
+        if adapter_sha is not None and weights.is_file() and file_sha256(weights) != adapter_sha:
+            raise ValueError(
+                f"{weights} and {ELASTIC_CONFIG_NAME} come from different saves (e.g. after an interrupted "
+                f"overwrite); {fix}."
+            )
+        elastic.pop("method")
+        elastic.pop("hf_elastic_version", None)
+        try:
+            lora = LoraConfig.from_pretrained(str(elastic_path.parent), **kwargs).to_dict()
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(
+                f"{elastic_path.parent / 'adapter_config.json'} cannot be read ({error}); {fix}."
+            ) from None
         init_names = {f.name for f in fields(target_cls) if f.init}
-        config = target_cls(**{k: v for k, v in lora.items() if k in init_names}, **elastic)
+        try:
+            config = target_cls(**{k: v for k, v in lora.items() if k in init_names}, **elastic)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{elastic_path}: {error}") from None
+        if config.r != max(config.rank_choices):
+            raise ValueError(
+                f"adapter_config.json has r={config.r}, but {ELASTIC_CONFIG_NAME} has rank_choices "
+                f"{config.rank_choices} (largest {max(config.rank_choices)}); the two files do not belong together: "
+                f"{fix}."
+            )
         return config
+
+
+def _settings_digest(data: dict[str, Any]) -> str:
+    return digest({k: v for k, v in data.items() if k not in ("hf_elastic_version", "save_id", "digest")})
 
 
 _METHODS[NLSConfig.elastic_method] = NLSConfig
