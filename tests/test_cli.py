@@ -275,7 +275,21 @@ ERRORS = [
         r"output .* overlaps the input",
     ),
     (["quantize", "{model}", "{full}"], r"output .* exists and is not empty; pass --overwrite"),
-    (["train", "{model}", "{tmp}/t", "--data", "{data}", "--seq-len", "0"], None),
+    (["train", "{model}", "{tmp}/t", "--data", "{data}", "--seq-len", "0"], r"argument --seq-len: 0 must be > 0"),
+    (
+        ["train", "{model}", "{tmp}/t", "--data", "{data}", "--max-steps", "-1"],
+        r"argument --max-steps: -1 must be > 0",
+    ),
+    (["train", "{model}", "{tmp}/t", "--data", "{data}", "--save-steps", "0"], r"argument --save-steps"),
+    (["train", "{model}", "{tmp}/t", "--data", "{data}", "--gradient-accumulation-steps", "0"], r"must be > 0"),
+    (["train", "{model}", "{tmp}/t", "--data", "{data}", "--lora-alpha", "0"], r"argument --lora-alpha"),
+    (["search", "{adapter}", "--base", "{model}", "--output", "{tmp}/o", "--num-samples", "-1"], r"--num-samples"),
+    (["train", "{model}", "{tmp}/t", "--data", "{empty}"], r"holds no rows"),
+    (["sparsify", "{broken}", "{tmp}/x", "--sparsity", "0.5"], r"config.json"),
+    (
+        ["export", "{adapter}", "--base", "{model}", "--output", "{tmp}/o", "--config", "{badsearch}"],
+        r"is not a search result written by hf_elastic",
+    ),
     (["train", "{model}", "{tmp}/t", "--data", "{data}"], r"columns \['review'\] have no 'messages'.*--template"),
     (
         ["train", "{model}", "{tmp}/t", "--data", "{data}", "--template", "{{review}}", "--bf16", "--fp16"],
@@ -362,13 +376,15 @@ def test_clear_errors(model_dir, tmp_path, capsys, argv, message):
     (adapter / "elastic_config.json").write_text("{}")
     (full / "keep.txt").write_text("do not lose me")
     fields = {"tmp": tmp_path, "model": model_dir, "data": model_dir.parent / "data.jsonl", "search": search}
-    fields |= {"adapter": adapter, "full": full}
+    fields |= {"adapter": adapter, "full": full, "empty": tmp_path / "empty.jsonl", "broken": tmp_path / "broken"}
+    fields["badsearch"] = tmp_path / "bad_search.json"
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    (tmp_path / "bad_search.json").write_text(json.dumps({"evaluations": [{"config": {}}]}))
     with pytest.raises(SystemExit) as exit_:
         main([a.format(**fields) for a in argv])
     err = capsys.readouterr().err
     assert (full / "keep.txt").read_text() == "do not lose me"
-    if message is None:  # argparse's own usage error
-        assert exit_.value.code == 2 and "error: argument --seq-len" in err
-        return
     assert exit_.value.code == 1 and err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
     assert re.search(message, err), err

@@ -28,7 +28,6 @@ from conftest import (
     train_steps,
 )
 from huggingface_hub import EvalResult, HfApi, ModelCard, constants, metadata_load
-from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import _http
 from peft import PeftModel, get_peft_model
 from tokenizers import Tokenizer, models
@@ -800,7 +799,42 @@ def test_hub_errors_do_not_leak_the_token(artefacts, fake_hub, caplog, capfd):
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="huggingface_hub")
     fake_hub.fail_create = True
-    with pytest.raises(HfHubHTTPError, match="403") as exc:
+    with pytest.raises(ConnectionError, match=r"Could not push to me/tiny \(HfHubHTTPError: 403") as exc:
         push_to_hub(artefacts["adapter"], "me/tiny", card_info=card_info(), token=TOKEN)
     assert fake_hub.calls() == [("POST", "/api/repos/create"), ("GET", "/api/models/me/tiny")]  # exists? no
     assert_no_token(caplog, capfd, str(exc.value), repr(exc.value))
+
+
+def test_push_uploads_only_artefact_files_and_guards_the_token(tmp_path, artefacts, fake_hub, caplog):
+    source = tmp_path / "adapter"
+    shutil.copytree(artefacts["adapter"], source)
+    (source / "training_args.bin").write_bytes(b"pickle holding " + TOKEN.encode())
+    (source / "checkpoint-2").mkdir()
+    (source / "checkpoint-2" / "optimizer.pt").write_bytes(b"x")
+    (source / "checkpoint-2" / "adapter_config.json").write_text("{}")
+    (source / "rng_state.pth").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING):
+        folder = prepare_upload_folder(source, tmp_path / "up", card_info())
+    uploaded = listing(folder)
+    assert uploaded == listing(artefacts["adapter"]) | {"README.md"}
+    assert "training_args.bin" in caplog.text and "checkpoint-2/optimizer.pt" in caplog.text
+    (source / "notes.txt").write_text(f"token={TOKEN}")
+    with pytest.raises(ValueError, match="notes.txt contains your Hub token"):
+        push_to_hub(source, "me/tiny", card_info=card_info(), token=TOKEN)
+    (source / "notes.txt").unlink()
+    outside = tmp_path / "secret.json"
+    outside.write_text("{}")
+    (source / "extra.json").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"extra.json is a link to .*secret.json, outside"):
+        prepare_upload_folder(source, tmp_path / "up2", card_info())
+
+
+def test_push_without_network_is_one_clear_error(artefacts, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise httpx.ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
+    with pytest.raises(ConnectionError, match=r"Could not push to me/tiny \(ConnectError: .*name resolution\)"):
+        push_to_hub(artefacts["adapter"], "me/tiny", card_info=card_info(), token=TOKEN)

@@ -57,6 +57,8 @@ def load_rows(
             raise ValueError(
                 f"{option} {source}: use a {', '.join(DATA_SUFFIXES)} file, a folder or a Hub data set id."
             )
+        if path.stat().st_size == 0:
+            raise ValueError(f"{option} {source} is an empty file: it holds no rows.")
         try:
             rows = load_dataset(kind, data_files=str(path), split="train")
         except Exception as err:  # datasets raises many types for unreadable files

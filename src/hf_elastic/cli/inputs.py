@@ -95,7 +95,12 @@ def subnet_config(value: str, select: str = "best") -> Any:
         return data.get("config", data)
     from ..search.result import SearchResult
 
-    result = SearchResult.from_dict(data)
+    try:
+        result = SearchResult.from_dict(data)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"--config {path} is not a search result written by hf_elastic ({error!r} is wrong)."
+        ) from None
     if pick.isdigit():
         index = int(pick)
         count = len(result.evaluations)

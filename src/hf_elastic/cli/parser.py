@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import NoReturn
 
 from . import commands
 
@@ -59,10 +61,18 @@ def _positive(kind: type) -> object:
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end like every other user error: one `error:` line and exit status 1."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __doc__ as description
 
-    parser = argparse.ArgumentParser(prog="hf-elastic", description=description)
+    parser = _Parser(prog="hf-elastic", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
     positive_int, positive_float = _positive(int), _positive(float)
 

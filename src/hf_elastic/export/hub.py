@@ -5,16 +5,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+import httpx
 from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import HfHubHTTPError
 
 from ..utils import atomic_directory, check_output_dir
 from .card_info import CardInfo, _check_repo_id
-from .model_card import CARD_NAME, build_model_card, check_model_card, detect_artifact_kind, measure_sparsity
+from .model_card import (
+    _PLOT_SUFFIXES,
+    CARD_NAME,
+    build_model_card,
+    check_model_card,
+    detect_artifact_kind,
+    measure_sparsity,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,22 +70,46 @@ def _normalize_extra_files(
     return out
 
 
+# What an upload may hold, by artefact part: weights, configs and reports, tokenizer, card and plots. Pickles
+# (training_args.bin holds the Hub token; optimizer.pt, rng_state.pth), checkpoints and logs stay behind.
+_UPLOAD_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".tiktoken", ".md", ".csv") + _PLOT_SUFFIXES
+_OPENVINO_FILE = re.compile(r"^openvino_[\w-]*\.(xml|bin)$")
+_CHECKPOINT_PART = re.compile(r"^(checkpoint-\d+|runs|wandb)$")
+_TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv", ".xml", ".svg")
+
+
+def _uploadable(rel: Path) -> bool:
+    if any(_CHECKPOINT_PART.match(part) for part in rel.parts[:-1]) or rel.name == "trainer_state.json":
+        return False
+    return rel.suffix.lower() in _UPLOAD_SUFFIXES or bool(_OPENVINO_FILE.match(rel.name))
+
+
 def _fill_folder(
     source: Path,
     dest: Path,
     card: ModelCard,
     extras: Mapping[str, Path],
     link: bool,
+    token: str | None = None,
 ) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, left_out = [], []
+    root = source.resolve()
     for path in sorted(source.rglob("*")):
         rel = path.relative_to(source)
         if any(part.startswith(".") or part == "__pycache__" for part in rel.parts) or rel.as_posix() == CARD_NAME:
             continue
-        if path.is_file():
-            _place(path, dest / rel, link)
-            written.append(rel.as_posix())
+        if path.is_symlink() and root not in path.resolve().parents:
+            raise ValueError(f"{path} is a link to {path.resolve()}, outside {source}; copy the file in or remove it.")
+        if not path.is_file():
+            continue
+        if not _uploadable(rel):
+            left_out.append(rel.as_posix())
+            continue
+        _place(path, dest / rel, link)
+        written.append(rel.as_posix())
+    if left_out:
+        logger.warning("Not uploaded (pickles, checkpoints and other non-artefact files): %s", ", ".join(left_out))
     for name, path in extras.items():
         if name in written and path.resolve() == (source / name).resolve():
             continue  # already part of the artefact
@@ -84,6 +118,10 @@ def _fill_folder(
         _place(path, dest / name, link)
         written.append(name)
     (dest / CARD_NAME).write_text(str(card), encoding="utf-8")
+    if token:
+        for name in [*written, CARD_NAME]:
+            if Path(name).suffix.lower() in _TEXT_SUFFIXES and token in (dest / name).read_text(errors="ignore"):
+                raise ValueError(f"{name} contains your Hub token; remove it from {source} before pushing.")
 
 
 def _check_no_overlap(source: Path, out: Path) -> None:
@@ -191,20 +229,29 @@ def push_to_hub(
             folder = Path(tmp) / "upload"
             _check_no_overlap(source, folder)
             card, extras = _card_and_extras(source, card_info, pareto_csv, pareto_plot, extra_files)
-            _fill_folder(source, folder, card, extras, link=True)
-        api = HfApi(token=token)
-        repo_url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        logger.info("Uploading the %s sub-network in %s to %s.", kind, source, repo_url)
-        if revision is not None and revision != "main" and not create_pr:
-            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            repo_type="model",
-            revision=revision,
-            commit_message=commit_message or f"Upload {card_info.method} sub-network ({kind}) with hf-elastic",
-            create_pr=create_pr,
-        )
+            _fill_folder(source, folder, card, extras, link=True, token=token)
+        try:
+            api = HfApi(token=token)
+            repo_url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            logger.info("Uploading the %s sub-network in %s to %s.", kind, source, repo_url)
+            if revision is not None and revision != "main" and not create_pr:
+                api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type="model",
+                revision=revision,
+                commit_message=commit_message or f"Upload {card_info.method} sub-network ({kind}) with hf-elastic",
+                create_pr=create_pr,
+            )
+        except (OSError, HfHubHTTPError, httpx.HTTPError) as error:
+            detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            if token:
+                detail = detail.replace(token, "***")
+            raise ConnectionError(
+                f"Could not push to {repo_id} ({type(error).__name__}: {detail}). Check the network and your login "
+                "(`hf auth login` or HF_TOKEN); --dry-run writes the folder without the network."
+            ) from None
     url = commit.pr_url or commit.commit_url
     logger.info("Uploaded to %s.", url)
     return url

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
-import json
 import os
 import random
 import time
@@ -19,6 +19,7 @@ from peft import PeftModel
 from ..nas.search_space import SearchSpace, SubnetConfig
 from ..nas.supernet import SuperNetwork, get_supernet, load_super_network
 from ..nas.trainer import NAS_STATS_NAME, NASTrainerMixin
+from ..utils import read_json
 from .evaluators import (
     COUNT_OBJECTIVES,
     CountEvaluator,
@@ -196,7 +197,7 @@ class SubnetSearch:
                 "nothing to search. Give some dimension two or more choices."
             )
         self.trainer = trainer
-        self.nas_stats = self._load_stats(nas_stats, trainer, directory)
+        self._stats_source = (nas_stats, trainer, directory)
         given = (
             [] if evaluators is None else list(evaluators) if isinstance(evaluators, (list, tuple)) else [evaluators]
         )
@@ -212,17 +213,22 @@ class SubnetSearch:
         self.cache_hits = 0
         self._heuristics: dict[str, SubnetConfig] = {}
 
-    @staticmethod
-    def _load_stats(nas_stats: Any, trainer: NASTrainerMixin | None, directory: Path | None) -> dict[str, Any] | None:
+    @functools.cached_property
+    def nas_stats(self) -> dict[str, Any] | None:
+        """The training statistics for `loss_based`, read on first use (other strategies never read them)."""
+        nas_stats, trainer, directory = self._stats_source
         if isinstance(nas_stats, Mapping):
             return dict(nas_stats)
-        if nas_stats is not None:
-            return json.loads(Path(nas_stats).read_text())
-        if trainer is not None:
+        if nas_stats is None and trainer is not None:
             return trainer.sampler.stats()
-        if directory is not None and (directory / NAS_STATS_NAME).is_file():
-            return json.loads((directory / NAS_STATS_NAME).read_text())
-        return None
+        if nas_stats is None and directory is not None and (directory / NAS_STATS_NAME).is_file():
+            nas_stats = directory / NAS_STATS_NAME
+        if nas_stats is None:
+            return None
+        stats = read_json(nas_stats, "train again, or pick a strategy other than loss_based")
+        if not isinstance(stats.get("config_losses"), dict):
+            raise ValueError(f"{nas_stats} has no 'config_losses' table; it was not written by NASTrainer.")
+        return stats
 
     def _resolve_objectives(self, given: list[Evaluator]) -> tuple[list[str], list[Evaluator]]:
         names = [e.name for e in given]
