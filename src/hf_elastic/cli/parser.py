@@ -47,6 +47,14 @@ def _data_args(p: argparse.ArgumentParser, option: str, required: bool) -> None:
     p.add_argument("--seq-len", type=_positive(int), default=256, help="tokens per row (longer rows are cut)")
 
 
+def _calibrated_transform_args(p: argparse.ArgumentParser) -> None:
+    """What sparsify and quantize share: calibration rows, the output policy, the model and data options."""
+    p.add_argument("--num-samples", type=_positive(int), default=128, help="calibration rows")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _model_args(p)
+    _data_args(p, "calibration", False)
+
+
 def _positive(kind: type) -> object:
     def parse(value: str) -> int | float:
         try:
@@ -82,10 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("wanda", "magnitude"), default="wanda")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of zeros per row (unstructured)")
     p.add_argument("--pattern", default="unstructured", help="'unstructured', '2:4' or '4:8'")
-    p.add_argument("--num-samples", type=positive_int, default=128, help="calibration rows")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _model_args(p)
-    _data_args(p, "calibration", False)
+    _calibrated_transform_args(p)
     p.set_defaults(func=commands.cmd_sparsify)
 
     p = sub.add_parser("quantize", help="INT4/INT8 group-wise quantization (RTN or GPTQ), in hf_elastic's format")
@@ -96,10 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
     p.add_argument("--keep-residual", action="store_true", help="keep the rounding residuals (QA-SparsePEFT training)")
-    p.add_argument("--num-samples", type=positive_int, default=128, help="calibration rows")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _model_args(p)
-    _data_args(p, "calibration", False)
+    _calibrated_transform_args(p)
     p.set_defaults(func=commands.cmd_quantize)
 
     p = sub.add_parser("train", help="train an NLS / LoNAS super-network with NASTrainer (causal LM)")
