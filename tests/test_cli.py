@@ -125,7 +125,7 @@ def test_pipeline(model_dir, tmp_path, capsys):
             "--seq-len",
             "16",
             "--budget",
-            "4",
+            "5",
             "--population",
             "2",
             "--num-samples",
@@ -133,7 +133,7 @@ def test_pipeline(model_dir, tmp_path, capsys):
         ]
     )
     result = json.loads((search_dir / "search.json").read_text())
-    assert len(result["evaluations"]) >= 4 and (search_dir / "search.png").is_file()
+    assert len(result["evaluations"]) == 5 and (search_dir / "search.png").is_file()
     out = tmp_path / "sub"
     main(
         [
@@ -201,11 +201,11 @@ def test_instruction_data_lonas_widths_and_task_search(model_dir, tmp_path, caps
 
     search_dir = tmp_path / "acc"
     search = ["search", str(super_dir), "--base", str(model_dir), "--output", str(search_dir), "--data", data]
-    main(search + ["--metric", "accuracy", "--label-words", "bad", "good", "--budget", "4", "--population", "2"])
+    main(search + ["--metric", "accuracy", "--label-words", "bad", "good", "--budget", "5", "--population", "2"])
     result = json.loads((search_dir / "search.json").read_text())
     assert result["objectives"] == ["accuracy", "params"]
     values = [e["values"]["accuracy"] for e in result["evaluations"]]
-    assert len(values) >= 4 and all(v in {i / 24 for i in range(25)} for v in values)
+    assert len(values) == 5 and all(v in {i / 24 for i in range(25)} for v in values)
 
     out = tmp_path / "sub"
     main(["export", str(super_dir), "--base", str(model_dir), "--output", str(out), "--config",

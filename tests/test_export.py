@@ -71,6 +71,30 @@ def test_per_layer_widths_reload_without_remote_code(arch, base, tmp_path):
     assert not (out / "sparsity_report.json").exists()
 
 
+@pytest.mark.parametrize("heads", [(2, 4), (4, 2), (2, 2)])
+def test_per_layer_heads_under_gqa_match_the_masked_supernetwork(tmp_path, heads):
+    llama = ARCHS["llama"]
+    base = llama.build()
+    assert (base.config.num_attention_heads, base.config.num_key_value_heads) == (4, 2)  # 2 query heads per group
+    model = get_peft_model(base, make_config("elastic", llama, init_lora_weights=False))
+    sn = get_supernet(model)
+    sn.reorder_channels("magnitude")  # the kept key/value group need not be the first
+    config = sn.space.max_config() | {"0.heads": heads[0], "1.heads": heads[1], "1.ffn": 36}
+    sn.activate(config)
+    batch = llama.batch(5)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    out = export_subnetwork(sn, config, tmp_path / "sub")
+    reloaded = load_exported(out)
+    _, layers = find_width_layers(reloaded)
+    attn = [layer.module.self_attn for layer in layers]  # head_dim 8, hidden 32
+    assert [tuple(a.q_proj.weight.shape) for a in attn] == [(h * 8, 32) for h in heads]
+    assert [tuple(a.k_proj.weight.shape) for a in attn] == [(h // 2 * 8, 32) for h in heads]
+    assert [tuple(a.o_proj.weight.shape) for a in attn] == [(32, h * 8) for h in heads]
+    with torch.no_grad():
+        assert (reloaded(**batch).logits - expected).abs().max() <= 1e-5
+
+
 def test_uniform_widths_give_a_stock_checkpoint_with_tokenizer(tmp_path):
     arch = ARCHS["llama"]
     model = get_peft_model(arch.build(), make_config("elastic", arch, init_lora_weights=False))

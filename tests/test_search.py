@@ -147,7 +147,7 @@ def test_nsga2_front_is_non_dominated_and_reproducible():
     first, again, other = run
     assert [(e.key, e.values) for e in first.evaluations] == [(e.key, e.values) for e in again.evaluations]
     assert [e.key for e in first.evaluations] != [e.key for e in other.evaluations]
-    assert len(first.evaluations) == 60 + 3 and len(first.by_source("nsga2")) == 60
+    assert len(first.evaluations) == 60 and len(first.by_source("nsga2")) == 60 - 3  # the budget holds the references
 
     front = first.front
     vec = {e.key: [e.values["loss"], e.values["params"]] for e in first.evaluations}
@@ -192,7 +192,22 @@ def test_evaluator_is_called_once_per_distinct_config():
     assert max_record.sources[0] == "max"  # evaluated as reference first; later proposals hit the cache
     calls.clear()
     result = search(space, FunctionEvaluator(score), "random", budget=4, seed=0, **QUIET)
-    assert len(calls) == 4 + 3 == len(result.evaluations)
+    assert len(calls) == 4 == len(result.evaluations)  # 3 references + 1 random: the budget includes the references
+    assert [e.sources[0] for e in result.evaluations] == ["max", "min", "median", "random"]
+
+
+def test_budget_counts_the_reference_subnetworks():
+    space = synthetic_space(4, (8, 4, 2))  # 81 sub-networks
+    calls = []
+
+    def score(config):
+        calls.append(config)
+        return float(sum(config.values()))
+
+    result = search(space, FunctionEvaluator(score), budget=7, population=4, seed=0, **QUIET)
+    assert len(calls) == len(result.evaluations) == 7
+    assert [e.sources[0] for e in result.evaluations[:3]] == ["max", "min", "median"]
+    assert len(result.by_source("nsga2")) == 4
 
 
 # ---------------------------------------------------------------------------------------------------- heuristics
@@ -372,7 +387,7 @@ def test_nan_objective_is_recorded_but_kept_off_the_front(tmp_path):
         result = search(space, evaluators, budget=30, population=6, seed=0, output_dir=tmp_path, **QUIET)
     bad = [e for e in result.evaluations if not e.valid]
     assert bad and all(math.isnan(e.values["loss"]) for e in bad)
-    assert len(result.evaluations) == 30 + 3 == len(calls)
+    assert len(result.evaluations) == 30 == len(calls)
     assert all(e.valid for e in result.front) and result.front
     assert result.best().valid
     loaded = SearchResult.from_json(tmp_path / "search.json")
@@ -480,7 +495,7 @@ def test_custom_evaluator_subclass_sees_active_subnet(supernet):
     supernet.activate("min")
     result = search(supernet, ActiveRank(), "random", budget=5, seed=3, **QUIET)
     assert all(e.values["rank"] == e.config["0.rank.down_proj"] for e in result.evaluations)
-    assert modes == [False] * 8  # evaluated in eval mode ...
+    assert modes == [False] * 5  # evaluated in eval mode ...
     assert supernet.model.training and supernet.active_config == supernet.space.min_config()  # ... then restored
     supernet.model.eval()
     supernet.activate("max")
@@ -544,8 +559,10 @@ def test_bad_input_gives_clear_errors(supernet, batches):
         search(SearchSpace([]), score, **QUIET)
     with pytest.raises(ValueError, match="single choice"):
         search(SearchSpace([Dimension("a", "rank", (4,)), Dimension("b", "rank", (8,))]), score, **QUIET)
-    with pytest.raises(ValueError, match=r"budget=10 is smaller than population=20.*at least 20"):
+    with pytest.raises(ValueError, match=r"budget=10 leaves 7 evaluations to NSGA-II.*at least 23.*reference_subnets"):
         search(supernet, LossEvaluator(batches), budget=10, population=20)
+    with pytest.raises(ValueError, match=r"budget=2 is smaller than the 3 reference sub-networks"):
+        SearchConfig(strategy="random", budget=2)
     with pytest.raises(ValueError, match=r"strategy='greedy' is unknown"):
         search(supernet, LossEvaluator(batches), "greedy")
     with pytest.raises(ValueError, match=r"Unknown objective 'accuracy'.*name='accuracy'"):
@@ -563,6 +580,7 @@ def test_bad_input_gives_clear_errors(supernet, batches):
     with pytest.raises(ValueError, match="repeats a name"):
         SearchConfig(objectives=("loss", "loss"))
     assert SearchConfig(strategy="random", budget=3, population=20).budget == 3  # population only binds NSGA-II
+    assert SearchConfig(budget=4, population=4, reference_subnets=()).budget == 4
 
 
 def test_label_word_accuracy_matches_unpadded_scoring(tiny_tokenizer) -> None:

@@ -173,7 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", default=None, help="folder of your own lm-eval task YAML files")
     p.add_argument("--lm-eval-metric", default="acc,none", help="lm-eval result key, e.g. acc_norm,none")
     p.add_argument("--cost", choices=("params", "macs", "latency"), default="params")
-    p.add_argument("--budget", type=positive_int, default=40)
+    p.add_argument(
+        "--budget",
+        type=positive_int,
+        default=40,
+        help="sub-networks evaluated in all, the max/min/median references included (40: 3 references + 37 searched)",
+    )
     p.add_argument("--population", type=positive_int, default=10)
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--num-samples", type=positive_int, default=64, help="evaluation rows (lm-eval: per task)")

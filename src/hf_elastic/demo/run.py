@@ -48,7 +48,9 @@ class DemoConfig:
     calibration_samples: int = field(default=32, metadata={"help": "Wanda calibration prompts."})
     val_rows: int = field(default=128, metadata={"help": "Rows of the search's validation split (from train)."})
     test_rows: int = field(default=200, metadata={"help": "Held-out test rows (never trained or searched on)."})
-    search_budget: int = field(default=10, metadata={"help": "Sub-networks NSGA-II evaluates."})
+    search_budget: int = field(
+        default=10, metadata={"help": "Sub-networks the search evaluates, max/min/median included."}
+    )
     population: int = field(default=5, metadata={"help": "NSGA-II population."})
     group_size: int = field(default=64, metadata={"help": "INT4 group size (576 and 1536 are multiples of 64)."})
     max_length: int = field(default=128, metadata={"help": "Tokens per prompt."})
@@ -58,7 +60,7 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.sparsity={self.sparsity} must be in [0, 1); e.g. 0.5.")
         if self.quick:
             self.train_steps, self.calibration_samples = 4, 8
-            self.val_rows, self.test_rows, self.search_budget, self.population = 16, 32, 4, 2
+            self.val_rows, self.test_rows, self.search_budget, self.population = 16, 32, 5, 2
 
 
 class _Accuracy(Evaluator):

@@ -30,8 +30,14 @@ TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "hf_elastic_card.md"
 OV_CONFIG_NAME = "openvino_config.json"
 CARD_NAME = "README.md"
 
-SIZE_KEYS = ("params", "base_params", "adapter_params", "macs")
-_SIZE_LABELS = {"params": "parameters", "base_params": "base parameters", "adapter_params": "adapter parameters"}
+SIZE_KEYS = ("params", "base_params", "adapter_params", "nonzero_params", "bytes", "macs")
+_SIZE_LABELS = {
+    "params": "parameters",
+    "base_params": "base parameters",
+    "adapter_params": "adapter parameters",
+    "nonzero_params": "non-zero parameters",
+    "bytes": "bytes at the stored precision",
+}
 _PLOT_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg", ".gif", ".webp")
 _SEARCH_STEMS = ("search", "search_progression")  # hf_elastic.search writes search.csv/.png; LoNAS search_progression
 _MAX_PARETO_ROWS = 30

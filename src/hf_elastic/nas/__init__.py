@@ -5,6 +5,7 @@
 
 from typing import Any
 
+from .costs import COMPRESSION_COSTS, compression_costs
 from .search_space import Dimension, SearchSpace, SubnetConfig
 from .supernet import NamedConfig, SuperNetwork, get_supernet, load_super_network, merge_subnet_adapter
 from .trainer import NASArgumentsMixin, NASTrainer, NASTrainerMixin, NASTrainingArguments, register_sampler
@@ -25,6 +26,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "COMPRESSION_COSTS",
     "Dimension",
     "NASArgumentsMixin",
     "NASSFTConfig",
@@ -39,5 +41,6 @@ __all__ = [
     "get_supernet",
     "load_super_network",
     "merge_subnet_adapter",
+    "compression_costs",
     "register_sampler",
 ]

@@ -33,6 +33,7 @@ from ..utils import (
     matches_module,
     split_layer_key,
 )
+from .costs import compression_costs
 from .search_space import Dimension, SearchSpace, SubnetConfig
 
 _CACHE_ATTR = "_hf_elastic_supernets"
@@ -309,8 +310,9 @@ class SuperNetwork:
     def count(self, config: Mapping[str, int] | NamedConfig | None = None) -> dict[str, int]:
         """Parameters and per-token linear-layer MACs of a sub-network (default: the active one).
 
-        Returns `params` (base + adapter), `base_params`, `adapter_params` and `macs` (multiply-accumulates per token
-        of every linear layer and adapter; attention score products are not included).
+        Returns `params` (base + adapter), `base_params`, `adapter_params`, `macs` (multiply-accumulates per token
+        of every linear layer and adapter; attention score products are not included), and the costs that see
+        sparsity and quantization, `nonzero_params` and `bytes` (see `hf_elastic.nas.costs`).
         """
         config = self._active if config is None else self.resolve(config)
         sizes = self._effective_sizes(config)
@@ -324,7 +326,8 @@ class SuperNetwork:
         adapter = sum(ranks[k] * sum(sizes[k]) for k in self.lora_modules) + self._fixed_adapter_params
         macs = sum(o * i for o, i in sizes.values()) + adapter
         base = self._base_params - removed
-        return {"params": base + adapter, "base_params": base, "adapter_params": adapter, "macs": macs}
+        counts = {"params": base + adapter, "base_params": base, "adapter_params": adapter, "macs": macs}
+        return counts | compression_costs(self, config)
 
     def module_ranks(self, config: Mapping[str, int] | NamedConfig | None = None) -> dict[str, int]:
         """The LoRA rank of every adapted module under a sub-network config."""

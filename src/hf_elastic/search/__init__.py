@@ -34,6 +34,7 @@ from .evaluators import (
     PerplexityEvaluator,
 )
 from .heuristics import HEURISTICS, activation_based_config, activation_importance, loss_based_config
+from .latency import LatencyTable, PredictedLatencyEvaluator, remeasure, spearman
 from .result import Evaluation, SearchResult, hypervolume_2d, pareto_front
 from .searcher import STRATEGIES, SearchConfig, SearchTarget, SubnetSearch, search
 from .tasks import ExactMatchEvaluator, LabelWordEvaluator, extract_answer
@@ -51,9 +52,11 @@ __all__ = [
     "LMEvalEvaluator",
     "LabelWordEvaluator",
     "LatencyEvaluator",
+    "LatencyTable",
     "LossEvaluator",
     "MetricEvaluator",
     "PerplexityEvaluator",
+    "PredictedLatencyEvaluator",
     "SearchConfig",
     "SearchResult",
     "SearchTarget",
@@ -64,5 +67,7 @@ __all__ = [
     "hypervolume_2d",
     "loss_based_config",
     "pareto_front",
+    "remeasure",
     "search",
+    "spearman",
 ]

@@ -19,7 +19,7 @@ from ..nas.supernet import SuperNetwork
 from ..utils import synchronize
 
 Direction = Literal["minimize", "maximize"]
-COUNT_OBJECTIVES = ("params", "base_params", "adapter_params", "macs")
+COUNT_OBJECTIVES = ("params", "base_params", "adapter_params", "macs", "nonzero_params", "bytes")
 
 
 class Evaluator(ABC):
@@ -53,7 +53,12 @@ class FunctionEvaluator(Evaluator):
 
 
 class CountEvaluator(Evaluator):
-    """Parameter count or per-token MACs of a sub-network, from `SuperNetwork.count` (no forward pass)."""
+    """A size of a sub-network from `SuperNetwork.count` (no forward pass).
+
+    `key` is one of `COUNT_OBJECTIVES`: `params`, `base_params`, `adapter_params`, `macs` (per token), or the costs
+    that see compression, `nonzero_params` (zeros of a sparse base left out) and `bytes` (at the stored precision: INT4
+    codes count half a byte); see `hf_elastic.nas.costs`.
+    """
 
     direction = "minimize"
     needs_model = False

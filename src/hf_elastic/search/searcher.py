@@ -54,9 +54,10 @@ class SearchConfig:
     budget: int = field(
         default=100,
         metadata={
-            "help": "Distinct sub-networks that 'nsga2' and 'random' evaluate (evaluator calls; repeated proposals "
-            "are served from the cache). The search also stops after 20 x budget proposals or when the space is "
-            "exhausted."
+            "help": "Distinct sub-networks that 'nsga2' and 'random' evaluate in all (evaluator calls; repeated "
+            "proposals are served from the cache), the reference sub-networks included: with the default three "
+            "references, budget=40 leaves 37 evaluations to the strategy. The search also stops after 20 x budget "
+            "proposals or when the space is exhausted."
         },
     )
     population: int = field(
@@ -71,7 +72,7 @@ class SearchConfig:
         default=("max", "min", "median"),
         metadata={
             "help": f"Heuristic sub-networks evaluated as well, for comparison and plots; among {list(HEURISTICS)}. "
-            "They do not count against the budget."
+            "They count against the budget of 'nsga2' and 'random'."
         },
     )
     crossover_prob: float = field(default=0.9, metadata={"help": "NSGA-II crossover probability."})
@@ -113,16 +114,26 @@ class SearchConfig:
                 raise ValueError(f"SearchConfig.{name}={value!r} must be a positive integer.")
         if self.population < 2:
             raise ValueError(f"SearchConfig.population={self.population} must be >= 2 (NSGA-II needs two parents).")
-        if self.strategy == "nsga2" and self.budget < self.population:
-            raise ValueError(
-                f"SearchConfig.budget={self.budget} is smaller than population={self.population}: NSGA-II would not "
-                f"finish its first generation. Raise budget to at least {self.population} or lower population."
-            )
         self.reference_subnets = tuple(self.reference_subnets)
         bad = [r for r in self.reference_subnets if r not in HEURISTICS]
         if bad:
             raise ValueError(
                 f"SearchConfig.reference_subnets holds {bad}; use names among {list(HEURISTICS)} or an empty tuple."
+            )
+        references = len(set(self.reference_subnets))
+        if self.strategy == "random" and self.budget < references:
+            raise ValueError(
+                f"SearchConfig.budget={self.budget} is smaller than the {references} reference sub-networks "
+                f"{list(self.reference_subnets)} it includes. Raise budget to at least {references} or pass fewer "
+                "reference_subnets."
+            )
+        if self.strategy == "nsga2" and self.budget - references < self.population:
+            refs = f" after the {references} reference sub-networks {list(self.reference_subnets)}" * bool(references)
+            raise ValueError(
+                f"SearchConfig.budget={self.budget} leaves {self.budget - references} evaluations to NSGA-II{refs}, "
+                f"fewer than population={self.population}: NSGA-II would not finish its first generation. Raise "
+                f"budget to at least {self.population + references}, lower population"
+                f"{', or pass reference_subnets=()' if references else ''}."
             )
         if not 0.0 <= self.crossover_prob <= 1.0:
             raise ValueError(f"SearchConfig.crossover_prob={self.crossover_prob} must be in [0, 1].")
@@ -358,13 +369,14 @@ class SubnetSearch:
         was_training = model.training if model is not None else False
         start, trials = time.perf_counter(), 0
         searched = cfg.strategy in ("nsga2", "random")
-        total = cfg.budget if searched else 1
+        total = cfg.budget if searched else len(set(cfg.reference_subnets)) + 1
         bar = tqdm(total=total, desc=f"search ({cfg.strategy})", disable=not cfg.progress)
         if model is not None:
             model.eval()
         try:
             for name in cfg.reference_subnets:
-                self.evaluate(self.heuristic_config(name), name)
+                if self.evaluate(self.heuristic_config(name), name)[1]:
+                    bar.update(1)
             if cfg.strategy == "nsga2":
                 trials = self._nsga2(bar)
             elif cfg.strategy == "random":
@@ -393,13 +405,16 @@ class SubnetSearch:
     def _max_trials(self) -> int:
         return 20 * self.config.budget
 
+    def _budget_left(self) -> bool:
+        """Whether another distinct sub-network may be evaluated: the budget includes the reference sub-networks."""
+        return len(self.records) < min(self.config.budget, self.space.num_configs)
+
     def _random(self, bar: Any) -> int:
-        rng, new, trials = random.Random(self.config.seed), 0, 0
-        while new < self.config.budget and trials < self._max_trials() and len(self.records) < self.space.num_configs:
+        rng, trials = random.Random(self.config.seed), 0
+        while self._budget_left() and trials < self._max_trials():
             trials += 1
             record, fresh = self.evaluate(self.space.sample(rng), "random")
             if fresh:
-                new += 1
                 bar.update(1)
                 bar.set_postfix_str(self._best_text(), refresh=False)
         return trials
@@ -423,8 +438,8 @@ class SubnetSearch:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
             study = optuna.create_study(directions=self.directions, sampler=sampler)
-            new, trials = 0, 0
-            while new < cfg.budget and trials < self._max_trials() and len(self.records) < self.space.num_configs:
+            trials = 0
+            while self._budget_left() and trials < self._max_trials():
                 trials += 1
                 trial = study.ask(distributions)
                 config = fixed | {d.name: d.choices[trial.params[d.name]] for d in searchable}
@@ -434,7 +449,6 @@ class SubnetSearch:
                 else:
                     study.tell(trial, state=TrialState.FAIL)
                 if fresh:
-                    new += 1
                     bar.update(1)
                     bar.set_postfix_str(self._best_text(), refresh=False)
         finally:
@@ -468,7 +482,9 @@ def search(
         strategy: one of `"nsga2"`, `"random"`, `"max"`, `"min"`, `"median"`, `"loss_based"`, `"activation_based"`.
         objectives: objective names, e.g. `("loss", "params")`, `("accuracy", "latency")`; default: the
             evaluator's name and `"params"`.
-        budget, population, seed: distinct sub-networks to evaluate, NSGA-II population size, and seed.
+        budget, population, seed: distinct sub-networks to evaluate in all, NSGA-II population size, and seed. The
+            budget includes the `reference_subnets` (max, min and median by default), so `budget=40` makes exactly
+            40 evaluator calls (fewer when the space is smaller): 3 references and 37 chosen by the strategy.
         output_dir: if set, write `search.json`, `search.csv` and `search.png` there.
         **kwargs: other `SearchConfig` fields (e.g. `reference_subnets=()`, `progress=False`).
 
