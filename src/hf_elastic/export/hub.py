@@ -14,7 +14,14 @@ from huggingface_hub import HfApi, ModelCard
 
 from ..utils import atomic_directory, check_output_dir
 from .card_info import CardInfo, _check_repo_id
-from .model_card import CARD_NAME, build_model_card, check_model_card, detect_artifact_kind, measure_sparsity
+from .model_card import (
+    CARD_NAME,
+    build_model_card,
+    check_model_card,
+    detect_artifact_kind,
+    infer_method,
+    measure_sparsity,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +30,7 @@ __all__ = [
     "build_model_card",
     "check_model_card",
     "detect_artifact_kind",
+    "infer_method",
     "measure_sparsity",
     "prepare_upload_folder",
     "push_to_hub",
@@ -173,6 +181,7 @@ def push_to_hub(
     card_info = dataclasses.replace(card_info, repo_id=repo_id)
     source = Path(source_dir)
     kind = detect_artifact_kind(source)
+    method = card_info.method or infer_method(source)
     folder_args = {"pareto_csv": pareto_csv, "pareto_plot": pareto_plot, "extra_files": extra_files}
 
     if dry_run:
@@ -202,7 +211,7 @@ def push_to_hub(
             folder_path=folder,
             repo_type="model",
             revision=revision,
-            commit_message=commit_message or f"Upload {card_info.method} sub-network ({kind}) with hf-elastic",
+            commit_message=commit_message or f"Upload {method} sub-network ({kind}) with hf-elastic",
             create_pr=create_pr,
         )
     url = commit.pr_url or commit.commit_url

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn as nn
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 from transformers.pytorch_utils import Conv1D
@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 from ..compression.quantization.format import QuantLinear
 from ..models.arch import WidthLayer, base_layer, find_width_layers, slice_layer_width, unit_scores, weight_out_in
 from ..tuners.elastic_lora.config import ElasticLoraConfig
-from ..tuners.nls.config import NLSConfig
+from ..tuners.nls.config import ADAPTER_CONFIG_NAME, NLSConfig, guard_adapter_config, is_stock_load_guard
 from ..tuners.nls.layer import ElasticLoraLinear
 from ..utils import SUBNET_CONFIG_NAME, atomic_save_safetensors, atomic_write_json, matches_module, split_layer_key
 from .search_space import Dimension, SearchSpace, SubnetConfig
@@ -387,8 +387,14 @@ class SuperNetwork:
 
         Ranks that differ from `r` go to `rank_pattern`, with `alpha_pattern` keeping each module's scaling. Width
         sub-networks change the base model, so they need `extract_model` instead. `elastic_subnet.json` records the
-        config, its size and whether the adapter is sparse or quantization-aware: stock peft's own merge does not
-        mask, so merge such adapters with `merge_subnet_adapter`.
+        method, the config, its size and whether the adapter is sparse or quantization-aware.
+
+        A sparse (SparsePEFT) adapter is not the same function as a stock LoRA adapter: its delta is masked by the
+        base's zeros, which stock peft neither does unmerged nor keeps in `merge_and_unload`. So its
+        `adapter_config.json` gets a `target_modules` that makes stock peft raise an error naming
+        `hf_elastic.merge_subnet_adapter`, which merges it exactly; the real target modules are kept in
+        `elastic_subnet.json` (pass them as `config.target_modules` for an approximate stock load). Quantization-aware
+        adapters are guarded the same way: they merge only through the super-network (`extract_model`).
         """
         config = self.resolve(config)
         narrowed = [d.name for d in self.space if d.kind != "rank" and config[d.name] != d.choices[0]]
@@ -420,9 +426,18 @@ class SuperNetwork:
         adapter_config = {k: sorted(v) if isinstance(v, set) else v for k, v in adapter_config.items()}
         save_directory = Path(save_directory)
         atomic_save_safetensors(tensors, save_directory / "adapter_model.safetensors")
-        atomic_write_json(save_directory / "adapter_config.json", adapter_config)
+        atomic_write_json(save_directory / ADAPTER_CONFIG_NAME, adapter_config)
         flags = {k: getattr(self.config, k) for k in ("sparse_adapter", "quantization_aware")}
-        info = {"config": config, **self.count(config), "max": self.count("max"), **flags}
+        info = {"method": self.config.elastic_method, "config": config, **self.count(config), "max": self.count("max")}
+        info |= flags
+        if self.config.quantization_aware:
+            info["target_modules"] = guard_adapter_config(
+                save_directory, "quantization-aware adapter", "hf_elastic.export_subnetwork from its super-adapter"
+            )
+        elif self.config.sparse_adapter:
+            info["target_modules"] = guard_adapter_config(
+                save_directory, "sparse adapter", "hf_elastic.merge_subnet_adapter"
+            )
         atomic_write_json(save_directory / SUBNET_CONFIG_NAME, info)
         return save_directory
 
@@ -493,8 +508,9 @@ def load_super_network(model: nn.Module, path: str | Path, adapter_name: str = "
 def merge_subnet_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Load an adapter written by `SuperNetwork.extract_adapter` onto `model` and merge it.
 
-    A sparse adapter's delta is masked with the base's zeros, which stock peft's `merge_and_unload` would fill in.
-    Quantization-aware adapters need the super-network: use `SuperNetwork.extract_model`.
+    A sparse adapter's delta is masked with the base's zeros, which stock peft's `merge_and_unload` would fill in; the
+    result equals the sparse sub-network of the super-network. Quantization-aware adapters need the super-network:
+    use `SuperNetwork.extract_model`.
     """
     path = Path(path)
     info = json.loads((path / SUBNET_CONFIG_NAME).read_text()) if (path / SUBNET_CONFIG_NAME).is_file() else {}
@@ -503,7 +519,16 @@ def merge_subnet_adapter(model: nn.Module, path: str | Path) -> nn.Module:
             f"{path} holds a quantization-aware adapter; its merge needs the INT4 base's grid. Load the super-adapter "
             "with load_super_network and call get_supernet(model).extract_model(config)."
         )
-    peft_model = PeftModel.from_pretrained(model, str(path))
+    config = LoraConfig.from_pretrained(str(path))
+    if is_stock_load_guard(config.target_modules):
+        if info.get("target_modules") is None:
+            raise ValueError(
+                f"{path / SUBNET_CONFIG_NAME} has no 'target_modules', which this sparse adapter needs: its "
+                f"{ADAPTER_CONFIG_NAME} names no module. Extract the adapter again with SuperNetwork.extract_adapter."
+            )
+        targets = info["target_modules"]
+        config.target_modules = targets if isinstance(targets, str) else set(targets)
+    peft_model = PeftModel.from_pretrained(model, str(path), config=config)
     if not info.get("sparse_adapter"):
         return peft_model.merge_and_unload()
     with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ...models.arch import weight_out_in
+from ...models.loading import load_config, mark_hf_elastic_only
 from ...utils import atomic_save_safetensors, atomic_write_json
 from .format import FORMAT_NAME, FORMAT_VERSION, QUANT_CONFIG_NAME, QUANT_WEIGHTS_NAME, QuantLinear
 from .quantize import QuantizationConfig, _replace
@@ -20,7 +21,10 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
 
 def save_quantized(model: nn.Module, save_directory: str | Path) -> Path:
     """Write a model quantized by `quantize` to `save_directory`: config.json, model.safetensors and
-    quantization_config.json, each file atomically. Returns the directory."""
+    quantization_config.json, each file atomically. Returns the directory.
+
+    Stock transformers cannot read the format, so `config.json` is marked (`mark_hf_elastic_only`): a stock
+    `from_pretrained` raises an error that names `hf_elastic.load_exported` instead of loading random weights."""
     from ...version import __version__
 
     directory = Path(save_directory)
@@ -66,7 +70,9 @@ def save_quantized(model: nn.Module, save_directory: str | Path) -> Path:
     atomic_save_safetensors(tensors, directory / QUANT_WEIGHTS_NAME)
     model_config = json.loads(model.config.to_json_string(use_diff=True))
     model_config["architectures"] = [type(model).__name__]
-    atomic_write_json(directory / "config.json", model_config)
+    bits = sorted({m.bits for m in quant.values()})
+    reason = f"INT{'/INT'.join(map(str, bits))} format"
+    atomic_write_json(directory / "config.json", mark_hf_elastic_only(model_config, reason))
     generation = getattr(model, "generation_config", None)
     if generation is not None and hasattr(model, "can_generate") and model.can_generate():
         atomic_write_json(directory / "generation_config.json", generation.to_diff_dict())
@@ -90,7 +96,6 @@ def load_quantized(
     """
     import transformers
     from safetensors.torch import load_file
-    from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
     directory = Path(directory)
@@ -113,7 +118,7 @@ def load_quantized(
                 f"{qc_path} names model_class={qc['model_class']!r}, which transformers does not have. Pass "
                 "model_class=<the model's class> to load_quantized."
             )
-    config = AutoConfig.from_pretrained(directory)
+    config = load_config(directory)
     dtype = getattr(torch, qc["dtype"])
     with no_init_weights():
         model = model_class._from_config(config, dtype=dtype)

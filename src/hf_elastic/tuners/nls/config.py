@@ -14,6 +14,28 @@ from transformers.pytorch_utils import Conv1D
 from ...utils import ELASTIC_CONFIG_NAME, atomic_write_json
 
 _METHODS: dict[str, type[NLSConfig]] = {}
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+def stock_load_guard(what: str, loader: str) -> str:
+    """A `target_modules` pattern that matches no module, so that stock peft refuses an adapter whose stock load
+    would be a different function: `PeftModel.from_pretrained` raises "Target modules hf_elastic sparse adapter: load
+    it with hf_elastic.merge_subnet_adapter not found in the base model"."""
+    return f"hf_elastic {what}: load it with {loader}"
+
+
+def is_stock_load_guard(target_modules: Any) -> bool:
+    return isinstance(target_modules, str) and target_modules.startswith("hf_elastic ")
+
+
+def guard_adapter_config(directory: str | Path, what: str, loader: str) -> list[str] | str:
+    """Replace `target_modules` in `directory/adapter_config.json` by `stock_load_guard`; returns the real ones."""
+    path = Path(directory) / ADAPTER_CONFIG_NAME
+    saved = json.loads(path.read_text())
+    targets = saved["target_modules"]
+    targets = sorted(targets) if isinstance(targets, (list, set, tuple)) else targets
+    atomic_write_json(path, saved | {"target_modules": stock_load_guard(what, loader)})
+    return targets
 
 
 def _check_int_choices(owner: str, name: str, values: Any, example: str) -> list[int]:
@@ -175,9 +197,19 @@ class NLSConfig(LoraConfig):
         }
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
-        """Write `adapter_config.json` (plain LoRA, max rank) and `elastic_config.json` (search space settings)."""
+        """Write `adapter_config.json` (plain LoRA, max rank) and `elastic_config.json` (search space settings).
+
+        A sparse or quantization-aware super-adapter is not the same function as a stock LoRA adapter (its delta is
+        masked by the base's zeros, or rounded to the INT4 grid): its `adapter_config.json` gets a `target_modules`
+        that makes stock peft raise an error naming `hf_elastic.load_super_network`, and the real target modules go
+        to `elastic_config.json`.
+        """
         super().save_pretrained(save_directory, **kwargs)
-        atomic_write_json(Path(save_directory) / ELASTIC_CONFIG_NAME, self.elastic_dict())
+        elastic = self.elastic_dict()
+        if self.sparse_adapter or self.quantization_aware:
+            what = "quantization-aware super-adapter" if self.quantization_aware else "sparse super-adapter"
+            elastic["target_modules"] = guard_adapter_config(save_directory, what, "hf_elastic.load_super_network")
+        atomic_write_json(Path(save_directory) / ELASTIC_CONFIG_NAME, elastic)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
@@ -199,9 +231,12 @@ class NLSConfig(LoraConfig):
         elastic = json.loads(elastic_path.read_text())
         method = elastic.pop("method", None)
         elastic.pop("hf_elastic_version", None)
+        targets = elastic.pop("target_modules", None)
         if method not in _METHODS:
             raise ValueError(f"{elastic_path} names method={method!r}; known methods are {sorted(_METHODS)}.")
         lora = LoraConfig.from_pretrained(str(elastic_path.parent), **kwargs).to_dict()
+        if targets is not None:
+            lora["target_modules"] = targets
         target_cls = _METHODS[method]
         init_names = {f.name for f in fields(target_cls) if f.init}
         config = target_cls(**{k: v for k, v in lora.items() if k in init_names}, **elastic)
