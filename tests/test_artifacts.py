@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -238,6 +239,20 @@ def test_card_of_a_sparse_adapter_gives_the_exact_merge_and_calls_stock_loading_
     plain, meta = card_text(artefacts["root"] / "adapter")
     assert 'model = PeftModel.from_pretrained(base, "REPO_ID")' in plain and "merge_subnet_adapter" not in plain
     assert meta["library_name"] == "peft"
+
+
+def test_card_of_an_unguarded_sparse_adapter_still_calls_the_stock_load_an_approximation(artefacts, tmp_path):
+    old = tmp_path / "old_sparse_adapter"  # as extract_adapter wrote sparse adapters before they were guarded
+    shutil.copytree(artefacts["root"] / "sparse_adapter", old)
+    info = json.loads((old / "elastic_subnet.json").read_text())
+    adapter_config = json.loads((old / "adapter_config.json").read_text())
+    (old / "adapter_config.json").write_text(
+        json.dumps(adapter_config | {"target_modules": info.pop("target_modules")})
+    )
+    (old / "elastic_subnet.json").write_text(json.dumps(info))
+    text, meta = card_text(old)
+    assert "Stock `peft` loads this folder, but only as an approximation" in text and "refuses" not in text
+    assert 'merge_subnet_adapter(base, snapshot_download("REPO_ID"))' in text and meta["library_name"] == "peft"
 
 
 def test_card_of_a_qa_adapter_points_to_the_merged_export(artefacts):

@@ -22,6 +22,7 @@ from ..compression.quantization.format import FORMAT_NAME as QUANT_FORMAT_NAME
 from ..compression.quantization.format import QUANT_CONFIG_NAME
 from ..compression.sparsity import SPARSITY_REPORT_NAME
 from ..models.loading import LOADER, hf_elastic_only_reason
+from ..tuners.nls.config import is_stock_load_guard
 from ..utils import ELASTIC_CONFIG_NAME, SUBNET_CONFIG_NAME
 from .card_info import _METHODS, _PAPERS, ArtifactKind, CardInfo, _check_bits, _int_dict, _is_repo_id
 from .subnetwork import WIDTHS_ATTR
@@ -131,6 +132,7 @@ class _Facts:
     sparse_adapter: bool = False
     quantization_aware: bool = False
     target_modules: list[str] | str | None = None
+    stock_guarded: bool = False  # adapter_config.json's target_modules make stock peft refuse the adapter
     hf_elastic_only: str | None = None  # why stock transformers cannot load the merged folder
 
 
@@ -148,7 +150,9 @@ def _collect_facts(source: Path, kind: ArtifactKind) -> _Facts:
     """What the artefact folder records about itself: base model, sub-network, quantization, sparsity, search."""
     facts = _Facts(kind)
     if kind == "adapter":
-        facts.base_model_hint = _read_json(source / "adapter_config.json").get("base_model_name_or_path")
+        adapter_config = _read_json(source / "adapter_config.json")
+        facts.base_model_hint = adapter_config.get("base_model_name_or_path")
+        facts.stock_guarded = is_stock_load_guard(adapter_config.get("target_modules"))
     elif (source / "config.json").is_file():
         facts.base_model_hint = _read_json(source / "config.json").get("_name_or_path")
 
@@ -423,7 +427,7 @@ def build_model_card(
     if info.sparsity is None and facts.sparsity_pattern:
         sparsity_source = f"{facts.sparsity_pattern} pattern, {sparsity_source}"
     hf_elastic_int4 = kind == "merged" and facts.quantization.get("format") == QUANT_FORMAT_NAME
-    guarded_adapter = kind == "adapter" and (facts.sparse_adapter or facts.quantization_aware)
+    guarded_adapter = kind == "adapter" and facts.stock_guarded
     stock_refuses = hf_elastic_int4 or facts.hf_elastic_only is not None or guarded_adapter
     subnet_config = pick("subnet_config")
     size_rows = _size_rows(pick("subnet_size"), pick("max_size"))
@@ -512,6 +516,7 @@ def build_model_card(
         "sparse_adapter": kind == "adapter" and facts.sparse_adapter and not facts.quantization_aware,
         "qa_adapter": kind == "adapter" and facts.quantization_aware,
         "target_modules": json.dumps(facts.target_modules) if facts.target_modules is not None else None,
+        "stock_guarded": facts.stock_guarded,
         "quantization_file": QUANT_CONFIG_NAME,
         "papers": [_PAPERS[p] for p in method.papers],
         "related": [p for key, p in _PAPERS.items() if key not in method.papers],

@@ -445,9 +445,10 @@ class SuperNetwork:
         """A merged, physically sliced copy of the base model for `config` (the super-network is left untouched).
 
         FFN channels and attention heads that the config drops are removed for real, and quantized layers drop their
-        training-only rounding residual. When every layer has the same
-        widths, the model config is updated so that `save_pretrained` gives a stock checkpoint; otherwise the
-        per-layer widths are recorded in `config.elastic_layer_widths`.
+        training-only rounding residual. When every layer has the same widths and the model's config can express them
+        (Llama-family configs carry `head_dim`; GPT-2's and BERT's cannot express cut heads), the config is updated so
+        that `save_pretrained` gives a stock checkpoint; otherwise the widths are recorded in
+        `config.elastic_layer_widths`, and `hf_elastic.export_subnetwork` marks the folder for `load_exported`.
         """
         config = self.resolve(config)
         model = copy.deepcopy(self.model)
