@@ -8,6 +8,7 @@ import math
 import sys
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import torch
 from conftest import ARCHS, fresh, llama_for, peft_kwargs
@@ -510,7 +511,7 @@ def _choice_accuracy(model: torch.nn.Module, tokenizer) -> float:
 def test_lm_eval_runs_a_local_yaml_task_through_include_path(tmp_path, tiny_tokenizer, monkeypatch):
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")  # nothing left in ~/.cache
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in LM_EVAL_ROWS))
