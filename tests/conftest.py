@@ -121,6 +121,50 @@ ARCHS = {
 }
 
 
+@dataclass
+class RankOnlyArch:
+    """An architecture outside `ARCH_SPECS`: elastic ranks, sparsity and quantization only (no elastic widths)."""
+
+    name: str
+    targets: list[str]
+    layers_path: str
+
+    def build(self) -> torch.nn.Module:
+        from transformers import (
+            Gemma3ForCausalLM,
+            Gemma3TextConfig,
+            GPTNeoXConfig,
+            GPTNeoXForCausalLM,
+            OPTConfig,
+            OPTForCausalLM,
+        )
+
+        torch.manual_seed(0)
+        common = {"vocab_size": VOCAB, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+        common["max_position_embeddings"] = 64
+        if self.name == "gemma3":
+            config = Gemma3TextConfig(
+                **common, intermediate_size=64, num_key_value_heads=2, head_dim=8, sliding_window=16
+            )
+            model = Gemma3ForCausalLM(config)
+        elif self.name == "gpt_neox":
+            model = GPTNeoXForCausalLM(GPTNeoXConfig(**common, intermediate_size=64))
+        else:
+            model = OPTForCausalLM(OPTConfig(**common, ffn_dim=64, word_embed_proj_dim=32, dropout=0.0))
+        return model.eval()
+
+    def batch(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": ids, "labels": ids}
+
+
+RANK_ONLY_ARCHS = {
+    "gemma3": RankOnlyArch("gemma3", ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], "model.layers"),
+    "gpt_neox": RankOnlyArch("gpt_neox", ["query_key_value", "dense_h_to_4h", "dense_4h_to_h"], "gpt_neox.layers"),
+    "opt": RankOnlyArch("opt", ["q_proj", "v_proj", "out_proj", "fc1", "fc2"], "model.decoder.layers"),
+}
+
+
 @pytest.fixture(params=list(ARCHS), scope="module")
 def arch(request) -> Arch:
     return ARCHS[request.param]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -10,11 +11,12 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHS, hub_dataset_cache, hub_model_cache
+from conftest import ARCHS, hub_dataset_cache, hub_model_cache, random_llama
+from peft import PeftModel
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from hf_elastic import QuantLinear, load_exported
+from hf_elastic import QuantLinear, get_supernet, load_exported, load_super_network
 from hf_elastic.cli import build_parser, main
 from hf_elastic.nas import Dimension, SearchSpace
 from hf_elastic.search import Evaluation, SearchResult
@@ -22,26 +24,39 @@ from hf_elastic.search import Evaluation, SearchResult
 WORDS = ["the", "a", "good", "bad", "food", "taste", "great", "other", "was", "is", "not", "very", "and", "it"]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli") / "base"
+def word_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "</s>", *WORDS])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
-    )
-    ARCHS["llama"].build().save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+
+
+def save_model_and_data(path, model) -> None:
+    model.save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
     data = path.parent / "data.jsonl"
     g = torch.Generator().manual_seed(0)
     rows = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (12,), generator=g)) for _ in range(24)]
     data.write_text("".join(json.dumps({"review": r}) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "base"
+    save_model_and_data(path, ARCHS["llama"].build())
+    return path
+
+
+@pytest.fixture(scope="module")
+def wide_model_dir(tmp_path_factory):
+    """Hidden size 96 (FFN 192): like SmolLM2's 576, not a multiple of 128 (nor here of 64)."""
+    path = tmp_path_factory.mktemp("cli_wide") / "base"
+    save_model_and_data(path, random_llama(3 + len(WORDS), 96, 192, pad_token_id=0, eos_token_id=2))
     return path
 
 
 def test_every_subcommand_has_help(capsys):
-    for command in ("sparsify", "quantize", "train", "search", "export", "push", "demo"):
+    for command in ("sparsify", "quantize", "train", "search", "export", "extract", "push", "demo"):
         with pytest.raises(SystemExit) as exit_:
             build_parser().parse_args([command, "--help"])
         assert exit_.value.code == 0
@@ -170,6 +185,72 @@ def test_pipeline(model_dir, tmp_path, capsys):
     card = (tmp_path / "card" / "README.md").read_text()
     assert "hf-elastic" in card and "shears" in card.lower()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_group_size_defaults_rank_groups_extract_and_inferred_method(wide_model_dir, tmp_path, capsys):
+    base, data = str(wide_model_dir), str(wide_model_dir.parent / "data.jsonl")
+    main(["quantize", base, str(tmp_path / "int4")])
+    assert "group size 32: the largest of 128/64/32 that divides every quantized input size" in capsys.readouterr().out
+    assert {m.group_size for m in load_exported(tmp_path / "int4").modules() if isinstance(m, QuantLinear)} == {32}
+
+    super_dir = tmp_path / "super"
+    main(["train", base, str(super_dir), "--data", data, "--template", "{review}", "--seq-len", "16", "--max-steps",
+          "2", "--batch-size", "4", "--rank-choices", "4", "2", "--target-modules", "q_proj", "v_proj", "up_proj",
+          "--rank-groups", "q_proj,v_proj", "up_proj"])  # fmt: skip
+    elastic = json.loads((super_dir / "elastic_config.json").read_text())
+    assert elastic["rank_groups"] == [["q_proj", "v_proj"], ["up_proj"]]
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", base, str(tmp_path / "t"), "--data", data, "--rank-groups", "q_proj,,v_proj"])
+    assert exit_.value.code == 1  # a usage error: one error line, status 1
+    assert "--rank-groups: 'q_proj,,v_proj' is not a comma-separated list of module" in capsys.readouterr().err
+    supernet = get_supernet(load_super_network(AutoModelForCausalLM.from_pretrained(base), super_dir))
+    assert [d.name for d in supernet.space] == [f"{i}.rank.{g}" for i in (0, 1) for g in ("q_proj+v_proj", "up_proj")]
+
+    sub = tmp_path / "sub"
+    chosen = supernet.space.max_config() | {"0.rank.q_proj+v_proj": 2}
+    main(["extract", str(super_dir), "--base", base, "--output", str(sub), "--config", json.dumps(chosen)])
+    assert json.loads((sub / "elastic_subnet.json").read_text())["config"] == chosen
+    assert (sub / "tokenizer.json").is_file() and f"wrote {sub}" in capsys.readouterr().out
+    supernet.activate(chosen)
+    ids = torch.randint(3, 3 + len(WORDS), (2, 8), generator=torch.Generator().manual_seed(3))
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), sub)
+    with torch.no_grad():
+        assert (stock(input_ids=ids).logits - supernet.model(input_ids=ids).logits).abs().max() <= 1e-5
+    with pytest.raises(SystemExit):
+        main(["extract", str(super_dir), "--base", base, "--output", str(sub)])
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+
+    out = tmp_path / "merged"
+    export = ["export", str(super_dir), "--base", base, "--output", str(out), "--config", "min"]
+    if importlib.util.find_spec("openvino") is not None:
+        main(export + ["--openvino", "--weight-format", "int4"])
+        printed = capsys.readouterr().out
+        assert (
+            "OpenVINO INT4 group size 32: the largest of 128/64/32 that divides every quantized input size" in printed
+        )
+        from hf_elastic.export.openvino_ir import ir_weights
+
+        weights = ir_weights(tmp_path / "merged-openvino")
+        assert weights["self.model.layers.0.mlp.down_proj.weight"].scales.shape == (96, 6, 1)  # 192 inputs / 32
+        assert weights["self.model.layers.0.self_attn.q_proj.weight"].scales.shape == (96, 3, 1)
+        card_source = tmp_path / "merged-openvino"
+        assert (card_source / "elastic_subnet.json").is_file()
+    else:
+        main(export)
+        card_source = out
+    main(
+        [
+            "push",
+            str(card_source),
+            "me/tiny",
+            "--base-model",
+            "me/base",
+            "--dry-run",
+            "--local-dir",
+            str(tmp_path / "c"),
+        ]
+    )
+    assert "| Method | NLS |" in (tmp_path / "c" / "README.md").read_text()  # inferred: NLSConfig without sparsity
 
 
 def instruction_rows(path, n: int = 24) -> str:
@@ -322,11 +403,31 @@ ERRORS = [
             "--revision",
             "v1",
         ],
-        r"does not match|revision",
+        r"--revision v1 applies to Hub ids; .* is a local folder",
     ),
     (
         ["export", "{adapter}", "--base", "{model}", "--output", "{tmp}/o", "--weight-format", "int4"],
         r"--weight-format int4 applies to the OpenVINO IR; add --openvino",
+    ),
+    (
+        [
+            "export",
+            "{adapter}",
+            "--base",
+            "{model}",
+            "--output",
+            "{tmp}/o",
+            "--openvino",
+            "--weight-format",
+            "int8",
+            "--group-size",
+            "32",
+        ],
+        r"--group-size 32 applies to --weight-format int4 \(got int8\); drop it",
+    ),  # fmt: skip
+    (
+        ["push", "{tmp}", "me/x", "--base-model", "me/base", "--dry-run"],
+        r"holds no sub-network artefact",
     ),
     (
         ["export", "{adapter}", "--base", "{model}", "--output", "{tmp}/o", "--config", "{{bad"],

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ARCHS, VOCAB, fresh, peft_kwargs
+from conftest import ARCHS, VOCAB, fresh, peft_kwargs, random_llama
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_elastic import ElasticLoraLinear, NLSConfig, QuantizationConfig, load_quantized, quantize, save_quantized
 from hf_elastic.compression.calibration import Hessian, find_target_modules, prepare_calibration
 from hf_elastic.compression.quantization import (
     QuantLinear,
     compute_qparams,
+    default_group_size,
     dequantize_codes,
     expand_groups,
     quantize_codes,
@@ -278,18 +280,6 @@ def test_wrong_tokenizer_is_named():
     model = ARCHS["llama"].build()
     with pytest.raises(ValueError, match=r"token id 150 is outside .* tokenized with a different tokenizer"):
         run_sparsify(model, calibration=["w3 w150 w7"], tokenizer=word_tokenizer(200))
-
-
-def test_unsupported_architecture():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    model = GPTNeoXForCausalLM(
-        GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4
-        )
-    )
-    with pytest.raises(ValueError, match=r"sparsify supports model_type in .*got 'gpt_neox'"):
-        run_sparsify(model, method="magnitude")
 
 
 # ---------------------------------------------------------------------------------------------------- quantization
@@ -571,6 +561,7 @@ def test_quantization_config_errors(kwargs, message):
         ({"method": "gptq", "calibration": []}, r"calibration data is empty"),
         ({"method": "gptq", "calibration": [torch.tensor([1, 500])]}, r"token id 500 is outside the model's voc"),
         ({"bits": 3}, r"bits=3 is not supported"),
+        ({"group_size": None}, r"None of 128/64/32 divides every input size \[32, 48\], so group_size has no default"),
     ],
 )
 def test_quantize_errors_leave_the_model_alone(kwargs, message):
@@ -578,6 +569,29 @@ def test_quantize_errors_leave_the_model_alone(kwargs, message):
     with pytest.raises(ValueError, match=message):
         run_quantize(model, **kwargs)
     assert not quant_modules(model)
+
+
+def test_default_group_size_is_the_largest_of_128_64_32_that_divides(caplog, tmp_path):
+    assert default_group_size([576, 1536]) == 64  # SmolLM2-135M: hidden 576, FFN 1536
+    assert default_group_size([96, 192]) == 32
+    assert default_group_size([2048, 8192]) == 128
+    model = random_llama(VOCAB, hidden_size=96, intermediate_size=192)
+    with caplog.at_level(logging.INFO, logger="hf_elastic"):
+        report = quantize(model, bits=4, show_progress=False)
+    assert report.config.group_size == 32 and {m.group_size for m in report.modules} == {32}
+    assert "group size 32: the largest of 128/64/32 that divides every quantized input size" in caplog.text
+    save_quantized(model, tmp_path)
+    assert json.loads((tmp_path / "quantization_config.json").read_text())["group_size"] == 32
+    # stock transformers refuses the folder with an error naming the hf_elastic loader, by either route
+    with pytest.raises(ValueError, match=r"type `llama \(hf_elastic INT4 format: load it with hf_elastic.load_exp"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"quantization config from the arguments has no `quant_method`"):
+        LlamaForCausalLM.from_pretrained(tmp_path)
+    reloaded = load_quantized(tmp_path)
+    assert reloaded.config.model_type == "llama" and not hasattr(reloaded.config, "hf_elastic_only")
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
 def test_quantlinear_errors():

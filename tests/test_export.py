@@ -31,7 +31,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, constants, metadata_lo
 from huggingface_hub.utils import _http
 from peft import PeftModel, get_peft_model
 from tokenizers import Tokenizer, models
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_elastic import (
     CardInfo,
@@ -62,9 +62,15 @@ def test_per_layer_widths_reload_without_remote_code(arch, base, tmp_path):
     out = export_subnetwork(sn, config, tmp_path / "sub")
     saved = json.loads((out / "config.json").read_text())
     assert "auto_map" not in saved and saved["elastic_layer_widths"]["0"]["ffn"] == 24
+    assert saved["hf_elastic_only"] == "per-layer widths"
     info = json.loads((out / "elastic_subnet.json").read_text())
     assert info["config"] == config and info["params"] < info["max"]["params"]
     reloaded = load_exported(out)
+    # stock transformers refuses the folder, naming the loader, through the Auto classes and the model class alike
+    with pytest.raises(ValueError, match=r"hf_elastic per-layer widths: load it with hf_elastic.load_exported"):
+        AutoConfig.from_pretrained(out)
+    with pytest.raises(ValueError, match=r"quantization config from the arguments has no `quant_method`"):
+        type(reloaded).from_pretrained(out, ignore_mismatched_sizes=True)
     assert sum(p.numel() for p in reloaded.parameters()) == info["base_params"]
     with torch.no_grad():
         assert (reloaded(**batch).logits - expected).abs().max() <= 1e-5
@@ -113,6 +119,27 @@ def test_uniform_widths_give_a_stock_checkpoint_with_tokenizer(tmp_path):
     export_subnetwork(sn, "max", out, overwrite=True)
     assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 48
     assert [p.name for p in tmp_path.iterdir()] == ["min"]  # no temporary folders left behind
+
+
+def test_gpt2_head_cuts_need_load_exported_even_when_uniform(tmp_path):
+    arch = ARCHS["gpt2"]
+    model = get_peft_model(arch.build(), make_config("elastic", arch, init_lora_weights=False))
+    sn = get_supernet(model)
+    config = sn.space.max_config() | {f"{i}.heads": 2 for i in range(2)}  # the same cut in every layer
+    sn.activate(config)
+    batch = arch.batch(2)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    out = export_subnetwork(sn, config, tmp_path / "gpt2")
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["hf_elastic_only"] == "attention heads cut" and saved["n_head"] == 4  # n_embd / n_head is fixed
+    with pytest.raises(ValueError, match=r"hf_elastic attention heads cut: load it with hf_elastic.load_exported"):
+        AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert (load_exported(out)(**batch).logits - expected).abs().max() <= 1e-5
+    ffn_only = sn.space.max_config() | {f"{i}.ffn": 24 for i in range(2)}  # uniform FFN cut: a stock checkpoint
+    out = export_subnetwork(sn, ffn_only, tmp_path / "gpt2-ffn")
+    assert AutoModelForCausalLM.from_pretrained(out).config.n_inner == 24
 
 
 def test_sparse_and_int4_exports_reload_exactly(tmp_path):
@@ -575,7 +602,7 @@ def test_int4_checkpoint_card_reads_reports_and_search(tmp_path, artefacts):
     assert "| Weights | INT4, group size 32 |" in text
     assert "4-bit integers (GPTQ, asymmetric) with one scale per group of 32 weights" in text
     assert "50.00% of the weights in the linear layers are zero (2:4 pattern, from `sparsity_report.json`)" in text
-    assert 'load_quantized(snapshot_download("REPO_ID"))' in text and "from_pretrained(" not in text
+    assert 'load_exported(snapshot_download("REPO_ID"))' in text and "from_pretrained(" not in text
     assert "(the 2 Pareto-optimal of 3 evaluated sub-networks, from `search.csv`)" in text
     assert "| index | sources | key | loss | params |" in text and "| 2 | min | c | 2.7 | 21000 |" in text
     assert "| 1 | random |" not in text and "![Pareto front of the sub-network search](search.png)" in text

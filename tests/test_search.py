@@ -8,6 +8,7 @@ import math
 import sys
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import torch
 from conftest import ARCHS, fresh, llama_for, peft_kwargs
@@ -479,6 +480,75 @@ def test_lm_eval_adapter_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
     with pytest.raises(ImportError, match="pip install lm-eval"):
         LMEvalEvaluator(["arc_easy"], tokenizer=None)
+
+
+LM_EVAL_ROWS = [
+    {"question": "This tea is great, I love it.", "choices": ["great", "stale"], "answer": 0},
+    {"question": "Stale and bland.", "choices": ["great", "stale"], "answer": 1},
+    {"question": "Not worth the money.", "choices": ["love", "bland"], "answer": 1},
+    {"question": "I love it.", "choices": ["tea", "money"], "answer": 0},
+    {"question": "The tea is stale.", "choices": ["bland", "great"], "answer": 0},
+    {"question": "Great money.", "choices": ["worth", "not"], "answer": 1},
+]
+LM_EVAL_TASK = """task: hf_elastic_tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {rows}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def _choice_accuracy(model: torch.nn.Module, tokenizer) -> float:
+    """lm-eval's multiple-choice accuracy, computed by hand: the choice with the highest sum of token log-probs of
+    " " + choice after the question (continuation tokens = tokens of the whole text after those of the question)."""
+    correct = 0
+    for row in LM_EVAL_ROWS:
+        context = tokenizer(row["question"], add_special_tokens=False)["input_ids"]
+        scores = []
+        for choice in row["choices"]:
+            whole = tokenizer(row["question"] + " " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logprobs = model(input_ids=torch.tensor([whole[:-1]])).logits[0].log_softmax(-1)
+            scores.append(sum(float(logprobs[i - 1, whole[i]]) for i in range(len(context), len(whole))))
+        correct += max(range(len(scores)), key=scores.__getitem__) == row["answer"]
+    return correct / len(LM_EVAL_ROWS)
+
+
+def test_lm_eval_runs_a_local_yaml_task_through_include_path(tmp_path, tiny_tokenizer, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")  # nothing left in ~/.cache
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in LM_EVAL_ROWS))
+    (tasks / "tiny_choice.yaml").write_text(LM_EVAL_TASK.format(rows=tasks / "rows.jsonl"))
+    model = get_peft_model(
+        llama_for(tiny_tokenizer),
+        NLSConfig(rank_choices=[4, 2], target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    sn = get_supernet(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for module in sn.lora_modules.values():
+            module.lora_B["default"].weight.normal_(std=2.0)  # with this seed the two sub-networks score differently
+    evaluator = LMEvalEvaluator(["hf_elastic_tiny_choice"], tiny_tokenizer, include_path=tasks)
+    scores = {}
+    for name in ("max", "min"):
+        sn.activate(name)
+        scores[name] = evaluator(sn, sn.active_config)
+        assert scores[name] == _choice_accuracy(model, tiny_tokenizer), name
+    assert scores == {"max": 2 / 6, "min": 3 / 6}
+    with pytest.raises(FileNotFoundError, match=r"include_path .* is not a folder of task YAML files"):
+        LMEvalEvaluator(["hf_elastic_tiny_choice"], tiny_tokenizer, include_path=tmp_path / "absent")
 
 
 def test_custom_evaluator_subclass_sees_active_subnet(supernet):

@@ -19,7 +19,7 @@ from conftest import (
     subnets,
     train_steps,
 )
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from hf_elastic import ElasticLoraConfig, NLSConfig, get_supernet, load_super_network, merge_subnet_adapter
 from hf_elastic.compression.quantization import QuantLinear, expand_groups
@@ -152,9 +152,20 @@ def test_saved_adapter_checks_the_base_and_subadapters_merge_masked(tmp_path):
     assert all(torch.equal(zero_masks(merged)[k], m) for k, m in zero_masks(sparse).items())
     with torch.no_grad():
         assert (merged(**batch).logits - expected).abs().max() <= 1e-5
-    # stock peft's merge does not mask: the documented caveat
-    stock = PeftModel.from_pretrained(fresh(sparse), str(tmp_path / "sub")).merge_and_unload()
-    q = stock.model.layers[0].self_attn.q_proj.weight
+    # stock peft refuses both folders with an error naming the hf_elastic loader
+    with pytest.raises(ValueError, match=r"hf_elastic sparse adapter: load it with hf_elastic.merge_subnet_adapter"):
+        PeftModel.from_pretrained(fresh(sparse), str(tmp_path / "sub"))
+    with pytest.raises(ValueError, match=r"sparse super-adapter: load it with hf_elastic.load_super_network"):
+        PeftModel.from_pretrained(fresh(sparse), str(tmp_path / "super"))
+    targets = json.loads((tmp_path / "super" / "elastic_config.json").read_text())["target_modules"]
+    assert targets == sorted(make_config("nls", arch).target_modules) == info["target_modules"]
+    # the documented approximation: stock peft with the real target modules does not mask, unmerged or merged
+    approx_config = LoraConfig.from_pretrained(str(tmp_path / "sub"))
+    approx_config.target_modules = set(info["target_modules"])
+    approx = PeftModel.from_pretrained(fresh(sparse), str(tmp_path / "sub"), config=approx_config)
+    with torch.no_grad():
+        assert (approx(**batch).logits - expected).abs().max() > 1e-3
+    q = approx.merge_and_unload().model.layers[0].self_attn.q_proj.weight
     assert (q == 0).sum() < (sparse.model.layers[0].self_attn.q_proj.weight == 0).sum()
 
 

@@ -27,7 +27,7 @@ MOVED_MODULES = {
     "quantization": "compression.quantization",
     "search_space": "nas.search_space",
     "sparsity": "compression.sparsity",
-    "supernet": "nas.supernet",
+    "supernet": "nas",
     "trainer": "nas.trainer",
 }
 

@@ -1,4 +1,5 @@
-"""`hf-elastic`: the pipeline from the command line (sparsify, quantize, train, search, export, push, demo).
+"""`hf-elastic`: the pipeline from the command line (sparsify, quantize, train, search, export, extract, push,
+demo).
 
 Every model argument takes a local folder or a Hub id; data takes a local file or folder or a Hub data set id.
 """

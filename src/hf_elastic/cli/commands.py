@@ -33,7 +33,7 @@ def _check_output(output: str, inputs: list[str], overwrite: bool, option: str =
     return check_output_dir(output, overwrite=True)
 
 
-def _transform_and_save(args: argparse.Namespace, transform: Any, **options: Any) -> None:
+def _transform_and_save(args: argparse.Namespace, transform: Any, **options: Any) -> Any:
     """Load `args.model`, run `sparsify`/`quantize` on it with the calibration data, save model + report atomically."""
     from ..compression.quantization.format import QuantLinear
     from ..compression.quantization.serialization import write_quantized
@@ -54,6 +54,7 @@ def _transform_and_save(args: argparse.Namespace, transform: Any, **options: Any
         report.save(tmp)
     print(report)
     print(f"wrote {args.output}")
+    return report
 
 
 def cmd_sparsify(args: argparse.Namespace) -> None:
@@ -63,10 +64,13 @@ def cmd_sparsify(args: argparse.Namespace) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
+    from ..compression.quantization.format import group_size_note
     from ..compression.quantization.quantize import quantize
 
     options = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric, "method": args.method}
-    _transform_and_save(args, quantize, keep_residual=args.keep_residual, **options)
+    report = _transform_and_save(args, quantize, keep_residual=args.keep_residual, **options)
+    if args.group_size is None:
+        print(f"{group_size_note(report.config.group_size)} (pass --group-size to choose another)")
 
 
 def _peft_config(args: argparse.Namespace) -> Any:
@@ -74,6 +78,7 @@ def _peft_config(args: argparse.Namespace) -> Any:
 
     common = {
         "rank_choices": args.rank_choices,
+        "rank_groups": args.rank_groups,
         "target_modules": args.target_modules,
         "lora_alpha": args.lora_alpha,
         "lora_dropout": args.lora_dropout,
@@ -232,12 +237,18 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from ..export.openvino import export_openvino
+    from ..compression.quantization.format import group_size_note
+    from ..export.openvino import export_openvino, int4_group_size
     from ..export.subnetwork import export_subnetwork, load_exported
+    from ..utils import SUBNET_CONFIG_NAME
 
     if args.weight_format != "fp32" and not args.openvino:
         raise ValueError(f"--weight-format {args.weight_format} applies to the OpenVINO IR; add --openvino.")
     _check_adapter(args)
+    if args.group_size is not None and args.weight_format != "int4":
+        raise ValueError(
+            f"--group-size {args.group_size} applies to --weight-format int4 (got {args.weight_format}); drop it."
+        )
     config = subnet_config(args.config, args.select)
     ov_dir = Path(f"{args.output}-openvino")
     inputs = [args.adapter, args.base]
@@ -247,17 +258,47 @@ def cmd_export(args: argparse.Namespace) -> None:
     out = export_subnetwork(supernet, config, args.output, tokenizer=tokenizer, overwrite=True)
     print(f"wrote {out}")
     if args.openvino:
+        model = load_exported(out)
+        group_size = args.group_size
+        if args.weight_format == "int4" and group_size is None:
+            group_size = int4_group_size(model)
+            print(f"OpenVINO INT4 {group_size_note(group_size)} (pass --group-size to choose another)")
         export_openvino(
-            load_exported(out), ov_dir, tokenizer=tokenizer, weight_format=args.weight_format, overwrite=True
+            model,
+            ov_dir,
+            tokenizer=tokenizer,
+            weight_format=args.weight_format,
+            group_size=group_size,
+            extra_files=[out / SUBNET_CONFIG_NAME],
+            overwrite=True,
         )
         print(f"wrote {ov_dir}")
+
+
+def cmd_extract(args: argparse.Namespace) -> None:
+    from ..utils import atomic_directory
+
+    _check_adapter(args)
+    config = subnet_config(args.config, args.select)
+    _check_output(args.output, [args.adapter, args.base], args.overwrite, "--output")
+    supernet, tokenizer = _load_supernet(args)
+    with atomic_directory(args.output, overwrite=True) as tmp:
+        supernet.extract_adapter(config, tmp)
+        tokenizer.save_pretrained(tmp)
+    if supernet.config.quantization_aware:
+        print("note: a quantization-aware adapter; stock peft refuses it on purpose. Merge it with hf-elastic export")
+    elif supernet.config.sparse_adapter:
+        print(
+            "note: a sparse adapter; stock peft refuses it on purpose. Merge it with hf_elastic.merge_subnet_adapter."
+        )
+    print(f"wrote {args.output}")
 
 
 def cmd_push(args: argparse.Namespace) -> None:
     from ..export.card_info import CardInfo
     from ..export.hub import push_to_hub
 
-    info = CardInfo(method=args.method, base_model=args.base_model, license=args.license)
+    info = CardInfo(method=args.method, base_model=args.base_model, license=args.license)  # None: inferred
     token = os.environ.get("HF_TOKEN") if not args.dry_run else None
     where = push_to_hub(
         args.folder,

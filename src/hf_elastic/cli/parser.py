@@ -77,6 +77,40 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+def _module_group(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a comma-separated list of module names, e.g. q_proj,k_proj"
+        )
+    return names
+
+
+def _group_size(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number == 0 or number < -1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive group size or -1 (one group per output row)")
+    return number
+
+
+def _subnet_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="super-adapter folder")
+    p.add_argument("--base", required=True, help="the base model (folder or Hub id)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--config", default="median", help="max/min/median, a JSON object, or search.json[:best|:<i>]")
+    p.add_argument(
+        "--select",
+        default="best",
+        help="with a search.json: 'best' (first objective) or 'best_under:<cost>:<fraction>' of the max's cost",
+    )
+
+
+_GROUP_SIZE_HELP = "input channels per scale (-1: one per output row); default: the largest of 128/64/32 that divides"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __doc__ as description
 
@@ -97,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model folder or Hub id (may be sparse: zeros stay zero)")
     p.add_argument("output")
     p.add_argument("--bits", type=int, choices=(4, 8), default=4)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--group-size", type=_group_size, default=None, help=f"{_GROUP_SIZE_HELP} every input size")
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
     p.add_argument("--keep-residual", action="store_true", help="keep the rounding residuals (QA-SparsePEFT training)")
@@ -110,6 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("nls", "elastic_lora"), default="nls", help="elastic_lora = LoNAS widths")
     p.add_argument("--rank-choices", type=positive_int, nargs="+", default=[16, 12, 8])
     p.add_argument("--target-modules", nargs="+", default=_TARGETS)
+    p.add_argument(
+        "--rank-groups",
+        type=_module_group,
+        nargs="+",
+        default=None,
+        help="modules sharing one rank per layer, comma-separated per group: q_proj,k_proj,v_proj up_proj down_proj "
+        "(default: every module its own rank)",
+    )
     p.add_argument("--lora-alpha", type=positive_int, default=32)
     p.add_argument("--lora-dropout", type=float, default=0.0)
     p.add_argument(
@@ -172,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=None, help="lm-eval task names, for --metric lm-eval")
     p.add_argument("--include-path", default=None, help="folder of your own lm-eval task YAML files")
     p.add_argument("--lm-eval-metric", default="acc,none", help="lm-eval result key, e.g. acc_norm,none")
-    p.add_argument("--cost", choices=("params", "macs", "latency"), default="params")
+    p.add_argument("--cost", choices=("params", "nonzero_params", "bytes", "macs", "latency"), default="params")
     p.add_argument(
         "--budget",
         type=positive_int,
@@ -188,25 +230,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_search)
 
     p = sub.add_parser("export", help="merge and slice a sub-network; optionally to OpenVINO IR")
-    p.add_argument("adapter", help="super-adapter folder")
-    p.add_argument("--base", required=True, help="the base model (folder or Hub id)")
-    p.add_argument("--output", required=True)
-    p.add_argument("--config", default="median", help="max/min/median, a JSON object, or search.json[:best|:<i>]")
-    p.add_argument(
-        "--select",
-        default="best",
-        help="with a search.json: 'best' (first objective) or 'best_under:<cost>:<fraction>' of the max's cost",
-    )
+    _subnet_args(p)
     p.add_argument("--openvino", action="store_true", help="also write <output>-openvino (OpenVINO IR)")
     p.add_argument("--weight-format", choices=("fp32", "fp16", "int8", "int4"), default="fp32")
+    p.add_argument(
+        "--group-size",
+        type=_group_size,
+        default=None,
+        help=f"--weight-format int4: {_GROUP_SIZE_HELP} every input size",
+    )
     p.add_argument("--overwrite", action="store_true")
     _model_args(p, "base model")
     p.set_defaults(func=commands.cmd_export)
 
+    p = sub.add_parser("extract", help="write a sub-network's plain LoRA adapter (elastic ranks only; no merge)")
+    _subnet_args(p)
+    p.add_argument("--overwrite", action="store_true")
+    _model_args(p, "base model")
+    p.set_defaults(func=commands.cmd_extract)
+
     p = sub.add_parser("push", help="publish an adapter, merged model or OpenVINO folder with a model card")
     p.add_argument("folder")
     p.add_argument("repo_id", help="user/name on the Hub")
-    p.add_argument("--method", default="sqft-sparsepeft", help="lonas, nls, shears, sqft, sqft-sparsepeft, ...")
+    p.add_argument(
+        "--method",
+        default=None,
+        help="lonas, nls, shears, sqft, sqft-sparsepeft or sqft-qa-sparsepeft (default: inferred from the folder's "
+        "elastic_subnet.json / elastic_config.json)",
+    )
     p.add_argument("--base-model", required=True, help="Hub id of the base model, for the card")
     p.add_argument("--license", default=None)
     p.add_argument("--private", action="store_true")

@@ -21,7 +21,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from ..models.arch import ARCH_SPECS, transformer_layers
+from ..models.arch import decoder_layers
 from ..utils import ieee_fp32_matmul, matches_module
 
 CalibrationData = Any
@@ -119,20 +119,16 @@ def find_target_modules(
     """The modules inside the transformer layers of `model` that `predicate` accepts, layer by layer.
 
     `modules` restricts them to paths inside a layer that end with one of the names (peft-style suffix match, e.g.
-    `"q_proj"` or `"mlp.down_proj"`); embeddings and the LM head are never included.
+    `"q_proj"` or `"mlp.down_proj"`); embeddings and the LM head are never included. The layers are found by
+    `decoder_layers`, so any Hugging Face model whose projections are `nn.Linear` or `Conv1D` works.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCH_SPECS:
-        raise ValueError(
-            f"{caller} supports model_type in {sorted(ARCH_SPECS)}, got {model_type!r}: it needs to know where the "
-            "transformer layers are."
-        )
     if isinstance(modules, str):
         modules = [modules]
     out, matched = [], set()
-    for prefix, layer in transformer_layers(model, ARCH_SPECS[model_type]):
+    for prefix, layer in decoder_layers(model):
         found = {}
         for rel, module in layer.named_modules():
             if isinstance(module, BaseTunerLayer):
@@ -155,7 +151,10 @@ def find_target_modules(
             f"matched as suffixes of paths inside a layer, e.g. {sorted({p.rsplit('.', 1)[-1] for p in _paths(out)})}."
         )
     if not any(t.modules for t in out):
-        raise ValueError(f"{caller} found no linear modules to process inside the {model_type} transformer layers.")
+        raise ValueError(
+            f"{caller} found no nn.Linear / Conv1D modules inside the transformer layers of this {model_type} "
+            "model; its projections are of another type."
+        )
     return out
 
 

@@ -297,7 +297,7 @@ def sparsify(
     """Prune the linear layers of a transformer model in place (Wanda or magnitude; unstructured or N:M).
 
     Args:
-        model: a Hugging Face model of a supported architecture (llama, mistral, qwen2, phi3, gpt2, bert, roberta).
+        model: a Hugging Face model (any architecture whose layer projections are nn.Linear or Conv1D).
         method, sparsity, pattern, seq_len, num_samples, batch_size, modules: see `SparsityConfig`.
         calibration: calibration data for Wanda (a `datasets.Dataset`, a list of texts with `tokenizer`, or token id
             tensors); each layer is calibrated on the outputs of the already pruned layers before it.

@@ -5,8 +5,8 @@ OpenVINO, optimum-intel and NNCF are imported only when an OpenVINO function run
 
 from .card_info import CardInfo
 from .hub import prepare_upload_folder, push_to_hub
-from .model_card import build_model_card, check_model_card, detect_artifact_kind, measure_sparsity
-from .openvino import FP32_CPU_CONFIG, WEIGHT_FORMATS, export_openvino, load_openvino
+from .model_card import build_model_card, check_model_card, detect_artifact_kind, infer_method, measure_sparsity
+from .openvino import FP32_CPU_CONFIG, WEIGHT_FORMATS, export_openvino, int4_group_size, load_openvino
 from .openvino_ir import IRWeight, ir_weight_sparsity, ir_weights
 from .subnetwork import WIDTHS_ATTR, accelerate, export_subnetwork, load_exported
 
@@ -22,6 +22,8 @@ __all__ = [
     "detect_artifact_kind",
     "export_openvino",
     "export_subnetwork",
+    "infer_method",
+    "int4_group_size",
     "ir_weight_sparsity",
     "ir_weights",
     "load_exported",

@@ -141,10 +141,11 @@ def _help(text: str) -> dict[str, str]:
 class CardInfo:
     """What the model card of a published sub-network says beyond what its files already record.
 
-    Fields left `None` are read from the artefact folder when it has them: `elastic_subnet.json` (sub-network config
-    and size), `sparsity_report.json` (`total_sparsity`, `pattern`), `quantization_config.json` or the
-    `quantization_config` of `config.json` / `openvino_config.json` (`bits`, `group_size`), the search results from
-    `search.csv` / `pareto*.csv`, and the base model from `adapter_config.json`. Explicit values win over the files.
+    Fields left `None` are read from the artefact folder when it has them: `elastic_subnet.json` (method, sub-network
+    config and size; `elastic_config.json` for a super-adapter), `sparsity_report.json` (`total_sparsity`,
+    `pattern`), `quantization_config.json` or the `quantization_config` of `config.json` / `openvino_config.json`
+    (`bits`, `group_size`), the search results from `search.csv` / `pareto*.csv`, and the base model from
+    `adapter_config.json`. Explicit values win over the files.
 
     Example:
 
@@ -161,7 +162,15 @@ class CardInfo:
     ```
     """
 
-    method: Method = field(metadata=_help(f"The NAS method that produced the sub-network: one of {get_args(Method)}."))
+    method: Method | None = field(
+        default=None,
+        metadata=_help(
+            f"The NAS method that produced the sub-network: one of {get_args(Method)}. None infers it from the "
+            "folder's elastic_subnet.json / elastic_config.json (ElasticLoraConfig: lonas; NLSConfig: nls, with "
+            "sparse_adapter: sqft-sparsepeft, with quantization_aware: sqft-qa-sparsepeft); set it to override, e.g. "
+            "'shears' for NLS on a Wanda-pruned base."
+        ),
+    )
     base_model: str | None = field(
         default=None,
         metadata=_help(
@@ -217,7 +226,7 @@ class CardInfo:
     )
 
     def __post_init__(self) -> None:
-        if self.method not in _METHODS:
+        if self.method is not None and self.method not in _METHODS:
             raise ValueError(f"CardInfo.method={self.method!r} is not known; use one of {list(_METHODS)}.")
         if self.base_model is not None:
             _check_base_model(self.base_model, "CardInfo.base_model")

@@ -23,6 +23,7 @@ from .model_card import (
     build_model_card,
     check_model_card,
     detect_artifact_kind,
+    infer_method,
     measure_sparsity,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "build_model_card",
     "check_model_card",
     "detect_artifact_kind",
+    "infer_method",
     "measure_sparsity",
     "prepare_upload_folder",
     "push_to_hub",
@@ -211,6 +213,7 @@ def push_to_hub(
     card_info = dataclasses.replace(card_info, repo_id=repo_id)
     source = Path(source_dir)
     kind = detect_artifact_kind(source)
+    method = card_info.method or infer_method(source)
     folder_args = {"pareto_csv": pareto_csv, "pareto_plot": pareto_plot, "extra_files": extra_files}
 
     if dry_run:
@@ -241,7 +244,7 @@ def push_to_hub(
                 folder_path=folder,
                 repo_type="model",
                 revision=revision,
-                commit_message=commit_message or f"Upload {card_info.method} sub-network ({kind}) with hf-elastic",
+                commit_message=commit_message or f"Upload {method} sub-network ({kind}) with hf-elastic",
                 create_pr=create_pr,
             )
         except (OSError, HfHubHTTPError, httpx.HTTPError) as error:

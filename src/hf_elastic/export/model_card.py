@@ -21,8 +21,11 @@ from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from ..compression.quantization.format import FORMAT_NAME as QUANT_FORMAT_NAME
 from ..compression.quantization.format import QUANT_CONFIG_NAME
 from ..compression.sparsity import SPARSITY_REPORT_NAME
-from ..utils import SUBNET_CONFIG_NAME
+from ..models.loading import LOADER, hf_elastic_only_reason
+from ..tuners.nls.config import is_stock_load_guard
+from ..utils import ELASTIC_CONFIG_NAME, SUBNET_CONFIG_NAME
 from .card_info import _METHODS, _PAPERS, ArtifactKind, CardInfo, _check_bits, _int_dict, _is_repo_id
+from .subnetwork import WIDTHS_ATTR
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +135,11 @@ class _Facts:
     quantization: dict[str, Any] = field(default_factory=dict)
     pareto_csv: Path | None = None
     pareto_plot: Path | None = None
+    sparse_adapter: bool = False
+    quantization_aware: bool = False
+    target_modules: list[str] | str | None = None
+    stock_guarded: bool = False  # adapter_config.json's target_modules make stock peft refuse the adapter
+    hf_elastic_only: str | None = None  # why stock transformers cannot load the merged folder
 
 
 def _read_json(path: Path) -> Any:
@@ -148,7 +156,9 @@ def _collect_facts(source: Path, kind: ArtifactKind) -> _Facts:
     """What the artefact folder records about itself: base model, sub-network, quantization, sparsity, search."""
     facts = _Facts(kind)
     if kind == "adapter":
-        facts.base_model_hint = _read_json(source / "adapter_config.json").get("base_model_name_or_path")
+        adapter_config = _read_json(source / "adapter_config.json")
+        facts.base_model_hint = adapter_config.get("base_model_name_or_path")
+        facts.stock_guarded = is_stock_load_guard(adapter_config.get("target_modules"))
     elif (source / "config.json").is_file():
         facts.base_model_hint = _read_json(source / "config.json").get("_name_or_path")
 
@@ -160,6 +170,13 @@ def _collect_facts(source: Path, kind: ArtifactKind) -> _Facts:
         facts.subnet_size = _int_dict(SUBNET_CONFIG_NAME, size) if size else None
         if isinstance(data.get("max"), Mapping):
             facts.max_size = _int_dict(SUBNET_CONFIG_NAME + " max", data["max"])
+        facts.sparse_adapter = data.get("sparse_adapter") is True
+        facts.quantization_aware = data.get("quantization_aware") is True
+        facts.target_modules = data.get("target_modules")
+    if kind == "merged":
+        facts.hf_elastic_only = hf_elastic_only_reason(source)
+        if facts.hf_elastic_only is None and _read_json(source / "config.json").get(WIDTHS_ATTR):
+            facts.hf_elastic_only = "per-layer widths"  # written before hf_elastic marked such folders
 
     # hf_elastic's INT4/INT8 format, a transformers quantization_config, or optimum-intel's weight compression
     for name, key in (
@@ -200,6 +217,34 @@ def _collect_facts(source: Path, kind: ArtifactKind) -> _Facts:
         elif suffix in _PLOT_SUFFIXES and facts.pareto_plot is None:
             facts.pareto_plot = p
     return facts
+
+
+def infer_method(source_dir: str | os.PathLike) -> str:
+    """The method that produced an artefact folder, from its `elastic_subnet.json` (or a super-adapter's
+    `elastic_config.json`): `ElasticLoraConfig` gives "lonas"; `NLSConfig` gives "nls", "sqft-sparsepeft" with
+    `sparse_adapter` or "sqft-qa-sparsepeft" with `quantization_aware`."""
+    source = Path(source_dir)
+    for name in (SUBNET_CONFIG_NAME, ELASTIC_CONFIG_NAME):
+        if not (source / name).is_file():
+            continue
+        data = _read_json(source / name)
+        method = data.get("method")
+        if method == "elastic_lora":
+            return "lonas"
+        if method == "nls":
+            if data.get("quantization_aware"):
+                return "sqft-qa-sparsepeft"
+            return "sqft-sparsepeft" if data.get("sparse_adapter") else "nls"
+        raise ValueError(
+            f"{str(source / name)!r} records method={method!r}, not one hf_elastic writes ('nls', 'elastic_lora'), "
+            f"so the card's method cannot be inferred. Pass CardInfo(method=...) (CLI: --method), one of "
+            f"{list(_METHODS)}."
+        )
+    raise ValueError(
+        f"Cannot infer the method of {str(source)!r}: it has no {SUBNET_CONFIG_NAME} or {ELASTIC_CONFIG_NAME} "
+        f"(hf_elastic writes one with every export). Pass CardInfo(method=...) (CLI: --method), one of "
+        f"{list(_METHODS)}."
+    )
 
 
 def measure_sparsity(source_dir: str | os.PathLike) -> float | None:
@@ -375,7 +420,8 @@ def build_model_card(
     source = Path(source_dir)
     kind = detect_artifact_kind(source)
     facts = _collect_facts(source, kind)
-    info, method = card_info, _METHODS[card_info.method]
+    method_key = card_info.method or infer_method(source)
+    info, method = card_info, _METHODS[method_key]
     base_model = _resolve_base_model(info, facts.base_model_hint, source)
 
     def pick(name: str) -> Any:
@@ -387,11 +433,13 @@ def build_model_card(
     if info.sparsity is None and facts.sparsity_pattern:
         sparsity_source = f"{facts.sparsity_pattern} pattern, {sparsity_source}"
     hf_elastic_int4 = kind == "merged" and facts.quantization.get("format") == QUANT_FORMAT_NAME
+    guarded_adapter = kind == "adapter" and facts.stock_guarded
+    stock_refuses = hf_elastic_int4 or facts.hf_elastic_only is not None or guarded_adapter
     subnet_config = pick("subnet_config")
     size_rows = _size_rows(pick("subnet_size"), pick("max_size"))
     params_row = next((row for row in size_rows if row["name"] == _SIZE_LABELS["params"]), None)
     model_name = info.model_name or (
-        info.repo_id.split("/")[-1] if info.repo_id else f"{base_model.split('/')[-1]}-{info.method}-subnet"
+        info.repo_id.split("/")[-1] if info.repo_id else f"{base_model.split('/')[-1]}-{method_key}-subnet"
     )
     plot_path = Path(pareto_plot) if pareto_plot is not None else facts.pareto_plot
     if plot_path is not None and not plot_path.is_file():
@@ -403,8 +451,8 @@ def build_model_card(
     card_data = ModelCardData(
         base_model=base_model,
         base_model_relation="adapter" if kind == "adapter" else ("quantized" if quantized else "finetune"),
-        # the Hub lists no OpenVINO library, and transformers cannot read hf_elastic's quantized format
-        library_name=None if hf_elastic_int4 else {"adapter": "peft", "merged": "transformers"}.get(kind),
+        # the Hub lists no OpenVINO library; stock transformers / peft refuse hf_elastic-only folders
+        library_name=None if stock_refuses else {"adapter": "peft", "merged": "transformers"}.get(kind),
         license=info.license,
         language=info.language,
         datasets=info.datasets or None,
@@ -469,6 +517,12 @@ def build_model_card(
         if auto_class != "AutoModel"
         else "OVModelForFeatureExtraction",
         "hf_elastic_int4": hf_elastic_int4,
+        "hf_elastic_only": None if hf_elastic_int4 else facts.hf_elastic_only,
+        "loader": LOADER,
+        "sparse_adapter": kind == "adapter" and facts.sparse_adapter and not facts.quantization_aware,
+        "qa_adapter": kind == "adapter" and facts.quantization_aware,
+        "target_modules": json.dumps(facts.target_modules) if facts.target_modules is not None else None,
+        "stock_guarded": facts.stock_guarded,
         "quantization_file": QUANT_CONFIG_NAME,
         "papers": [_PAPERS[p] for p in method.papers],
         "related": [p for key, p in _PAPERS.items() if key not in method.papers],

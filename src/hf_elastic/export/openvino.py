@@ -37,16 +37,21 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import shutil
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
 
-from ..compression.quantization.format import QUANT_CONFIG_NAME, QuantLinear
-from ..utils import atomic_directory, check_output_dir
+from ..compression.quantization.format import QUANT_CONFIG_NAME, QuantLinear, default_group_size, group_size_note
+from ..models.arch import weight_out_in
+from ..utils import SUBNET_CONFIG_NAME, atomic_directory, check_output_dir
 from .openvino_ir import (
     OV_MODEL_NAME,
     SPARSE_WEIGHTS_PROPERTY,
@@ -59,6 +64,7 @@ from .openvino_ir import (
     ir_weights,
 )
 
+logger = logging.getLogger(__name__)
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 OV_TOKENIZER_NAME = "openvino_tokenizer.xml"
 OV_DETOKENIZER_NAME = "openvino_detokenizer.xml"
@@ -83,6 +89,7 @@ __all__ = [
     "IRWeight",
     "export_openvino",
     "ir_weight_sparsity",
+    "int4_group_size",
     "ir_weights",
     "load_openvino",
 ]
@@ -111,7 +118,7 @@ def _check_options(weight_format: Any, group_size: Any, symmetric: Any, ratio: A
             )
         return -1
     if weight_format == "int4":
-        return 128 if group_size is None else group_size
+        return group_size  # None: `int4_group_size(model)` picks it
     if group_size is not None or ratio != 1:
         raise ValueError(
             f"group_size and ratio apply to weight_format='int4'/'int8' only; got weight_format={weight_format!r} "
@@ -120,18 +127,33 @@ def _check_options(weight_format: Any, group_size: Any, symmetric: Any, ratio: A
     return None
 
 
+def _compressed_inputs(model: nn.Module) -> dict[str, int]:
+    """in_features of every linear layer NNCF compresses group-wise in INT4: all but the LM head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: weight_out_in(module).shape[1]
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, Conv1D)) and module is not head
+    }
+
+
+def int4_group_size(model: nn.Module) -> int:
+    """The default INT4 group size of `export_openvino` for `model`: the largest of 128/64/32 that divides the input
+    size of every linear layer NNCF compresses (64 for SmolLM2-135M, whose hidden size is 576)."""
+    return default_group_size(_compressed_inputs(model).values())
+
+
 def _check_group_size(model: nn.Module, group_size: int) -> None:
     """NNCF compresses every linear layer except the LM head group-wise: `group_size` must divide their inputs."""
     if group_size == -1:
         return
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not head and module.in_features % group_size:
-            divisors = [d for d in (256, 128, 64, 32, 16) if module.in_features % d == 0][:2]
+    for name, in_features in _compressed_inputs(model).items():
+        if in_features % group_size:
+            divisors = [d for d in (256, 128, 64, 32, 16) if in_features % d == 0][:2]
             hint = f" such as {' or '.join(map(str, divisors))}" if divisors else ""
             raise ValueError(
-                f"group_size={group_size} does not divide in_features={module.in_features} of {name}. Use a divisor "
-                f"of {module.in_features}{hint}, or group_size=-1 for one group per output channel."
+                f"group_size={group_size} does not divide in_features={in_features} of {name}. Use a divisor "
+                f"of {in_features}{hint}, or group_size=-1 for one group per output channel."
             )
 
 
@@ -260,6 +282,7 @@ def export_openvino(
     symmetric: bool = False,
     ratio: float = 1.0,
     compress_float_weights: bool = False,
+    extra_files: Iterable[str | os.PathLike] = (),
     overwrite: bool = False,
 ) -> Path:
     """Export a causal LM to an OpenVINO IR folder that `OVModelForCausalLM.from_pretrained` runs.
@@ -274,13 +297,16 @@ def export_openvino(
         weight_format: "fp32", "fp16", or NNCF weight-only compression "int8" (per channel) or "int4" (group-wise).
             Models holding hf_elastic `QuantLinear` layers keep their own codes exactly and need "fp32" (the
             float parts, e.g. embeddings and LM head, stay fp32).
-        group_size: int4 only: input channels per scale (default 128; must divide the hidden and FFN sizes), -1
-            for one group per output channel.
+        group_size: int4 only: input channels per scale; must divide the input size of every linear layer but
+            the LM head. None (the default) takes the largest of 128/64/32 that does (`int4_group_size`; logged),
+            -1 gives one group per output channel.
         symmetric: int4/int8 only: symmetric codes (NNCF INT*_SYM) instead of asymmetric ones.
         ratio: int4 only: the fraction of the weights compressed to 4 bits; the rest get int8 (NNCF's ratio).
         compress_float_weights: hf_elastic-quantized models only: also compress the weights they keep in float
             (embeddings, LM head) to int8 per channel with NNCF, as NNCF's own INT4 export does. The codes of the
             quantized layers stay exact.
+        extra_files: files copied into the folder, e.g. the `elastic_subnet.json` of an in-memory export (the one of
+            a `model_or_dir` folder is copied anyway), so that model cards can tell the sub-network and method.
         overwrite: replace `output_dir` if it exists.
 
     Returns:
@@ -303,9 +329,15 @@ def export_openvino(
     exporters = _require("optimum.exporters.openvino")
     if weight_format in ("int4", "int8") or compress_float_weights:
         _require("nncf")
+    extra_files = [Path(f) for f in ([extra_files] if isinstance(extra_files, (str, os.PathLike)) else extra_files)]
+    if missing := [str(f) for f in extra_files if not f.is_file()]:
+        raise FileNotFoundError(f"export_openvino extra_files {missing} do not exist.")
     if isinstance(model_or_dir, (str, os.PathLike)):
         model, folder_tokenizer = _load_folder(Path(model_or_dir))
         tokenizer = tokenizer if tokenizer is not None else folder_tokenizer
+        subnet = Path(model_or_dir) / SUBNET_CONFIG_NAME
+        if subnet.is_file() and subnet.name not in {f.name for f in extra_files}:
+            extra_files.append(subnet)
     elif isinstance(model_or_dir, nn.Module):
         model = model_or_dir
     else:
@@ -330,6 +362,9 @@ def export_openvino(
             "has none. Use weight_format='int8' or 'int4' to compress a float model with NNCF."
         )
     if weight_format == "int4":
+        if nncf_group_size is None:
+            nncf_group_size = int4_group_size(model)
+            logger.info("export_openvino: INT4 %s.", group_size_note(nncf_group_size))
         _check_group_size(model, nncf_group_size)
     first = next((p for p in model.parameters() if p.is_floating_point()), None)
     if quantized:
@@ -370,6 +405,8 @@ def export_openvino(
                 _compress_with_nncf(xml_path, bits, nncf_group_size, symmetric, ratio)
             if tokenizer is not None:
                 _export_tokenizer(tokenizer, tmp)
+            for file in extra_files:
+                shutil.copyfile(file, tmp / file.name)
     finally:
         export_model.train(training)
     return output_dir

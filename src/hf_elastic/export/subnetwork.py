@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from ..compression.quantization.format import QUANT_CONFIG_NAME, QuantLinear
 from ..compression.quantization.serialization import load_quantized, write_quantized
 from ..compression.sparsity import sparsity_of
 from ..models.arch import find_width_layers, slice_layer_width
+from ..models.loading import load_config, mark_hf_elastic_only
 from ..nas.supernet import NamedConfig, SuperNetwork
 from ..utils import SUBNET_CONFIG_NAME, atomic_directory, atomic_write_json, check_output_dir
 
@@ -30,9 +32,12 @@ def export_subnetwork(
 ) -> Path:
     """Merge the sub-network `config` into the base model, slice it and write it to `output_dir`.
 
-    The folder holds `config.json` and `model.safetensors` (a stock checkpoint when every layer keeps the same widths;
-    `load_exported` reads the per-layer case), or hf_elastic's INT4/INT8 format for a quantization-aware super-network
-    (codes, scales and zero points; see `hf_elastic.compression.quantization.format`). Also written:
+    The folder holds `config.json` and `model.safetensors`: a stock checkpoint when the config of the model can
+    express the widths (every layer the same widths; for GPT-2 and BERT also every head kept, since their configs
+    cannot express a head count with another head size). Otherwise (per-layer widths in `config.elastic_layer_widths`)
+    and for hf_elastic's INT4/INT8 format of a quantization-aware super-network (codes, scales and zero points; see
+    `hf_elastic.compression.quantization.format`), `config.json` is marked so that stock transformers raises an error
+    naming `load_exported`, which reads these folders exactly. Also written:
     `elastic_subnet.json` (config, size and MACs against the max sub-network), `sparsity_report.json` when the weights
     are sparse, and the tokenizer.
     The folder appears complete or not at all.
@@ -45,6 +50,12 @@ def export_subnetwork(
             write_quantized(model, tmp)
         else:
             model.save_pretrained(tmp)
+            widths = getattr(model.config, WIDTHS_ATTR, None)
+            if widths:
+                uniform = len({json.dumps(w, sort_keys=True) for w in widths.values()}) == 1
+                reason = "attention heads cut" if uniform else "per-layer widths"
+                saved = json.loads((tmp / "config.json").read_text())
+                atomic_write_json(tmp / "config.json", mark_hf_elastic_only(saved, reason))
         report = sparsity_of(model)
         if report.total_sparsity > 0:
             report.save(tmp)
@@ -59,13 +70,13 @@ def export_subnetwork(
 def load_exported(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """Load a folder written by `export_subnetwork` (or any transformers checkpoint) into its transformers class.
 
-    Uniform widths and quantized folders need nothing special; per-layer widths (`config.elastic_layer_widths`) are
-    rebuilt by slicing each layer of a freshly built model to its recorded size before the weights are loaded. The
-    model gets `dtype`, or else the dtype it was saved in (as `from_pretrained` does).
+    Stock checkpoints load as with `from_pretrained`; hf_elastic INT4/INT8 folders through `load_quantized`;
+    per-layer widths (`config.elastic_layer_widths`) are rebuilt by slicing each layer of a freshly built model to
+    its recorded size before the weights are loaded. The model gets `dtype`, or else the dtype it was saved in (as
+    `from_pretrained` does).
     """
     import transformers
     from safetensors.torch import load_file
-    from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
     path = Path(path)
@@ -73,14 +84,14 @@ def load_exported(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
         return load_quantized(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"No config.json in {path}: not a model folder. Pass the folder export wrote.")
-    config = AutoConfig.from_pretrained(path)
+    config = load_config(path)
     architecture = (config.architectures or [None])[0]
     model_class = getattr(transformers, architecture or "", None)
     if model_class is None:
         raise ValueError(f"{path}/config.json names architectures={config.architectures}, unknown to transformers.")
     widths = getattr(config, WIDTHS_ATTR, None)
     if not widths:
-        return model_class.from_pretrained(path, dtype=dtype)
+        return model_class.from_pretrained(path, config=config, dtype=dtype)
     if dtype is None:
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype

@@ -177,6 +177,44 @@ def transformer_layers(model: nn.Module, spec: ArchSpec) -> list[tuple[str, nn.M
     return layers
 
 
+def _has_matrix(module: nn.Module) -> bool:
+    """Whether a module holds a 2-D weight (a float parameter or a quantized buffer such as `qweight`)."""
+    return any(t.dim() == 2 for t in (*module.parameters(), *module.buffers()))
+
+
+def decoder_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of each transformer layer of any Hugging Face model, in order.
+
+    Architectures in `ARCH_SPECS` use their spec. Any other model's layers are the members of its `nn.ModuleList`
+    of blocks: the list whose members are of a class named in `model._no_split_modules` (what accelerate keeps on one
+    device, e.g. `Gemma3DecoderLayer`, `GPTNeoXLayer`, `OPTDecoderLayer`), or else the longest outermost list of
+    same-class modules that hold weights. Only the layers are needed, not where their heads or FFN channels live.
+    """
+    spec = ARCH_SPECS.get(getattr(getattr(model, "config", None), "model_type", None))
+    if spec is not None and (layers := transformer_layers(model, spec)):
+        return layers
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    lists = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and len({type(m) for m in module}) == 1
+        and any(_has_matrix(m) for m in module)
+    ]
+    named = [(n, m) for n, m in lists if type(m[0]).__name__ in block_names]
+    outermost = [(n, m) for n, m in lists if not any(n.startswith(f"{o}.") for o, _ in lists if o != n)]
+    candidates = named or outermost
+    if not candidates:
+        raise ValueError(
+            f"Found no transformer layers in {type(model).__name__}: no nn.ModuleList of blocks with weights (and "
+            f"none of the classes in _no_split_modules={sorted(block_names)}). hf_elastic needs the model's list of "
+            "decoder layers, as every Hugging Face causal LM has."
+        )
+    name, layers = max(candidates, key=lambda c: len(c[1]))  # the first of the longest
+    return [(f"{name}.{i}" if name else str(i), layer) for i, layer in enumerate(layers)]
+
+
 def find_width_layers(model: nn.Module) -> tuple[ArchSpec, list[WidthLayer]]:
     """Locate the transformer layers of a Hugging Face model of a supported architecture."""
     config = model.config

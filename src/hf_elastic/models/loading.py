@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+
+HF_ELASTIC_ONLY_KEY = "hf_elastic_only"
+_MODEL_TYPE_KEY = "hf_elastic_model_type"
+_QUANT_KEY = "hf_elastic_quantization_config"
+LOADER = "hf_elastic.load_exported"
 
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto",
@@ -112,3 +118,61 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def mark_hf_elastic_only(config: dict[str, Any], reason: str) -> dict[str, Any]:
+    """The contents of a `config.json` that stock transformers refuses to load, naming hf_elastic and its loader.
+
+    For folders only hf_elastic reads (per-layer widths, hf_elastic's INT4/INT8 format), which stock transformers
+    would otherwise load silently wrong. `AutoConfig`, `AutoModel*.from_pretrained` and `pipeline` stop on the model
+    type, e.g. "has model type `llama (hf_elastic per-layer widths: load it with hf_elastic.load_exported)` but
+    Transformers does not recognize this architecture"; a model class's own `from_pretrained` stops on the
+    `quantization_config`, which has no `quant_method`. The real values are kept in flat `hf_elastic_*` keys (nested
+    dicts holding `model_type` confuse transformers' config loading), and `load_config` restores them.
+    """
+    if HF_ELASTIC_ONLY_KEY in config:
+        return dict(config)
+    note = f"hf_elastic {reason}: load it with {LOADER}"
+    out = config | {
+        "model_type": f"{config['model_type']} ({note})",
+        "quantization_config": {"hf_elastic": note},
+        HF_ELASTIC_ONLY_KEY: reason,
+        _MODEL_TYPE_KEY: config["model_type"],
+    }
+    if config.get("quantization_config") is not None:
+        out[_QUANT_KEY] = json.dumps(config["quantization_config"])
+    return out
+
+
+def hf_elastic_only_reason(path: str | Path) -> str | None:
+    """Why the model folder `path` needs hf_elastic to load (e.g. `"per-layer widths"`), or None for a stock one."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return None
+    reason = json.loads(file.read_text()).get(HF_ELASTIC_ONLY_KEY)
+    return reason if isinstance(reason, str) else None
+
+
+def load_config(path: str | Path) -> Any:
+    """`AutoConfig.from_pretrained` of a local model folder, also for the folders `mark_hf_elastic_only` marked."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from ..utils import read_json
+
+    path = Path(path)
+    data = read_json(path / "config.json", "save the model again or restore the file")
+    if HF_ELASTIC_ONLY_KEY not in data:
+        return AutoConfig.from_pretrained(path)
+    data.pop(HF_ELASTIC_ONLY_KEY)
+    model_type = data.pop(_MODEL_TYPE_KEY, None)
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"{path / 'config.json'} records {_MODEL_TYPE_KEY}={model_type!r}, which this transformers does not "
+            "know. Upgrade transformers, or pass the folder hf_elastic wrote."
+        )
+    data["model_type"] = model_type
+    data.pop("quantization_config", None)
+    if _QUANT_KEY in data:
+        data["quantization_config"] = json.loads(data.pop(_QUANT_KEY))
+    return CONFIG_MAPPING[model_type].from_dict(data)

@@ -6,8 +6,9 @@
 from typing import Any
 
 from .costs import COMPRESSION_COSTS, compression_costs
+from .loading import load_super_network, merge_subnet_adapter
 from .search_space import Dimension, SearchSpace, SubnetConfig
-from .supernet import NamedConfig, SuperNetwork, get_supernet, load_super_network, merge_subnet_adapter
+from .supernet import NamedConfig, SuperNetwork, get_supernet
 from .trainer import NASArgumentsMixin, NASTrainer, NASTrainerMixin, NASTrainingArguments, register_sampler
 
 TRL_NAMES = ("NASSFTConfig", "NASSFTTrainer")

@@ -5,9 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import json
 import math
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -23,13 +21,12 @@ from transformers.pytorch_utils import Conv1D
 from ..compression.quantization.format import QuantLinear
 from ..models.arch import WidthLayer, base_layer, find_width_layers, slice_layer_width, unit_scores, weight_out_in
 from ..tuners.elastic_lora.config import ElasticLoraConfig
-from ..tuners.nls.config import NLSConfig
+from ..tuners.nls.config import ADAPTER_CONFIG_NAME, NLSConfig, guard_adapter_config
 from ..tuners.nls.layer import ElasticLoraLinear
 from ..utils import (
     SUBNET_CONFIG_NAME,
     atomic_save_safetensors,
     atomic_write_json,
-    load_safetensors,
     matches_module,
     split_layer_key,
 )
@@ -421,8 +418,14 @@ class SuperNetwork:
 
         Ranks that differ from `r` go to `rank_pattern`, with `alpha_pattern` keeping each module's scaling. Width
         sub-networks change the base model, so they need `extract_model` instead. `elastic_subnet.json` records the
-        config, its size and whether the adapter is sparse or quantization-aware: stock peft's own merge does not
-        mask, so merge such adapters with `merge_subnet_adapter`.
+        method, the config, its size and whether the adapter is sparse or quantization-aware.
+
+        A sparse (SparsePEFT) adapter is not the same function as a stock LoRA adapter: its delta is masked by the
+        base's zeros, which stock peft neither does unmerged nor keeps in `merge_and_unload`. So its
+        `adapter_config.json` gets a `target_modules` that makes stock peft raise an error naming
+        `hf_elastic.merge_subnet_adapter`, which merges it exactly; the real target modules are kept in
+        `elastic_subnet.json` (pass them as `config.target_modules` for an approximate stock load). Quantization-aware
+        adapters are guarded the same way: they merge only through the super-network (`extract_model`).
         """
         config = self.resolve(config)
         narrowed = [d.name for d in self.space if d.kind != "rank" and config[d.name] != d.choices[0]]
@@ -454,9 +457,18 @@ class SuperNetwork:
         adapter_config = {k: sorted(v) if isinstance(v, set) else v for k, v in adapter_config.items()}
         save_directory = Path(save_directory)
         atomic_save_safetensors(tensors, save_directory / "adapter_model.safetensors")
-        atomic_write_json(save_directory / "adapter_config.json", adapter_config)
+        atomic_write_json(save_directory / ADAPTER_CONFIG_NAME, adapter_config)
         flags = {k: getattr(self.config, k) for k in ("sparse_adapter", "quantization_aware")}
-        info = {"config": config, **self.count(config), "max": self.count("max"), **flags}
+        info = {"method": self.config.elastic_method, "config": config, **self.count(config), "max": self.count("max")}
+        info |= flags
+        if self.config.quantization_aware:
+            info["target_modules"] = guard_adapter_config(
+                save_directory, "quantization-aware adapter", "hf_elastic.export_subnetwork from its super-adapter"
+            )
+        elif self.config.sparse_adapter:
+            info["target_modules"] = guard_adapter_config(
+                save_directory, "sparse adapter", "hf_elastic.merge_subnet_adapter"
+            )
         info["base_fingerprint"] = self.config.base_fingerprint
         atomic_write_json(save_directory / SUBNET_CONFIG_NAME, info)
         return save_directory
@@ -465,9 +477,10 @@ class SuperNetwork:
         """A merged, physically sliced copy of the base model for `config` (the super-network is left untouched).
 
         FFN channels and attention heads that the config drops are removed for real, and quantized layers drop their
-        training-only rounding residual. When every layer has the same
-        widths, the model config is updated so that `save_pretrained` gives a stock checkpoint; otherwise the
-        per-layer widths are recorded in `config.elastic_layer_widths`.
+        training-only rounding residual. When every layer has the same widths and the model's config can express them
+        (Llama-family configs carry `head_dim`; GPT-2's and BERT's cannot express cut heads), the config is updated so
+        that `save_pretrained` gives a stock checkpoint; otherwise the widths are recorded in
+        `config.elastic_layer_widths`, and `hf_elastic.export_subnetwork` marks the folder for `load_exported`.
         """
         config = self.resolve(config)
         model = copy.deepcopy(self.model)
@@ -523,75 +536,3 @@ def get_supernet(model: PeftModel, adapter_name: str | None = None) -> SuperNetw
     name = adapter_name or getattr(model, "active_adapter", None)
     cached = getattr(model, "__dict__", {}).get(_CACHE_ATTR, {}).get(name)
     return cached if cached is not None else SuperNetwork(model, name)
-
-
-def load_super_network(
-    model: nn.Module, path: str | Path, adapter_name: str = "default", *, strict: bool = False, **kwargs: Any
-) -> PeftModel:
-    """Load a saved super-adapter (`adapter_config.json` + `elastic_config.json`) onto `model` as a super-network.
-
-    The adapter's record of its base (`base_fingerprint`) is compared with `model`: another base gives a warning, or
-    a `ValueError` with `strict=True`. Keyword arguments go to `PeftModel.from_pretrained` (e.g. `is_trainable=True`).
-    """
-    from peft.utils import SAFETENSORS_WEIGHTS_NAME
-
-    config = NLSConfig.from_pretrained(str(path))
-    weights = Path(path, SAFETENSORS_WEIGHTS_NAME)
-    if Path(path).is_dir():
-        load_safetensors(weights, "save the super-adapter again")
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(path), adapter_name=adapter_name, config=config, **kwargs)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[-1].strip() if str(error).strip() else type(error).__name__
-        raise ValueError(
-            f"The adapter in {path} does not fit this base model ({first}). It was trained on a base with other "
-            "shapes (hidden size, heads, layers), or adapter_config.json's r does not match the stored weights."
-        ) from None
-    recorded = config.base_fingerprint
-    config.base_fingerprint = None
-    supernet = get_supernet(peft_model, adapter_name)
-    found = supernet.config.base_fingerprint
-    supernet.config.base_fingerprint = recorded or found
-    if recorded is not None and recorded != found:
-        message = (
-            f"The adapter in {path} was trained on another base model (base fingerprint {recorded}, this model "
-            f"{found}): its weights, sparsity or quantization differ. Load it onto the base it was trained on."
-        )
-        if strict:
-            raise ValueError(message)
-        warnings.warn(message, stacklevel=2)
-    return peft_model
-
-
-def merge_subnet_adapter(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load an adapter written by `SuperNetwork.extract_adapter` onto `model` and merge it.
-
-    A sparse adapter's delta is masked with the base's zeros, which stock peft's `merge_and_unload` would fill in.
-    Quantization-aware adapters need the super-network: use `SuperNetwork.extract_model`.
-    """
-    path = Path(path)
-    info = json.loads((path / SUBNET_CONFIG_NAME).read_text()) if (path / SUBNET_CONFIG_NAME).is_file() else {}
-    if info.get("quantization_aware"):
-        raise ValueError(
-            f"{path} holds a quantization-aware adapter; its merge needs the INT4 base's grid. Load the super-adapter "
-            "with load_super_network and call get_supernet(model).extract_model(config)."
-        )
-    peft_model = PeftModel.from_pretrained(model, str(path))
-    recorded = info.get("base_fingerprint")
-    layers = {n: m for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
-    found = base_fingerprint(layers)
-    if recorded is not None and recorded != found:
-        warnings.warn(
-            f"The sub-adapter in {path} was extracted from a super-network on another base model (fingerprint "
-            f"{recorded}, this model {found}); merge it onto the base it was trained on.",
-            stacklevel=2,
-        )
-    if not info.get("sparse_adapter"):
-        return peft_model.merge_and_unload()
-    with torch.no_grad():
-        for module in peft_model.modules():
-            if isinstance(module, LoraLayer):
-                weight = module.get_base_layer().weight
-                for name in module.active_adapters:  # float32 deltas: a bf16 weight is rounded once, as by peft
-                    weight += module.get_delta_weight(name) * (weight != 0)
-    return peft_model.unload()

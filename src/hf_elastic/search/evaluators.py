@@ -261,7 +261,7 @@ def _as_list(values: Any) -> list:
 
 
 class LMEvalEvaluator(Evaluator):
-    """Score the active sub-network on lm-evaluation-harness tasks (needs `pip install lm-eval`).
+    """Score the active sub-network on lm-evaluation-harness tasks (needs `pip install 'hf-elastic[lm-eval]'`).
 
     Args:
         tasks: lm-eval task names, e.g. `["arc_easy"]`; the objective is the mean of `metric` over them.
@@ -292,7 +292,8 @@ class LMEvalEvaluator(Evaluator):
             from lm_eval.models.huggingface import HFLM
         except ImportError as e:
             raise ImportError(
-                "LMEvalEvaluator needs lm-evaluation-harness, which is not installed. Run `pip install lm-eval`."
+                "LMEvalEvaluator needs lm-evaluation-harness, which is not installed. Run `pip install "
+                "'hf-elastic[lm-eval]'` (or pip install lm-eval)."
             ) from e
         _check_direction(direction)
         if isinstance(tasks, str) or not tasks:

@@ -16,8 +16,9 @@ from typing import Any
 import torch.nn as nn
 from peft import PeftModel
 
+from ..nas.loading import load_super_network
 from ..nas.search_space import SearchSpace, SubnetConfig
-from ..nas.supernet import SuperNetwork, get_supernet, load_super_network
+from ..nas.supernet import SuperNetwork, get_supernet
 from ..nas.trainer import NAS_STATS_NAME, NASTrainerMixin
 from ..utils import read_json
 from .evaluators import (

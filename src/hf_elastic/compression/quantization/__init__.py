@@ -3,12 +3,15 @@
 from .format import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    GROUP_SIZE_CANDIDATES,
     QUANT_CONFIG_NAME,
     QUANT_REPORT_NAME,
     QUANT_WEIGHTS_NAME,
     QuantLinear,
+    default_group_size,
     dequantize_codes,
     expand_groups,
+    group_size_note,
     resolve_group_size,
 )
 from .gptq import gptq_quantize, output_error
@@ -19,6 +22,7 @@ from .serialization import load_quantized, save_quantized
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "GROUP_SIZE_CANDIDATES",
     "QUANT_CONFIG_NAME",
     "QUANT_REPORT_NAME",
     "QUANT_WEIGHTS_NAME",
@@ -28,9 +32,11 @@ __all__ = [
     "QuantizationConfig",
     "QuantizationReport",
     "compute_qparams",
+    "default_group_size",
     "dequantize_codes",
     "expand_groups",
     "gptq_quantize",
+    "group_size_note",
     "load_quantized",
     "output_error",
     "quantize",

@@ -33,6 +33,8 @@ dtype and every quantized module); `load_quantized` rebuilds the model from them
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -54,6 +56,34 @@ _BITS = (4, 8)
 def _check_bits(bits: Any, owner: str = "QuantizationConfig") -> None:
     if bits not in _BITS or isinstance(bits, bool):
         raise ValueError(f"{owner}.bits={bits!r} is not supported. Use bits=4 or bits=8.")
+
+
+GROUP_SIZE_CANDIDATES = (128, 64, 32)
+
+
+def default_group_size(in_features: Iterable[int], option: str = "group_size") -> int:
+    """The largest of 128, 64 and 32 that divides every input size in `in_features` (the default group size).
+
+    SmolLM2-135M's hidden size 576 gives 64; a hidden size of 96 gives 32. Raises when none of them divides them all.
+    """
+    sizes = sorted(set(in_features))
+    if not sizes:
+        raise ValueError(f"No input sizes to choose {option} for: the model has no layers to quantize.")
+    for candidate in GROUP_SIZE_CANDIDATES:
+        if all(size % candidate == 0 for size in sizes):
+            return candidate
+    raise ValueError(
+        f"None of {'/'.join(map(str, GROUP_SIZE_CANDIDATES))} divides every input size {sizes}, so {option} has no "
+        f"default. Pass {option}=<a divisor of {math.gcd(*sizes)}> or -1 for one group per output row."
+    )
+
+
+def group_size_note(group_size: int) -> str:
+    """The line saying which default group size was chosen."""
+    return (
+        f"group size {group_size}: the largest of {'/'.join(map(str, GROUP_SIZE_CANDIDATES))} that divides every "
+        "quantized input size"
+    )
 
 
 def resolve_group_size(group_size: int, in_features: int, name: str = "the module") -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,9 +21,17 @@ from ..calibration import (
     find_target_modules,
     run_layerwise,
 )
-from .format import QUANT_REPORT_NAME, QuantLinear, _check_bits, resolve_group_size
+from .format import (
+    QUANT_REPORT_NAME,
+    QuantLinear,
+    _check_bits,
+    default_group_size,
+    group_size_note,
+    resolve_group_size,
+)
 from .gptq import gptq_quantize, output_error
 
+logger = logging.getLogger(__name__)
 _METHODS = ("rtn", "gptq")
 
 
@@ -31,11 +40,12 @@ class QuantizationConfig(CalibrationSettings):
     """How `quantize` turns the linear layers of a model into `QuantLinear`."""
 
     bits: int = field(default=4, metadata={"help": "Bits per weight code: 4 or 8."})
-    group_size: int = field(
-        default=128,
+    group_size: int | None = field(
+        default=None,
         metadata={
             "help": "Consecutive input channels sharing one scale and zero point; must divide the in_features of "
-            "every quantized module. -1 uses one group per output row."
+            "every quantized module. -1 uses one group per output row. None (the default) takes the largest of "
+            "128/64/32 that divides every quantized module's in_features, e.g. 64 for SmolLM2's hidden size 576."
         },
     )
     symmetric: bool = field(
@@ -75,14 +85,14 @@ class QuantizationConfig(CalibrationSettings):
 
     def __post_init__(self) -> None:
         _check_bits(self.bits)
-        if (
+        if self.group_size is not None and (
             isinstance(self.group_size, bool)
             or not isinstance(self.group_size, int)
             or not (self.group_size == -1 or self.group_size > 0)
         ):
             raise ValueError(
                 f"QuantizationConfig.group_size={self.group_size!r} is invalid. Use a positive divisor of the input "
-                "dimension (e.g. 128) or -1 for one group per output row."
+                "dimension (e.g. 128), -1 for one group per output row, or None for the default."
             )
         for name in ("symmetric", "act_order", "keep_residual"):
             if not isinstance(getattr(self, name), bool):
@@ -184,7 +194,7 @@ def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
 def quantize(
     model: nn.Module,
     bits: int = 4,
-    group_size: int = 128,
+    group_size: int | None = None,
     symmetric: bool = False,
     method: str = "rtn",
     *,
@@ -203,7 +213,7 @@ def quantize(
     """Replace the linear layers inside the transformer layers by `QuantLinear`, in place (RTN or GPTQ).
 
     Args:
-        model: a Hugging Face model of a supported architecture (llama, mistral, qwen2, phi3, gpt2, bert, roberta).
+        model: a Hugging Face model (any architecture whose layer projections are nn.Linear or Conv1D).
         bits, group_size, symmetric, method, damp_percent, act_order, block_size, seq_len, num_samples, batch_size,
             modules, keep_residual: see `QuantizationConfig`.
         calibration: calibration data (a `datasets.Dataset`, a list of texts with `tokenizer`, or token id tensors).
@@ -237,6 +247,10 @@ def quantize(
     )
     start = time.perf_counter()
     targets = find_target_modules(model, config.modules, caller="quantize")
+    if config.group_size is None:
+        in_features = [weight_out_in(m).shape[1] for t in targets for m in t.modules.values()]
+        config.group_size = default_group_size(in_features)
+        logger.info("quantize: %s.", group_size_note(config.group_size))
     group_sizes = {
         name: resolve_group_size(config.group_size, weight_out_in(module).shape[1], name)
         for target in targets

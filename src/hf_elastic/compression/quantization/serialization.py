@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ...models.arch import weight_out_in
+from ...models.loading import load_config, mark_hf_elastic_only
 from ...utils import atomic_directory, atomic_save_safetensors, atomic_write_json, digest, load_safetensors, read_json
 from .format import FORMAT_NAME, FORMAT_VERSION, QUANT_CONFIG_NAME, QUANT_WEIGHTS_NAME, QuantLinear
 from .quantize import QuantizationConfig, _replace
@@ -32,7 +33,9 @@ def save_quantized(
 
     The folder is written beside the destination and swapped in whole, so it holds the old save or the new one, never
     a mix, even when the process dies; its files share a save id that `load_quantized` checks. An existing folder is
-    replaced unless `overwrite=False`. Returns the directory.
+    replaced unless `overwrite=False`. Returns the directory. Stock transformers cannot read the format, so
+    `config.json` is marked (`mark_hf_elastic_only`): a stock `from_pretrained` raises an error that names
+    `hf_elastic.load_exported` instead of loading random weights.
     """
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("save_quantized found no QuantLinear in the model. Call quantize(model, ...) first.")
@@ -92,7 +95,9 @@ def write_quantized(model: nn.Module, directory: Path) -> None:
     atomic_save_safetensors(tensors, directory / QUANT_WEIGHTS_NAME, binding)
     model_config = json.loads(model.config.to_json_string(use_diff=True))
     model_config["architectures"] = [type(model).__name__]
-    atomic_write_json(directory / "config.json", model_config)
+    bits = sorted({m.bits for m in quant.values()})
+    reason = f"INT{'/INT'.join(map(str, bits))} format"
+    atomic_write_json(directory / "config.json", mark_hf_elastic_only(model_config, reason))
     generation = getattr(model, "generation_config", None)
     if generation is not None and hasattr(model, "can_generate") and model.can_generate():
         atomic_write_json(directory / "generation_config.json", generation.to_diff_dict())
@@ -114,7 +119,6 @@ def load_quantized(
     `model_class` defaults to the transformers class named in `quantization_config.json`.
     """
     import transformers
-    from transformers import AutoConfig
     from transformers.initialization import no_init_weights
 
     directory = Path(directory)
@@ -147,7 +151,7 @@ def load_quantized(
                 f"{qc_path} names model_class={qc['model_class']!r}, which transformers does not have. Pass "
                 "model_class=<the model's class> to load_quantized."
             )
-    config = AutoConfig.from_pretrained(directory)
+    config = load_config(directory)
     dtype = getattr(torch, qc["dtype"])
     with no_init_weights():
         model = model_class._from_config(config, dtype=dtype)

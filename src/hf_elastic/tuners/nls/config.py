@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,6 +16,28 @@ from transformers.pytorch_utils import Conv1D
 from ...utils import ELASTIC_CONFIG_NAME, atomic_write_json, digest, file_sha256, read_json
 
 _METHODS: dict[str, type[NLSConfig]] = {}
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
+
+def stock_load_guard(what: str, loader: str) -> str:
+    """A `target_modules` pattern that matches no module, so that stock peft refuses an adapter whose stock load
+    would be a different function: `PeftModel.from_pretrained` raises "Target modules hf_elastic sparse adapter: load
+    it with hf_elastic.merge_subnet_adapter not found in the base model"."""
+    return f"hf_elastic {what}: load it with {loader}"
+
+
+def is_stock_load_guard(target_modules: Any) -> bool:
+    return isinstance(target_modules, str) and target_modules.startswith("hf_elastic ")
+
+
+def guard_adapter_config(directory: str | Path, what: str, loader: str) -> list[str] | str:
+    """Replace `target_modules` in `directory/adapter_config.json` by `stock_load_guard`; returns the real ones."""
+    path = Path(directory) / ADAPTER_CONFIG_NAME
+    saved = json.loads(path.read_text())
+    targets = saved["target_modules"]
+    targets = sorted(targets) if isinstance(targets, (list, set, tuple)) else targets
+    atomic_write_json(path, saved | {"target_modules": stock_load_guard(what, loader)})
+    return targets
 
 
 def _check_int_choices(owner: str, name: str, values: Any, example: str) -> list[int]:
@@ -189,9 +212,16 @@ class NLSConfig(LoraConfig):
 
         `elastic_config.json` also records a digest of its own settings and, when peft has just written the adapter
         beside it, the adapter's SHA-256, so that an edited config or weights of another save are detected on load.
+        A sparse or quantization-aware super-adapter is not the same function as a stock LoRA adapter (its delta is
+        masked by the base's zeros, or rounded to the INT4 grid): its `adapter_config.json` gets a `target_modules`
+        that makes stock peft raise an error naming `hf_elastic.load_super_network`, and the real target modules go
+        to `elastic_config.json`.
         """
         super().save_pretrained(save_directory, **kwargs)
         data = self.elastic_dict()
+        if self.sparse_adapter or self.quantization_aware:
+            what = "quantization-aware super-adapter" if self.quantization_aware else "sparse super-adapter"
+            data["target_modules"] = guard_adapter_config(save_directory, what, "hf_elastic.load_super_network")
         data |= {"save_id": uuid.uuid4().hex, "digest": _settings_digest(data)}
         weights = Path(save_directory) / SAFETENSORS_WEIGHTS_NAME
         if weights.is_file():
@@ -223,7 +253,8 @@ class NLSConfig(LoraConfig):
         if method not in _METHODS:
             raise ValueError(f"{elastic_path} names method={method!r}; known methods are {sorted(_METHODS)}.")
         target_cls = _METHODS[method]
-        unknown = sorted(set(elastic) - set(target_cls.elastic_fields) - {"method", "hf_elastic_version"})
+        known = {"method", "hf_elastic_version", "target_modules"}
+        unknown = sorted(set(elastic) - set(target_cls.elastic_fields) - known)
         if unknown:
             raise ValueError(f"{elastic_path} has keys {unknown} that {target_cls.__name__} does not know; {fix}.")
         if "rank_choices" not in elastic:
@@ -241,12 +272,14 @@ class NLSConfig(LoraConfig):
             )
         elastic.pop("method")
         elastic.pop("hf_elastic_version", None)
+        targets = elastic.pop("target_modules", None)  # the real ones, for a guarded (sparse or QA) adapter
         try:
             lora = LoraConfig.from_pretrained(str(elastic_path.parent), **kwargs).to_dict()
         except (OSError, ValueError, TypeError) as error:
-            raise ValueError(
-                f"{elastic_path.parent / 'adapter_config.json'} cannot be read ({error}); {fix}."
-            ) from None
+            lora_path = elastic_path.parent / "adapter_config.json"
+            raise ValueError(f"{lora_path} cannot be read ({error}); {fix}.") from None
+        if targets is not None:
+            lora["target_modules"] = targets
         init_names = {f.name for f in fields(target_cls) if f.init}
         try:
             config = target_cls(**{k: v for k, v in lora.items() if k in init_names}, **elastic)
