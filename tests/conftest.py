@@ -371,3 +371,16 @@ def hub_dataset_cache(cache: Path, repo_id: str, splits: dict[str, list[dict]]) 
     for file in Path(builder.cache_dir).iterdir():
         if file.suffix in (".arrow", ".json"):
             (target / file.name).write_bytes(file.read_bytes())
+
+
+def record_activations(trainer) -> list[dict[str, int]]:
+    """Every config the trainer's super-network activates from now on (resolved), in order."""
+    seen: list[dict[str, int]] = []
+    original = trainer.supernet.activate
+
+    def spy(config):
+        seen.append(trainer.supernet.resolve(config))
+        return original(config)
+
+    trainer.supernet.activate = spy
+    return seen

@@ -12,7 +12,18 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ARCHS, METHODS, args, dataset, fresh, make_config, peft_kwargs, subnets, train_steps
+from conftest import (
+    ARCHS,
+    METHODS,
+    args,
+    dataset,
+    fresh,
+    make_config,
+    peft_kwargs,
+    record_activations,
+    subnets,
+    train_steps,
+)
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, TrainerCallback
 
@@ -201,14 +212,7 @@ def adapter_weights(model) -> dict[str, torch.Tensor]:
 def test_one_subnet_per_optimizer_step_and_stats(llama, tmp_path):
     model = nls_model(llama)
     trainer = NASTrainer(model=model, args=args(tmp_path, gradient_accumulation_steps=2), train_dataset=dataset())
-    seen = []
-    original = trainer.supernet.activate
-
-    def spy(config):
-        seen.append(trainer.supernet.resolve(config))
-        return original(config)
-
-    trainer.supernet.activate = spy
+    seen = record_activations(trainer)
     trainer.train()
     steps = trainer.state.global_step
     assert steps == 6 and len(trainer.sampler.history) == 6

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHS, TRAIN_DEFAULTS, args, dataset, fresh, peft_kwargs
+from conftest import ARCHS, TRAIN_DEFAULTS, args, dataset, fresh, peft_kwargs, record_activations
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
@@ -73,16 +73,9 @@ def test_sft_trainer_samples_like_nastrainer(llama, tokenizer, tmp_path):
         eval_dataset=data.select(range(8)),
         processing_class=tokenizer,
     )
-    seen = []
-    original = trainer.supernet.activate
-
-    def spy(config):
-        seen.append(trainer.supernet.resolve(config))
-        return original(config)
-
-    trainer.supernet.activate = spy
+    seen = record_activations(trainer)
     trainer.train()
-    trainer.supernet.activate = original
+    del trainer.supernet.activate  # back to the method
     assert trainer.state.global_step == 4
     # one activation per optimizer step (at its start), none per micro-batch, and NASTrainer's sequence
     assert seen == [trainer.sampler.draw(step)[0] for step in range(4)]
