@@ -30,3 +30,13 @@ def test_write_result_records_cpu_model_and_isa(tmp_path):
         "avx512f": "avx512f" in flags,
         "amx": any(f.startswith("amx") for f in flags),
     }
+
+
+def test_bench_openvino_ov_config_option():
+    bench = pytest.importorskip("bench_openvino")
+    assert bench.parse_ov_config(["INFERENCE_NUM_THREADS=4", "KV_CACHE_PRECISION=u8"]) == {
+        "INFERENCE_NUM_THREADS": "4",
+        "KV_CACHE_PRECISION": "u8",
+    }
+    with pytest.raises(SystemExit, match=r"--ov-config takes KEY=VALUE .* got 'INFERENCE_NUM_THREADS'"):
+        bench.parse_ov_config(["INFERENCE_NUM_THREADS"])
