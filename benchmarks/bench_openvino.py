@@ -1,13 +1,19 @@
-"""Greedy decode speed and size on disk: PyTorch fp32 against OpenVINO fp32 and INT4 (hf_elastic exact codes, NNCF).
+"""Prefill and greedy decode speed and size on disk: PyTorch fp32 against OpenVINO fp32, INT4 and INT8 IRs.
 
 The benchmark model (random weights) is exported once: an fp32 IR, an INT4 IR holding the codes of hf_elastic's RTN
-INT4 quantization (asymmetric, group 32) exactly (with its fp32 embeddings and LM head, and with those compressed to
-int8 by NNCF: `compress_float_weights=True`), and an NNCF INT4 IR (INT4_ASYM, group 32, ratio 1.0; NNCF also
-compresses the embeddings and LM head to int8, hf_elastic keeps them fp32). Each (variant, round) runs in a fresh
-subprocess: it warms up, times prefill (generate 1 token) and a greedy generate of `--new-tokens` tokens from a
-`--prompt-len` prompt (PyTorch: the fp32 model, and the hf_elastic INT4 model whose `QuantLinear` dequantizes on
-every forward), and reports decode tokens/s = (new_tokens - 1) / (generate time - prefill time). Rounds
-interleave the variants; figures are medians over rounds. Prints a table and writes benchmarks/results/openvino.json.
+INT4 quantization (asymmetric, group 32) exactly (with the embedding and LM head compressed to int8 by NNCF, the
+default, and kept fp32: `compress_float_weights=False`), an NNCF INT4 IR (INT4_ASYM, group 32, ratio 1.0; NNCF also
+compresses the embedding and LM head to int8) and an NNCF INT8 IR (per channel). Each (variant, round) runs in a fresh
+subprocess that loads (and compiles) the model and runs one forward pass of each input shape before any timing, so
+first-inference work stays out of the timed figures (`load_s` and `first_call_s` report it). It then times, as the
+best of 3, the prefill of a batch of `--batch` prompts of `--prompt-len` tokens (one forward pass, the way a scorer
+runs a batch) and of one prompt (generate 1 token), and a greedy generate of `--new-tokens` tokens from one prompt
+(PyTorch: the fp32 model, and the hf_elastic INT4 model whose `QuantLinear` dequantizes on every forward); decode
+tokens/s = (new_tokens - 1) / (generate time - one-prompt prefill time). `--ov-config KEY=VALUE` adds OpenVINO
+properties (e.g. KV_CACHE_PRECISION, DYNAMIC_QUANTIZATION_GROUP_SIZE, INFERENCE_NUM_THREADS) to every OpenVINO
+variant. Rounds interleave the variants; figures are medians over rounds. The JSON records the CPU model and ISA
+(AVX2 / AVX-512 / AMX): OpenVINO's defaults depend on them, so never compare figures across machines. Prints a table
+and writes benchmarks/results/openvino.json.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MODEL_KWARGS, MODEL_TEXT, rss_mb, write_result
+from common import MODEL_KWARGS, MODEL_TEXT, cpu_info, rss_mb, write_result
 
 # variant: (folder under the work dir, OpenVINO properties; None for PyTorch)
 VARIANTS = {
@@ -32,9 +38,10 @@ VARIANTS = {
     "ov_fp32": ("ov_fp32", "fp32"),
     "ov_fp32_default": ("ov_fp32", "default"),
     "ov_int4_exact": ("ov_int4_exact", "default"),
-    "ov_int4_exact_f32": ("ov_int4_exact", "fp32"),
-    "ov_int4_exact_int8_head": ("ov_int4_exact_int8_head", "default"),
+    "ov_int4_exact_fp32_head_f32": ("ov_int4_exact_fp32_head", "fp32"),
+    "ov_int4_exact_fp32_head": ("ov_int4_exact_fp32_head", "default"),
     "ov_int4_nncf": ("ov_int4_nncf", "default"),
+    "ov_int8_nncf": ("ov_int8_nncf", "default"),
 }
 CONFIG_TEXT = {
     "fp32": "FP32_CPU_CONFIG: INFERENCE_PRECISION_HINT=f32, KV_CACHE_PRECISION=f32, DYNAMIC_QUANTIZATION_GROUP_SIZE=0",
@@ -42,13 +49,13 @@ CONFIG_TEXT = {
     "activations for compressed weights)",
 }
 # greedy tokens are compared with PyTorch running the same weights (the hf_elastic INT4 model for the exact path)
-EXACT = ("torch_int4", "ov_int4_exact", "ov_int4_exact_f32", "ov_int4_exact_int8_head")
+EXACT = ("torch_int4", "ov_int4_exact_fp32_head", "ov_int4_exact_fp32_head_f32")
 REFERENCE = dict.fromkeys(EXACT, "torch_int4")
 GROUP_SIZE = 32  # intermediate 1376 = 32 * 43
 
 
 def prepare(work: Path) -> dict:
-    """Build the random benchmark model and write the PyTorch, hf_elastic INT4 and the four OpenVINO folders."""
+    """Build the random benchmark model and write the PyTorch, hf_elastic INT4 and the five OpenVINO folders."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -65,12 +72,15 @@ def prepare(work: Path) -> dict:
     start = time.perf_counter()
     export_openvino(model, work / "ov_int4_nncf", weight_format="int4", group_size=GROUP_SIZE)
     seconds["ov_int4_nncf"] = time.perf_counter() - start
+    start = time.perf_counter()
+    export_openvino(model, work / "ov_int8_nncf", weight_format="int8")
+    seconds["ov_int8_nncf"] = time.perf_counter() - start
     quantize(model, bits=4, group_size=GROUP_SIZE, show_progress=False)
     save_quantized(model, work / "hf_elastic_int4")
     start = time.perf_counter()
     export_openvino(work / "hf_elastic_int4", work / "ov_int4_exact")
     seconds["ov_int4_exact"] = time.perf_counter() - start
-    export_openvino(work / "hf_elastic_int4", work / "ov_int4_exact_int8_head", compress_float_weights=True)
+    export_openvino(work / "hf_elastic_int4", work / "ov_int4_exact_fp32_head", compress_float_weights=False)
 
     def size(folder: str, pattern: str) -> float:
         return sum(p.stat().st_size for p in (work / folder).glob(pattern)) / 2**20
@@ -80,37 +90,41 @@ def prepare(work: Path) -> dict:
         "hf_elastic_int4 (model.safetensors, one uint8 code per weight)": size("hf_elastic_int4", "*.safetensors"),
         "ov_fp32 (openvino_model.xml/.bin)": size("ov_fp32", "openvino_model.*"),
         "ov_int4_exact (openvino_model.xml/.bin)": size("ov_int4_exact", "openvino_model.*"),
-        "ov_int4_exact_int8_head (openvino_model.xml/.bin)": size("ov_int4_exact_int8_head", "openvino_model.*"),
+        "ov_int4_exact_fp32_head (openvino_model.xml/.bin)": size("ov_int4_exact_fp32_head", "openvino_model.*"),
         "ov_int4_nncf (openvino_model.xml/.bin)": size("ov_int4_nncf", "openvino_model.*"),
+        "ov_int8_nncf (openvino_model.xml/.bin)": size("ov_int8_nncf", "openvino_model.*"),
     }
     return {"size_mb": sizes, "export_s": seconds}
 
 
 def environment() -> dict:
-    """CPU model and ISA extensions that matter to OpenVINO, and the package versions."""
+    """CPU model and ISA extensions that matter to OpenVINO (`cpu_info`), and the package versions."""
     from importlib.metadata import version
 
-    info = {}
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "flags") and key.strip() not in info:
-                info[key.strip()] = value.strip()
-    flags = set(info.get("flags", "").split())
-    return {
-        "cpu": info.get("model name"),
-        "isa": sorted(f for f in flags if f.startswith(("avx512_bf16", "avx512f", "amx", "avx2"))),
-        **{name: version(name) for name in ("openvino", "optimum-intel", "nncf", "transformers")},
-    }
+    return {**cpu_info(), **{name: version(name) for name in ("openvino", "optimum-intel", "nncf", "transformers")}}
 
 
-def run_variant(variant: str, work: Path, prompt_len: int, new_tokens: int) -> dict:
+def parse_ov_config(items: list[str]) -> dict[str, str]:
+    """`--ov-config KEY=VALUE` items as a dict; the error names the option."""
+    config = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise SystemExit(f"--ov-config takes KEY=VALUE (e.g. INFERENCE_NUM_THREADS=4), got {item!r}.")
+        config[key] = value
+    return config
+
+
+def run_variant(
+    variant: str, work: Path, prompt_len: int, new_tokens: int, batch: int, ov_config: dict[str, str]
+) -> dict:
     import resource
 
     import torch
 
     folder, properties = VARIANTS[variant]
     rss_before = rss_mb()
+    start = time.perf_counter()
     if variant == "torch_int4":
         from hf_elastic import load_quantized
 
@@ -122,19 +136,34 @@ def run_variant(variant: str, work: Path, prompt_len: int, new_tokens: int) -> d
     else:
         from hf_elastic.export import FP32_CPU_CONFIG, load_openvino
 
-        model = load_openvino(work / folder, **(FP32_CPU_CONFIG if properties == "fp32" else {}))
-    ids = torch.randint(3, MODEL_KWARGS["vocab_size"], (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
+        model = load_openvino(work / folder, **(FP32_CPU_CONFIG if properties == "fp32" else {}), **ov_config)
+    load_s = time.perf_counter() - start
+    vocab = MODEL_KWARGS["vocab_size"]
+    ids = torch.randint(3, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    batch_ids = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
 
     def generate(n: int) -> tuple[float, torch.Tensor]:
         start = time.perf_counter()
         with torch.no_grad():
             out = model.generate(
-                ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
             )
         return time.perf_counter() - start, out
 
+    def score_batch() -> float:  # one forward pass over the batch, as a scorer of prompts runs it
+        start = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=batch_ids, attention_mask=torch.ones_like(batch_ids))
+        return time.perf_counter() - start
+
+    first_call_s = score_batch()  # first inference (and, for OpenVINO, first run of this shape): not timed below
     generate(8)
+    batch_prefill = min(score_batch() for _ in range(3))
     prefill = min(generate(1)[0] for _ in range(3))
     total, out = generate(new_tokens)
     decode = (total - prefill) / (new_tokens - 1)
@@ -142,7 +171,11 @@ def run_variant(variant: str, work: Path, prompt_len: int, new_tokens: int) -> d
         "step_s": decode,
         "decode_tokens_per_s": 1 / decode,
         "prefill_s": prefill,
+        "batch_prefill_s": batch_prefill,
+        "batch_prefill_tokens_per_s": batch * prompt_len / batch_prefill,
         "generate_s": total,
+        "load_s": load_s,
+        "first_call_s": first_call_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "model_rss_mb": rss_mb() - rss_before,
         "load_1min": os.getloadavg()[0],
@@ -151,53 +184,77 @@ def run_variant(variant: str, work: Path, prompt_len: int, new_tokens: int) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16, help="Prompts in the timed batch prefill (default 16).")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="Subset of the variants to run.")
+    parser.add_argument(
+        "--ov-config", action="append", default=[], metavar="KEY=VALUE", help="OpenVINO property for every IR."
+    )
     parser.add_argument("--work-dir", help="Folder for the exported models (default: a temporary folder, removed).")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "openvino.json"))
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shape = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+    ov_config = parse_ov_config(args.ov_config)
+    if unknown := [v for v in args.variants if v not in VARIANTS]:
+        raise SystemExit(f"--variants {unknown} unknown; choose from {list(VARIANTS)}.")
+    variants = [v for v in VARIANTS if v in args.variants]
+    if "torch_fp32" not in variants:
+        raise SystemExit("--variants must include torch_fp32, the baseline of the ratios.")
+    shape = ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--batch", str(args.batch)]
+    shape += [f"--ov-config={item}" for item in args.ov_config]
     if args.worker:
-        result = run_variant(args.worker, Path(args.work_dir), args.prompt_len, args.new_tokens)
+        result = run_variant(args.worker, Path(args.work_dir), args.prompt_len, args.new_tokens, args.batch, ov_config)
         print(json.dumps(result))
         return
 
     load_before = os.getloadavg()
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_openvino."))
     try:
-        prepared = prepare(work) if not (work / "ov_int4_exact").exists() else {}
-        runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        prepared = prepare(work) if not (work / "ov_int8_nncf").exists() else {}
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.rounds):
-            for variant in VARIANTS:
+            for variant in variants:
                 cmd = [sys.executable, __file__, "--worker", variant, "--work-dir", str(work), *shape]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
                 runs[variant].append(json.loads(out))
                 last = runs[variant][-1]
                 print(
-                    f"round {r + 1}/{args.rounds} {variant:<24} decode {last['decode_tokens_per_s']:7.1f} tok/s  "
-                    f"prefill {last['prefill_s'] * 1000:6.1f} ms",
+                    f"round {r + 1}/{args.rounds} {variant:<28} decode {last['decode_tokens_per_s']:7.1f} tok/s  "
+                    f"prefill x{args.batch} {last['batch_prefill_s'] * 1000:7.1f} ms  first call "
+                    f"{last['first_call_s'] * 1000:7.1f} ms",
                     flush=True,
                 )
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
-    keys = ("decode_tokens_per_s", "step_s", "prefill_s", "generate_s", "peak_rss_mb", "model_rss_mb", "load_1min")
+    keys = (
+        "decode_tokens_per_s", "step_s", "prefill_s", "batch_prefill_s", "batch_prefill_tokens_per_s", "generate_s",
+        "load_s", "first_call_s", "peak_rss_mb", "model_rss_mb", "load_1min",
+    )  # fmt: skip
     summary = {v: {k: statistics.median(x[k] for x in rs) for k in keys} for v, rs in runs.items()}
+    base = summary["torch_fp32"]
     for v, rs in runs.items():
-        summary[v]["reference"] = REFERENCE.get(v, "torch_fp32")
-        pairs = zip(rs[0]["tokens"], runs[summary[v]["reference"]][0]["tokens"], strict=True)
-        first_diff = next((i for i, (a, b) in enumerate(pairs) if a != b), args.new_tokens)
-        summary[v]["tokens_equal_to_reference"] = first_diff  # greedy tokens before the first difference
-    base = summary["torch_fp32"]["decode_tokens_per_s"]
-    print(f"\n{'variant':<25}{'decode tok/s':>13}{'x torch':>9}{'prefill ms':>12}{'greedy tokens = reference':>38}")
+        s = summary[v]
+        s["decode_x_torch_fp32"] = s["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        s["batch_prefill_x_torch_fp32"] = base["batch_prefill_s"] / s["batch_prefill_s"]  # > 1: faster
+        s["reference"] = REFERENCE.get(v, "torch_fp32")
+        if s["reference"] in runs:
+            pairs = zip(rs[0]["tokens"], runs[s["reference"]][0]["tokens"], strict=True)
+            s["tokens_equal_to_reference"] = next((i for i, (a, b) in enumerate(pairs) if a != b), args.new_tokens)
+    print(
+        f"\n{'variant':<29}{'decode tok/s':>13}{'x torch':>9}{f'prefill x{args.batch} ms':>18}{'x torch':>9}"
+        f"{'first call ms':>15}{'greedy = reference':>30}"
+    )
     for v, s in summary.items():
+        same = s.get("tokens_equal_to_reference", "-")
         print(
-            f"{v:<25}{s['decode_tokens_per_s']:>13.1f}{s['decode_tokens_per_s'] / base:>9.2f}"
-            f"{s['prefill_s'] * 1000:>12.1f}{s['tokens_equal_to_reference']:>13}/{args.new_tokens} ({s['reference']})"
+            f"{v:<29}{s['decode_tokens_per_s']:>13.1f}{s['decode_x_torch_fp32']:>9.2f}"
+            f"{s['batch_prefill_s'] * 1000:>18.1f}{s['batch_prefill_x_torch_fp32']:>9.2f}"
+            f"{s['first_call_s'] * 1000:>15.1f}{same:>10}/{args.new_tokens} ({s['reference']})"
         )
     for name, mb in prepared.get("size_mb", {}).items():
         print(f"{name:<66}{mb:>8.1f} MB")
@@ -206,9 +263,14 @@ def main() -> None:
         "model": MODEL_TEXT,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
+        "batch": args.batch,
         "rounds": args.rounds,
-        "quantization": f"INT4 asymmetric, group {GROUP_SIZE}: hf_elastic RTN (exact codes in the IR) vs NNCF",
-        "variants": {v: {"folder": f, "ov_config": CONFIG_TEXT.get(c, "PyTorch")} for v, (f, c) in VARIANTS.items()},
+        "ov_config": ov_config,
+        "quantization": f"INT4 asymmetric, group {GROUP_SIZE}: hf_elastic RTN (exact codes in the IR) vs NNCF; "
+        "NNCF INT8 per channel",
+        "variants": {
+            v: {"folder": VARIANTS[v][0], "ov_config": CONFIG_TEXT.get(VARIANTS[v][1], "PyTorch")} for v in variants
+        },
         "environment": environment(),
         **prepared,
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},

@@ -131,10 +131,12 @@ def cpu_info() -> dict:
 
 
 def write_result(output: str, result: dict) -> None:
-    """Add the machine description to `result`, write it as JSON to `output` and say where."""
+    """Add the machine description (CPU model and ISA included: figures from different machines do not compare) to
+    `result`, write it as JSON to `output` and say where."""
     import torch
 
     result["machine"] = {
+        **cpu_info(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "torch": torch.__version__,

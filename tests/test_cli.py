@@ -410,6 +410,10 @@ ERRORS = [
         r"--weight-format int4 applies to the OpenVINO IR; add --openvino",
     ),
     (
+        ["export", "{adapter}", "--base", "{model}", "--output", "{tmp}/o", "--fp32-embeddings"],
+        r"--fp32-embeddings applies to the OpenVINO IR; add --openvino",
+    ),
+    (
         [
             "export",
             "{adapter}",

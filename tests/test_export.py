@@ -299,7 +299,7 @@ def test_exact_codes_of_hf_elastic_quantized_model(tmp_path, bits, group_size, s
         bpe_tokenizer().save_pretrained(source)
     else:
         source = model
-    out = export_openvino(source, tmp_path / "ov")
+    out = export_openvino(source, tmp_path / "ov", compress_float_weights=False)  # fp32 embedding and LM head
     assert (out / "openvino_tokenizer.xml").is_file() == from_folder
     weights = ir_weights(out)
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -307,7 +307,7 @@ def test_exact_codes_of_hf_elastic_quantized_model(tmp_path, bits, group_size, s
     for name, module in quantized.items():
         ir = weights[f"self.{name}.weight"]
         groups = module.in_features // module.group_size
-        assert ir.element_type == f"u{bits}" and ir.scales.dtype == np.float32
+        assert ir.element_type == f"u{bits}" and ir.scales.dtype == np.float32  # RTN scales are not exact in f16
         assert ir.codes.shape == (module.out_features, groups, module.group_size)
         assert np.array_equal(ir.codes.reshape(module.out_features, -1), module.qweight.numpy())
         assert np.array_equal(ir.zero_points[..., 0], module.zeros.numpy())
@@ -337,16 +337,46 @@ def test_exact_codes_of_hf_elastic_quantized_model(tmp_path, bits, group_size, s
         sparse = load_openvino(out, sparse_weights_decompression_rate=0.5, compile=True)
         assert float(sparse.request.get_compiled_model().get_property(SPARSE_WEIGHTS_PROPERTY)) == 0.5
         return
-    small = export_openvino(source, tmp_path / "ov_int8_head", compress_float_weights=True)
+    small = export_openvino(source, tmp_path / "ov_int8_head")  # the default: embedding and LM head in int8
     small_weights = ir_weights(small)
     assert small_weights["self.lm_head.weight"].element_type == "u8"
-    for name in quantized:
+    for name, module in quantized.items():
         key = f"self.{name}.weight"
         assert np.array_equal(small_weights[key].codes, weights[key].codes)
-        assert np.array_equal(small_weights[key].weight, weights[key].weight)
+        assert np.array_equal(small_weights[key].weight, module.dequantize().numpy())
     size = (small / "openvino_model.bin").stat().st_size / (out / "openvino_model.bin").stat().st_size
-    assert size < 0.5  # embeddings and LM head dominate this tiny model
-    assert max_logit_diff(load_openvino(small, **FP32_CPU_CONFIG), model, ids) < 0.05
+    print(f"INT4 exact codes IR .bin: int8 embedding/LM head / fp32 = {size:.3f}")
+    assert size < 0.5  # embeddings and LM head dominate this tiny model (measured 0.436)
+    small_model = load_openvino(small, **FP32_CPU_CONFIG)
+    assert max_logit_diff(small_model, model, ids) < 0.05
+    generated = greedy(small_model, ids, new_tokens=8)
+    assert generated.shape == (2, 18) and torch.equal(generated[:, :10], ids)
+
+
+@requires_openvino
+def test_exact_codes_store_f16_scales_where_exact(tmp_path):
+    """Layers whose scales are f16 values get f16 scale constants; the decompressed weights stay bit-exact."""
+    model = _sparse_quantized(4, 32, False)
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    half = {name for name in quantized if ".mlp." in name}
+    with torch.no_grad():
+        for name in half:
+            quantized[name].scales.copy_(quantized[name].scales.half().float())
+    keep = export_openvino(model, tmp_path / "ov_fp32_head", compress_float_weights=False)
+    out = export_openvino(model, tmp_path / "ov")
+    for folder in (keep, out):
+        weights = ir_weights(folder)
+        for name, module in quantized.items():
+            ir = weights[f"self.{name}.weight"]
+            assert ir.scales.dtype == (np.float16 if name in half else np.float32), name
+            assert np.array_equal(ir.scales[..., 0].astype(np.float32), module.scales.numpy())
+            assert np.array_equal(ir.weight, module.dequantize().numpy())
+    assert len(half) == 6 and weights["self.lm_head.weight"].element_type == "u8"
+    ids = prompt()
+    keep_model = load_openvino(keep, **FP32_CPU_CONFIG)
+    assert max_logit_diff(keep_model, model, ids) <= 1e-4
+    assert torch.equal(greedy(keep_model, ids), greedy(model, ids))
+    assert max_logit_diff(load_openvino(out, **FP32_CPU_CONFIG), model, ids) < 0.05
 
 
 def test_missing_openvino_names_the_extra(monkeypatch, tmp_path):

@@ -244,6 +244,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     if args.weight_format != "fp32" and not args.openvino:
         raise ValueError(f"--weight-format {args.weight_format} applies to the OpenVINO IR; add --openvino.")
+    if args.fp32_embeddings and not args.openvino:
+        raise ValueError("--fp32-embeddings applies to the OpenVINO IR; add --openvino.")
     _check_adapter(args)
     if args.group_size is not None and args.weight_format != "int4":
         raise ValueError(
@@ -269,6 +271,7 @@ def cmd_export(args: argparse.Namespace) -> None:
             tokenizer=tokenizer,
             weight_format=args.weight_format,
             group_size=group_size,
+            compress_float_weights=False if args.fp32_embeddings else None,
             extra_files=[out / SUBNET_CONFIG_NAME],
             overwrite=True,
         )

@@ -239,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"--weight-format int4: {_GROUP_SIZE_HELP} every input size",
     )
+    p.add_argument(
+        "--fp32-embeddings",
+        action="store_true",
+        help="--openvino of an INT4/INT8 (QA) sub-network: keep the embedding and LM head fp32 instead of int8",
+    )
     p.add_argument("--overwrite", action="store_true")
     _model_args(p, "base model")
     p.set_defaults(func=commands.cmd_export)

@@ -14,10 +14,15 @@ Weights
 
       Constant(u4|u8 codes [out, groups, group_size]) -> Convert(f32)
         -> Subtract(Convert(f32) <- Constant(u4|u8 zero points [out, groups, 1]))
-        -> Multiply(Constant(f32 scales [out, groups, 1])) -> Reshape([out, in]) -> MatMul(transpose_b=True)
+        -> Multiply(Constant(f32 scales [out, groups, 1]) or Convert(f32) <- Constant(f16 scales))
+        -> Reshape([out, in]) -> MatMul(transpose_b=True)
 
   This is NNCF's INT4_ASYM pattern with f32 instead of f16 arithmetic, so `(codes - zero_points) * scales` equals
-  `QuantLinear.dequantize()` bit for bit. Symmetric hf_elastic models keep their zero point 2**(bits - 1).
+  `QuantLinear.dequantize()` bit for bit. A layer's scales are stored as f16 only where the f16 values give that same
+  weight bit for bit (rare for RTN scales, which are f32 quotients), else as f32. Symmetric hf_elastic models keep
+  their zero point 2**(bits - 1). By default (`compress_float_weights`) the weights the model keeps in float, the
+  embedding and LM head, are then compressed to int8 per channel by NNCF, as NNCF's own INT4 export does; the
+  decompression subgraphs of the codes are not MatMul weight constants, so NNCF leaves them as they are.
 
 Sparse weights
 --------------
@@ -281,7 +286,7 @@ def export_openvino(
     group_size: int | None = None,
     symmetric: bool = False,
     ratio: float = 1.0,
-    compress_float_weights: bool = False,
+    compress_float_weights: bool | None = None,
     extra_files: Iterable[str | os.PathLike] = (),
     overwrite: bool = False,
 ) -> Path:
@@ -304,7 +309,8 @@ def export_openvino(
         ratio: int4 only: the fraction of the weights compressed to 4 bits; the rest get int8 (NNCF's ratio).
         compress_float_weights: hf_elastic-quantized models only: also compress the weights they keep in float
             (embeddings, LM head) to int8 per channel with NNCF, as NNCF's own INT4 export does. The codes of the
-            quantized layers stay exact.
+            quantized layers stay exact. None (the default) means True for hf_elastic-quantized models (and False
+            for float ones); False keeps the embedding and LM head in fp32.
         extra_files: files copied into the folder, e.g. the `elastic_subnet.json` of an in-memory export (the one of
             a `model_or_dir` folder is copied anyway), so that model cards can tell the sub-network and method.
         overwrite: replace `output_dir` if it exists.
@@ -320,8 +326,8 @@ def export_openvino(
     ```
     """
     nncf_group_size = _check_options(weight_format, group_size, symmetric, ratio)
-    if not isinstance(compress_float_weights, bool):
-        raise ValueError(f"compress_float_weights must be True or False, got {compress_float_weights!r}.")
+    if compress_float_weights is not None and not isinstance(compress_float_weights, bool):
+        raise ValueError(f"compress_float_weights must be True, False or None, got {compress_float_weights!r}.")
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
     _require("openvino")
@@ -356,6 +362,10 @@ def export_openvino(
             f"codes are exported exactly. Use weight_format='fp32' (got {weight_format!r}) to keep them, or "
             "export a float model to re-quantize with NNCF."
         )
+    if compress_float_weights is None:
+        compress_float_weights = bool(quantized)
+        if quantized:
+            _require("nncf")
     if compress_float_weights and not quantized:
         raise ValueError(
             "compress_float_weights=True applies to models quantized by hf_elastic (QuantLinear layers); this model "
@@ -397,7 +407,12 @@ def export_openvino(
             )
             xml_path = tmp / OV_MODEL_NAME
             if quantized:
-                _embed_quantized(xml_path, quantized)
+                scale_types = _embed_quantized(xml_path, quantized)
+                logger.info(
+                    "export_openvino: exact codes of %d layers, %d with f16 scales (exact in f16), the rest f32.",
+                    len(scale_types),
+                    sum(t == "f16" for t in scale_types.values()),
+                )
                 if compress_float_weights:
                     _compress_with_nncf(xml_path, 8, -1, False, 1.0, write_config=False)
             elif weight_format in ("int4", "int8"):

@@ -57,34 +57,52 @@ def _integer_constant(ov: Any, values: np.ndarray, bits: int) -> Any:
     return ov.op.Constant(tensor)
 
 
-def _decompression_subgraph(ov: Any, name: str, module: QuantLinear) -> Any:
-    """The u4/u8 weight decompression subgraph of one `QuantLinear`; returns its (out, in) f32 output."""
+def _f16_scales_if_exact(codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray, dequantized: np.ndarray):
+    """`scales` as float16 when `(codes - zeros) * float32(float16(scales))`, computed in float32 as the IR does,
+    equals `dequantized` bit for bit; else None."""
+    with np.errstate(over="ignore", under="ignore"):
+        half = scales.astype(np.float16)
+    if not np.all(np.isfinite(half)):
+        return None
+    weight = (codes.astype(np.float32) - zeros.astype(np.float32)) * half.astype(np.float32)
+    return half if np.array_equal(weight.reshape(dequantized.shape), dequantized) else None
+
+
+def _decompression_subgraph(ov: Any, name: str, module: QuantLinear, dequantized: np.ndarray) -> tuple[Any, str]:
+    """The u4/u8 weight decompression subgraph of one `QuantLinear` and its scale type ("f16" or "f32").
+
+    The subgraph returns the (out, in) f32 weight. Scales are stored as f16 (with a Convert to f32) only where that
+    keeps the decompressed weight equal to `dequantized` (`QuantLinear.dequantize()`) bit for bit.
+    """
     ops = importlib.import_module("openvino.opset13")
     out_features, in_features, group_size = module.out_features, module.in_features, module.group_size
     groups = in_features // group_size
     codes = module.qweight.detach().cpu().numpy().reshape(out_features, groups, group_size)
     zeros = module.zeros.detach().cpu().numpy().reshape(out_features, groups, 1)
     scales = module.scales.detach().cpu().float().numpy().reshape(out_features, groups, 1)
+    half = _f16_scales_if_exact(codes, zeros, scales, dequantized)
     codes_c = _integer_constant(ov, codes, module.bits)
     codes_c.set_friendly_name(name)
     zeros_c = _integer_constant(ov, zeros, module.bits)
     zeros_c.set_friendly_name(f"{name}/zero_point")
-    scales_c = ov.op.Constant(np.ascontiguousarray(scales))
+    scales_c = ov.op.Constant(np.ascontiguousarray(scales if half is None else half))
     scales_c.set_friendly_name(f"{name}/scale")
+    scale = scales_c if half is None else ops.convert(scales_c, ov.Type.f32)
     weight = ops.subtract(ops.convert(codes_c, ov.Type.f32), ops.convert(zeros_c, ov.Type.f32))
     weight.set_friendly_name(f"{name}/zero_point/subtract")
-    weight = ops.multiply(weight, scales_c)
+    weight = ops.multiply(weight, scale)
     weight.set_friendly_name(f"{name}/fq_weights_1")
     shape = ops.constant(np.array([out_features, in_features], dtype=np.int64))
-    return ops.reshape(weight, shape, special_zero=False)
+    return ops.reshape(weight, shape, special_zero=False), "f32" if half is None else "f16"
 
 
 def _value_key(array: np.ndarray) -> tuple[tuple[int, ...], str]:
     return tuple(array.shape), hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def _embed_quantized(xml_path: Path, quantized: dict[str, QuantLinear]) -> None:
-    """Replace the fp32 weight constants of the quantized modules in the IR at `xml_path` by their codes, in place.
+def _embed_quantized(xml_path: Path, quantized: dict[str, QuantLinear]) -> dict[str, str]:
+    """Replace the fp32 weight constants of the quantized modules in the IR at `xml_path` by their codes, in place;
+    returns the scale type ("f16" where exact, else "f32") of each quantized module.
 
     Constants are matched by name (the PyTorch frontend names them `self.<module>.weight`) or, failing that, by value;
     either way the constant must equal `QuantLinear.dequantize()` exactly.
@@ -96,6 +114,7 @@ def _embed_quantized(xml_path: Path, quantized: dict[str, QuantLinear]) -> None:
     for name, weight in dequantized.items():
         by_value.setdefault(_value_key(weight), []).append(name)
     done: dict[str, str] = {}
+    scale_types: dict[str, str] = {}
     for op in model.get_ordered_ops():
         if op.get_type_name() != "MatMul":
             continue
@@ -120,7 +139,7 @@ def _embed_quantized(xml_path: Path, quantized: dict[str, QuantLinear]) -> None:
                 "the exact INT export cannot place its codes. Report this with the model class and the transformers "
                 "and openvino versions."
             )
-        subgraph = _decompression_subgraph(ov, ir_name, quantized[name])
+        subgraph, scale_types[name] = _decompression_subgraph(ov, ir_name, quantized[name], dequantized[name])
         const.output(0).replace(subgraph.output(0))
         done[name] = ir_name
     missing = sorted(set(quantized) - set(done))
@@ -132,6 +151,7 @@ def _embed_quantized(xml_path: Path, quantized: dict[str, QuantLinear]) -> None:
     _drop_f16_kv_cache_option(model)
     model.set_rt_info("hf_elastic.QuantLinear", ["hf_elastic", "weight_compression"])
     _save_replacing(ov, model, xml_path)
+    return scale_types
 
 
 def _drop_f16_kv_cache_option(model: Any) -> None:
