@@ -9,7 +9,13 @@ the same 50 %-magnitude-pruned random Llama:
 - `qa_sparsepeft`: hf_elastic `quantization_aware=True` on an INT4 base (RTN, asymmetric, group 32) quantized with
   `keep_residual=True` (uint8 codes + int8 residual);
 - `upstream_qa`: upstream SQFT's `F.linear(x, DQ(Q(W + M ⊙ sBA)))` with a straight-through round over a float copy of
-  the weights, on the same group-32 grid (`upstream_sqft.UpstreamQALoraLinear`).
+  the weights, on the same group-32 grid (`upstream_sqft.UpstreamQALoraLinear`);
+- `nncf_fq_lora_nls`: NNCF `compress_weights(mode=INT4_ASYM, group_size=32, compression_format=FQ_LORA_NLS)` with
+  LoRA rank 32 at its maximum active rank, trained as NNCF's quantizers set it up (`enable_gradients`: LoRA A/B in
+  bf16, NNCF's default, plus the quantizers' ranges); NNCF keeps the fp32 weights and fake-quantizes `W + BA` every
+  forward, with no sparsity mask, and by default also fake-quantizes the embedding and LM head to INT8. Its torch
+  extension compiles on first use (cached in `TORCH_EXTENSIONS_DIR`, default ~/.cache/hf_elastic/torch_extensions;
+  `NNCF_EXTENSION_LOAD_TIMEOUT=0`); the warm-up step absorbs it.
 
 Dense GEMMs (those of size tokens x in x out) per adapted layer and training step; the adapter products (rank r) and
 elementwise work are not counted:
@@ -20,6 +26,7 @@ elementwise work are not counted:
 - `qa_sparsepeft`: 3. As `sparsepeft`, on the dequantized adapted grid.
 - `upstream_qa`: 3. Forward `x W_dqᵀ`; backward `g W_dq` and `gᵀx` for W_dq. Same GEMM count: the difference is
   what autograd stores (several dense out x in tensors per layer) and the fp32 float copy of the weights.
+- `nncf_fq_lora_nls`: 3, as `upstream_qa` (fake-quantized `W + BA`).
 Theoretical ratios printed beside the measured ones are these GEMM ratios (upstream_sparse / sparsepeft = 5/3,
 upstream_qa / qa_sparsepeft = 1); the measured step ratio is diluted by attention, embeddings, the LM head, the loss
 and the optimizer, which every variant shares.
@@ -34,9 +41,13 @@ from pathlib import Path
 
 from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, cpu_info, run_interleaved, summarize, time_training, write_result
 
-VARIANTS = ("lora", "sparsepeft", "upstream_sparse", "qa_sparsepeft", "upstream_qa")
-GEMMS = {"lora": 2, "sparsepeft": 3, "upstream_sparse": 5, "qa_sparsepeft": 3, "upstream_qa": 3}
-PAIRS = (("upstream_sparse", "sparsepeft"), ("upstream_qa", "qa_sparsepeft"))
+VARIANTS = ("lora", "sparsepeft", "upstream_sparse", "qa_sparsepeft", "upstream_qa", "nncf_fq_lora_nls")
+GEMMS = {"lora": 2, "sparsepeft": 3, "upstream_sparse": 5, "qa_sparsepeft": 3, "upstream_qa": 3, "nncf_fq_lora_nls": 3}
+PAIRS = (
+    ("upstream_sparse", "sparsepeft"),
+    ("upstream_qa", "qa_sparsepeft"),
+    ("nncf_fq_lora_nls", "qa_sparsepeft"),
+)
 GROUP_SIZE = 32
 
 
@@ -54,6 +65,8 @@ def run_variant(variant: str, steps: int, warmup: int, seq_len: int, batch_size:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**MODEL_KWARGS))
     sparsify(model, method="magnitude", sparsity=0.5, show_progress=False)
+    if variant == "nncf_fq_lora_nls":
+        return _run_nncf(model, steps, warmup, seq_len, batch_size)
     common = {"lora_alpha": 64, "lora_dropout": 0.0, "target_modules": TARGETS}
     if variant == "lora":
         config = LoraConfig(r=32, **common)
@@ -67,6 +80,35 @@ def run_variant(variant: str, steps: int, warmup: int, seq_len: int, batch_size:
             quantize(model, bits=4, group_size=GROUP_SIZE, keep_residual=True, show_progress=False)
         config = NLSConfig(rank_choices=[32], sparse_adapter=True, quantization_aware=qa, **common)
     model = get_peft_model(model, config)
+    return time_training(model, steps, warmup, seq_len, batch_size)
+
+
+def _run_nncf(model, steps: int, warmup: int, seq_len: int, batch_size: int) -> dict:
+    """NNCF INT4 QAT with elastic LoRA rank (FQ_LORA_NLS) on `model`, timed like the others."""
+    import os
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "hf_elastic" / "torch_extensions"))
+    os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
+    import nncf
+    import torch
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters
+
+    data = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    model = nncf.compress_weights(
+        model,
+        mode=nncf.CompressWeightsMode.INT4_ASYM,
+        group_size=GROUP_SIZE,
+        dataset=nncf.Dataset([{"input_ids": data}]),
+        compression_format=nncf.CompressionFormat.FQ_LORA_NLS,
+        advanced_parameters=AdvancedCompressionParameters(lora_adapter_rank=32),
+    )
+    model.requires_grad_(False)
+    quantizers = [m for m in model.modules() if hasattr(m, "set_active_rank")]
+    if not quantizers:
+        raise RuntimeError("nncf.compress_weights(FQ_LORA_NLS) inserted no LoRA-NLS quantizers.")
+    for quantizer in quantizers:
+        quantizer.set_active_rank(32)
+        quantizer.enable_gradients()
     return time_training(model, steps, warmup, seq_len, batch_size)
 
 
