@@ -214,3 +214,35 @@ def test_upstream_qa_gate_matches_clamp():
     _, _, g_u = _run(upstream, x)
     for name in g_o:
         _assert_close(g_u[name], g_o[name])
+
+
+def _saved_bytes_per_weight(model: torch.nn.Module, layer_shape: tuple[int, int]) -> float:
+    """Bytes autograd saves for backward in tensors of a weight's shape (or its grouped view), per weight, averaged
+    over the adapted layers of that shape."""
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.numel() == layer_shape[0] * layer_shape[1] and t.dim() >= 2 and t.shape[0] == layer_shape[0]:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    x = _embeds(model).requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs_embeds=x).logits.sum().backward()
+    layers = sum(1 for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "lora_A"))
+    return sum(saved) / (layers * layer_shape[0] * layer_shape[1])
+
+
+def test_qa_saves_two_bytes_per_weight_where_upstream_saves_floats():
+    """hf_elastic's QA layer keeps the moved uint8 codes and the bool gate for backward (2 bytes per weight, plus the
+    base's bool mask: 3 bytes); the upstream formulation keeps float intermediates of the adapted weight (9 bytes
+    here: two float32 tensors and the mask)."""
+    ours, upstream, _ = _qa_pair("residual")
+    _randomize_adapters(ours, 0, 0.3)
+    _randomize_adapters(upstream, 0, 0.3)
+    shape = (64, 64)  # q_proj and o_proj of the tiny Llama
+    ours_bytes = _saved_bytes_per_weight(ours, shape) / 2
+    upstream_bytes = _saved_bytes_per_weight(upstream, shape) / 2
+    # codes + gate + mask, 1 byte each
+    assert ours_bytes == 3
+    assert upstream_bytes >= 3 * ours_bytes
