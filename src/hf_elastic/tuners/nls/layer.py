@@ -77,29 +77,43 @@ def _effective_weight(
 
 
 class _MaskedLora(torch.autograd.Function):
-    """`F.linear(x, W_eff, bias)` with `W_eff` from `_effective_weight`, recomputed in backward instead of stored.
+    """`F.linear(x, W_eff, bias)` with `W_eff` from `_effective_weight`, not stored for backward as a dense float.
 
-    Autograd through the expression would keep a dense `W_eff` per layer for the backward pass; this keeps only `x`
-    and the adapter. The gradient of the masked delta, `M ⊙ (gᵀx)`, is projected onto `A` and `B`. `W_eff` is built
-    in float32 outside autocast; the two dense products (`F.linear` and `gᵀx`) run in the activations' and gradient's
-    dtype, as for a plain `nn.Linear`.
+    Autograd through the expression would keep a dense `W_eff` (and its intermediates) per layer for the backward pass.
+    On a float base this keeps only `x` and the adapter and recomputes `W_eff` in backward; on a quantized base it
+    keeps the moved codes (uint8) and the gradient gate (bool), two bytes per weight, and backward only dequantizes
+    them, instead of redoing the residual, rounding and clamping. The gradient of the masked delta, `M ⊙ (gᵀx)` (and
+    the gate), is projected onto `A` and `B`. `W_eff` is built in float32 outside autocast; the two dense products
+    (`F.linear` and `gᵀx`) run in the activations' and gradient's dtype, as for a plain `nn.Linear`.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, a, b, scaling, mask, codes, scales, zeros, qmax, residual):
-        grid = None if codes is None else (codes, scales, zeros, qmax, residual)
+        moved = gate = None
         with _full_precision(x.device):
-            w_eff, _ = _effective_weight(weight, a, b, scaling, mask, grid)
-        ctx.scaling, ctx.qmax = scaling, qmax
-        ctx.save_for_backward(x, weight, a, b, mask, codes, scales, zeros, residual)
+            if codes is None:
+                w_eff, _ = _effective_weight(weight, a, b, scaling, mask, None)
+            else:
+                moved = _moved_codes(
+                    (codes, scales, zeros, qmax, residual), _masked_delta(a.float(), b.float(), scaling, mask)
+                )
+                gate = ((moved >= 0) & (moved <= qmax)).view(codes.shape)
+                if mask is not None:
+                    gate &= mask
+                moved = moved.clamp_(0, qmax).to(torch.uint8)
+                w_eff = _dequantize_moved(moved, scales, zeros)
+        ctx.scaling = scaling
+        ctx.save_for_backward(x, weight, a, b, mask, moved, gate, scales, zeros)
         return F.linear(x, w_eff.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, a, b, mask, codes, scales, zeros, residual = ctx.saved_tensors
-        grid = None if codes is None else (codes, scales, zeros, ctx.qmax, residual)
+        x, weight, a, b, mask, moved, gate, scales, zeros = ctx.saved_tensors
         with _full_precision(x.device):
-            w_eff, gate = _effective_weight(weight, a, b, ctx.scaling, mask, grid)
+            if moved is None:
+                w_eff, gate = _effective_weight(weight, a, b, ctx.scaling, mask, None)
+            else:
+                w_eff = _dequantize_moved(moved, scales, zeros)
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_bias = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -112,6 +126,11 @@ class _MaskedLora(torch.autograd.Function):
                 grad_w = grad_w * gate
             grad_a, grad_b = (b * ctx.scaling).T @ grad_w, grad_w @ (a * ctx.scaling).T
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None, None, None, None
+
+
+def _dequantize_moved(moved: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """`(q - z) * s` of clamped codes `moved` (out, groups, size) as a float32 (out, in) weight."""
+    return ((moved.float() - zeros) * scales).view(moved.shape[0], -1)
 
 
 class ElasticLoraLinear(LoraLinear):
