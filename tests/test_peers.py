@@ -70,6 +70,18 @@ def _assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> None:
     assert float((a - b).abs().max()) <= tol * scale
 
 
+def _assert_same_function(ours, upstream, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Outputs, input gradients and every A/B gradient agree to 1e-5; returns ours."""
+    out_o, gx_o, g_o = _run(ours, x)
+    out_u, gx_u, g_u = _run(upstream, x)
+    _assert_close(out_u, out_o)
+    _assert_close(gx_u, gx_o)
+    assert g_o.keys() == g_u.keys() and len(g_o) == 4 * len(TARGETS)
+    for name in g_o:
+        _assert_close(g_u[name], g_o[name])
+    return g_o
+
+
 def test_upstream_sparse_matches_hf_elastic_outputs_and_grads():
     base = _sparse_llama()
     ours = get_peft_model(
@@ -81,13 +93,7 @@ def test_upstream_sparse_matches_hf_elastic_outputs_and_grads():
     _randomize_adapters(ours, 0, 0.1)
     _randomize_adapters(upstream, 0, 0.1)
     x = _embeds(base)
-    out_o, gx_o, g_o = _run(ours, x)
-    out_u, gx_u, g_u = _run(upstream, x)
-    _assert_close(out_u, out_o)
-    _assert_close(gx_u, gx_o)
-    assert g_o.keys() == g_u.keys() and len(g_o) == 4 * len(TARGETS)
-    for name in g_o:
-        _assert_close(g_u[name], g_o[name])
+    g_o = _assert_same_function(ours, upstream, x)
     # the mask matters here: the masked gradient differs from plain LoRA's
     b_grad = g_o["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     assert float(b_grad.abs().max()) > 0
@@ -151,13 +157,7 @@ def test_upstream_qa_matches_hf_elastic_on_the_same_grid():
     assert codes_o.numel() == codes_u.numel() > 0
     assert int((codes_o != codes_u).sum()) == 0
     x = _embeds(ours)
-    out_o, gx_o, g_o = _run(ours, x)
-    out_u, gx_u, g_u = _run(upstream, x)
-    _assert_close(out_u, out_o)
-    _assert_close(gx_u, gx_o)
-    assert g_o.keys() == g_u.keys() and len(g_o) == 4 * len(TARGETS)
-    for name in g_o:
-        _assert_close(g_u[name], g_o[name])
+    _assert_same_function(ours, upstream, x)
 
 
 def test_upstream_qa_on_original_float_weights_differs_in_few_codes():
