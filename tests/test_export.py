@@ -894,10 +894,11 @@ def test_push_uploads_only_artefact_files_and_guards_the_token(tmp_path, artefac
     (source / "checkpoint-2" / "optimizer.pt").write_bytes(b"x")
     (source / "checkpoint-2" / "adapter_config.json").write_text("{}")
     (source / "rng_state.pth").write_bytes(b"x")
+    (source / "chat_template.jinja").write_text("{{ messages }}")  # a tokenizer file: uploaded
     with caplog.at_level(logging.WARNING):
         folder = prepare_upload_folder(source, tmp_path / "up", card_info())
     uploaded = listing(folder)
-    assert uploaded == listing(artefacts["adapter"]) | {"README.md"}
+    assert uploaded == listing(artefacts["adapter"]) | {"README.md", "chat_template.jinja"}
     assert "training_args.bin" in caplog.text and "checkpoint-2/optimizer.pt" in caplog.text
     (source / "notes.txt").write_text(f"token={TOKEN}")
     with pytest.raises(ValueError, match="notes.txt contains your Hub token"):

@@ -74,10 +74,10 @@ def _normalize_extra_files(
 
 # What an upload may hold, by artefact part: weights, configs and reports, tokenizer, card and plots. Pickles
 # (training_args.bin holds the Hub token; optimizer.pt, rng_state.pth), checkpoints and logs stay behind.
-_UPLOAD_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".tiktoken", ".md", ".csv") + _PLOT_SUFFIXES
+_UPLOAD_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".tiktoken", ".jinja", ".md", ".csv") + _PLOT_SUFFIXES
 _OPENVINO_FILE = re.compile(r"^openvino_[\w-]*\.(xml|bin)$")
 _CHECKPOINT_PART = re.compile(r"^(checkpoint-\d+|runs|wandb)$")
-_TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv", ".xml", ".svg")
+_TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv", ".xml", ".svg", ".jinja")
 
 
 def _uploadable(rel: Path) -> bool:
