@@ -231,6 +231,12 @@ def split_layer_key(key: str) -> tuple[str, str]:
     return "global", key
 
 
+def overlaps(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths are the same folder or one lies inside the other."""
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def matches_module(path: str, pattern: str) -> bool:
     """peft-style suffix match: `pattern` equals `path` or is a dotted suffix of it."""
     return path == pattern or path.endswith("." + pattern)

@@ -19,12 +19,10 @@ from .inputs import (
 
 def _check_output(output: str, inputs: list[str], overwrite: bool, option: str = "output") -> Path:
     """Refuse an output that is an input, lies inside one or holds one, or exists without --overwrite."""
-    from ..utils import check_output_dir
+    from ..utils import check_output_dir, overlaps
 
-    out = Path(output).resolve()
     for source in inputs:
-        src = Path(source).resolve()
-        if Path(source).exists() and (out == src or src in out.parents or out in src.parents):
+        if Path(source).exists() and overlaps(output, source):
             raise ValueError(f"The {option} {output} overlaps the input {source}; write to a new folder.")
     if Path(output).exists() and not Path(output).is_dir():
         raise FileExistsError(f"The {option} {output} is a file; pass a folder.")

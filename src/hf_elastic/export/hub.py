@@ -15,7 +15,7 @@ import httpx
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
-from ..utils import atomic_directory, check_output_dir
+from ..utils import atomic_directory, check_output_dir, overlaps
 from .card_info import CardInfo, _check_repo_id
 from .model_card import (
     _PLOT_SUFFIXES,
@@ -127,8 +127,7 @@ def _fill_folder(
 
 
 def _check_no_overlap(source: Path, out: Path) -> None:
-    src, dst = source.resolve(), out.resolve()
-    if src == dst or src in dst.parents or dst in src.parents:
+    if overlaps(source, out):
         raise ValueError(f"Output folder {str(out)!r} must not overlap the artefact folder {str(source)!r}.")
 
 

@@ -56,6 +56,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..compression.quantization.format import QUANT_CONFIG_NAME, QuantLinear, default_group_size, group_size_note
 from ..models.arch import weight_out_in
+from ..models.loading import TOKENIZER_FILES
 from ..utils import SUBNET_CONFIG_NAME, atomic_directory, check_output_dir
 from .openvino_ir import (
     OV_MODEL_NAME,
@@ -81,7 +82,6 @@ FP32_CPU_CONFIG = {
     "KV_CACHE_PRECISION": "f32",
     "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0",
 }
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _TASK = "text-generation-with-past"
 
 __all__ = [
@@ -173,7 +173,7 @@ def _load_folder(path: Path) -> tuple[nn.Module, Any]:
 
     model = load_exported(path)
     tokenizer = None
-    if any((path / name).is_file() for name in _TOKENIZER_FILES):
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -13,6 +13,7 @@ _MODEL_TYPE_KEY = "hf_elastic_model_type"
 _QUANT_KEY = "hf_elastic_quantization_config"
 LOADER = "hf_elastic.load_exported"
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 DTYPES: dict[str, torch.dtype | str] = {
     "auto": "auto",
     "bfloat16": torch.bfloat16,
@@ -106,18 +107,15 @@ def load_tokenizer(name_or_path: str, *, revision: str | None = None, trust_remo
     from transformers import AutoTokenizer
 
     path = Path(name_or_path)
-    if path.is_dir() and not any((path / name).is_file() for name in _TOKENIZER_FILES):
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise FileNotFoundError(
-            f"{name_or_path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}). Save the tokenizer into the "
+            f"{name_or_path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}). Save the tokenizer into the "
             "folder (tokenizer.save_pretrained) or copy it from the base model."
         )
     try:
         return AutoTokenizer.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise _hub_error(name_or_path, revision, err) from None
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def mark_hf_elastic_only(config: dict[str, Any], reason: str) -> dict[str, Any]:
