@@ -36,11 +36,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> 
     return folder
 
 
-@pytest.mark.parametrize("quantization_aware", [False, True], ids=["sparsepeft", "qa-sparsepeft"])
-def test_demo_runs_the_whole_pipeline(tiny_model_dir: Path, tmp_path: Path, quantization_aware: bool) -> None:
-    cfg = DemoConfig(
-        output_dir=str(tmp_path), model_dir=str(tiny_model_dir), quick=True, quantization_aware=quantization_aware
-    )
+@pytest.mark.parametrize("method", ["sqft", "sqft-qa"])
+def test_demo_runs_the_whole_pipeline(tiny_model_dir: Path, tmp_path: Path, method: str) -> None:
+    cfg = DemoConfig(output_dir=str(tmp_path), model_dir=str(tiny_model_dir), quick=True, method=method)
     summary = run_demo(cfg)
     rows = summary["rows"]
     assert list(rows) == ["dense (zero-shot)", "sparse base (zero-shot)", "sub-network (PyTorch)",
@@ -52,10 +50,72 @@ def test_demo_runs_the_whole_pipeline(tiny_model_dir: Path, tmp_path: Path, quan
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows.values())
     assert summary["search"]["evaluated"] >= cfg.search_budget
     elastic = json.loads((tmp_path / "super-adapter" / "elastic_config.json").read_text())
-    assert elastic["quantization_aware"] is quantization_aware
+    assert elastic["quantization_aware"] is (method == "sqft-qa")
     hub = Path(summary["hub_folder"])
     assert (hub / "README.md").is_file() and "tiny-llama" in (hub / "README.md").read_text()
     assert json.loads((tmp_path / "demo_results.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_demo_lonas_mode_searches_width_against_latency(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The default mode on a tiny random Llama (4 heads in 2 groups): widths, latency table, front, three exports."""
+    cfg = DemoConfig(output_dir=str(tmp_path), model_dir=str(tiny_model_dir), quick=True, search_budget=8)
+    assert cfg.method == "lonas"
+    summary = run_demo(cfg)
+    rows, subnets = summary["rows"], summary["subnets"]
+    elastic = json.loads((tmp_path / "super-adapter" / "elastic_config.json").read_text())
+    assert elastic["ffn_width_choices"] == [1.0, 0.75, 0.5] and elastic["head_choices"] == [4, 2]
+    assert sorted(elastic["channel_order"]) == ["0.ffn", "0.heads", "1.ffn", "1.heads"]  # magnitude order
+    table = json.loads((tmp_path / "latency_table.json").read_text())
+    assert set(table["layers"]) == {"0.ffn", "0.heads", "1.ffn", "1.heads"}
+    assert list(subnets)[0] == "max" and len(subnets) >= 2
+    for name, sub in subnets.items():
+        pytorch, openvino = rows[f"{name} (PyTorch)"], rows[f"{name} (OpenVINO INT8)"]
+        assert pytorch["params_m"] == openvino["params_m"] > 0
+        assert 0.0 <= pytorch["accuracy"] <= 1.0 and pytorch["latency_ms"] > 0 and openvino["decode_tok_s"] > 0
+        exported = json.loads((Path(sub["folder"]) / "elastic_subnet.json").read_text())
+        assert exported["config"] == sub["config"]
+    small = rows[f"{list(subnets)[-1]} (PyTorch)"]
+    if subnets[list(subnets)[-1]]["config"] != subnets["max"]["config"]:
+        assert small["params_m"] < rows["max (PyTorch)"]["params_m"]
+    assert set(summary["speedups"]) == {n for n in rows if n not in ("dense (zero-shot)", "max (PyTorch)",
+                                                                      "max (OpenVINO INT8)")}  # fmt: skip
+    assert summary["goal"]["text"].startswith(("goal met", "goal missed"))
+    assert summary["latency_model"]["front_size"] == summary["search"]["front"]
+    assert (tmp_path / "search-measured" / "search.png").is_file()
+    assert (Path(summary["hub_folder"]) / "README.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "lora"}, r"DemoConfig.method='lora' is unknown; use one of \['lonas'"),
+        ({"reorder": "random"}, r"DemoConfig.reorder='random' is unknown"),
+        ({"sampling": "max"}, r"DemoConfig.sampling='max' is unknown; use one of \['uniform', 'sandwich'\]"),
+        ({"openvino_weight_format": "int2"}, r"DemoConfig.openvino_weight_format='int2' is unknown"),
+        ({"accuracy_tolerance": 1.5}, r"DemoConfig.accuracy_tolerance=1.5 must be in \[0, 1\)"),
+        ({"head_choices": [1.5]}, r"DemoConfig.head_choices=\[1.5\] must be fractions in \(0, 1\]"),
+        ({"sparsity": 1.0}, r"DemoConfig.sparsity=1.0 must be in \[0, 1\)"),
+    ],
+)
+def test_demo_config_errors_name_the_field(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        DemoConfig(**kwargs)
+
+
+def test_pick_front_takes_max_middle_and_fastest_within_tolerance() -> None:
+    from hf_elastic.demo.lonas import pick_front
+    from hf_elastic.search.result import Evaluation
+
+    def ev(key: str, acc: float, lat: float) -> Evaluation:
+        return Evaluation(0, key, {}, {"accuracy": acc, "latency": lat}, ["nsga2"])
+
+    full = ev("max", 0.90, 100.0)
+    front = [full, ev("a", 0.895, 90.0), ev("b", 0.885, 75.0), ev("c", 0.86, 50.0), ev("d", 0.881, 70.0)]
+    picks = pick_front(front, full, tolerance=0.02)  # d: fastest within 0.02; a: nearest to (100 + 70) / 2 ms
+    assert [(k, e.key) for k, e in picks.items()] == [("max", "max"), ("middle", "a"), ("smallest useful", "d")]
+    picks = pick_front([full, ev("c", 0.86, 50.0), ev("e", 0.7, 30.0)], full, tolerance=0.02)
+    assert picks["smallest useful"].key == "c"  # none within tolerance: the most accurate faster one
+    assert list(pick_front([full], full, 0.02)) == ["max"]
 
 
 def test_demo_model_dir_without_config(tmp_path: Path) -> None:

@@ -31,10 +31,18 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, constants, metadata_lo
 from huggingface_hub.utils import _http
 from peft import PeftModel, get_peft_model
 from tokenizers import Tokenizer, models
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from hf_elastic import (
     CardInfo,
+    ElasticLoraConfig,
     NLSConfig,
     QuantLinear,
     accelerate,
@@ -119,6 +127,37 @@ def test_uniform_widths_give_a_stock_checkpoint_with_tokenizer(tmp_path):
     export_subnetwork(sn, "max", out, overwrite=True)
     assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == 48
     assert [p.name for p in tmp_path.iterdir()] == ["min"]  # no temporary folders left behind
+
+
+def test_uniform_head_cut_that_does_not_divide_the_hidden_size_needs_load_exported(tmp_path):
+    """transformers refuses hidden_size % num_attention_heads != 0 even with head_dim set: 48 % 5 != 0."""
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            head_dim=6,
+        )  # fmt: skip
+    )
+    config = ElasticLoraConfig(
+        rank_choices=[4], ffn_width_choices=None, head_choices=[8, 5], target_modules=["q_proj"]
+    )
+    sn = get_supernet(get_peft_model(base, config))
+    sn.activate("min")
+    batch = {"input_ids": torch.arange(12).reshape(2, 6)}
+    with torch.no_grad():
+        expected = sn.model(**batch).logits
+    out = export_subnetwork(sn, "min", tmp_path / "five-heads")
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["num_attention_heads"] == 8 and saved["elastic_layer_widths"]["0"]["heads"] == 5
+    with torch.no_grad():
+        assert (load_exported(out)(**batch).logits - expected).abs().max() <= 1e-5
+    if HAS_OPENVINO:  # the IR's KV cache has 5 heads, not the config's 8
+        ov_model = load_openvino(export_openvino(load_exported(out), tmp_path / "ov"), **FP32_CPU_CONFIG)
+        assert max_logit_diff(ov_model, load_exported(out), batch["input_ids"][:1]) <= 1e-4
 
 
 def test_gpt2_head_cuts_need_load_exported_even_when_uniform(tmp_path):

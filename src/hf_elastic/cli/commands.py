@@ -321,7 +321,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
             output_dir=args.output,
             model_dir=args.model_dir,
             quick=args.quick,
-            quantization_aware=args.qa,
+            method="sqft-qa" if args.qa else args.method,
+            sampling=args.sampling,
+            reorder=args.reorder,
             seed=args.seed,
         )
     )

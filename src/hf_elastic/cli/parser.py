@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import NoReturn
 
+from ..demo.config import METHODS, REORDERS, SAMPLINGS
 from . import commands
 
 _TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -273,7 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole pipeline offline on SmolLM2-135M and fine-food reviews")
     p.add_argument("--output", default="outputs/demo")
     p.add_argument("--quick", action="store_true", help="fewer steps and evaluations (a smoke run)")
-    p.add_argument("--qa", action="store_true", help="QA-SparsePEFT on an INT4 base instead of SparsePEFT")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="lonas",
+        help="lonas: elastic FFN width and heads searched against latency (default); shears: Wanda + NLS; sqft: Wanda "
+        "+ NLS + SparsePEFT; sqft-qa: QA-SparsePEFT on a Wanda + INT4 base",
+    )
+    p.add_argument("--qa", action="store_true", help="same as --method sqft-qa")
+    p.add_argument("--sampling", choices=SAMPLINGS, default="uniform", help="lonas: NASTrainer sampling")
+    p.add_argument("--reorder", choices=REORDERS, default="magnitude", help="lonas: channel order before training")
     p.add_argument("--model-dir", default=None, help="a local causal LM folder to use instead of SmolLM2-135M")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=commands.cmd_demo)

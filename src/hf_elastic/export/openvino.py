@@ -394,7 +394,7 @@ def export_openvino(
         with atomic_directory(output_dir, overwrite) as tmp:
             shapes = _cache_shapes(export_model)
             custom = None
-            if shapes is not None and len(set(shapes)) > 1:
+            if shapes is not None and (len(set(shapes)) > 1 or hasattr(export_model.config, "elastic_layer_widths")):
                 custom = _per_layer_cache_export_config(export_model, shapes)
             exporters.export_from_model(
                 export_model,

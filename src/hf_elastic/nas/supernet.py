@@ -478,7 +478,8 @@ class SuperNetwork:
 
         FFN channels and attention heads that the config drops are removed for real, and quantized layers drop their
         training-only rounding residual. When every layer has the same widths and the model's config can express them
-        (Llama-family configs carry `head_dim`; GPT-2's and BERT's cannot express cut heads), the config is updated so
+        (Llama-family configs carry `head_dim`, but only for head counts that divide the hidden size; GPT-2's and
+        BERT's cannot express cut heads), the config is updated so
         that `save_pretrained` gives a stock checkpoint; otherwise the widths are recorded in
         `config.elastic_layer_widths`, and `hf_elastic.export_subnetwork` marks the folder for `load_exported`.
         """
@@ -509,7 +510,9 @@ class SuperNetwork:
         spec, first = layers[0].spec, layers[0]
         uniform = all(w == widths[first.index] for w in widths.values())
         heads = widths[first.index]["heads"]
-        if uniform and (spec.heads_in_config or heads == first.num_heads):
+        # transformers refuses a config whose hidden size is not a multiple of its head count, even with head_dim set
+        heads_fit = spec.heads_in_config and getattr(merged.config, "hidden_size", 0) % heads == 0
+        if uniform and (heads == first.num_heads or heads_fit):
             setattr(merged.config, spec.ffn_config_attr, widths[first.index]["ffn"])
             if spec.heads_in_config:
                 merged.config.head_dim = first.head_dim

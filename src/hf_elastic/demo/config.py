@@ -1,0 +1,107 @@
+"""`DemoConfig`: the sizes and the method of `hf-elastic demo`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+METHODS = ("lonas", "shears", "sqft", "sqft-qa")
+SAMPLINGS = ("uniform", "sandwich")
+REORDERS = ("none", "magnitude", "gradient")
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo; the defaults fit in about 15 minutes on 2 CPU cores."""
+
+    output_dir: str = field(default="outputs/demo", metadata={"help": "Where every artefact of the demo goes."})
+    method: str = field(
+        default="lonas",
+        metadata={
+            "help": "'lonas': elastic FFN width and attention heads plus ranks on the dense model, searched for "
+            "accuracy against measured latency. 'shears': Wanda 50 % + NLS (the merge fills the zeros). 'sqft': "
+            "Wanda + NLS + SparsePEFT (the merge keeps the zeros). 'sqft-qa': QA-SparsePEFT on a Wanda + INT4 base."
+        },
+    )
+    model_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "A local causal LM folder (weights and tokenizer) to use instead of SmolLM2-135M-Instruct, e.g. "
+            "for a smoke test. Its widths must be multiples of group_size."
+        },
+    )
+    quick: bool = field(default=False, metadata={"help": "A smoke run: a few steps and evaluations only."})
+    seed: int = field(default=0, metadata={"help": "Seed of training and search."})
+    sparsity: float = field(default=0.5, metadata={"help": "Wanda sparsity of the base model (not 'lonas')."})
+    rank_choices: list[int] = field(default_factory=lambda: [16, 12, 8], metadata={"help": "NLS rank choices."})
+    ffn_width_choices: list[float] = field(
+        default_factory=lambda: [1.0, 0.75, 0.5], metadata={"help": "'lonas': FFN widths, fractions of the full one."}
+    )
+    head_choices: list[float] = field(
+        default_factory=lambda: [1.0, 0.67],
+        metadata={
+            "help": "'lonas': attention heads kept, as fractions; each is rounded to whole key/value groups "
+            "(SmolLM2: 9 heads in 3 groups, so 0.67 keeps 6 heads)."
+        },
+    )
+    reorder: str = field(
+        default="magnitude",
+        metadata={"help": f"'lonas': channel importance order before training, one of {list(REORDERS)}."},
+    )
+    sampling: str = field(
+        default="uniform",
+        metadata={
+            "help": "'lonas': NASTrainer sampling, 'uniform' or 'sandwich' (max and min sub-networks each step, "
+            "so half the steps for the same compute). Uniform scored higher in benchmarks/bench_lonas_training.py."
+        },
+    )
+    train_steps: int = field(default=80, metadata={"help": "Optimizer steps of NAS training."})
+    batch_size: int = field(default=8, metadata={"help": "Training batch size."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Training learning rate (every method)."})
+    calibration_samples: int = field(default=32, metadata={"help": "Wanda calibration prompts."})
+    val_rows: int = field(default=128, metadata={"help": "Rows of the search's validation split (from train)."})
+    test_rows: int = field(default=200, metadata={"help": "Held-out test rows (never trained or searched on)."})
+    search_budget: int = field(
+        default=10, metadata={"help": "Sub-networks the search evaluates, max/min/median included."}
+    )
+    population: int = field(default=5, metadata={"help": "NSGA-II population."})
+    accuracy_tolerance: float = field(
+        default=0.02,
+        metadata={
+            "help": "'lonas': the fastest front sub-network within this much validation accuracy of the max one is "
+            "the 'smallest useful' one that is exported."
+        },
+    )
+    group_size: int = field(default=64, metadata={"help": "INT4 group size (576 and 1536 are multiples of 64)."})
+    openvino_weight_format: str = field(
+        default="int8",
+        metadata={"help": "'lonas': weight format of the OpenVINO IRs, one of fp32, fp16, int8, int4."},
+    )
+    max_length: int = field(default=128, metadata={"help": "Tokens per prompt."})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"DemoConfig.method={self.method!r} is unknown; use one of {list(METHODS)}.")
+        if self.reorder not in REORDERS:
+            raise ValueError(f"DemoConfig.reorder={self.reorder!r} is unknown; use one of {list(REORDERS)}.")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"DemoConfig.sampling={self.sampling!r} is unknown; use one of {list(SAMPLINGS)}.")
+        if self.openvino_weight_format not in ("fp32", "fp16", "int8", "int4"):
+            raise ValueError(
+                f"DemoConfig.openvino_weight_format={self.openvino_weight_format!r} is unknown; use fp32, fp16, "
+                "int8 or int4."
+            )
+        if not 0 <= self.sparsity < 1:
+            raise ValueError(f"DemoConfig.sparsity={self.sparsity} must be in [0, 1); e.g. 0.5.")
+        if not 0 <= self.accuracy_tolerance < 1:
+            raise ValueError(f"DemoConfig.accuracy_tolerance={self.accuracy_tolerance} must be in [0, 1); e.g. 0.02.")
+        for name in ("ffn_width_choices", "head_choices"):
+            values = getattr(self, name)
+            if not values or not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in values):
+                raise ValueError(f"DemoConfig.{name}={values!r} must be fractions in (0, 1], e.g. [1.0, 0.75, 0.5].")
+        if self.quick:
+            self.train_steps, self.calibration_samples = 4, 8
+            self.val_rows, self.test_rows, self.search_budget, self.population = 16, 32, 5, 2
+
+    @property
+    def quantization_aware(self) -> bool:
+        return self.method == "sqft-qa"

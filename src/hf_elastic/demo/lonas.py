@@ -1,0 +1,253 @@
+"""The demo's LoNAS mode: elastic FFN width and heads, trained once, searched for accuracy against latency.
+
+Importance reordering → `NASTrainer` → a per-layer latency table (PyTorch) → NSGA-II on validation accuracy against
+predicted latency → the front re-measured → max, middle and smallest useful sub-networks merged, sliced and measured
+in PyTorch and OpenVINO.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..models.arch import find_width_layers
+from ..tuners.elastic_lora.config import ElasticLoraConfig
+from .config import DemoConfig
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
+RANK_GROUPS = [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]]
+
+
+def head_counts(model: Any, fractions: list[float]) -> list[int]:
+    """Attention head counts for `fractions` of the heads, each rounded to whole key/value groups (largest first)."""
+    _, layers = find_width_layers(model)
+    layer = layers[0]
+    groups = {max(1, round(f * layer.num_kv_heads)) for f in fractions}
+    return sorted((g * layer.group_size for g in groups), reverse=True)
+
+
+def lonas_peft_config(model: Any, cfg: DemoConfig) -> ElasticLoraConfig:
+    """The demo's LoNAS super-network: NLS ranks plus FFN width and head choices (shared by the benchmarks)."""
+    return ElasticLoraConfig(
+        rank_choices=cfg.rank_choices,
+        ffn_width_choices=list(cfg.ffn_width_choices),
+        head_choices=head_counts(model, cfg.head_choices),
+        target_modules=TARGETS,
+        rank_groups=RANK_GROUPS,
+        lora_alpha=2 * cfg.rank_choices[0],
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+
+
+def lonas_trainer(cfg: DemoConfig, model: Any, tokenizer: Any, train: Any, output_dir: str | Path) -> Any:
+    """A `NASTrainer` for the LoNAS super-network on `model`, its channels ordered by `cfg.reorder`; call `train()`.
+
+    `sampling="sandwich"` trains the max and min sub-networks every step, so it runs half of `cfg.train_steps` for
+    the same compute as `"uniform"`.
+    """
+    from .. import NASTrainer, NASTrainingArguments
+    from ..data import completion_collator
+    from .assets import build_training_features
+
+    features = build_training_features(tokenizer, train, max_length=cfg.max_length)
+    collator = completion_collator(tokenizer)
+    steps = cfg.train_steps if cfg.sampling == "uniform" else max(1, cfg.train_steps // 2)
+    args = NASTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=cfg.seed,
+        sampling=cfg.sampling,
+        sandwich_k=0,
+    )
+    trainer = NASTrainer(
+        model=model,
+        args=args,
+        peft_config=lonas_peft_config(model, cfg),
+        train_dataset=features,
+        data_collator=collator,
+    )
+    if cfg.reorder == "gradient":
+        size, rows = cfg.batch_size, min(4 * cfg.batch_size, len(features))
+        batches = [collator([features[i] for i in range(j, min(j + size, rows))]) for j in range(0, rows, size)]
+        trainer.supernet.reorder_channels("gradient", batches)
+    elif cfg.reorder == "magnitude":
+        trainer.supernet.reorder_channels("magnitude")
+    return trainer
+
+
+def uniform_width_config(supernet: Any, ffn: float | None = None, heads: int | None = None) -> dict[str, int]:
+    """The max sub-network with every layer's FFN at fraction `ffn` of its width and/or `heads` heads."""
+    config = supernet.space.max_config()
+    for d in supernet.space:
+        if d.kind == "ffn" and ffn is not None:
+            config[d.name] = min(d.choices, key=lambda c: abs(c - ffn * max(d.choices)))
+        elif d.kind == "heads" and heads is not None:
+            config[d.name] = heads
+    return config
+
+
+def pick_front(front: list[Any], max_eval: Any, tolerance: float) -> dict[str, Any]:
+    """The max sub-network, the fastest one within `tolerance` of its accuracy, and one half-way in latency."""
+    acc, lat = "accuracy", "latency"
+    floor = max_eval.values[acc] - tolerance
+    useful = [e for e in front if e.values[acc] >= floor and e.key != max_eval.key]
+    if not useful:  # nothing faster is within tolerance: the most accurate faster one
+        useful = sorted((e for e in front if e.key != max_eval.key), key=lambda e: -e.values[acc])[:1]
+    picks = {"max": max_eval}
+    if useful:
+        small = min(useful, key=lambda e: e.values[lat])
+        middle_target = (max_eval.values[lat] + small.values[lat]) / 2
+        others = [e for e in front if e.key not in (max_eval.key, small.key)]
+        if others:
+            picks["middle"] = min(others, key=lambda e: abs(e.values[lat] - middle_target))
+        picks["smallest useful"] = small
+    return picks
+
+
+def run_lonas(cfg: DemoConfig, ctx: Any) -> dict[str, Any]:
+    """The LoNAS pipeline on `ctx` (model, tokenizer, splits, measure, lap, out) from `run_demo`."""
+    from ..export.openvino import export_openvino, load_openvino
+    from ..export.subnetwork import export_subnetwork, load_exported
+    from ..search.evaluators import LatencyEvaluator
+    from ..search.latency import LatencyTable, PredictedLatencyEvaluator, remeasure, spearman
+    from ..search.searcher import search
+    from .measure import DemoAccuracy
+
+    out, tokenizer, rows = ctx.out, ctx.tokenizer, ctx.rows
+    trainer = lonas_trainer(cfg, ctx.model, tokenizer, ctx.train, out / "train")
+    trainer.train()
+    supernet = trainer.supernet
+    trainer.save_model(str(out / "super-adapter"))
+    ctx.lap("NAS training")
+
+    table = LatencyTable.measure(supernet, batch_size=4, seq_len=cfg.max_length, repeats=3 if cfg.quick else 5)
+    table.save(out / "latency_table.json")
+    ctx.lap("latency table")
+
+    result = search(
+        supernet,
+        [DemoAccuracy(tokenizer, ctx.val, cfg.max_length), PredictedLatencyEvaluator(table)],
+        "nsga2",
+        objectives=("accuracy", "latency"),
+        budget=cfg.search_budget,
+        population=cfg.population,
+        seed=cfg.seed,
+        output_dir=out / "search",
+    )
+    ctx.lap("search")
+
+    measured = remeasure(
+        result, supernet, LatencyEvaluator(batch_size=4, seq_len=cfg.max_length, repeats=3 if cfg.quick else 5)
+    )
+    measured.save(out / "search-measured")
+    predicted = [measured.info["predicted"][e.key] for e in measured.evaluations]
+    actual = [e.values["latency"] for e in measured.evaluations]
+    latency_model = {
+        "front_size": len(actual),
+        "spearman": spearman(predicted, actual) if len(actual) > 1 else None,
+        "mean_relative_error": statistics.fmean(abs(p - m) / m for p, m in zip(predicted, actual, strict=True)),
+    }
+    max_eval = next(e for e in result.evaluations if "max" in e.sources)
+    by_key = {e.key: e for e in measured.evaluations}
+    picks = pick_front(measured.evaluations, by_key.get(max_eval.key, max_eval), cfg.accuracy_tolerance)
+    ctx.lap("front re-measured")
+
+    picked: dict[str, Any] = {}
+    for name, evaluation in picks.items():
+        slug = name.replace(" ", "-")
+        sub_dir = export_subnetwork(
+            supernet, evaluation.config, out / f"subnet-{slug}", tokenizer=tokenizer, overwrite=True
+        )
+        sub = load_exported(sub_dir)
+        params = sum(p.numel() for p in sub.parameters())
+        rows[f"{name} (PyTorch)"] = ctx.measure(sub, sub_dir) | {"params_m": params / 1e6}
+        ov_dir = export_openvino(
+            sub,
+            out / f"openvino-{slug}",
+            tokenizer=tokenizer,
+            overwrite=True,
+            weight_format=cfg.openvino_weight_format,
+            **({"group_size": cfg.group_size} if cfg.openvino_weight_format == "int4" else {}),
+        )
+        rows[f"{name} (OpenVINO {cfg.openvino_weight_format.upper()})"] = ctx.measure(
+            load_openvino(ov_dir), ov_dir
+        ) | {"params_m": params / 1e6}
+        picked[name] = {
+            "config": evaluation.config,
+            "val_accuracy": evaluation.values["accuracy"],
+            "latency_ms_4x128": evaluation.values["latency"],
+            "predicted_latency_ms_4x128": measured.info["predicted"].get(evaluation.key),
+            "widths": _width_summary(supernet, evaluation.config),
+            "folder": str(sub_dir),
+            "openvino_folder": str(ov_dir),
+        }
+        del sub
+        ctx.lap(f"export and measure {name}")
+    ov_name = f"OpenVINO {cfg.openvino_weight_format.upper()}"
+    speedups = _speedups(rows, ov_name)
+    for name, s in speedups.items():
+        rows[name]["speedup"] = s["speedup_batch"]
+    last = list(picks)[-1]
+    return {
+        "subnets": picked,
+        "speedups": speedups,
+        "goal": _goal(rows, speedups, cfg.accuracy_tolerance),
+        "latency_model": latency_model,
+        "search": {"evaluated": len(result.evaluations), "front": len(result.front)},
+        "search_dir": out / "search-measured",
+        "hub_source": Path(picked[last]["openvino_folder"]),
+        "card_accuracy": rows[f"{last} ({ov_name})"]["accuracy"],
+    }
+
+
+def _width_summary(supernet: Any, config: dict[str, int]) -> dict[str, float]:
+    """Mean kept fraction of FFN channels and heads over the layers."""
+    summary = {}
+    for kind in ("ffn", "heads"):
+        dims = [d for d in supernet.space if d.kind == kind]
+        if dims:
+            summary[f"{kind}_fraction"] = statistics.fmean(config[d.name] / max(d.choices) for d in dims)
+    return summary
+
+
+def _speedups(rows: dict[str, dict[str, Any]], ov_name: str) -> dict[str, dict[str, float]]:
+    """Per runtime: the max sub-network's batch latency over each picked one's, decoding speed-up, accuracy change."""
+    speedups: dict[str, dict[str, float]] = {}
+    for runtime in ("PyTorch", ov_name):
+        full = rows.get(f"max ({runtime})")
+        for name, row in rows.items():
+            if full is not None and name.endswith(f"({runtime})") and row is not full:
+                speedups[name] = {
+                    "speedup_batch": full["latency_ms"] / row["latency_ms"],
+                    "speedup_decode": row["decode_tok_s"] / full["decode_tok_s"],
+                    "accuracy_change": row["accuracy"] - full["accuracy"],
+                }
+    return speedups
+
+
+def _goal(rows: dict[str, dict[str, Any]], speedups: dict[str, dict[str, float]], tolerance: float) -> dict[str, Any]:
+    """Whether some sub-network is at least 1.3x faster than the max one (same runtime) within `tolerance`."""
+    met = {name: s for name, s in speedups.items() if s["speedup_batch"] >= 1.3 and s["accuracy_change"] >= -tolerance}
+    best = max(speedups.items(), key=lambda kv: kv[1]["speedup_batch"], default=(None, None))
+    if met:
+        name, s = max(met.items(), key=lambda kv: kv[1]["speedup_batch"])
+        text = (
+            f"goal met: {name} is {s['speedup_batch']:.2f}x faster than the max sub-network at "
+            f"{s['accuracy_change'] * 100:+.1f} accuracy points (test rows)"
+        )
+    elif best[0] is not None:
+        text = (
+            f"goal missed: the fastest picked sub-network, {best[0]}, is {best[1]['speedup_batch']:.2f}x faster at "
+            f"{best[1]['accuracy_change'] * 100:+.1f} accuracy points; the goal is 1.3x within {tolerance * 100:.0f}"
+        )
+    else:
+        text = "goal not checked: the search found no sub-network faster than the max one"
+    return {"met": bool(met), "text": text, "target_speedup": 1.3, "tolerance": tolerance}

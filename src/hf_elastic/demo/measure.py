@@ -1,0 +1,97 @@
+"""What the demo measures: accuracy as a search objective, batch latency, decoding speed, size, kept zeros."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..search.evaluators import Evaluator
+
+
+class DemoAccuracy(Evaluator):
+    """Label-word accuracy of the active sub-network on a split."""
+
+    name, direction = "accuracy", "maximize"
+
+    def __init__(self, tokenizer: Any, data: Any, max_length: int) -> None:
+        self.tokenizer, self.data, self.max_length = tokenizer, data, max_length
+
+    def __call__(self, supernet: Any, config: Any) -> float:
+        from .assets import accuracy
+
+        return accuracy(supernet.model, self.tokenizer, self.data, max_length=self.max_length)
+
+
+def latency_ms(model: Any, tokenizer: Any, texts: list[str], max_length: int, repeats: int = 3) -> float:
+    """Median time to score one batch of 16 prompts (one untimed run first)."""
+    from .assets import classify_logits
+
+    classify_logits(model, tokenizer, texts[:16], max_length=max_length)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        classify_logits(model, tokenizer, texts[:16], max_length=max_length)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def decode_tokens_per_s(model: Any, tokenizer: Any, new_tokens: int = 32) -> float:
+    """Greedy decoding speed for one prompt (one untimed run first)."""
+    from .assets import _model_device
+
+    inputs = tokenizer("The best snack I ever bought was", return_tensors="pt").to(_model_device(model))
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    model.generate(**inputs, **kwargs)
+    start = time.perf_counter()
+    model.generate(**inputs, **kwargs)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def size_mb(folder: Path) -> float:
+    """Size on disk of a model folder without its tokenizer files."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and "tokenizer" not in f.name) / 2**20
+
+
+def layer_sparsity(weights: dict[str, dict[str, Any]]) -> float:
+    """Zeros among the IR weights inside the transformer layers (the embedding / LM head stay dense)."""
+    inside = [w for name, w in weights.items() if ".layers." in name]
+    sizes = [torch.Size(w["shape"]).numel() for w in inside]
+    return sum(w["sparsity"] * n for w, n in zip(inside, sizes, strict=True)) / max(sum(sizes), 1)
+
+
+def zeros_kept(base_masks: dict[str, torch.Tensor], model: torch.nn.Module) -> float:
+    """Fraction of the base model's zeros that are still zero in `model`."""
+    from ..compression.sparsity import weight_masks
+
+    after = weight_masks(model)
+    kept = sum(int((~after[k] & ~m).sum()) for k, m in base_masks.items())
+    return kept / max(sum(int((~m).sum()) for m in base_masks.values()), 1)
+
+
+COLUMNS = (  # key, header, format
+    ("accuracy", "accuracy", ".3f"),
+    ("params_m", "params M", ".1f"),
+    ("sparsity", "sparsity", ".3f"),
+    ("zeros_kept", "zeros kept", ".2%"),
+    ("size_mb", "size MB", ".1f"),
+    ("latency_ms", "ms/batch", ".0f"),
+    ("decode_tok_s", "tok/s", ".1f"),
+    ("speedup", "x faster", ".2f"),
+)
+
+
+def print_table(rows: dict[str, dict[str, Any]], seconds: float) -> None:
+    """The demo's table; a column shows only when some row has it."""
+    columns = [c for c in COLUMNS if any(c[0] in r for r in rows.values())]
+    width = max(30, max(len(n) for n in rows) + 2)
+    print("\n" + f"{'variant':<{width}}" + "".join(f"{h:>{max(len(h) + 2, 9)}}" for _, h, _ in columns))
+    for name, r in rows.items():
+        cells = "".join(
+            f"{'-' if r.get(k) is None else format(r[k], spec):>{max(len(h) + 2, 9)}}" for k, h, spec in columns
+        )
+        print(f"{name:<{width}}{cells}")
+    print(f"total {seconds:.0f} s")
