@@ -5,7 +5,7 @@ Each variant builds the demo's LoNAS super-network (`hf_elastic.demo.lonas.lonas
 steps of one sub-network, `sandwich` half as many steps of the max and min sub-networks. Then the test accuracy of
 uniform-width sub-networks (100/75/50 % FFN with all heads, 50 % FFN with 6 heads = the min) is measured, before
 training (zero-shot, showing what the channel order alone keeps) and after. Variants: sampling uniform vs sandwich
-(magnitude order), and order none / magnitude / gradient (uniform sampling). Writes
+(activation order), and order none / magnitude / activation / gradient (uniform sampling). Writes
 benchmarks/results/lonas_training_smollm2.json.
 """
 
@@ -18,9 +18,10 @@ from pathlib import Path
 from common import write_result
 
 VARIANTS = {
-    "uniform+magnitude": ("uniform", "magnitude"),
-    "sandwich+magnitude": ("sandwich", "magnitude"),
+    "uniform+activation": ("uniform", "activation"),
+    "sandwich+activation": ("sandwich", "activation"),
     "uniform+none": ("uniform", "none"),
+    "uniform+magnitude": ("uniform", "magnitude"),
     "uniform+gradient": ("uniform", "gradient"),
 }
 
@@ -39,7 +40,7 @@ def score(supernet, configs: dict[str, dict], tokenizer, test) -> dict[str, floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=48, help="optimizer steps of uniform sampling")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps of uniform sampling")
     parser.add_argument("--test-rows", type=int, default=200)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "lonas_training_smollm2.json"))

@@ -64,7 +64,7 @@ def test_demo_lonas_mode_searches_width_against_latency(tiny_model_dir: Path, tm
     rows, subnets = summary["rows"], summary["subnets"]
     elastic = json.loads((tmp_path / "super-adapter" / "elastic_config.json").read_text())
     assert elastic["ffn_width_choices"] == [1.0, 0.75, 0.5] and elastic["head_choices"] == [4, 2]
-    assert sorted(elastic["channel_order"]) == ["0.ffn", "0.heads", "1.ffn", "1.heads"]  # magnitude order
+    assert sorted(elastic["channel_order"]) == ["0.ffn", "0.heads", "1.ffn", "1.heads"]  # activation order
     table = json.loads((tmp_path / "latency_table.json").read_text())
     assert set(table["layers"]) == {"0.ffn", "0.heads", "1.ffn", "1.heads"}
     assert list(subnets)[0] == "max" and len(subnets) >= 2

@@ -158,7 +158,7 @@ def test_elastic_width_extraction(arch, base, tmp_path):
         assert sub.config.elastic_layer_widths == {"0": {"ffn": 24, "heads": 2}, "1": {"ffn": 24, "heads": 2}}
 
 
-@pytest.mark.parametrize("method", ["magnitude", "gradient"])
+@pytest.mark.parametrize("method", ["magnitude", "activation", "gradient"])
 def test_reorder_keeps_full_output_and_changes_narrow_subnets(arch, base, method):
     model = get_peft_model(fresh(base), make_config("elastic", arch, init_lora_weights=False))
     sn = get_supernet(model)
@@ -167,7 +167,7 @@ def test_reorder_keeps_full_output_and_changes_narrow_subnets(arch, base, method
         full_before = model(**batch).logits
         sn.activate("min")
         min_before = model(**batch).logits
-    sn.reorder_channels(method, batches=[arch.batch(7)] if method == "gradient" else None)
+    sn.reorder_channels(method, batches=[arch.batch(7)] if method != "magnitude" else None)
     order = model.peft_config["default"].channel_order
     assert sorted(order["0.ffn"]) == list(range(48)) and sorted(order["0.heads"]) == list(
         range(sn.width_layers[0].num_kv_heads)
@@ -189,6 +189,21 @@ def test_magnitude_order_puts_strongest_channel_first():
     model = get_peft_model(base, make_config("elastic", arch))
     order = get_supernet(model).reorder_channels()
     assert order["0.ffn"][0] == 17 and order["1.ffn"][0] != 17
+
+
+def test_activation_order_puts_a_silent_channel_last():
+    """Channel 17 has the largest weights but never fires (its gate and up rows are zero): magnitude keeps it first,
+    activation (|W| * ||x||) last."""
+    arch = ARCHS["llama"]
+    base = arch.build()
+    with torch.no_grad():
+        mlp = base.model.layers[0].mlp
+        mlp.down_proj.weight[:, 17] *= 100
+        mlp.gate_proj.weight[17] = 0
+        mlp.up_proj.weight[17] = 0
+    sn = get_supernet(get_peft_model(base, make_config("elastic", arch)))
+    assert sn.reorder_channels("magnitude")["0.ffn"][0] == 17
+    assert sn.reorder_channels("activation", batches=[arch.batch(4)])["0.ffn"][-1] == 17
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -550,8 +565,10 @@ def test_subnet_config_errors(llama, tmp_path):
         sn.extract_adapter("min", tmp_path)
     with pytest.raises(ValueError, match=r"Unknown importance method 'random'"):
         sn.reorder_channels("random")
-    with pytest.raises(ValueError, match=r"needs `batches` of model inputs with labels"):
+    with pytest.raises(ValueError, match=r"reorder_channels\(method='gradient'\) needs `batches` of model inputs"):
         sn.reorder_channels("gradient")
+    with pytest.raises(ValueError, match=r"reorder_channels\(method='activation'\) got no batches"):
+        sn.reorder_channels("activation", batches=[])
     with pytest.raises(ValueError, match=r"got no batches"):
         sn.reorder_channels("gradient", batches=[])
 

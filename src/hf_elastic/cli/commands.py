@@ -155,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     collator = completion_collator(tokenizer)
     if args.reorder:
         batches = [collator([train[i] for i in range(min(len(train), args.batch_size))])]
-        get_supernet(model).reorder_channels(args.reorder, batches if args.reorder == "gradient" else None)
+        get_supernet(model).reorder_channels(args.reorder, None if args.reorder == "magnitude" else batches)
     trainer = NASTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collator
     )

@@ -159,7 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ffn-width-choices", type=positive_float, nargs="+", default=None, help="LoNAS, e.g. 1.0 0.75 0.5"
     )
     p.add_argument("--head-choices", type=positive_float, nargs="+", default=None, help="LoNAS, e.g. 1.0 0.75")
-    p.add_argument("--reorder", choices=("magnitude", "gradient"), default=None, help="LoNAS channel importance")
+    p.add_argument(
+        "--reorder",
+        choices=("magnitude", "activation", "gradient"),
+        default=None,
+        help="LoNAS channel importance: weight magnitude, |W| * ||x|| on training batches, or |W * dL/dW|",
+    )
     p.add_argument("--sparse-adapter", action="store_true", help="SparsePEFT: keep the base's zeros when merging")
     p.add_argument("--quantization-aware", action="store_true", help="QA-SparsePEFT on an hf_elastic INT4 base")
     p.add_argument("--sampling", default="uniform", help="uniform, sandwich, max or a registered sampler")
@@ -283,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--qa", action="store_true", help="same as --method sqft-qa")
     p.add_argument("--sampling", choices=SAMPLINGS, default="uniform", help="lonas: NASTrainer sampling")
-    p.add_argument("--reorder", choices=REORDERS, default="magnitude", help="lonas: channel order before training")
+    p.add_argument("--reorder", choices=REORDERS, default="activation", help="lonas: channel order before training")
     p.add_argument("--model-dir", default=None, help="a local causal LM folder to use instead of SmolLM2-135M")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=commands.cmd_demo)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 METHODS = ("lonas", "shears", "sqft", "sqft-qa")
 SAMPLINGS = ("uniform", "sandwich")
-REORDERS = ("none", "magnitude", "gradient")
+REORDERS = ("none", "magnitude", "activation", "gradient")
 
 
 @dataclass
@@ -44,8 +44,11 @@ class DemoConfig:
         },
     )
     reorder: str = field(
-        default="magnitude",
-        metadata={"help": f"'lonas': channel importance order before training, one of {list(REORDERS)}."},
+        default="activation",
+        metadata={
+            "help": f"'lonas': channel importance order before training, one of {list(REORDERS)}. 'activation' "
+            "(|W| * ||x|| on training batches) kept the most zero-shot accuracy at 75 % and 50 % FFN width on SmolLM2."
+        },
     )
     sampling: str = field(
         default="uniform",

@@ -19,7 +19,7 @@ from peft.utils import get_peft_model_state_dict
 from transformers.pytorch_utils import Conv1D
 
 from ..compression.quantization.format import QuantLinear
-from ..models.arch import WidthLayer, base_layer, find_width_layers, slice_layer_width, unit_scores, weight_out_in
+from ..models.arch import WidthLayer, base_layer, find_width_layers, slice_layer_width, weight_out_in
 from ..tuners.elastic_lora.config import ElasticLoraConfig
 from ..tuners.nls.config import ADAPTER_CONFIG_NAME, NLSConfig, guard_adapter_config
 from ..tuners.nls.layer import ElasticLoraLinear
@@ -31,6 +31,7 @@ from ..utils import (
     split_layer_key,
 )
 from .costs import compression_costs
+from .importance import IMPORTANCE_METHODS
 from .search_space import Dimension, SearchSpace, SubnetConfig
 
 _CACHE_ATTR = "_hf_elastic_supernets"
@@ -336,26 +337,23 @@ class SuperNetwork:
 
     # ------------------------------------------------------------------ channel importance
     def reorder_channels(
-        self, method: Literal["magnitude", "gradient"] = "magnitude", batches: Iterable | None = None
+        self, method: Literal["magnitude", "activation", "gradient"] = "magnitude", batches: Iterable | None = None
     ):
         """Order FFN channels and key/value groups by importance so that narrower widths keep the important ones.
 
-        `"magnitude"` scores a channel by the squared norm of every weight tied to it; `"gradient"` by the first-order
-        Taylor term |W * dL/dW| summed over `batches` (dicts passed to the model, with labels). The full model's
-        output does not change; the order is stored in the config's `channel_order` and saved with the adapter.
+        `"magnitude"` scores a channel by the squared norm of every weight tied to it; `"activation"` weights each
+        weight by the norm of its input feature over `batches` (Wanda's |W| * ||x||, so a channel that is rarely
+        active scores low); `"gradient"` by the first-order Taylor term |W * dL/dW| summed over `batches` (dicts
+        passed to the model; with labels for `"gradient"`). The full model's output does not change; the order is
+        stored in the config's `channel_order` and saved with the adapter.
         """
         if not self.width_layers:
             raise ValueError("reorder_channels needs an ElasticLoraConfig with ffn_width_choices or head_choices.")
-        if method == "magnitude":
-            scores = [
-                unit_scores(layer, lambda m: weight_out_in(m).detach().float() ** 2) for layer in self.width_layers
-            ]
-        elif method == "gradient":
-            if batches is None:
-                raise ValueError("reorder_channels(method='gradient') needs `batches` of model inputs with labels.")
-            scores = self._gradient_scores(batches)
-        else:
-            raise ValueError(f"Unknown importance method {method!r}; use 'magnitude' or 'gradient'.")
+        if method not in IMPORTANCE_METHODS:
+            raise ValueError(f"Unknown importance method {method!r}; use one of {list(IMPORTANCE_METHODS)}.")
+        if method != "magnitude" and batches is None:
+            raise ValueError(f"reorder_channels(method={method!r}) needs `batches` of model inputs (with labels).")
+        scores = IMPORTANCE_METHODS[method](self, batches)
         order = dict(self.config.channel_order or {})
         for layer, layer_scores in zip(self.width_layers, scores, strict=True):
             for kind, s in layer_scores.items():
@@ -364,53 +362,6 @@ class SuperNetwork:
         self._orders.clear()
         self.activate(self._active)
         return order
-
-    def _gradient_scores(self, batches: Iterable) -> list[dict[str, torch.Tensor]]:
-        weights = {
-            layer.path(rel): base_layer(self.base.get_submodule(layer.path(rel))).weight
-            for layer in self.width_layers
-            for rel in (
-                *layer.spec.ffn_in,
-                layer.spec.ffn_out,
-                layer.spec.attn_out,
-                layer.spec.qkv,
-                layer.spec.q,
-                layer.spec.k,
-                layer.spec.v,
-            )
-            if rel is not None
-        }
-        flags = {k: w.requires_grad for k, w in weights.items()}
-        acc = {k: torch.zeros_like(w, dtype=torch.float32) for k, w in weights.items()}
-        active, was_training = self._active, self.model.training
-        device = next(self.model.parameters()).device
-        self.activate("max")
-        self.model.eval()
-        try:
-            for w in weights.values():
-                w.requires_grad_(True)
-            n = 0
-            for batch in batches:
-                self.model.zero_grad(set_to_none=True)
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                self.model(**batch).loss.backward()
-                for k, w in weights.items():
-                    acc[k] += (w.detach().float() * w.grad.float()).abs()
-                n += 1
-            if n == 0:
-                raise ValueError("reorder_channels(method='gradient') got no batches.")
-        finally:
-            for k, w in weights.items():
-                w.requires_grad_(flags[k])
-                w.grad = None
-            self.model.train(was_training)
-            self.activate(active)
-
-        def element_score(module: nn.Module) -> torch.Tensor:
-            name = next(k for k, w in weights.items() if w is base_layer(module).weight)
-            return acc[name].T if isinstance(base_layer(module), Conv1D) else acc[name]
-
-        return [unit_scores(layer, element_score) for layer in self.width_layers]
 
     # ------------------------------------------------------------------ extraction
     def extract_adapter(self, config: Mapping[str, int] | NamedConfig, save_directory: str | Path) -> Path:
