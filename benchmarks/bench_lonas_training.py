@@ -1,12 +1,11 @@
-"""LoNAS training choices on SmolLM2-135M-Instruct and fine-food reviews: sampling and importance reordering.
+"""LoNAS training choices on SmolLM2-135M-Instruct and fine-food reviews: channel order and sampling.
 
-Each variant builds the demo's LoNAS super-network (`hf_elastic.demo.lonas.lonas_trainer`: ranks 16/12/8, FFN widths
-100/75/50 %, 9 or 6 heads) on the same training rows and trains it for the same compute: `uniform` runs `--steps`
-steps of one sub-network, `sandwich` half as many steps of the max and min sub-networks. Then the test accuracy of
-uniform-width sub-networks (100/75/50 % FFN with all heads, 50 % FFN with 6 heads = the min) is measured, before
-training (zero-shot, showing what the channel order alone keeps) and after. Variants: sampling uniform vs sandwich
-(activation order), and order none / magnitude / activation / gradient (uniform sampling). Writes
-benchmarks/results/lonas_training_smollm2.json.
+The demo's LoNAS super-network (`hf_elastic.demo.lonas.lonas_trainer`: ranks 16/12/8, FFN widths 100/75/50 %, 9 or
+6 heads per layer) is scored on the held-out test rows through uniform-width sub-networks (100/75/50 % FFN with all
+heads; 50 % FFN with 6 heads, the min). Zero-shot (LoRA B is zero, so this is the base model cut by the order) for
+every channel order: none / magnitude / activation / gradient. Trained, for `--variants`: the same rows and compute
+per variant, `uniform` running `--steps` steps of one sub-network and `sandwich` half as many of the max and min
+sub-networks. Writes benchmarks/results/lonas_training_smollm2.json.
 """
 
 from __future__ import annotations
@@ -20,10 +19,11 @@ from common import write_result
 VARIANTS = {
     "uniform+activation": ("uniform", "activation"),
     "sandwich+activation": ("sandwich", "activation"),
-    "uniform+none": ("uniform", "none"),
     "uniform+magnitude": ("uniform", "magnitude"),
     "uniform+gradient": ("uniform", "gradient"),
+    "uniform+none": ("uniform", "none"),
 }
+ORDERS = ("none", "magnitude", "activation", "gradient")
 
 
 def score(supernet, configs: dict[str, dict], tokenizer, test) -> dict[str, float]:
@@ -38,11 +38,22 @@ def score(supernet, configs: dict[str, dict], tokenizer, test) -> dict[str, floa
     return scores
 
 
+def score_full(tokenizer, test, model_dir) -> float:
+    """Test accuracy of the dense model as loaded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hf_elastic.demo.assets import accuracy
+
+    return accuracy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tokenizer, test)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps of uniform sampling")
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of uniform sampling (the demo's)")
     parser.add_argument("--test-rows", type=int, default=200)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS)[:3], choices=list(VARIANTS))
+    parser.add_argument("--zero-shot-orders", nargs="*", default=list(ORDERS), choices=ORDERS)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "lonas_training_smollm2.json"))
     args = parser.parse_args()
 
@@ -59,41 +70,50 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = load_demo_dataset()
     test = data["test"].select(range(args.test_rows))
-    results: dict[str, dict] = {}
-    zero_shot_done: set[str] = set()
-    for name in args.variants:
-        sampling, reorder = VARIANTS[name]
+    results: dict[str, dict] = {"zero_shot": {}, "trained": {}}
+
+    def build(sampling: str, reorder: str, tmp: str):
         cfg = DemoConfig(sampling=sampling, reorder=reorder, train_steps=args.steps)
         train = data["train"].select(range(cfg.train_steps * cfg.batch_size))
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = lonas_trainer(cfg, model, tokenizer, train, tmp)
-            supernet = trainer.supernet
-            heads = sorted({c for d in supernet.space if d.kind == "heads" for c in d.choices})
-            subnets = {
-                "ffn_100": uniform_width_config(supernet, 1.0),
-                "ffn_75": uniform_width_config(supernet, 0.75),
-                "ffn_50": uniform_width_config(supernet, 0.5),
-                f"ffn_50_heads_{heads[0]}": uniform_width_config(supernet, 0.5, heads[0]),
-            }
+        trainer = lonas_trainer(cfg, model, tokenizer, train, tmp)
+        supernet = trainer.supernet
+        heads = sorted({c for d in supernet.space if d.kind == "heads" for c in d.choices})
+        subnets = {
+            "ffn_100": uniform_width_config(supernet, 1.0),
+            "ffn_75": uniform_width_config(supernet, 0.75),
+            "ffn_50": uniform_width_config(supernet, 0.5),
+            f"ffn_50_heads_{heads[0]}": uniform_width_config(supernet, 0.5, heads[0]),
+        }
+        return trainer, subnets
 
-            entry: dict = {"sampling": sampling, "reorder": reorder, "steps": trainer.args.max_steps}
-            if reorder not in zero_shot_done:  # LoRA B starts at zero: this is the base model cut by the order
-                narrow = {k: v for k, v in subnets.items() if k != "ffn_100"}
-                entry["zero_shot"] = score(supernet, narrow, tokenizer, test)
-                zero_shot_done.add(reorder)
+    with tempfile.TemporaryDirectory() as tmp:
+        for reorder in args.zero_shot_orders:
+            trainer, subnets = build("uniform", reorder, tmp)
+            narrow = {k: v for k, v in subnets.items() if k != "ffn_100"}
+            results["zero_shot"][reorder] = score(trainer.supernet, narrow, tokenizer, test)
+            print(f"zero-shot {reorder:<12} {results['zero_shot'][reorder]}", flush=True)
+        for name in args.variants:
+            trainer, subnets = build(*VARIANTS[name], tmp)
             start = time.perf_counter()
             trainer.train()
-            entry["train_s"] = time.perf_counter() - start
-            entry["trained"] = score(supernet, subnets, tokenizer, test)
-        results[name] = entry
-        print(f"{name:<20} {entry}", flush=True)
-        del trainer, supernet, model
+            seconds = time.perf_counter() - start
+            results["trained"][name] = {
+                "steps": trainer.args.max_steps,
+                "train_s": seconds,
+                "accuracy": score(trainer.supernet, subnets, tokenizer, test),
+            }
+            print(f"{name:<20} {results['trained'][name]}", flush=True)
 
-    print(f"\n{'variant':<20}{'steps':>6}{'train s':>9}" + "".join(f"{k:>18}" for k in subnets))
-    for name, e in results.items():
-        print(f"{name:<20}{e['steps']:>6}{e['train_s']:>9.0f}" + "".join(f"{e['trained'][k]:>18.3f}" for k in subnets))
+    full = score_full(tokenizer, test, model_dir)
+    print(f"\ndense zero-shot: {full}")
+    for name, e in results["trained"].items():
+        print(
+            f"{name:<20} steps {e['steps']:>3} train {e['train_s']:>5.0f} s  "
+            + "  ".join(f"{k} {v:.3f}" for k, v in e["accuracy"].items())
+        )
+    results["dense_zero_shot"] = full
     write_result(
         args.output,
         {
