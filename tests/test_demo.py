@@ -116,6 +116,8 @@ def test_pick_front_takes_max_middle_and_fastest_within_tolerance() -> None:
     picks = pick_front([full, ev("c", 0.86, 50.0), ev("e", 0.7, 30.0)], full, tolerance=0.02)
     assert picks["smallest useful"].key == "c"  # none within tolerance: the most accurate faster one
     assert list(pick_front([full], full, 0.02)) == ["max"]
+    picks = pick_front([full, ev("c", 0.86, 50.0), ev("f", 0.5, 40.0)], full, tolerance=0.02)
+    assert list(picks) == ["max", "smallest useful"]  # f is faster than c, so not a middle one
 
 
 def test_demo_model_dir_without_config(tmp_path: Path) -> None:

@@ -94,7 +94,8 @@ def uniform_width_config(supernet: Any, ffn: float | None = None, heads: int | N
 
 
 def pick_front(front: list[Any], max_eval: Any, tolerance: float) -> dict[str, Any]:
-    """The max sub-network, the fastest one within `tolerance` of its accuracy, and one half-way in latency."""
+    """The max sub-network, the fastest one within `tolerance` of its accuracy (if none is, the most accurate faster
+    one) and, between the two in latency, the one nearest half-way."""
     acc, lat = "accuracy", "latency"
     floor = max_eval.values[acc] - tolerance
     useful = [e for e in front if e.values[acc] >= floor and e.key != max_eval.key]
@@ -104,7 +105,7 @@ def pick_front(front: list[Any], max_eval: Any, tolerance: float) -> dict[str, A
     if useful:
         small = min(useful, key=lambda e: e.values[lat])
         middle_target = (max_eval.values[lat] + small.values[lat]) / 2
-        others = [e for e in front if e.key not in (max_eval.key, small.key)]
+        others = [e for e in front if small.values[lat] < e.values[lat] < max_eval.values[lat]]
         if others:
             picks["middle"] = min(others, key=lambda e: abs(e.values[lat] - middle_target))
         picks["smallest useful"] = small

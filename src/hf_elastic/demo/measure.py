@@ -39,16 +39,19 @@ def latency_ms(model: Any, tokenizer: Any, texts: list[str], max_length: int, re
     return 1000 * statistics.median(times)
 
 
-def decode_tokens_per_s(model: Any, tokenizer: Any, new_tokens: int = 32) -> float:
-    """Greedy decoding speed for one prompt (one untimed run first)."""
+def decode_tokens_per_s(model: Any, tokenizer: Any, new_tokens: int = 32, repeats: int = 3) -> float:
+    """Greedy decoding speed for one prompt: median of `repeats` runs after an untimed one."""
     from .assets import _model_device
 
     inputs = tokenizer("The best snack I ever bought was", return_tensors="pt").to(_model_device(model))
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
     model.generate(**inputs, **kwargs)
-    start = time.perf_counter()
-    model.generate(**inputs, **kwargs)
-    return new_tokens / (time.perf_counter() - start)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate(**inputs, **kwargs)
+        times.append(time.perf_counter() - start)
+    return new_tokens / statistics.median(times)
 
 
 def size_mb(folder: Path) -> float:
