@@ -129,6 +129,14 @@ def environment() -> dict:
     return {**cpu_info(), **{name: version(name) for name in ("openvino", "optimum-intel", "nncf", "transformers")}}
 
 
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (VmHWM: ru_maxrss would carry the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def kernels(model) -> dict[str, int]:
     """How many FullyConnected / MatMul nodes of the compiled OpenVINO model run each kernel (`primitiveType`), and
     PyTorch's ATen CPU capability."""
@@ -161,8 +169,6 @@ def parse_ov_config(items: list[str]) -> dict[str, str]:
 def run_variant(
     variant: str, work: Path, prompt_len: int, new_tokens: int, batch: int, ov_config: dict[str, str]
 ) -> dict:
-    import resource
-
     import torch
 
     folder, properties = VARIANTS[variant]
@@ -219,7 +225,7 @@ def run_variant(
         "generate_s": total,
         "load_s": load_s,
         "first_call_s": first_call_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "model_rss_mb": rss_mb() - rss_before,
         "load_1min": os.getloadavg()[0],
         "kernels": kernels(model),

@@ -4,7 +4,7 @@ Compiles a small graph (a MatMul with fp32 weights and one with INT4 asymmetric 
 pattern NNCF writes: u4 codes -> f16 -> minus zero point -> times f16 scale -> reshape -> f32 -> MatMul) and prints the
 `primitiveType` of every node of the runtime model (e.g. `brgemm_avx512` or `jit_avx2`), plus PyTorch's
 `torch.backends.cpu.get_cpu_capability()`. Run it twice, e.g. with `ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`
-and without, and compare. `--ov-config KEY=VALUE` adds compile properties. Writes JSON to `--output` if given.
+and without, and compare. `--ov-config KEY=VALUE` adds compile properties. Writes JSON (with the CPU) to `--output`.
 """
 
 from __future__ import annotations
@@ -66,10 +66,9 @@ def main() -> None:
     precision, capability = result["inference_precision"], result["torch_cpu_capability"]
     print(f"inference precision: {precision}; torch CPU capability: {capability}")
     if args.output:
-        import json
-        from pathlib import Path
+        from common import write_result
 
-        Path(args.output).write_text(json.dumps(result, indent=2))
+        write_result(args.output, {"benchmark": "probe_cpu_isa", **result})
 
 
 if __name__ == "__main__":
