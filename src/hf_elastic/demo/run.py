@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..utils import atomic_open
 from .config import DemoConfig
 from .measure import DemoAccuracy, decode_tokens_per_s, latency_ms, layer_sparsity, print_table, size_mb, zeros_kept
 
@@ -135,7 +136,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     total = round(time.perf_counter() - start, 1)
     summary = {"config": asdict(cfg), "rows": ctx.rows, **extra}
     summary |= {"seconds": ctx.seconds, "total_seconds": total, "hub_folder": str(hub_dir)}
-    (out / "demo_results.json").write_text(json.dumps(summary, indent=2, default=str))
+    with atomic_open(out / "demo_results.json") as f:  # a crash never leaves half a results file
+        json.dump(summary, f, indent=2, default=str)
     print_table(ctx.rows, total)
     if "goal" in extra:
         print(extra["goal"]["text"])
