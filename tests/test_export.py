@@ -208,6 +208,25 @@ def test_sparse_and_int4_exports_reload_exactly(tmp_path):
         load_exported(tmp_path)
 
 
+def test_exports_loaded_from_their_config_decode_with_the_kv_cache(tmp_path):
+    arch = ARCHS["llama"]
+    models = {
+        "widths": get_peft_model(arch.build(), make_config("elastic", arch)),
+        "int4": get_peft_model(quantized(arch.build()), qa_config(arch, grouped=False)),
+    }
+    for name, model in models.items():
+        model.base_model.model.config.use_cache = False  # as `Trainer` leaves it
+        sn = get_supernet(model)
+        config = sn.space.max_config() | {"0.ffn": 24} if name == "widths" else "min"
+        out = export_subnetwork(sn, config, tmp_path / name)
+        assert json.loads((out / "config.json").read_text())["use_cache"] is True
+        reloaded = load_exported(out)
+        assert reloaded.generation_config.use_cache is True
+        prompt = arch.batch(0)["input_ids"][:1, :4]
+        generated = reloaded.generate(prompt, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        assert generated.past_key_values is not None
+
+
 def test_accelerate_backends(monkeypatch):
     model = ARCHS["llama"].build()
     batch = ARCHS["llama"].batch()

@@ -112,8 +112,8 @@ def pick_front(front: list[Any], max_eval: Any, tolerance: float) -> dict[str, A
     return picks
 
 
-def run_lonas(cfg: DemoConfig, ctx: Any) -> dict[str, Any]:
-    """The LoNAS pipeline on `ctx` (model, tokenizer, splits, measure, lap, out) from `run_demo`."""
+def run_lonas(ctx: Any) -> dict[str, Any]:
+    """The LoNAS pipeline on `ctx` (config, model, tokenizer, splits, measure, lap, out) from `run_demo`."""
     from ..export.openvino import export_openvino, load_openvino
     from ..export.subnetwork import export_subnetwork, load_exported
     from ..search.evaluators import LatencyEvaluator
@@ -121,7 +121,7 @@ def run_lonas(cfg: DemoConfig, ctx: Any) -> dict[str, Any]:
     from ..search.searcher import search
     from .measure import DemoAccuracy
 
-    out, tokenizer, rows = ctx.out, ctx.tokenizer, ctx.rows
+    cfg, out, tokenizer, rows = ctx.cfg, ctx.out, ctx.tokenizer, ctx.rows
     trainer = lonas_trainer(cfg, ctx.model, tokenizer, ctx.train, out / "train")
     trainer.train()
     supernet = trainer.supernet

@@ -100,9 +100,9 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     if cfg.method == "lonas":
         from .lonas import run_lonas
 
-        extra = run_lonas(cfg, ctx)
+        extra = run_lonas(ctx)
     else:
-        extra = _run_sparse(cfg, ctx)
+        extra = _run_sparse(ctx)
 
     card = CardInfo(
         method=CARD_METHODS[cfg.method],
@@ -144,7 +144,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
     return summary
 
 
-def _run_sparse(cfg: DemoConfig, ctx: DemoContext) -> dict[str, Any]:
+def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
     """Shears / SQFT / SQFT-QA: Wanda (+ INT4), NLS training, search on parameters, one merged sub-network."""
     from .. import NASTrainer, NASTrainingArguments, NLSConfig
     from ..compression.quantization.quantize import quantize
@@ -157,7 +157,7 @@ def _run_sparse(cfg: DemoConfig, ctx: DemoContext) -> dict[str, Any]:
     from .assets import DEFAULT_TEMPLATE, accuracy, build_training_features
     from .lonas import RANK_GROUPS, TARGETS
 
-    model, tokenizer, out, rows = ctx.model, ctx.tokenizer, ctx.out, ctx.rows
+    cfg, model, tokenizer, out, rows = ctx.cfg, ctx.model, ctx.tokenizer, ctx.out, ctx.rows
     calibration = [DEFAULT_TEMPLATE.format(t) for t in ctx.train["text"][: 4 * cfg.calibration_samples]]
     report = sparsify(
         model,

@@ -15,7 +15,7 @@ from ..compression.quantization.format import QUANT_CONFIG_NAME, QuantLinear
 from ..compression.quantization.serialization import load_quantized, write_quantized
 from ..compression.sparsity import sparsity_of
 from ..models.arch import find_width_layers, slice_layer_width
-from ..models.loading import load_config, mark_hf_elastic_only
+from ..models.loading import build_from_config, load_config, mark_hf_elastic_only
 from ..nas.supernet import NamedConfig, SuperNetwork
 from ..utils import SUBNET_CONFIG_NAME, atomic_directory, atomic_write_json, check_output_dir
 
@@ -77,7 +77,6 @@ def load_exported(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
     """
     import transformers
     from safetensors.torch import load_file
-    from transformers.initialization import no_init_weights
 
     path = Path(path)
     if (path / QUANT_CONFIG_NAME).is_file():
@@ -95,8 +94,7 @@ def load_exported(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
     if dtype is None:
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    with no_init_weights():
-        model = model_class._from_config(config, dtype=dtype)
+    model = build_from_config(model_class, path, config, dtype)
     _, layers = find_width_layers(model)
     for layer in layers:
         width = widths.get(str(layer.index), widths.get(layer.index))

@@ -174,3 +174,17 @@ def load_config(path: str | Path) -> Any:
     if _QUANT_KEY in data:
         data["quantization_config"] = json.loads(data.pop(_QUANT_KEY))
     return CONFIG_MAPPING[model_type].from_dict(data)
+
+
+def build_from_config(model_class: Any, path: str | Path, config: Any, dtype: torch.dtype) -> Any:
+    """`model_class` built from `config` with uninitialized weights (the caller loads them), and with the folder's
+    `generation_config.json` as `from_pretrained` reads it (else `generate` would follow `config.use_cache`, which
+    `Trainer` switches off)."""
+    from transformers import GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = model_class._from_config(config, dtype=dtype)
+    if (Path(path) / "generation_config.json").is_file() and model.can_generate():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model

@@ -443,6 +443,8 @@ class SuperNetwork:
                 model.delete_adapter(name)
         sub.remove_hooks()
         merged = model.merge_and_unload()
+        if hasattr(merged.config, "use_cache"):  # `Trainer` switched the KV cache off for training
+            merged.config.use_cache = True
         for module in merged.modules():
             if isinstance(module, QuantLinear):
                 module.residual = None  # training-only: a deployable model holds codes, scales and zero points

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ...models.arch import weight_out_in
-from ...models.loading import load_config, mark_hf_elastic_only
+from ...models.loading import build_from_config, load_config, mark_hf_elastic_only
 from ...utils import atomic_directory, atomic_save_safetensors, atomic_write_json, digest, load_safetensors, read_json
 from .format import FORMAT_NAME, FORMAT_VERSION, QUANT_CONFIG_NAME, QUANT_WEIGHTS_NAME, QuantLinear
 from .quantize import QuantizationConfig, _replace
@@ -119,7 +119,6 @@ def load_quantized(
     `model_class` defaults to the transformers class named in `quantization_config.json`.
     """
     import transformers
-    from transformers.initialization import no_init_weights
 
     directory = Path(directory)
     qc_path = directory / QUANT_CONFIG_NAME
@@ -153,8 +152,7 @@ def load_quantized(
             )
     config = load_config(directory)
     dtype = getattr(torch, qc["dtype"])
-    with no_init_weights():
-        model = model_class._from_config(config, dtype=dtype)
+    model = build_from_config(model_class, directory, config, dtype)
     tensors, metadata = load_safetensors(directory / QUANT_WEIGHTS_NAME, _FIX)
     saved_id = metadata.get("hf_elastic_save_id")
     if saved_id is not None and qc.get("save_id") not in (None, saved_id):
