@@ -102,7 +102,7 @@ def test_demo_config_errors_name_the_field(kwargs: dict, match: str) -> None:
         DemoConfig(**kwargs)
 
 
-def test_pick_front_takes_max_middle_and_fastest_within_tolerance() -> None:
+def test_pick_front_takes_max_middle_or_next_faster_and_fastest_within_tolerance() -> None:
     from hf_elastic.demo.lonas import pick_front
     from hf_elastic.search.result import Evaluation
 
@@ -116,8 +116,10 @@ def test_pick_front_takes_max_middle_and_fastest_within_tolerance() -> None:
     picks = pick_front([full, ev("c", 0.86, 50.0), ev("e", 0.7, 30.0)], full, tolerance=0.02)
     assert picks["smallest useful"].key == "c"  # none within tolerance: the most accurate faster one
     assert list(pick_front([full], full, 0.02)) == ["max"]
-    picks = pick_front([full, ev("c", 0.86, 50.0), ev("f", 0.5, 40.0)], full, tolerance=0.02)
-    assert list(picks) == ["max", "smallest useful"]  # f is faster than c, so not a middle one
+    picks = pick_front([full, ev("c", 0.86, 50.0), ev("f", 0.5, 40.0), ev("g", 0.5, 20.0)], full, tolerance=0.02)
+    # nothing between c and max: the third is the next faster one, f
+    assert [(k, e.key) for k, e in picks.items()] == [("max", "max"), ("smallest useful", "c"), ("next faster", "f")]
+    assert list(pick_front([full, ev("slow", 0.95, 120.0)], full, 0.02)) == ["max"]  # only slower ones
 
 
 def test_demo_model_dir_without_config(tmp_path: Path) -> None:
