@@ -47,6 +47,7 @@ def test_demo_runs_the_whole_pipeline(tiny_model_dir: Path, tmp_path: Path, meth
     assert sub["zeros_kept"] == 1.0
     assert sub["sparsity"] >= 0.5 and ov["sparsity"] >= 0.5
     assert ov["size_mb"] < rows["dense (zero-shot)"]["size_mb"]
+    assert rows["dense (zero-shot)"]["latency_ms"] > 0  # the reference the sparse sub-network is timed against
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows.values())
     assert summary["search"]["evaluated"] >= cfg.search_budget
     elastic = json.loads((tmp_path / "super-adapter" / "elastic_config.json").read_text())
@@ -68,6 +69,7 @@ def test_demo_lonas_mode_searches_width_against_latency(tiny_model_dir: Path, tm
     table = json.loads((tmp_path / "latency_table.json").read_text())
     assert set(table["layers"]) == {"0.ffn", "0.heads", "1.ffn", "1.heads"}
     assert list(subnets)[0] == "max" and len(subnets) >= 2
+    assert "latency_ms" not in rows["dense (zero-shot)"]  # the max sub-network has its architecture and is timed
     for name, sub in subnets.items():
         pytorch, openvino = rows[f"{name} (PyTorch)"], rows[f"{name} (OpenVINO INT8)"]
         assert pytorch["params_m"] == openvino["params_m"] > 0

@@ -48,17 +48,16 @@ class DemoContext:
         self._clock = now
         print(f"[demo] {name}: {self.seconds[name]} s", flush=True)
 
-    def measure(self, model: Any, folder: Path) -> dict[str, float]:
-        """Test accuracy, batch latency, decoding speed and size on disk."""
+    def measure(self, model: Any, folder: Path, timed: bool = True) -> dict[str, float]:
+        """Test accuracy and size on disk; with `timed`, also batch latency and decoding speed."""
         from .assets import accuracy
 
         cfg = self.cfg
-        return {
-            "accuracy": accuracy(model, self.tokenizer, self.test, max_length=cfg.max_length),
-            "latency_ms": latency_ms(model, self.tokenizer, self.test["text"], cfg.max_length),
-            "decode_tok_s": decode_tokens_per_s(model, self.tokenizer),
-            "size_mb": size_mb(folder),
-        }
+        row = {"accuracy": accuracy(model, self.tokenizer, self.test, max_length=cfg.max_length)}
+        if timed:
+            row["latency_ms"] = latency_ms(model, self.tokenizer, self.test["text"], cfg.max_length)
+            row["decode_tok_s"] = decode_tokens_per_s(model, self.tokenizer)
+        return row | {"size_mb": size_mb(folder)}
 
 
 def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
@@ -92,7 +91,8 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         test=data["test"].select(range(min(cfg.test_rows, len(data["test"])))),
     )
     ctx.lap("load model and data")
-    ctx.rows["dense (zero-shot)"] = ctx.measure(ctx.model, model_dir) | {
+    # LoNAS times its max sub-network, which has the dense architecture; the other modes compare against the dense one
+    ctx.rows["dense (zero-shot)"] = ctx.measure(ctx.model, model_dir, timed=cfg.method != "lonas") | {
         "params_m": sum(p.numel() for p in ctx.model.parameters()) / 1e6
     }
     ctx.lap("dense baseline")
