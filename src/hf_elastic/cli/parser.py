@@ -7,6 +7,7 @@ import sys
 from typing import NoReturn
 
 from ..demo.config import METHODS, REORDERS, SAMPLINGS
+from ..export.openvino import WEIGHT_FORMATS
 from . import commands
 
 _TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -271,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--openvino", action="store_true", help="also write <output>-openvino (OpenVINO IR)")
     p.add_argument(
         "--weight-format",
-        choices=("fp32", "fp16", "int8", "int4"),
+        choices=WEIGHT_FORMATS,
         default="fp32",
         help="--openvino weights: fp32, fp16, or NNCF int8/int4 of a float sub-network (a QA sub-network keeps its "
         "exact codes with fp32)",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..export.openvino import WEIGHT_FORMATS
+
 METHODS = ("lonas", "shears", "sqft", "sqft-qa")
 SAMPLINGS = ("uniform", "sandwich")
 REORDERS = ("none", "magnitude", "activation", "gradient")
@@ -89,7 +91,7 @@ class DemoConfig:
             raise ValueError(f"DemoConfig.reorder={self.reorder!r} is unknown; use one of {list(REORDERS)}.")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"DemoConfig.sampling={self.sampling!r} is unknown; use one of {list(SAMPLINGS)}.")
-        if self.openvino_weight_format not in ("fp32", "fp16", "int8", "int4"):
+        if self.openvino_weight_format not in WEIGHT_FORMATS:
             raise ValueError(
                 f"DemoConfig.openvino_weight_format={self.openvino_weight_format!r} is unknown; use fp32, fp16, "
                 "int8 or int4."

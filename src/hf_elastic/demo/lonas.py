@@ -1,8 +1,8 @@
 """The demo's LoNAS mode: elastic FFN width and heads, trained once, searched for accuracy against latency.
 
 Importance reordering → `NASTrainer` → a per-layer latency table (PyTorch) → NSGA-II on validation accuracy against
-predicted latency → the front re-measured → max, middle and smallest useful sub-networks merged, sliced and measured
-in PyTorch and OpenVINO.
+predicted latency → the front re-measured → three of its sub-networks (`pick_front`) merged, sliced and measured in
+PyTorch and OpenVINO.
 """
 
 from __future__ import annotations
@@ -169,6 +169,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
     picks = pick_front(measured.evaluations, max_measured, cfg.accuracy_tolerance)
     ctx.lap("front re-measured")
 
+    ov_name = f"OpenVINO {cfg.openvino_weight_format.upper()}"
     picked: dict[str, Any] = {}
     for name, evaluation in picks.items():
         slug = name.replace(" ", "-")
@@ -186,9 +187,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
             weight_format=cfg.openvino_weight_format,
             **({"group_size": cfg.group_size} if cfg.openvino_weight_format == "int4" else {}),
         )
-        rows[f"{name} (OpenVINO {cfg.openvino_weight_format.upper()})"] = ctx.measure(
-            load_openvino(ov_dir), ov_dir
-        ) | {"params_m": params / 1e6}
+        rows[f"{name} ({ov_name})"] = ctx.measure(load_openvino(ov_dir), ov_dir) | {"params_m": params / 1e6}
         picked[name] = {
             "config": evaluation.config,
             "val_accuracy": evaluation.values["accuracy"],
@@ -200,7 +199,6 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
         }
         del sub
         ctx.lap(f"export and measure {name}")
-    ov_name = f"OpenVINO {cfg.openvino_weight_format.upper()}"
     speedups = _speedups(rows, ov_name)
     for name, s in speedups.items():
         rows[name]["speedup"] = s["speedup_batch"]
