@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import functools
 import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
@@ -45,17 +46,20 @@ def field_default(f: dataclasses.Field) -> Any:
     return None if f.default is dataclasses.MISSING else f.default
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _annotation(cls: type, name: str) -> Any:
-    hint = typing.get_type_hints(cls)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    """The field's type, with `None` dropped from a union; a list wins over a scalar (`target_modules: str |
+    list[str]`), then an Enum (whose values become the choices)."""
+    hint = _hints(cls)[name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        # a list form wins over a scalar one (target_modules: str | list[str]); an Enum gives the choices
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
         listed = [a for a in args if typing.get_origin(a) in (list, tuple)]
-        hint = (
-            listed[0]
-            if listed
-            else next((a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)), args[0])
-        )
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        hint = (listed or enums or args)[0]
     return hint
 
 

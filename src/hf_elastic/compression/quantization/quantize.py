@@ -22,8 +22,8 @@ from ..calibration import (
     run_layerwise,
 )
 from .format import (
-    QUANT_REPORT_NAME,
     _BITS,
+    QUANT_REPORT_NAME,
     QuantLinear,
     _check_bits,
     default_group_size,
