@@ -39,19 +39,19 @@ def test_recipe_tiny_mode(tmp_path: Path, script: str, recipe: str) -> None:
     assert json.loads((tmp_path / "summary.json").read_text())["recipe"] == settings.name
     assert 0.0 <= summary["heuristic"]["exact_match"] <= 1.0 and summary["train_loss"] > 0
     assert (tmp_path / "super-adapter" / "elastic_config.json").is_file()
-    if settings.sparsity:
-        assert summary["base_sparsity"] == pytest.approx(settings.sparsity)
+    if settings.base_sparsity:
+        assert summary["base_sparsity"] == pytest.approx(settings.base_sparsity)
     export = Path(summary["export"])
     if export.name == "heuristic-adapter":
         assert (export / "adapter_config.json").is_file()
         return
     model = load_exported(export)
-    if settings.gptq_bits:
+    if settings.base_bits:
         layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
-        assert layers and all(m.bits == settings.gptq_bits for m in layers)
+        assert layers and all(m.bits == settings.base_bits for m in layers)
     if settings.sparse_adapter:
-        assert sparsity_of(model).total_sparsity == pytest.approx(settings.sparsity, abs=1e-6)
-    if settings.ffn_width_choices:
+        assert sparsity_of(model).total_sparsity == pytest.approx(settings.base_sparsity, abs=1e-6)
+    if settings.recipe.ffn_width_choices:
         ffn = model.model.layers[0].mlp.up_proj.out_features
-        assert ffn == int(128 * sorted(settings.ffn_width_choices, reverse=True)[2])  # the median width
+        assert ffn == int(128 * sorted(settings.recipe.ffn_width_choices, reverse=True)[2])  # the median width
     assert all(torch.isfinite(p).all() for p in model.parameters())

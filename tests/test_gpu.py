@@ -181,8 +181,10 @@ def test_wanda_rtn_and_gptq_on_a_bf16_model(device):
     errors = {}
     for method in ("rtn", "gptq"):
         q, q_ref = copy.deepcopy(model), copy.deepcopy(model).to("cpu", torch.float32)
-        errors[method] = quantize(q, 4, 16, method=method, keep_residual=True, **calibration).mean_output_error
-        quantize(q_ref, 4, 16, method=method, keep_residual=True, **calibration)
+        errors[method] = quantize(
+            q, bits=4, group_size=16, method=method, keep_residual=True, **calibration
+        ).mean_output_error
+        quantize(q_ref, bits=4, group_size=16, method=method, keep_residual=True, **calibration)
         layers, ref_layers = _quant_layers(q), _quant_layers(q_ref)
         assert len(layers) == 14
         same = 0

@@ -5,19 +5,11 @@ FFN widths 100/87.5/75/62.5/50 %, lr 3e-4, 8 epochs, batch 4 x 4 accumulation, 1
 default is GSM8K and the base Llama-3-8B; `--model` and `--data` change them. `--tiny` runs offline in seconds.
 """
 
-from recipe import Recipe, run
+from recipe import run
 
-LONAS = Recipe(
-    name="lonas",
-    paper="LoNAS: Elastic Low-Rank Adapters for Efficient Large Language Models",
-    rank_choices=[32, 28],
-    group_qkv=True,
-    ffn_width_choices=[1.0, 0.875, 0.75, 0.625, 0.5],
-    extra_targets=["gate_proj"],
-    epochs=8,
-    batch_size=4,
-    gradient_accumulation=4,
-)
+from hf_elastic.tuners.methods import METHODS
+
+LONAS = METHODS["lonas"]  # settings, flags and card text: the registry
 
 if __name__ == "__main__":
     run(LONAS)

@@ -1,9 +1,10 @@
 """The shared runner of the papers' recipes: compress the base, train the super-adapter, evaluate, export.
 
-Each recipe script (`lonas.py`, `shears.py`, `sqft_sparsepeft.py`, `sqft_qa_sparsepeft.py`) only sets the published
-hyper-parameters. On a GPU machine with the Hub they run as they are (GSM8K from the Hub, lm-eval `gsm8k` for the
-heuristic sub-network). `--tiny` swaps in a tiny random Llama and synthetic GSM8K-style rows, offline, in seconds: the
-test suite runs it so the scripts cannot rot.
+Each recipe script (`lonas.py`, `shears.py`, `sqft_sparsepeft.py`, `sqft_qa_sparsepeft.py`) names a method of
+`hf_elastic.tuners.methods.METHODS`, which holds its base compression, config flags and published hyper-parameters.
+On a GPU machine with the Hub they run as they are (GSM8K from the Hub, lm-eval `gsm8k` for the heuristic
+sub-network). `--tiny` swaps in a tiny random Llama and synthetic GSM8K-style rows, offline, in seconds: the test suite
+runs it so the scripts cannot rot.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from hf_elastic import (
     NASTrainer,
     NASTrainingArguments,
     NLSConfig,
+    QuantizationConfig,
     export_subnetwork,
     get_supernet,
     quantize,
@@ -29,6 +30,7 @@ from hf_elastic import (
 )
 from hf_elastic.data import InstructionFormat, completion_collator, load_rows, prompts_and_answers, tokenize_rows
 from hf_elastic.search import ExactMatchEvaluator, LMEvalEvaluator
+from hf_elastic.tuners.methods import Method
 
 GSM8K = InstructionFormat(template="Question: {question}\nAnswer: {answer}", response_template="Answer:")
 # Modules each architecture exposes to LoRA (Phi-3 fuses q/k/v and gate/up).
@@ -38,38 +40,14 @@ TARGETS = {
 }
 
 
-@dataclass
-class Recipe:
-    """A published recipe: how the base is compressed and how the super-adapter is trained."""
-
-    name: str
-    paper: str
-    sparsity: float = 0.0
-    gptq_bits: int | None = None
-    sparse_adapter: bool = False
-    quantization_aware: bool = False
-    rank_choices: list[int] = field(default_factory=lambda: [32, 28, 24, 20, 16])
-    group_qkv: bool = True
-    ffn_width_choices: list[float] | None = None
-    extra_targets: list[str] = field(default_factory=list)
-    lora_alpha: int = 64
-    lora_dropout: float = 0.1
-    learning_rate: float = 3e-4
-    epochs: float = 3.0
-    batch_size: int = 16
-    gradient_accumulation: int = 1
-    warmup_steps: int = 100
-    default_model: str = "meta-llama/Meta-Llama-3-8B"
-
-
-def parse_args(recipe: Recipe, argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=f"{recipe.name}: {recipe.paper}")
-    parser.add_argument("--model", default=recipe.default_model, help="Hub id or folder of the base model")
+def parse_args(method: Method, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=f"{method.name}: {method.paper.title}")
+    parser.add_argument("--model", default=method.recipe.base_model, help="Hub id or folder of the base model")
     parser.add_argument("--data", default="openai/gsm8k", help="training data (Hub id or file)")
     parser.add_argument("--data-config", default="main")
     parser.add_argument("--template", default=GSM8K.template, help="how a row reads, with {column} fields")
     parser.add_argument("--response-template", default=GSM8K.response_template, help="text before the answer")
-    parser.add_argument("--output-dir", default=f"outputs/{recipe.name}")
+    parser.add_argument("--output-dir", default=f"outputs/{method.name}")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--calibration-samples", type=int, default=128)
     parser.add_argument("--eval-limit", type=int, default=None, help="GSM8K test rows for lm-eval (default: all)")
@@ -113,31 +91,33 @@ def tiny_model_and_tokenizer(rows: list[dict[str, str]]) -> tuple[Any, Any]:
     return LlamaForCausalLM(config), tokenizer
 
 
-def peft_config(recipe: Recipe, model_type: str) -> NLSConfig:
-    targets = TARGETS.get(model_type, TARGETS["default"]) + recipe.extra_targets
+def peft_config(method: Method, model_type: str) -> NLSConfig:
+    recipe = method.recipe
+    targets = TARGETS.get(model_type, TARGETS["default"]) + list(recipe.extra_targets)
     groups = [["q_proj", "k_proj", "v_proj"]] if recipe.group_qkv and "q_proj" in targets else None
     common = {
-        "rank_choices": recipe.rank_choices,
+        "rank_choices": list(recipe.rank_choices),
         "rank_groups": groups,
         "target_modules": targets,
         "lora_alpha": recipe.lora_alpha,
         "lora_dropout": recipe.lora_dropout,
-        "sparse_adapter": recipe.sparse_adapter,
-        "quantization_aware": recipe.quantization_aware,
+        "sparse_adapter": method.sparse_adapter,
+        "quantization_aware": method.quantization_aware,
         "task_type": "CAUSAL_LM",
     }
-    if recipe.ffn_width_choices:
-        return ElasticLoraConfig(ffn_width_choices=recipe.ffn_width_choices, head_choices=[1.0], **common)
+    if method.elastic_method == "elastic_lora":
+        return ElasticLoraConfig(ffn_width_choices=list(recipe.ffn_width_choices), head_choices=[1.0], **common)
     return NLSConfig(**common)
 
 
-def run(recipe: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
-    """Run `recipe` end to end and return (and write) a summary of what it produced."""
+def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the recipe of `method` end to end and return (and write) a summary of what it produced."""
     from datasets import Dataset
 
     from hf_elastic.models.loading import load_causal_lm, load_tokenizer
 
-    args = parse_args(recipe, argv)
+    args = parse_args(method, argv)
+    recipe = method.recipe
     fmt = InstructionFormat(template=args.template, response_template=args.response_template)
     out = Path(args.output_dir)
     torch.manual_seed(args.seed)
@@ -157,34 +137,32 @@ def run(recipe: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
     calibration_rows = train_rows.select(range(min(args.calibration_samples, len(train_rows))))
     calibration = [fmt.template.format(**row) for row in calibration_rows]
     summary: dict[str, Any] = {
-        "recipe": recipe.name,
-        "paper": recipe.paper,
+        "recipe": method.name,
+        "paper": method.paper.title,
         "model": "tiny" if args.tiny else args.model,
     }
-    if recipe.sparsity:
+    if method.base_sparsity:
         report = sparsify(
             model,
-            sparsity=recipe.sparsity,
+            sparsity=method.base_sparsity,
             calibration=calibration,
             tokenizer=tokenizer,
             seq_len=args.seq_len,
             num_samples=len(calibration),
         )
         summary["base_sparsity"] = report.total_sparsity
-    if recipe.gptq_bits:
-        quantize(
-            model,
-            bits=recipe.gptq_bits,
+    if method.base_bits:
+        gptq = QuantizationConfig(
+            bits=method.base_bits,
             group_size=group_size,
             method="gptq",
-            calibration=calibration,
-            tokenizer=tokenizer,
             seq_len=args.seq_len,
             num_samples=len(calibration),
-            keep_residual=recipe.quantization_aware,
+            keep_residual=method.quantization_aware,
         )
-        summary["base_bits"] = recipe.gptq_bits
-    config = peft_config(recipe, model.config.model_type)
+        quantize(model, gptq, calibration=calibration, tokenizer=tokenizer)
+        summary["base_bits"] = method.base_bits
+    config = peft_config(method, model.config.model_type)
     training = NASTrainingArguments(
         output_dir=str(out / "super-adapter"),
         num_train_epochs=epochs,
@@ -224,7 +202,7 @@ def run(recipe: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
     heuristic = supernet.active_config
     summary["heuristic"] = {"config": heuristic, evaluator.name: evaluator(supernet, heuristic)}
     summary["heuristic"]["params"] = supernet.count(heuristic)["params"]
-    if recipe.sparse_adapter or recipe.ffn_width_choices:
+    if method.sparse_adapter or recipe.ffn_width_choices:
         merged = export_subnetwork(supernet, "median", out / "merged", tokenizer=tokenizer, overwrite=True)
         summary["export"] = str(merged)
     else:  # a dense adapter does not merge into a sparse or INT4 base exactly: ship base + plain LoRA adapter

@@ -5,19 +5,11 @@ dropout 0.1 on q/k/v/up/gate/down, lr 3e-4, 3 epochs, batch 4 x 4, 100 warm-up s
 it ships unmerged beside the sparse base (SQFT's SparsePEFT is the mergeable variant).
 """
 
-from recipe import Recipe, run
+from recipe import run
 
-SHEARS = Recipe(
-    name="shears",
-    paper="Shears: Unstructured Sparsity with Neural Low-rank Adapter Search",
-    sparsity=0.5,
-    rank_choices=[32, 24, 16],
-    group_qkv=False,
-    extra_targets=["gate_proj"],
-    epochs=3,
-    batch_size=4,
-    gradient_accumulation=4,
-)
+from hf_elastic.tuners.methods import METHODS
+
+SHEARS = METHODS["shears"]  # settings, flags and card text: the registry
 
 if __name__ == "__main__":
     run(SHEARS)

@@ -5,18 +5,11 @@ merged heuristic sub-network is INT4 again (same scales and zero points) and kee
 the adapter acts on the weights through the grid, not on the inputs.
 """
 
-from recipe import Recipe, run
+from recipe import run
 
-SQFT_QA_SPARSEPEFT = Recipe(
-    name="sqft-qa-sparsepeft",
-    paper="SQFT: Low-cost Model Adaptation in Low-precision Sparse Foundation Models",
-    sparsity=0.5,
-    gptq_bits=4,
-    sparse_adapter=True,
-    quantization_aware=True,
-    lora_dropout=0.0,  # hf-elastic computes Q(W + M*sBA) in one pass, which has no place for input dropout
-    epochs=4,
-)
+from hf_elastic.tuners.methods import METHODS
+
+SQFT_QA_SPARSEPEFT = METHODS["sqft-qa-sparsepeft"]  # settings, flags and card text: the registry
 
 if __name__ == "__main__":
     run(SQFT_QA_SPARSEPEFT)

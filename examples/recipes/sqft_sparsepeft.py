@@ -5,15 +5,11 @@ rank, alpha 64, dropout 0.1 on q/k/v/up/down, lr 3e-4, 3 epochs, batch 16, 100 w
 sub-network merges into the base and keeps every zero.
 """
 
-from recipe import Recipe, run
+from recipe import run
 
-SQFT_SPARSEPEFT = Recipe(
-    name="sqft-sparsepeft",
-    paper="SQFT: Low-cost Model Adaptation in Low-precision Sparse Foundation Models",
-    sparsity=0.5,
-    sparse_adapter=True,
-    epochs=3,
-)
+from hf_elastic.tuners.methods import METHODS
+
+SQFT_SPARSEPEFT = METHODS["sqft-sparsepeft"]  # settings, flags and card text: the registry
 
 if __name__ == "__main__":
     run(SQFT_SPARSEPEFT)

@@ -249,3 +249,24 @@ def rows_by_name(rows: Iterable[Any], *properties: str) -> dict[str, dict[str, A
         | {p: getattr(row, p) for p in properties}
         for row in rows
     }
+
+
+def config_from_kwargs(cls: type, config: Any, kwargs: dict[str, Any], caller: str) -> Any:
+    """A copy of `config` (an instance of the dataclass `cls`), or `cls(**kwargs)` when only keyword arguments are
+    given: the two forms `caller(..., config)` and `caller(..., field=value)` of a function that takes a config."""
+    from dataclasses import fields, replace
+
+    if config is not None and not isinstance(config, cls):
+        raise TypeError(f"{caller}() takes a {cls.__name__} as config, got {type(config).__name__}: {config!r}.")
+    if config is not None and kwargs:
+        raise ValueError(
+            f"{caller}() got a {cls.__name__} and the keyword arguments {sorted(kwargs)}: set them on the config, "
+            f"e.g. dataclasses.replace(config, {next(iter(kwargs))}=...), or pass keyword arguments only."
+        )
+    if config is not None:
+        return replace(config)  # the caller's object stays as it was
+    known = {f.name for f in fields(cls) if f.init}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"{caller}() got unknown arguments {unknown}; {cls.__name__} has the fields {sorted(known)}.")
+    return cls(**kwargs)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .fields import config_kwargs
 from .inputs import (
     calibration_texts,
     instruction_format,
@@ -15,6 +16,7 @@ from .inputs import (
     subnet_config,
     token_dataset,
 )
+from .options import DEMO, QUANTIZE, SEARCH, SPARSIFY, TRAIN_ADAPTER, TRAIN_ARGUMENTS, WIDTH_OPTIONS
 
 
 def _check_output(output: str, inputs: list[str], overwrite: bool, option: str = "output") -> Path:
@@ -31,18 +33,16 @@ def _check_output(output: str, inputs: list[str], overwrite: bool, option: str =
     return check_output_dir(output, overwrite=True)
 
 
-def _transform_and_save(args: argparse.Namespace, transform: Any, **options: Any) -> Any:
-    """Load `args.model`, run `sparsify`/`quantize` on it with the calibration data, save model + report atomically."""
+def _transform_and_save(args: argparse.Namespace, transform: Any) -> Any:
+    """Load `args.model`, run `transform(model, calibration_texts, tokenizer)` (sparsify or quantize), save the model
+    and its report atomically."""
     from ..compression.quantization.format import QuantLinear
     from ..compression.quantization.serialization import write_quantized
     from ..utils import atomic_directory
 
     _check_output(args.output, [args.model], args.overwrite)
     model, tokenizer = load_model_and_tokenizer(args)
-    texts = calibration_texts(args, tokenizer)
-    report = transform(
-        model, calibration=texts, tokenizer=tokenizer, seq_len=args.seq_len, num_samples=args.num_samples, **options
-    )
+    report = transform(model, calibration_texts(args, tokenizer), tokenizer)
     with atomic_directory(args.output, overwrite=True) as tmp:
         if any(isinstance(m, QuantLinear) for m in model.modules()):
             write_quantized(model, tmp)
@@ -56,41 +56,38 @@ def _transform_and_save(args: argparse.Namespace, transform: Any, **options: Any
 
 
 def cmd_sparsify(args: argparse.Namespace) -> None:
-    from ..compression.sparsity import sparsify
+    from ..compression.sparsity import SparsityConfig, sparsify
 
-    _transform_and_save(args, sparsify, method=args.method, sparsity=args.sparsity, pattern=args.pattern)
+    options = config_kwargs(args, SparsityConfig, SPARSIFY)
+    SparsityConfig(**options)  # a wrong setting fails before the model loads
+    _transform_and_save(
+        args, lambda model, texts, tokenizer: sparsify(model, calibration=texts, tokenizer=tokenizer, **options)
+    )
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from ..compression.quantization.format import group_size_note
-    from ..compression.quantization.quantize import quantize
+    from ..compression.quantization.quantize import QuantizationConfig, quantize
 
-    options = {"bits": args.bits, "group_size": args.group_size, "symmetric": args.symmetric, "method": args.method}
-    report = _transform_and_save(args, quantize, keep_residual=args.keep_residual, **options)
-    if args.group_size is None:
+    config = QuantizationConfig(**config_kwargs(args, QuantizationConfig, QUANTIZE))
+    report = _transform_and_save(
+        args, lambda model, texts, tokenizer: quantize(model, config, calibration=texts, tokenizer=tokenizer)
+    )
+    if config.group_size is None:
         print(f"{group_size_note(report.config.group_size)} (pass --group-size to choose another)")
 
 
 def _peft_config(args: argparse.Namespace) -> Any:
     from ..tuners import ElasticLoraConfig, NLSConfig
 
-    common = {
-        "rank_choices": args.rank_choices,
-        "rank_groups": args.rank_groups,
-        "target_modules": args.target_modules,
-        "lora_alpha": args.lora_alpha,
-        "lora_dropout": args.lora_dropout,
-        "sparse_adapter": args.sparse_adapter,
-        "quantization_aware": args.quantization_aware,
-        "task_type": "CAUSAL_LM",
-    }
+    options = config_kwargs(args, ElasticLoraConfig, TRAIN_ADAPTER) | {"task_type": "CAUSAL_LM"}
     if args.method == "elastic_lora":
-        return ElasticLoraConfig(ffn_width_choices=args.ffn_width_choices, head_choices=args.head_choices, **common)
-    widths = [o for o in ("ffn_width_choices", "head_choices", "reorder") if getattr(args, o) is not None]
+        return ElasticLoraConfig(**options)
+    widths = [o for o in (*WIDTH_OPTIONS, "reorder") if getattr(args, o) is not None]
     if widths:
         flags = ", ".join("--" + o.replace("_", "-") for o in widths)
         raise ValueError(f"{flags} need --method elastic_lora (LoNAS); --method nls trains elastic ranks only.")
-    return NLSConfig(**common)
+    return NLSConfig(**{k: v for k, v in options.items() if k not in WIDTH_OPTIONS})
 
 
 def _training_arguments(args: argparse.Namespace, has_eval: bool) -> Any:
@@ -102,35 +99,13 @@ def _training_arguments(args: argparse.Namespace, has_eval: bool) -> Any:
         raise ValueError("--bf16 and --fp16 exclude each other; pick one.")
     if args.eval_steps is not None and not has_eval:
         raise ValueError("--eval-steps needs evaluation data: pass --eval-data (or --eval-split of --data).")
-    steps = {"max_steps": args.max_steps} if args.max_steps is not None else {}
+    options = config_kwargs(args, NASTrainingArguments, TRAIN_ARGUMENTS)
     if args.num_train_epochs is None and args.max_steps is None:
-        steps = {"max_steps": 200}
-    evaluation = {"eval_strategy": "steps", "eval_steps": args.eval_steps} if args.eval_steps else {}
-    return NASTrainingArguments(
-        output_dir=args.output,
-        sampling=args.sampling,
-        sandwich_k=args.sandwich_k,
-        on_nonfinite=args.on_nonfinite,
-        eval_subnets=args.eval_subnets,
-        num_train_epochs=args.num_train_epochs or 1.0,
-        learning_rate=args.learning_rate,
-        lr_scheduler_type=args.lr_scheduler,
-        warmup_ratio=args.warmup_ratio,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        gradient_checkpointing=args.gradient_checkpointing,
-        bf16=args.bf16,
-        fp16=args.fp16,
-        logging_steps=args.logging_steps,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        report_to="none",
-        seed=args.seed,
-        use_cpu=args.cpu or not torch.accelerator.is_available(),
-        **steps,
-        **evaluation,
-    )
+        options["max_steps"] = 200
+    if args.eval_steps:
+        options["eval_strategy"] = "steps"
+    options["use_cpu"] = args.use_cpu or not torch.accelerator.is_available()
+    return NASTrainingArguments(output_dir=args.output, save_strategy="steps", report_to="none", **options)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -154,12 +129,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     model = get_peft_model(model, peft_config)
     collator = completion_collator(tokenizer)
     if args.reorder:
-        batches = [collator([train[i] for i in range(min(len(train), args.batch_size))])]
+        batches = [collator([train[i] for i in range(min(len(train), args.per_device_train_batch_size))])]
         get_supernet(model).reorder_channels(args.reorder, None if args.reorder == "magnitude" else batches)
     trainer = NASTrainer(
         model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collator
     )
-    trainer.train(resume_from_checkpoint=True if args.resume == "last" else args.resume)
+    resume = args.resume_from_checkpoint
+    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     trainer.save_model(args.output)
     tokenizer.save_pretrained(args.output)
     if evaluation is not None:
@@ -214,20 +190,19 @@ def _quality_evaluator(args: argparse.Namespace, tokenizer: Any, model: Any) -> 
 
 def cmd_search(args: argparse.Namespace) -> None:
     from ..nas.trainer import NAS_STATS_NAME
-    from ..search.searcher import search
+    from ..search.searcher import SearchConfig, search
 
+    options = config_kwargs(args, SearchConfig, SEARCH)
+    SearchConfig(**options)  # a wrong setting fails before the model loads
     supernet, tokenizer = _load_supernet(args)
     evaluator = _quality_evaluator(args, tokenizer, supernet.model)
+    config = SearchConfig(objectives=(evaluator.name, args.cost), **options)
     stats = Path(args.adapter, NAS_STATS_NAME)
     result = search(
         supernet,
         evaluator,
-        args.strategy,
-        objectives=(evaluator.name, args.cost),
-        budget=args.budget,
-        population=args.population,
-        seed=args.seed,
-        nas_stats=stats if stats.is_file() and args.strategy == "loss_based" else None,
+        config,
+        nas_stats=stats if stats.is_file() and config.strategy == "loss_based" else None,
         output_dir=args.output,
     )
     print(f"{len(result.evaluations)} sub-networks evaluated, {len(result.front)} on the Pareto front")
@@ -316,14 +291,7 @@ def cmd_push(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from ..demo.run import DemoConfig, run_demo
 
-    run_demo(
-        DemoConfig(
-            output_dir=args.output,
-            model_dir=args.model_dir,
-            quick=args.quick,
-            method="sqft-qa" if args.qa else args.method,
-            sampling=args.sampling,
-            reorder=args.reorder,
-            seed=args.seed,
-        )
-    )
+    options = config_kwargs(args, DemoConfig, DEMO)
+    if args.qa:
+        options["method"] = "sqft-qa"
+    run_demo(DemoConfig(**options))

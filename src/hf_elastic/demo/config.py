@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..export.openvino import WEIGHT_FORMATS
+from ..nas.importance import IMPORTANCE_METHODS
+from ..nas.trainer import SAMPLERS
+from ..tuners.methods import DEMO_METHODS, Method, demo_method
 
-METHODS = ("lonas", "shears", "sqft", "sqft-qa")
-SAMPLINGS = ("uniform", "sandwich")
-REORDERS = ("none", "magnitude", "activation", "gradient")
+REORDERS = ("none", *IMPORTANCE_METHODS)  # "none" keeps the checkpoint's channel order
 
 
 @dataclass
@@ -21,7 +22,8 @@ class DemoConfig:
         metadata={
             "help": "'lonas': elastic FFN width and attention heads plus ranks on the dense model, searched for "
             "accuracy against measured latency. 'shears': Wanda 50 % + NLS (the merge fills the zeros). 'sqft': "
-            "Wanda + NLS + SparsePEFT (the merge keeps the zeros). 'sqft-qa': QA-SparsePEFT on a Wanda + INT4 base."
+            "Wanda + NLS + SparsePEFT (the merge keeps the zeros). 'sqft-qa': QA-SparsePEFT on a Wanda + INT4 base.",
+            "choices": tuple(DEMO_METHODS),
         },
     )
     model_dir: str | None = field(
@@ -48,16 +50,19 @@ class DemoConfig:
     reorder: str = field(
         default="activation",
         metadata={
-            "help": f"'lonas': channel importance order before training, one of {list(REORDERS)}. 'activation' "
-            "(|W| * ||x|| on training batches) kept the most zero-shot accuracy at 75 % and 50 % FFN width on SmolLM2."
+            "help": "'lonas': channel importance order before training ('none' keeps the checkpoint's). "
+            "'activation' (|W| * ||x|| on training batches) kept the most zero-shot accuracy at 75 % and 50 % FFN "
+            "width on SmolLM2.",
+            "choices": REORDERS,
         },
     )
     sampling: str = field(
         default="uniform",
         metadata={
-            "help": "'lonas': NASTrainer sampling, 'uniform' or 'sandwich' (max and min sub-networks each step, "
+            "help": "'lonas': NASTrainer sampling, e.g. 'uniform' or 'sandwich' (max and min sub-networks each step, "
             "so half the steps for the same compute). Uniform kept the sub-networks between max and min far more "
-            "accurate (benchmarks/results/demo_lonas_uniform.json against demo_lonas_sandwich.json)."
+            "accurate (benchmarks/results/demo_lonas_uniform.json against demo_lonas_sandwich.json).",
+            "choices": tuple(SAMPLERS),
         },
     )
     train_steps: int = field(default=80, metadata={"help": "Optimizer steps of NAS training."})
@@ -80,22 +85,17 @@ class DemoConfig:
     group_size: int = field(default=64, metadata={"help": "INT4 group size (576 and 1536 are multiples of 64)."})
     openvino_weight_format: str = field(
         default="int8",
-        metadata={"help": "'lonas': weight format of the OpenVINO IRs, one of fp32, fp16, int8, int4."},
+        metadata={"help": "'lonas': weight format of the OpenVINO IRs.", "choices": WEIGHT_FORMATS},
     )
     max_length: int = field(default=128, metadata={"help": "Tokens per prompt."})
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"DemoConfig.method={self.method!r} is unknown; use one of {list(METHODS)}.")
-        if self.reorder not in REORDERS:
-            raise ValueError(f"DemoConfig.reorder={self.reorder!r} is unknown; use one of {list(REORDERS)}.")
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"DemoConfig.sampling={self.sampling!r} is unknown; use one of {list(SAMPLINGS)}.")
-        if self.openvino_weight_format not in WEIGHT_FORMATS:
-            raise ValueError(
-                f"DemoConfig.openvino_weight_format={self.openvino_weight_format!r} is unknown; use fp32, fp16, "
-                "int8 or int4."
-            )
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise ValueError(
+                    f"DemoConfig.{f.name}={getattr(self, f.name)!r} is unknown; use one of {list(choices)}."
+                )
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"DemoConfig.sparsity={self.sparsity} must be in [0, 1); e.g. 0.5.")
         if not 0 <= self.accuracy_tolerance < 1:
@@ -109,5 +109,10 @@ class DemoConfig:
             self.val_rows, self.test_rows, self.search_budget, self.population = 16, 32, 5, 2
 
     @property
+    def method_info(self) -> Method:
+        """The registry entry of `method` (e.g. 'sqft' is SQFT + SparsePEFT)."""
+        return demo_method(self.method)
+
+    @property
     def quantization_aware(self) -> bool:
-        return self.method == "sqft-qa"
+        return self.method_info.quantization_aware

@@ -54,7 +54,7 @@ def lonas_trainer(cfg: DemoConfig, model: Any, tokenizer: Any, train: Any, outpu
 
     features = build_training_features(tokenizer, train, max_length=cfg.max_length)
     collator = completion_collator(tokenizer)
-    steps = cfg.train_steps if cfg.sampling == "uniform" else max(1, cfg.train_steps // 2)
+    steps = max(1, cfg.train_steps // 2) if cfg.sampling == "sandwich" else cfg.train_steps
     args = NASTrainingArguments(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -125,7 +125,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
     from ..export.subnetwork import export_subnetwork, load_exported
     from ..search.evaluators import LatencyEvaluator
     from ..search.latency import LatencyTable, PredictedLatencyEvaluator, remeasure, spearman
-    from ..search.searcher import search
+    from ..search.searcher import SearchConfig, search
     from .measure import DemoAccuracy
 
     cfg, out, tokenizer, rows = ctx.cfg, ctx.out, ctx.tokenizer, ctx.rows
@@ -142,11 +142,9 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
     result = search(
         supernet,
         [DemoAccuracy(tokenizer, ctx.val, cfg.max_length), PredictedLatencyEvaluator(table)],
-        "nsga2",
-        objectives=("accuracy", "latency"),
-        budget=cfg.search_budget,
-        population=cfg.population,
-        seed=cfg.seed,
+        SearchConfig(
+            objectives=("accuracy", "latency"), budget=cfg.search_budget, population=cfg.population, seed=cfg.seed
+        ),
         output_dir=out / "search",
     )
     ctx.lap("search")

@@ -23,7 +23,6 @@ from .config import DemoConfig
 from .measure import DemoAccuracy, decode_tokens_per_s, latency_ms, layer_sparsity, print_table, size_mb, zeros_kept
 
 DEMO_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-CARD_METHODS = {"lonas": "lonas", "shears": "shears", "sqft": "sqft-sparsepeft", "sqft-qa": "sqft-qa-sparsepeft"}
 
 
 @dataclass
@@ -105,7 +104,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
         extra = _run_sparse(ctx)
 
     card = CardInfo(
-        method=CARD_METHODS[cfg.method],
+        method=cfg.method_info.name,
         base_model=DEMO_BASE_ID if cfg.model_dir is None else model_dir.name,
         license="apache-2.0",
         training_data="Amazon fine-food reviews (small_fine_foods, R package modeldata), great/other labels",
@@ -147,13 +146,13 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
 def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
     """Shears / SQFT / SQFT-QA: Wanda (+ INT4), NLS training, search on parameters, one merged sub-network."""
     from .. import NASTrainer, NASTrainingArguments, NLSConfig
-    from ..compression.quantization.quantize import quantize
+    from ..compression.quantization.quantize import QuantizationConfig, quantize
     from ..compression.sparsity import sparsify, sparsity_of, weight_masks
     from ..data import completion_collator
     from ..export.openvino import export_openvino, load_openvino
     from ..export.openvino_ir import ir_weight_sparsity
     from ..export.subnetwork import export_subnetwork, load_exported
-    from ..search.searcher import search
+    from ..search.searcher import SearchConfig, search
     from .assets import DEFAULT_TEMPLATE, accuracy, build_training_features
     from .lonas import RANK_GROUPS, TARGETS
 
@@ -170,7 +169,9 @@ def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
     )
     base_masks = weight_masks(model)
     if cfg.quantization_aware:
-        quantize(model, bits=4, group_size=cfg.group_size, keep_residual=True)
+        quantize(
+            model, QuantizationConfig(bits=cfg.method_info.base_bits, group_size=cfg.group_size, keep_residual=True)
+        )
     rows["sparse base (zero-shot)"] = {
         "accuracy": accuracy(model, tokenizer, ctx.test, max_length=cfg.max_length),
         "sparsity": report.total_sparsity,
@@ -183,7 +184,7 @@ def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
         rank_groups=RANK_GROUPS,
         lora_alpha=2 * cfg.rank_choices[0],
         lora_dropout=0.0,
-        sparse_adapter=cfg.method != "shears",
+        sparse_adapter=cfg.method_info.sparse_adapter,
         quantization_aware=cfg.quantization_aware,
         task_type="CAUSAL_LM",
     )
@@ -214,11 +215,9 @@ def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
     result = search(
         supernet,
         DemoAccuracy(tokenizer, ctx.val, cfg.max_length),
-        "nsga2",
-        objectives=("accuracy", "params"),
-        budget=cfg.search_budget,
-        population=cfg.population,
-        seed=cfg.seed,
+        SearchConfig(
+            objectives=("accuracy", "params"), budget=cfg.search_budget, population=cfg.population, seed=cfg.seed
+        ),
         nas_stats=trainer.sampler.stats(),
         output_dir=out / "search",
     )

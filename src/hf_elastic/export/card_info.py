@@ -1,4 +1,5 @@
-"""What a model card says about a sub-network: the papers, the methods, and `CardInfo`, the user's overrides."""
+"""`CardInfo`: what a model card says about a sub-network beyond its files (the methods and papers are in
+`hf_elastic.tuners.methods`)."""
 
 from __future__ import annotations
 
@@ -7,130 +8,14 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from huggingface_hub import EvalResult
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from ..tuners.methods import METHODS
+
 ArtifactKind = Literal["adapter", "merged", "openvino"]
-Method = Literal["lonas", "nls", "shears", "sqft", "sqft-sparsepeft", "sqft-qa-sparsepeft"]
-
-
-@dataclass(frozen=True)
-class _Paper:
-    short: str
-    title: str
-    venue: str
-    url: str
-    arxiv: str | None
-    bibtex: str
-
-    @property
-    def link(self) -> str:
-        return f"[arXiv:{self.arxiv}](https://arxiv.org/abs/{self.arxiv})" if self.arxiv else f"<{self.url}>"
-
-
-_PAPERS = {
-    "lonas": _Paper(
-        "LoNAS",
-        "LoNAS: Elastic Low-Rank Adapters for Efficient Large Language Models",
-        "LREC-COLING 2024",
-        "https://aclanthology.org/2024.lrec-main.940",
-        None,
-        "@inproceedings{munoz2024lonas,\n"
-        "  title = {LoNAS: Elastic Low-Rank Adapters for Efficient Large Language Models},\n"
-        "  author = {Mu{\\~n}oz, J. Pablo and Yuan, Jinjie and Zheng, Yi and Jain, Nilesh},\n"
-        "  booktitle = {Proceedings of the 2024 Joint International Conference on Computational Linguistics, "
-        "Language Resources and Evaluation (LREC-COLING 2024)},\n"
-        "  year = {2024},\n"
-        "  url = {https://aclanthology.org/2024.lrec-main.940}\n"
-        "}",
-    ),
-    "shears": _Paper(
-        "Shears",
-        "Shears: Unstructured Sparsity with Neural Low-rank Adapter Search",
-        "NAACL 2024, Industry Track",
-        "https://arxiv.org/abs/2404.10934",
-        "2404.10934",
-        "@inproceedings{munoz2024shears,\n"
-        "  title = {Shears: Unstructured Sparsity with Neural Low-rank Adapter Search},\n"
-        "  author = {Mu{\\~n}oz, J. Pablo and Yuan, Jinjie and Jain, Nilesh},\n"
-        "  booktitle = {Proceedings of the 2024 Conference of the North American Chapter of the Association for "
-        "Computational Linguistics: Human Language Technologies (Volume 6: Industry Track)},\n"
-        "  year = {2024},\n"
-        "  eprint = {2404.10934},\n"
-        "  archivePrefix = {arXiv}\n"
-        "}",
-    ),
-    "sqft": _Paper(
-        "SQFT",
-        "SQFT: Low-cost Model Adaptation in Low-precision Sparse Foundation Models",
-        "Findings of EMNLP 2024",
-        "https://arxiv.org/abs/2410.03750",
-        "2410.03750",
-        "@inproceedings{munoz2024sqft,\n"
-        "  title = {SQFT: Low-cost Model Adaptation in Low-precision Sparse Foundation Models},\n"
-        "  author = {Mu{\\~n}oz, Juan Pablo and Yuan, Jinjie and Jain, Nilesh},\n"
-        "  booktitle = {Findings of the Association for Computational Linguistics: EMNLP 2024},\n"
-        "  pages = {12817--12832},\n"
-        "  year = {2024},\n"
-        "  eprint = {2410.03750},\n"
-        "  archivePrefix = {arXiv}\n"
-        "}",
-    ),
-}
-
-
-@dataclass(frozen=True)
-class _MethodInfo:
-    title: str
-    description: str
-    tags: tuple[str, ...]
-    papers: tuple[str, ...]
-
-
-_NLS = (
-    "Neural Low-rank adapter Search (NLS) trains LoRA adapters whose rank is elastic: a sub-network uses the first "
-    "`r` rank dimensions of every adapter group, so one training run of the weight-sharing super-network yields "
-    "adapters of many sizes, and a search picks one of them."
-)
-_METHODS: dict[str, _MethodInfo] = {
-    "lonas": _MethodInfo(
-        "LoNAS",
-        "LoNAS trains a weight-sharing super-network of elastic low-rank adapters in which the LoRA rank, the FFN "
-        "width and the number of attention heads of the base model can all shrink. A sub-network fixes one rank per "
-        "adapter group and one width per layer; merging it removes the dropped channels and heads for real.",
-        ("lonas",),
-        ("lonas",),
-    ),
-    "nls": _MethodInfo("NLS", _NLS, ("nls",), ("shears",)),
-    "shears": _MethodInfo(
-        "Shears",
-        "Shears sparsifies the base model with an unstructured, zeroth-order method (Wanda) and freezes it. " + _NLS,
-        ("shears", "nls"),
-        ("shears",),
-    ),
-    "sqft": _MethodInfo(
-        "SQFT",
-        "SQFT fine-tunes a sparse, optionally low-precision, base model with elastic-rank adapters. " + _NLS,
-        ("sqft", "nls"),
-        ("sqft", "shears"),
-    ),
-    "sqft-sparsepeft": _MethodInfo(
-        "SQFT + SparsePEFT",
-        "SQFT with SparsePEFT: the adapters are masked with the sparsity pattern of the sparse base model, so "
-        "merging them into the base keeps its sparsity. " + _NLS,
-        ("sqft", "sparsepeft", "nls"),
-        ("sqft", "shears"),
-    ),
-    "sqft-qa-sparsepeft": _MethodInfo(
-        "SQFT + QA-SparsePEFT",
-        "SQFT with QA-SparsePEFT: sparsity-preserving adapters trained quantization-aware on a sparse INT4 base "
-        "model, so the merged model stays sparse and in the base model's quantized format. " + _NLS,
-        ("sqft", "qa-sparsepeft", "nls"),
-        ("sqft", "shears"),
-    ),
-}
 
 
 def _help(text: str) -> dict[str, str]:
@@ -162,10 +47,10 @@ class CardInfo:
     ```
     """
 
-    method: Method | None = field(
+    method: str | None = field(
         default=None,
         metadata=_help(
-            f"The NAS method that produced the sub-network: one of {get_args(Method)}. None infers it from the "
+            f"The NAS method that produced the sub-network: one of {list(METHODS)}. None infers it from the "
             "folder's elastic_subnet.json / elastic_config.json (ElasticLoraConfig: lonas; NLSConfig: nls, with "
             "sparse_adapter: sqft-sparsepeft, with quantization_aware: sqft-qa-sparsepeft); set it to override, e.g. "
             "'shears' for NLS on a Wanda-pruned base."
@@ -226,8 +111,8 @@ class CardInfo:
     )
 
     def __post_init__(self) -> None:
-        if self.method is not None and self.method not in _METHODS:
-            raise ValueError(f"CardInfo.method={self.method!r} is not known; use one of {list(_METHODS)}.")
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"CardInfo.method={self.method!r} is not known; use one of {list(METHODS)}.")
         if self.base_model is not None:
             _check_base_model(self.base_model, "CardInfo.base_model")
         for name in ("license", "model_name", "summary", "training_data", "how_to_load", "repo_id"):

@@ -22,9 +22,11 @@ from ..compression.quantization.format import FORMAT_NAME as QUANT_FORMAT_NAME
 from ..compression.quantization.format import QUANT_CONFIG_NAME
 from ..compression.sparsity import SPARSITY_REPORT_NAME
 from ..models.loading import LOADER, hf_elastic_only_reason
+from ..tuners.methods import METHODS, PAPERS
+from ..tuners.methods import infer_method as method_of_config
 from ..tuners.nls.config import is_stock_load_guard
 from ..utils import ELASTIC_CONFIG_NAME, SUBNET_CONFIG_NAME
-from .card_info import _METHODS, _PAPERS, ArtifactKind, CardInfo, _check_bits, _int_dict, _is_repo_id
+from .card_info import ArtifactKind, CardInfo, _check_bits, _int_dict, _is_repo_id
 from .subnetwork import WIDTHS_ATTR
 
 logger = logging.getLogger(__name__)
@@ -221,29 +223,25 @@ def _collect_facts(source: Path, kind: ArtifactKind) -> _Facts:
 
 def infer_method(source_dir: str | os.PathLike) -> str:
     """The method that produced an artefact folder, from its `elastic_subnet.json` (or a super-adapter's
-    `elastic_config.json`): `ElasticLoraConfig` gives "lonas"; `NLSConfig` gives "nls", "sqft-sparsepeft" with
-    `sparse_adapter` or "sqft-qa-sparsepeft" with `quantization_aware`."""
+    `elastic_config.json`), as `hf_elastic.tuners.methods.infer_method` reads the saved config: `ElasticLoraConfig`
+    gives "lonas"; `NLSConfig` gives "nls", "sqft-sparsepeft" with `sparse_adapter` or "sqft-qa-sparsepeft" with
+    `quantization_aware`."""
     source = Path(source_dir)
+    fix = f"Pass CardInfo(method=...) (CLI: --method), one of {list(METHODS)}."
     for name in (SUBNET_CONFIG_NAME, ELASTIC_CONFIG_NAME):
         if not (source / name).is_file():
             continue
         data = _read_json(source / name)
-        method = data.get("method")
-        if method == "elastic_lora":
-            return "lonas"
-        if method == "nls":
-            if data.get("quantization_aware"):
-                return "sqft-qa-sparsepeft"
-            return "sqft-sparsepeft" if data.get("sparse_adapter") else "nls"
-        raise ValueError(
-            f"{str(source / name)!r} records method={method!r}, not one hf_elastic writes ('nls', 'elastic_lora'), "
-            f"so the card's method cannot be inferred. Pass CardInfo(method=...) (CLI: --method), one of "
-            f"{list(_METHODS)}."
-        )
+        try:
+            method = method_of_config(data.get("method"), data.get("sparse_adapter"), data.get("quantization_aware"))
+        except ValueError as error:
+            raise ValueError(
+                f"{str(source / name)!r}: {error} So the card's method cannot be inferred. {fix}"
+            ) from None
+        return method.name
     raise ValueError(
         f"Cannot infer the method of {str(source)!r}: it has no {SUBNET_CONFIG_NAME} or {ELASTIC_CONFIG_NAME} "
-        f"(hf_elastic writes one with every export). Pass CardInfo(method=...) (CLI: --method), one of "
-        f"{list(_METHODS)}."
+        f"(hf_elastic writes one with every export). {fix}"
     )
 
 
@@ -421,7 +419,7 @@ def build_model_card(
     kind = detect_artifact_kind(source)
     facts = _collect_facts(source, kind)
     method_key = card_info.method or infer_method(source)
-    info, method = card_info, _METHODS[method_key]
+    info, method = card_info, METHODS[method_key]
     base_model = _resolve_base_model(info, facts.base_model_hint, source)
 
     def pick(name: str) -> Any:
@@ -524,8 +522,8 @@ def build_model_card(
         "target_modules": json.dumps(facts.target_modules) if facts.target_modules is not None else None,
         "stock_guarded": facts.stock_guarded,
         "quantization_file": QUANT_CONFIG_NAME,
-        "papers": [_PAPERS[p] for p in method.papers],
-        "related": [p for key, p in _PAPERS.items() if key not in method.papers],
+        "papers": [PAPERS[p] for p in method.papers],
+        "related": [p for key, p in PAPERS.items() if key not in method.papers],
     }
     card = ModelCard.from_template(card_data, template_path=str(TEMPLATE_PATH), **kwargs)
     check_model_card(card)

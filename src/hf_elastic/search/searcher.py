@@ -20,7 +20,7 @@ from ..nas.loading import load_super_network
 from ..nas.search_space import SearchSpace, SubnetConfig
 from ..nas.supernet import SuperNetwork, get_supernet
 from ..nas.trainer import NAS_STATS_NAME, NASTrainerMixin
-from ..utils import read_json
+from ..utils import config_from_kwargs, read_json
 from .evaluators import (
     COUNT_OBJECTIVES,
     CountEvaluator,
@@ -460,12 +460,8 @@ class SubnetSearch:
 def search(
     target: SearchTarget,
     evaluator: Evaluator | Callable | Sequence[Evaluator | Callable] | None = None,
-    strategy: str = "nsga2",
+    config: SearchConfig | str | None = None,
     *,
-    objectives: Sequence[str] | None = None,
-    budget: int = 100,
-    population: int = 10,
-    seed: int = 0,
     base_model: nn.Module | None = None,
     nas_stats: str | os.PathLike | Mapping[str, Any] | None = None,
     calibration_data: Any = None,
@@ -480,27 +476,27 @@ def search(
         evaluator: the quality objective(s): `LossEvaluator`, `PerplexityEvaluator`, `MetricEvaluator`,
             `LMEvalEvaluator`, your own `Evaluator`, or a callable `fn(config) -> float`. Optional with a
             `NASTrainer` (its eval loss is used).
-        strategy: one of `"nsga2"`, `"random"`, `"max"`, `"min"`, `"median"`, `"loss_based"`, `"activation_based"`.
-        objectives: objective names, e.g. `("loss", "params")`, `("accuracy", "latency")`; default: the
-            evaluator's name and `"params"`.
-        budget, population, seed: distinct sub-networks to evaluate in all, NSGA-II population size, and seed. The
+        config: a `SearchConfig` (strategy, objectives, budget, population, seed, ...), or a strategy name as a
+            shortcut for `SearchConfig(strategy=name, **kwargs)`.
+        base_model, nas_stats, calibration_data: see `SubnetSearch`.
+        output_dir: if set, write `search.json`, `search.csv` and `search.png` there.
+        **kwargs: instead of a `SearchConfig`, its fields, e.g. `objectives=("loss", "params"), budget=40`. The
             budget includes the `reference_subnets` (max, min and median by default), so `budget=40` makes exactly
             40 evaluator calls (fewer when the space is smaller): 3 references and 37 chosen by the strategy.
-        output_dir: if set, write `search.json`, `search.csv` and `search.png` there.
-        **kwargs: other `SearchConfig` fields (e.g. `reference_subnets=()`, `progress=False`).
 
     Example:
 
     ```py
-    >>> result = search(supernet, LossEvaluator(eval_batches), objectives=("loss", "params"), budget=200)
+    >>> result = search(supernet, LossEvaluator(eval_batches), SearchConfig(objectives=("loss", "params"), budget=200))
     >>> result.front                                        # non-dominated sub-networks
     >>> result.best_under("loss", "params", 0.7, relative=True).config
     ```
     """
-    objectives = tuple(objectives) if objectives is not None else None
-    config = SearchConfig(
-        strategy=strategy, objectives=objectives, budget=budget, population=population, seed=seed, **kwargs
-    )
+    if isinstance(config, str):
+        if "strategy" in kwargs:
+            raise ValueError(f"search() got the strategy twice: {config!r} and strategy={kwargs['strategy']!r}.")
+        config, kwargs = None, {"strategy": config, **kwargs}
+    config = config_from_kwargs(SearchConfig, config, kwargs, "search")
     runner = SubnetSearch(
         target, evaluator, config, base_model=base_model, nas_stats=nas_stats, calibration_data=calibration_data
     )

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ...models.arch import weight_out_in
-from ...utils import atomic_write_json, rows_by_name
+from ...utils import atomic_write_json, config_from_kwargs, rows_by_name
 from ..calibration import (
     CalibrationData,
     CalibrationSettings,
@@ -22,6 +22,7 @@ from ..calibration import (
     run_layerwise,
 )
 from .format import (
+    _BITS,
     QUANT_REPORT_NAME,
     QuantLinear,
     _check_bits,
@@ -39,7 +40,7 @@ _METHODS = ("rtn", "gptq")
 class QuantizationConfig(CalibrationSettings):
     """How `quantize` turns the linear layers of a model into `QuantLinear`."""
 
-    bits: int = field(default=4, metadata={"help": "Bits per weight code: 4 or 8."})
+    bits: int = field(default=4, metadata={"help": "Bits per weight code: 4 or 8.", "choices": _BITS})
     group_size: int | None = field(
         default=None,
         metadata={
@@ -54,7 +55,10 @@ class QuantizationConfig(CalibrationSettings):
     )
     method: str = field(
         default="rtn",
-        metadata={"help": "'rtn' (round to nearest) or 'gptq' (Frantar et al., 2022; needs calibration data)."},
+        metadata={
+            "help": "'rtn' (round to nearest) or 'gptq' (Frantar et al., 2022; needs calibration data).",
+            "choices": _METHODS,
+        },
     )
     damp_percent: float = field(
         default=0.01, metadata={"help": "GPTQ damping added to the Hessian diagonal, as a fraction of its mean."}
@@ -193,33 +197,23 @@ def _relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
 
 def quantize(
     model: nn.Module,
-    bits: int = 4,
-    group_size: int | None = None,
-    symmetric: bool = False,
-    method: str = "rtn",
+    config: QuantizationConfig | None = None,
     *,
     calibration: CalibrationData = None,
     tokenizer: Any = None,
-    seq_len: int | None = None,
-    num_samples: int = 128,
-    batch_size: int = 8,
-    damp_percent: float = 0.01,
-    act_order: bool = False,
-    block_size: int = 128,
-    modules: list[str] | None = None,
-    keep_residual: bool = False,
     show_progress: bool = True,
+    **kwargs: Any,
 ) -> QuantizationReport:
     """Replace the linear layers inside the transformer layers by `QuantLinear`, in place (RTN or GPTQ).
 
     Args:
         model: a Hugging Face model (any architecture whose layer projections are nn.Linear or Conv1D).
-        bits, group_size, symmetric, method, damp_percent, act_order, block_size, seq_len, num_samples, batch_size,
-            modules, keep_residual: see `QuantizationConfig`.
+        config: a `QuantizationConfig`; it is not modified (the report holds the resolved copy).
         calibration: calibration data (a `datasets.Dataset`, a list of texts with `tokenizer`, or token id tensors).
             Required for GPTQ, which quantizes layer by layer on the outputs of the already quantized layers. With
             RTN it is optional and only adds the output errors to the report.
         tokenizer: the model's tokenizer, when `calibration` holds text.
+        **kwargs: instead of `config`, its fields (`bits=4, group_size=128, method="gptq"`, ...).
 
     Returns:
         A `QuantizationReport`. Save the model with `save_quantized` and load it back with `load_quantized`.
@@ -227,24 +221,12 @@ def quantize(
     Example:
 
     ```py
-    >>> report = quantize(model, bits=4, group_size=128, method="gptq", calibration=texts, tokenizer=tokenizer)
+    >>> config = QuantizationConfig(bits=4, group_size=128, method="gptq")
+    >>> report = quantize(model, config, calibration=texts, tokenizer=tokenizer)
     >>> save_quantized(model, "model-int4")
     ```
     """
-    config = QuantizationConfig(
-        bits=bits,
-        group_size=group_size,
-        symmetric=symmetric,
-        method=method,
-        damp_percent=damp_percent,
-        act_order=act_order,
-        block_size=block_size,
-        seq_len=seq_len,
-        num_samples=num_samples,
-        batch_size=batch_size,
-        modules=modules,
-        keep_residual=keep_residual,
-    )
+    config = config_from_kwargs(QuantizationConfig, config, kwargs, "quantize")
     start = time.perf_counter()
     targets = find_target_modules(model, config.modules, caller="quantize")
     if config.group_size is None:
