@@ -103,7 +103,7 @@ def build_supernet(pretrain_steps: int, nas_steps: int):
 
 
 def main() -> None:
-    from hf_elastic import LossEvaluator, search
+    from hf_elastic import LossEvaluator, search_subnetworks
     from hf_elastic.search import hypervolume_2d
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -124,7 +124,7 @@ def main() -> None:
     objectives = ("loss", "params")
     common = {"objectives": objectives, "progress": False}
 
-    heuristics = search(
+    heuristics = search_subnetworks(
         supernet,
         evaluator,
         "activation_based",
@@ -139,7 +139,7 @@ def main() -> None:
     runs: dict[str, list] = {v: [] for v in variants}
     for seed in range(args.seeds):
         for name, kwargs in variants.items():  # interleaved, so that machine load affects every variant alike
-            result = search(
+            result = search_subnetworks(
                 supernet, evaluator, budget=args.budget, seed=seed, reference_subnets=(), **kwargs, **common
             )
             runs[name].append(result)

@@ -45,10 +45,10 @@ from hf_elastic import (
     ElasticLoraConfig,
     NLSConfig,
     QuantLinear,
-    accelerate,
     export_subnetwork,
     get_supernet,
     load_exported,
+    optimize_for_inference,
     prepare_upload_folder,
     push_to_hub,
     quantize,
@@ -232,14 +232,14 @@ def test_accelerate_backends(monkeypatch):
     batch = ARCHS["llama"].batch()
     with torch.no_grad():
         expected = model(**batch).logits
-        assert accelerate(model, "none") is model
-        compiled = accelerate(model, "compile", dynamic=False)
+        assert optimize_for_inference(model, "none") is model
+        compiled = optimize_for_inference(model, "compile", dynamic=False)
         assert (compiled(**batch).logits - expected).abs().max() <= 1e-5
     monkeypatch.setitem(__import__("sys").modules, "intel_extension_for_pytorch", None)
     with pytest.raises(ImportError, match=r"backend='ipex' needs intel_extension_for_pytorch.*use backend='compile'"):
-        accelerate(model, "ipex")
+        optimize_for_inference(model, "ipex")
     with pytest.raises(ValueError, match=r"backend='tensorrt' is unknown"):
-        accelerate(model, "tensorrt")
+        optimize_for_inference(model, "tensorrt")
 
 
 # ---------------------------------------------------------------------------------------------------- openvino

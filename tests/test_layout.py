@@ -59,8 +59,22 @@ def test_no_module_is_over_600_lines(name: str, path: Path) -> None:
 def test_public_api() -> None:
     for name in hf_elastic.__all__:
         assert getattr(hf_elastic, name) is not None, name
-    assert callable(hf_elastic.search)  # the function; the package of the same name stays importable
-    assert importlib.import_module("hf_elastic.search").SearchResult is hf_elastic.SearchResult
+    assert hf_elastic.search is importlib.import_module("hf_elastic.search")  # the package, not the function
+    assert hf_elastic.search.SearchResult is hf_elastic.SearchResult
+
+
+def test_renamed_functions_warn_and_forward() -> None:
+    with pytest.warns(FutureWarning, match="hf_elastic.search_subnetworks"):
+        old_search = hf_elastic.search.search
+    assert old_search is hf_elastic.search_subnetworks
+    space = hf_elastic.SearchSpace([])
+    with pytest.warns(FutureWarning, match="search_subnetworks"), pytest.raises(ValueError, match="no dimensions"):
+        hf_elastic.search(space, lambda config: 0.0, progress=False)
+    with pytest.warns(FutureWarning, match="optimize_for_inference"):
+        assert hf_elastic.accelerate is hf_elastic.optimize_for_inference
+    with pytest.warns(FutureWarning, match="optimize_for_inference"):
+        from hf_elastic.export import accelerate
+    assert accelerate is hf_elastic.optimize_for_inference
 
 
 def test_old_module_paths_import_the_same_objects() -> None:

@@ -44,7 +44,7 @@ from hf_elastic.search import (
     hypervolume_2d,
     loss_based_config,
     pareto_front,
-    search,
+    search_subnetworks,
 )
 
 LLAMA = ARCHS["llama"]
@@ -99,7 +99,7 @@ def dominates(a: list[float], b: list[float]) -> bool:
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_every_strategy_returns_valid_configs(supernet, batches, strategy):
     stats = {"config_losses": {".".join(["0"] * len(supernet.space)): {"mean_loss": 1.0, "count": 1}}}
-    result = search(
+    result = search_subnetworks(
         supernet,
         LossEvaluator(batches),
         strategy,
@@ -124,7 +124,9 @@ def test_every_strategy_returns_valid_configs(supernet, batches, strategy):
 
 
 def test_losses_match_direct_forward(supernet, batches):
-    result = search(supernet, LossEvaluator(batches), "random", budget=3, seed=0, reference_subnets=(), **QUIET)
+    result = search_subnetworks(
+        supernet, LossEvaluator(batches), "random", budget=3, seed=0, reference_subnets=(), **QUIET
+    )
     for e in result.evaluations:
         supernet.activate(e.config)
         with torch.no_grad():
@@ -144,7 +146,7 @@ def test_nsga2_front_is_non_dominated_and_reproducible():
         return float(sum(config.values()))
 
     evaluators = [FunctionEvaluator(loss, "loss"), FunctionEvaluator(size, "params")]
-    run = [search(space, evaluators, budget=60, population=12, seed=seed, **QUIET) for seed in (0, 0, 1)]
+    run = [search_subnetworks(space, evaluators, budget=60, population=12, seed=seed, **QUIET) for seed in (0, 0, 1)]
     first, again, other = run
     assert [(e.key, e.values) for e in first.evaluations] == [(e.key, e.values) for e in again.evaluations]
     assert [e.key for e in first.evaluations] != [e.key for e in other.evaluations]
@@ -171,10 +173,10 @@ def test_nsga2_finds_a_known_optimum_that_random_misses():
         return float(sum(abs(i - t) for i, t in zip(space.encode(config), target, strict=True)))
 
     kwargs = {"budget": 200, "population": 20, "seed": 0, "reference_subnets": (), **QUIET}
-    best = search(space, FunctionEvaluator(dist, "dist"), "nsga2", **kwargs).best()
+    best = search_subnetworks(space, FunctionEvaluator(dist, "dist"), "nsga2", **kwargs).best()
     assert best.values["dist"] == 0.0
     assert space.encode(best.config) == target
-    assert search(space, FunctionEvaluator(dist, "dist"), "random", **kwargs).best().values["dist"] > 0
+    assert search_subnetworks(space, FunctionEvaluator(dist, "dist"), "random", **kwargs).best().values["dist"] > 0
 
 
 def test_evaluator_is_called_once_per_distinct_config():
@@ -185,14 +187,14 @@ def test_evaluator_is_called_once_per_distinct_config():
         calls.append(tuple(config.values()))
         return float(sum(config.values()))
 
-    result = search(space, FunctionEvaluator(score), budget=20, population=4, seed=0, **QUIET)
+    result = search_subnetworks(space, FunctionEvaluator(score), budget=20, population=4, seed=0, **QUIET)
     assert len(calls) == len(set(calls)) == len(result.evaluations) == 9  # space exhausted, nothing evaluated twice
     assert result.info["cache_hits"] > 0 and result.info["trials"] > 9 - 3
     assert {e.key for e in result.evaluations} == {f"{a}.{b}" for a in range(3) for b in range(3)}
     max_record = next(e for e in result.evaluations if e.key == "0.0")
     assert max_record.sources[0] == "max"  # evaluated as reference first; later proposals hit the cache
     calls.clear()
-    result = search(space, FunctionEvaluator(score), "random", budget=4, seed=0, **QUIET)
+    result = search_subnetworks(space, FunctionEvaluator(score), "random", budget=4, seed=0, **QUIET)
     assert len(calls) == 4 == len(result.evaluations)  # 3 references + 1 random: the budget includes the references
     assert [e.sources[0] for e in result.evaluations] == ["max", "min", "median", "random"]
 
@@ -205,7 +207,7 @@ def test_budget_counts_the_reference_subnetworks():
         calls.append(config)
         return float(sum(config.values()))
 
-    result = search(space, FunctionEvaluator(score), budget=7, population=4, seed=0, **QUIET)
+    result = search_subnetworks(space, FunctionEvaluator(score), budget=7, population=4, seed=0, **QUIET)
     assert len(calls) == len(result.evaluations) == 7
     assert [e.sources[0] for e in result.evaluations[:3]] == ["max", "min", "median"]
     assert len(result.by_source("nsga2")) == 4
@@ -228,14 +230,14 @@ def test_loss_based_picks_smallest_choice_within_tolerance():
     assert loss_based_config(space, stats, tolerance=0.01) == {"a": 8, "b": 8}
     assert loss_based_config(space, stats, tolerance=0.5) == {"a": 4, "b": 8}  # 1.76 <= 1.25 * 1.5
     assert loss_based_config(space, stats, tolerance=2.0) == {"a": 4, "b": 4}
-    result = search(space, FunctionEvaluator(lambda c: 0.0), "loss_based", nas_stats=stats, **QUIET)
+    result = search_subnetworks(space, FunctionEvaluator(lambda c: 0.0), "loss_based", nas_stats=stats, **QUIET)
     assert result.by_source("loss_based")[0].config == {"a": 8, "b": 8}
 
     other = SearchSpace([Dimension("a", "rank", (8, 2)), Dimension("b", "rank", (8, 4))])
     with pytest.raises(ValueError, match="different search space"):
         loss_based_config(other, stats)
     with pytest.raises(ValueError, match="needs training statistics"):
-        search(space, FunctionEvaluator(lambda c: 0.0), "loss_based", **QUIET)
+        search_subnetworks(space, FunctionEvaluator(lambda c: 0.0), "loss_based", **QUIET)
 
 
 def test_activation_importance_measures_rank_slices(llama, batches):
@@ -269,7 +271,7 @@ def test_activation_importance_measures_rank_slices(llama, batches):
     assert fractions[up][6] == pytest.approx((e[:6].sum() / e.sum()).item(), rel=1e-4)
     assert fractions[up][4] == pytest.approx((e[:4].sum() / e.sum()).item(), rel=1e-4)
 
-    result = search(sn, LossEvaluator(batches), "activation_based", activation_threshold=0.9, **QUIET)
+    result = search_subnetworks(sn, LossEvaluator(batches), "activation_based", activation_threshold=0.9, **QUIET)
     config = result.by_source("activation_based")[0].config
     assert config[qkv] == 4 and config[down] == 6
     for name, by_choice in fractions.items():  # every other dimension: smallest choice that keeps >= 90 %
@@ -288,7 +290,11 @@ def test_activation_based_width_uses_kept_channels(llama, batches):
     assert fractions["0.ffn"][24] == pytest.approx(1.0) and fractions["0.heads"][2] == pytest.approx(1.0)
     assert fractions["1.ffn"][24] < 0.9 and fractions["1.heads"][2] < 0.9
     assert fractions["0.rank.down_proj"] == {8: 1.0, 6: 1.0, 4: 1.0}
-    config = search(sn, LossEvaluator(batches), "activation_based", **QUIET).by_source("activation_based")[0].config
+    config = (
+        search_subnetworks(sn, LossEvaluator(batches), "activation_based", **QUIET)
+        .by_source("activation_based")[0]
+        .config
+    )
     assert config["0.ffn"] == 24 and config["0.heads"] == 2 and config["1.heads"] == 4
     assert config["0.rank.down_proj"] == 4  # no energy: the smallest rank
 
@@ -315,7 +321,7 @@ def fully_enumerated_result(tmp_path=None) -> tuple[SearchResult, SearchSpace]:
         return sum(1.0 / v for v in config.values()) + 0.01 * config["0.rank.x"]
 
     evaluators = [FunctionEvaluator(loss, "loss"), FunctionEvaluator(lambda c: float(sum(c.values())), "params")]
-    return search(space, evaluators, "random", budget=40, seed=0, **QUIET), space
+    return search_subnetworks(space, evaluators, "random", budget=40, seed=0, **QUIET), space
 
 
 def test_best_under_and_pareto_helpers():
@@ -385,7 +391,7 @@ def test_nan_objective_is_recorded_but_kept_off_the_front(tmp_path):
 
     evaluators = [FunctionEvaluator(flaky, "loss"), FunctionEvaluator(lambda c: -float(c["1.rank.x"]), "neg")]
     with pytest.warns(UserWarning, match="non-finite"):
-        result = search(space, evaluators, budget=30, population=6, seed=0, output_dir=tmp_path, **QUIET)
+        result = search_subnetworks(space, evaluators, budget=30, population=6, seed=0, output_dir=tmp_path, **QUIET)
     bad = [e for e in result.evaluations if not e.valid]
     assert bad and all(math.isnan(e.values["loss"]) for e in bad)
     assert len(result.evaluations) == 30 == len(calls)
@@ -471,7 +477,9 @@ def test_latency_evaluator_times_warmup_plus_repeats(supernet):
 
 def test_progress_bar_shows_the_current_best(capsys):
     space = synthetic_space(3, (8, 4, 2))
-    search(space, FunctionEvaluator(lambda c: float(sum(c.values())), "loss"), "random", budget=5, progress=True)
+    search_subnetworks(
+        space, FunctionEvaluator(lambda c: float(sum(c.values())), "loss"), "random", budget=5, progress=True
+    )
     err = capsys.readouterr().err
     assert "search (random)" in err and "best loss=6" in err  # the min config (2 + 2 + 2) is a reference
 
@@ -563,7 +571,7 @@ def test_custom_evaluator_subclass_sees_active_subnet(supernet):
 
     supernet.model.train()
     supernet.activate("min")
-    result = search(supernet, ActiveRank(), "random", budget=5, seed=3, **QUIET)
+    result = search_subnetworks(supernet, ActiveRank(), "random", budget=5, seed=3, **QUIET)
     assert all(e.values["rank"] == e.config["0.rank.down_proj"] for e in result.evaluations)
     assert modes == [False] * 5  # evaluated in eval mode ...
     assert supernet.model.training and supernet.active_config == supernet.space.min_config()  # ... then restored
@@ -578,7 +586,7 @@ def test_search_from_saved_directory(llama, batches, tmp_path):
     sn = get_supernet(model)
     key = ".".join(["0"] * len(sn.space))
     (tmp_path / "nas_stats.json").write_text(json.dumps({"config_losses": {key: {"mean_loss": 2.0, "count": 1}}}))
-    result = search(tmp_path, LossEvaluator(batches), "loss_based", base_model=fresh(llama), **QUIET)
+    result = search_subnetworks(tmp_path, LossEvaluator(batches), "loss_based", base_model=fresh(llama), **QUIET)
     assert result.by_source("loss_based")[0].config == sn.space.max_config()  # only the max config has data
     assert len(result.evaluations) == 3  # max (also loss_based), min, median
     for e in result.evaluations:
@@ -586,7 +594,7 @@ def test_search_from_saved_directory(llama, batches, tmp_path):
         assert e.values["loss"] == pytest.approx(LossEvaluator(batches)(sn, e.config), rel=1e-6)
         assert e.values["params"] == sn.count(e.config)["params"]
     with pytest.raises(ValueError, match="needs the base model"):
-        search(tmp_path, LossEvaluator(batches), **QUIET)
+        search_subnetworks(tmp_path, LossEvaluator(batches), **QUIET)
 
 
 def test_search_from_trainer_uses_eval_set_and_stats(llama, tmp_path):
@@ -607,7 +615,7 @@ def test_search_from_trainer_uses_eval_set_and_stats(llama, tmp_path):
     )
     trainer = NASTrainer(model=nls_model(llama), args=args, train_dataset=data, eval_dataset=data)
     trainer.train()
-    result = search(trainer, strategy="loss_based", **QUIET)
+    result = search_subnetworks(trainer, strategy="loss_based", **QUIET)
     assert result.objectives == ["loss", "params"]
     sn = trainer.supernet
     for name in ("max", "min"):  # the mean of the model's own batch losses over the trainer's eval batches
@@ -618,7 +626,9 @@ def test_search_from_trainer_uses_eval_set_and_stats(llama, tmp_path):
         assert result.by_source(name)[0].values["loss"] == pytest.approx(sum(losses) / 2, rel=1e-6)
     expected = loss_based_config(trainer.supernet.space, trainer.sampler.stats(), 0.01)
     assert result.by_source("loss_based")[0].config == expected
-    act = search(trainer, strategy="activation_based", reference_subnets=(), **QUIET)  # calibrates on the eval set
+    act = search_subnetworks(
+        trainer, strategy="activation_based", reference_subnets=(), **QUIET
+    )  # calibrates on the eval set
     assert len(act.evaluations) == 1
 
 
@@ -626,23 +636,23 @@ def test_search_from_trainer_uses_eval_set_and_stats(llama, tmp_path):
 def test_bad_input_gives_clear_errors(supernet, batches):
     score = FunctionEvaluator(lambda c: 1.0)
     with pytest.raises(ValueError, match="no dimensions"):
-        search(SearchSpace([]), score, **QUIET)
+        search_subnetworks(SearchSpace([]), score, **QUIET)
     with pytest.raises(ValueError, match="single choice"):
-        search(SearchSpace([Dimension("a", "rank", (4,)), Dimension("b", "rank", (8,))]), score, **QUIET)
+        search_subnetworks(SearchSpace([Dimension("a", "rank", (4,)), Dimension("b", "rank", (8,))]), score, **QUIET)
     with pytest.raises(ValueError, match=r"budget=10 leaves 7 evaluations to NSGA-II.*at least 23.*reference_subnets"):
-        search(supernet, LossEvaluator(batches), budget=10, population=20)
+        search_subnetworks(supernet, LossEvaluator(batches), budget=10, population=20)
     with pytest.raises(ValueError, match=r"budget=2 is smaller than the 3 reference sub-networks"):
         SearchConfig(strategy="random", budget=2)
     with pytest.raises(ValueError, match=r"strategy='greedy' is unknown"):
-        search(supernet, LossEvaluator(batches), "greedy")
+        search_subnetworks(supernet, LossEvaluator(batches), "greedy")
     with pytest.raises(ValueError, match=r"Unknown objective 'accuracy'.*name='accuracy'"):
-        search(supernet, LossEvaluator(batches), objectives=("accuracy", "params"), **QUIET)
+        search_subnetworks(supernet, LossEvaluator(batches), objectives=("accuracy", "params"), **QUIET)
     with pytest.raises(ValueError, match=r"Evaluators \['loss'\] are not in objectives"):
-        search(supernet, LossEvaluator(batches), objectives=("params",), **QUIET)
+        search_subnetworks(supernet, LossEvaluator(batches), objectives=("params",), **QUIET)
     with pytest.raises(ValueError, match="needs a super-network"):
-        search(synthetic_space(2), score, objectives=("score", "params"), **QUIET)
+        search_subnetworks(synthetic_space(2), score, objectives=("score", "params"), **QUIET)
     with pytest.raises(ValueError, match="needs calibration batches"):
-        search(supernet, CountEvaluator("macs"), "activation_based", **QUIET)
+        search_subnetworks(supernet, CountEvaluator("macs"), "activation_based", **QUIET)
     with pytest.raises(ValueError, match=r"SearchConfig.budget=0 must be a positive integer"):
         SearchConfig(budget=0)
     with pytest.raises(ValueError, match=r"SearchConfig.reference_subnets holds \['best'\]"):

@@ -4,6 +4,7 @@ The packages follow the pipeline, and each imports only from those before it:
 `models` → `compression` → `tuners` → `nas` → `search` → `export` → `cli` / `demo`.
 """
 
+import importlib
 from typing import Any
 
 from . import _compat, nas
@@ -18,7 +19,14 @@ from .compression import (
     sparsify,
     sparsity_of,
 )
-from .export import CardInfo, accelerate, export_subnetwork, load_exported, prepare_upload_folder, push_to_hub
+from .export import (
+    CardInfo,
+    export_subnetwork,
+    load_exported,
+    optimize_for_inference,
+    prepare_upload_folder,
+    push_to_hub,
+)
 from .nas import (
     TRL_NAMES,
     Dimension,
@@ -51,7 +59,7 @@ from .search import (
     SearchResult,
     SubnetSearch,
     remeasure,
-    search,
+    search_subnetworks,
 )
 from .tuners import ElasticLoraConfig, ElasticLoraLinear, NLSConfig
 from .version import __version__
@@ -62,6 +70,8 @@ _compat.install()
 def __getattr__(name: str) -> Any:
     if name in TRL_NAMES:  # NASSFTTrainer, NASSFTConfig: imported on first use, they need trl
         return getattr(nas, name)
+    if name == "accelerate":  # renamed; warns
+        return getattr(importlib.import_module(".export", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -100,13 +110,13 @@ __all__ = [
     "SubnetSearch",
     "SuperNetwork",
     "__version__",
-    "accelerate",
     "export_subnetwork",
     "get_supernet",
     "load_exported",
     "load_quantized",
     "load_super_network",
     "merge_subnet_adapter",
+    "optimize_for_inference",
     "prepare_upload_folder",
     "push_to_hub",
     "quantize",
@@ -114,6 +124,7 @@ __all__ = [
     "remeasure",
     "save_quantized",
     "search",
+    "search_subnetworks",
     "sparsify",
     "sparsity_of",
 ]

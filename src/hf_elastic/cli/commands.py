@@ -190,7 +190,7 @@ def _quality_evaluator(args: argparse.Namespace, tokenizer: Any, model: Any) -> 
 
 def cmd_search(args: argparse.Namespace) -> None:
     from ..nas.trainer import NAS_STATS_NAME
-    from ..search.searcher import SearchConfig, search
+    from ..search.searcher import SearchConfig, search_subnetworks
 
     options = config_kwargs(args, SearchConfig, SEARCH)
     SearchConfig(**options)  # a wrong setting fails before the model loads
@@ -198,7 +198,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     evaluator = _quality_evaluator(args, tokenizer, supernet.model)
     config = SearchConfig(objectives=(evaluator.name, args.cost), **options)
     stats = Path(args.adapter, NAS_STATS_NAME)
-    result = search(
+    result = search_subnetworks(
         supernet,
         evaluator,
         config,

@@ -125,7 +125,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
     from ..export.subnetwork import export_subnetwork, load_exported
     from ..search.evaluators import LatencyEvaluator
     from ..search.latency import LatencyTable, PredictedLatencyEvaluator, remeasure, spearman
-    from ..search.searcher import SearchConfig, search
+    from ..search.searcher import SearchConfig, search_subnetworks
     from .measure import DemoAccuracy
 
     cfg, out, tokenizer, rows = ctx.cfg, ctx.out, ctx.tokenizer, ctx.rows
@@ -139,7 +139,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
     table.save(out / "latency_table.json")
     ctx.lap("latency table")
 
-    result = search(
+    result = search_subnetworks(
         supernet,
         [DemoAccuracy(tokenizer, ctx.val, cfg.max_length), PredictedLatencyEvaluator(table)],
         SearchConfig(

@@ -152,7 +152,7 @@ def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
     from ..export.openvino import export_openvino, load_openvino
     from ..export.openvino_ir import ir_weight_sparsity
     from ..export.subnetwork import export_subnetwork, load_exported
-    from ..search.searcher import SearchConfig, search
+    from ..search.searcher import SearchConfig, search_subnetworks
     from .assets import DEFAULT_TEMPLATE, accuracy, build_training_features
     from .lonas import RANK_GROUPS, TARGETS
 
@@ -212,7 +212,7 @@ def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
     supernet = trainer.supernet
     ctx.lap("NAS training")
 
-    result = search(
+    result = search_subnetworks(
         supernet,
         DemoAccuracy(tokenizer, ctx.val, cfg.max_length),
         SearchConfig(

@@ -1,14 +1,31 @@
 """Export of a chosen sub-network: a merged, physically sliced checkpoint, an OpenVINO IR, and a Hub upload with card.
 
 OpenVINO, optimum-intel and NNCF are imported only when an OpenVINO function runs (`pip install hf-elastic[openvino]`).
+`accelerate` is now `optimize_for_inference` (the old name still works, with a `FutureWarning`).
 """
+
+import warnings
+from typing import Any
 
 from .card_info import CardInfo
 from .hub import prepare_upload_folder, push_to_hub
 from .model_card import build_model_card, check_model_card, detect_artifact_kind, infer_method, measure_sparsity
 from .openvino import FP32_CPU_CONFIG, WEIGHT_FORMATS, export_openvino, int4_group_size, load_openvino
 from .openvino_ir import IRWeight, ir_weight_sparsity, ir_weights
-from .subnetwork import WIDTHS_ATTR, accelerate, export_subnetwork, load_exported
+from .subnetwork import WIDTHS_ATTR, export_subnetwork, load_exported, optimize_for_inference
+
+
+def __getattr__(name: str) -> Any:
+    if name == "accelerate":
+        warnings.warn(
+            "`hf_elastic.accelerate` is now `hf_elastic.optimize_for_inference` (it wraps torch.compile / IPEX, not "
+            "Hugging Face's accelerate library). The old name will be removed in a later release.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return optimize_for_inference
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FP32_CPU_CONFIG",
@@ -16,7 +33,6 @@ __all__ = [
     "WIDTHS_ATTR",
     "CardInfo",
     "IRWeight",
-    "accelerate",
     "build_model_card",
     "check_model_card",
     "detect_artifact_kind",
@@ -29,6 +45,7 @@ __all__ = [
     "load_exported",
     "load_openvino",
     "measure_sparsity",
+    "optimize_for_inference",
     "prepare_upload_folder",
     "push_to_hub",
 ]

@@ -117,8 +117,12 @@ def load_exported(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
     return model.eval()
 
 
-def accelerate(model: nn.Module, backend: Literal["auto", "compile", "ipex", "none"] = "auto", **kwargs: Any) -> Any:
-    """Speed up PyTorch inference of an exported model; returns the model to call.
+def optimize_for_inference(
+    model: nn.Module, backend: Literal["auto", "compile", "ipex", "none"] = "auto", **kwargs: Any
+) -> Any:
+    """Speed up PyTorch inference of an exported model (`torch.compile` or IPEX); returns the model to call.
+
+    It was called `accelerate` before 0.2 (that name still works, with a `FutureWarning`).
 
     `"ipex"` runs `intel_extension_for_pytorch.optimize`, which only imports beside the torch release it was built
     for (IPEX is end-of-life; no build supports torch 2.13). `"compile"` runs `torch.compile` (inductor, works on

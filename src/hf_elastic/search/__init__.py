@@ -1,8 +1,8 @@
 """Sub-network search: score sub-networks of a trained super-network and find the best trade-offs.
 
-After NAS training, `search` evaluates sub-networks with one or more objectives (a quality objective such as the eval
-loss, and a cost such as the parameter count, the MACs or the measured latency) and returns a `SearchResult` with
-every evaluated sub-network and the Pareto front.
+After NAS training, `search_subnetworks` evaluates sub-networks with one or more objectives (a quality objective
+such as the eval loss, and a cost such as the parameter count, the MACs or the measured latency) and returns a
+`SearchResult` with every evaluated sub-network and the Pareto front.
 
 Strategies:
 
@@ -19,7 +19,14 @@ need no compiler, while pymoo 0.6 requires scipy, autograd, cma, moocore and ali
 the loop here (caching repeated sub-networks, the progress bar, NaN handling, activating the model); it handles
 integer and categorical parameters natively; and a seeded sampler makes runs reproducible. The search runs over the
 choice index (0 = largest) of every dimension with more than one choice.
+`hf_elastic.search` is this package; the function is `search_subnetworks` (calling the package, or importing
+`search` from it, still works with a `FutureWarning`).
 """
+
+import sys
+import warnings
+from types import ModuleType
+from typing import Any
 
 from .evaluators import (
     COUNT_OBJECTIVES,
@@ -36,7 +43,7 @@ from .evaluators import (
 from .heuristics import HEURISTICS, activation_based_config, activation_importance, loss_based_config
 from .latency import LatencyTable, PredictedLatencyEvaluator, remeasure, spearman
 from .result import Evaluation, SearchResult, hypervolume_2d, pareto_front
-from .searcher import STRATEGIES, SearchConfig, SearchTarget, SubnetSearch, search
+from .searcher import STRATEGIES, SearchConfig, SearchTarget, SubnetSearch, search_subnetworks
 from .tasks import ExactMatchEvaluator, LabelWordEvaluator, extract_answer
 
 __all__ = [
@@ -68,6 +75,33 @@ __all__ = [
     "loss_based_config",
     "pareto_front",
     "remeasure",
-    "search",
+    "search_subnetworks",
     "spearman",
 ]
+
+
+def _renamed() -> None:
+    warnings.warn(
+        "`hf_elastic.search(...)` is now `hf_elastic.search_subnetworks(...)`; `hf_elastic.search` is the package. "
+        "The old name will be removed in a later release.",
+        FutureWarning,
+        stacklevel=3,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "search":
+        _renamed()
+        return search_subnetworks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _SearchPackage(ModuleType):
+    """Calling the package runs `search_subnetworks`, as `hf_elastic.search(...)` did when it was the function."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        _renamed()
+        return search_subnetworks(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _SearchPackage

@@ -150,7 +150,7 @@ SearchTarget = SuperNetwork | PeftModel | NASTrainerMixin | SearchSpace | str | 
 
 
 class SubnetSearch:
-    """Runs one search; `search()` is the one-call front end.
+    """Runs one search; `search_subnetworks()` is the one-call front end.
 
     Args:
         target: a `SuperNetwork`, an elastic `PeftModel`, a `NASTrainer` or other `NASTrainerMixin` trainer (its
@@ -457,7 +457,7 @@ class SubnetSearch:
         return trials
 
 
-def search(
+def search_subnetworks(
     target: SearchTarget,
     evaluator: Evaluator | Callable | Sequence[Evaluator | Callable] | None = None,
     config: SearchConfig | str | None = None,
@@ -487,16 +487,19 @@ def search(
     Example:
 
     ```py
-    >>> result = search(supernet, LossEvaluator(eval_batches), SearchConfig(objectives=("loss", "params"), budget=200))
+    >>> config = SearchConfig(objectives=("loss", "params"), budget=200)
+    >>> result = search_subnetworks(supernet, LossEvaluator(eval_batches), config)
     >>> result.front                                        # non-dominated sub-networks
     >>> result.best_under("loss", "params", 0.7, relative=True).config
     ```
     """
     if isinstance(config, str):
         if "strategy" in kwargs:
-            raise ValueError(f"search() got the strategy twice: {config!r} and strategy={kwargs['strategy']!r}.")
+            raise ValueError(
+                f"search_subnetworks() got the strategy twice: {config!r} and strategy={kwargs['strategy']!r}."
+            )
         config, kwargs = None, {"strategy": config, **kwargs}
-    config = config_from_kwargs(SearchConfig, config, kwargs, "search")
+    config = config_from_kwargs(SearchConfig, config, kwargs, "search_subnetworks")
     runner = SubnetSearch(
         target, evaluator, config, base_model=base_model, nas_stats=nas_stats, calibration_data=calibration_data
     )
