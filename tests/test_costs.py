@@ -8,7 +8,8 @@ from conftest import ARCHS, VOCAB, fresh, peft_kwargs
 from peft import get_peft_model
 
 from hf_elastic import CountEvaluator, ElasticLoraConfig, FunctionEvaluator, NLSConfig, get_supernet, quantize, search
-from hf_elastic.compression import sparsify
+from hf_elastic.compression import QuantLinear, sparsify
+from hf_elastic.nas import compression_costs
 
 LLAMA = ARCHS["llama"]
 # (out, in) of the seven linears of each of the two layers: q, k, v, o (4 heads, 2 key/value heads, head_dim 8),
@@ -64,6 +65,20 @@ def test_int4_bytes_by_hand(dense):
     assert c["params"] == nls(dense).count("max")["params"]
     assert c["bytes"] == 4 * (c["params"] - TARGETED) + int4  # embedding, norms, LM head, adapter at float32
     assert c["nonzero_params"] <= c["params"]  # codes equal to their zero point dequantize to 0
+
+
+def test_quantized_nonzero_mask_counts_the_weights_that_dequantize_to_nonzero(sparse):
+    model = fresh(sparse)
+    quantize(model, bits=4, group_size=16, show_progress=False)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 14
+    for q in layers:
+        assert torch.equal(q.nonzero_mask(), q.dequantize() != 0)
+    nonzero = sum(int(q.nonzero_mask().sum()) for q in layers)
+    assert nonzero <= TARGETED // 2  # the pruned half stays zero; a few more weights round to their zero point
+    c = nls(model).count("max")
+    assert c["nonzero_params"] == c["params"] - TARGETED + nonzero  # every other weight of the random model counts
+    assert compression_costs(nls(model), "max") == {"nonzero_params": c["nonzero_params"], "bytes": c["bytes"]}
 
 
 @pytest.mark.parametrize("quantized", [False, True])

@@ -29,16 +29,66 @@ def _modules() -> list[tuple[str, Path]]:
 
 
 def _internal_imports(name: str, path: Path) -> list[str]:
-    """Modules of hf_elastic (dotted, relative to the package; '' for the package itself) imported by a file."""
+    """Modules of hf_elastic (dotted, relative to the package; '' for the package itself) imported by a file.
+
+    Every import counts, also those under `if TYPE_CHECKING:` and inside functions; `from . import x` counts as an
+    import of the module `x` where there is one.
+    """
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    modules = {module for module, _ in _modules()}
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
-            base = package[: len(package) - (node.level - 1)]
-            found.append(".".join(base + ([node.module] if node.module else [])))
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_elastic"):
-            found.append(node.module.removeprefix("hf_elastic").removeprefix("."))
+            base = ".".join(package[: len(package) - (node.level - 1)] + ([node.module] if node.module else []))
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "hf_elastic":
+            base = node.module.removeprefix("hf_elastic").removeprefix(".")
+        else:
+            if isinstance(node, ast.Import):
+                found += [a.name.removeprefix("hf_elastic.") for a in node.names if a.name.startswith("hf_elastic.")]
+            continue
+        found.append(base)
+        found += [f"{base}.{a.name}".lstrip(".") for a in node.names if f"{base}.{a.name}".lstrip(".") in modules]
     return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the hf_elastic modules it imports, without a module's imports of its own packages.
+
+    Those are left out (e.g. `from . import __doc__` in `cli/parser.py`): Python initialises a package before its
+    modules, so such an import cannot start a circle; at module level it would fail at once instead.
+    """
+    return {
+        name: {t for t in _internal_imports(name, path) if t and not name.startswith(t + ".")}
+        for name, path in _modules()
+    }
+
+
+def _import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The circles of an import graph: each set of modules that reach each other (Tarjan's algorithm), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = stack[stack.index(node) :]
+            del stack[stack.index(node) :]
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(cycles)
 
 
 @pytest.mark.parametrize(("name", "path"), [m for m in _modules() if m[0].split(".")[0] in PIPELINE])
@@ -49,6 +99,22 @@ def test_imports_point_down_the_pipeline(name: str, path: Path) -> None:
             continue  # the entry points use the public API
         assert target, f"{name} imports the hf_elastic package itself; import the module that defines the name"
         assert PIPELINE.index(target.split(".")[0]) <= stage, f"{name} imports {target}, a later stage"
+
+
+def test_no_modules_import_each_other_in_a_circle(tmp_path: Path) -> None:
+    source = tmp_path / "probe.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\nfrom . import importance\nif TYPE_CHECKING:\n"
+        "    from .supernet import SuperNetwork\ndef f():\n    from ..search import heuristics\n"
+    )
+    found = _internal_imports("nas.probe", source)  # type-only and function-level imports count too
+    assert sorted(found) == ["nas", "nas.importance", "nas.supernet", "search", "search.heuristics"]
+    graph = {"a": {"b"}, "b": {"c", "d"}, "c": {"a"}, "d": set(), "e": {"e.f"}, "e.f": {"d"}}
+    assert _import_cycles(graph) == [["a", "b", "c"]]
+    assert _import_cycles(graph | {"d": {"e"}, "e.f": {"b"}}) == [["a", "b", "c", "d", "e", "e.f"]]
+    graph = _import_graph()
+    assert "nas.supernet" not in graph["nas.costs"] | graph["nas.importance"] | graph["nas.geometry"]
+    assert _import_cycles(graph) == [], "these modules import each other in a circle"
 
 
 @pytest.mark.parametrize(("name", "path"), _modules())
@@ -107,6 +173,7 @@ def test_old_from_imports_keep_working() -> None:
         "from hf_elastic.search import SearchResult, LossEvaluator, pareto_front, search\n"
         "from hf_elastic.export import export_subnetwork, load_exported, accelerate\n"
         "from hf_elastic.elastic_lora.arch import ARCH_SPECS, find_width_layers\n"
+        "from hf_elastic.nas import COMPRESSION_COSTS, compression_costs\n"
         "import hf_elastic\n"
         "assert QuantLinear is hf_elastic.QuantLinear and SearchResult is hf_elastic.SearchResult\n"
     )

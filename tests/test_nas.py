@@ -28,7 +28,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM, TrainerCallback
 
 from hf_elastic import ElasticLoraConfig, ElasticLoraLinear, NLSConfig, SuperNetwork, get_supernet, load_super_network
+from hf_elastic.models.arch import find_width_layers, slice_layer_width, weight_out_in
 from hf_elastic.nas.trainer import NAS_STATS_NAME, NASTrainer, register_sampler
+from hf_elastic.tuners.elastic_lora.width import WidthMasks, kept_units, width_choices
 
 # ---------------------------------------------------------------------------------------------------- supernet
 
@@ -204,6 +206,41 @@ def test_activation_order_puts_a_silent_channel_last():
     sn = get_supernet(get_peft_model(base, make_config("elastic", arch)))
     assert sn.reorder_channels("magnitude")["0.ffn"][0] == 17
     assert sn.reorder_channels("activation", batches=[arch.batch(4)])["0.ffn"][-1] == 17
+
+
+def test_width_masks_on_a_plain_model_compute_the_sliced_model():
+    """The LoNAS width machinery of `tuners.elastic_lora.width` works on a model without adapters, and the
+    super-network's geometry gives the sliced layers' sizes."""
+    arch = ARCHS["llama"]
+    model, sliced = arch.build(), arch.build()
+    _, layers = find_width_layers(model)
+    config = ElasticLoraConfig(target_modules=["q_proj"], ffn_width_choices=[1.0, 0.5, 12], head_choices=[1.0, 0.5])
+    assert width_choices(config, layers[0]) == {"ffn": (48, 24, 12), "heads": (4, 2)}
+    with pytest.raises(ValueError, match=r"head_choices=\[3\] gives head counts \[3\] that are not whole key/value"):
+        width_choices(ElasticLoraConfig(target_modules=["q_proj"], head_choices=[3]), layers[0])
+    ffn = kept_units(layers[0], "ffn", 12, torch.arange(48).flip(0))
+    heads = kept_units(layers[1], "heads", 2, torch.tensor([1, 0]))
+    assert ffn.tolist() == list(range(36, 48)) and heads.tolist() == [1]
+    assert kept_units(layers[0], "ffn", 48, None) is None and kept_units(layers[0], "heads", None, None) is None
+    masks = WidthMasks(model, layers)
+    masks.keep(layers[0], "ffn", ffn)
+    masks.keep(layers[1], "heads", heads)
+    _, cut = find_width_layers(sliced)
+    slice_layer_width(cut[0], ffn, None)
+    slice_layer_width(cut[1], None, heads)
+    batch = arch.batch()
+    with torch.no_grad():
+        assert (model(**batch).logits - sliced(**batch).logits).abs().max().item() <= 1e-5
+        masks.remove()
+        assert torch.equal(model(**batch).logits, arch.build()(**batch).logits)
+
+    sn = get_supernet(get_peft_model(arch.build(), make_config("elastic", arch)))
+    sn.geometry.set_channel_order({"0.ffn": list(range(47, -1, -1))})
+    subnet = sn.space.max_config() | {"0.ffn": 24, "1.heads": 2}
+    assert sn.geometry.kept_indices(subnet)["model.layers.0.mlp.down_proj"][1].tolist() == list(range(24, 48))
+    sizes = sn.geometry.sizes(subnet)
+    shapes = {n: tuple(weight_out_in(m).shape) for n, m in sn.extract_model(subnet).named_modules() if n in sizes}
+    assert shapes == sizes and sizes["model.layers.1.self_attn.o_proj"] == (32, 16)
 
 
 # ---------------------------------------------------------------------------------------------------- trainer

@@ -5,10 +5,12 @@
 
 from typing import Any
 
-from .costs import COMPRESSION_COSTS, compression_costs
+from .costs import COMPRESSION_COSTS, CompressionCosts
+from .geometry import SubnetGeometry
+from .importance import IMPORTANCE_METHODS
 from .loading import load_super_network, merge_subnet_adapter
 from .search_space import Dimension, SearchSpace, SubnetConfig
-from .supernet import NamedConfig, SuperNetwork, get_supernet
+from .supernet import NamedConfig, SuperNetwork, compression_costs, get_supernet
 from .trainer import NASArgumentsMixin, NASTrainer, NASTrainerMixin, NASTrainingArguments, register_sampler
 
 TRL_NAMES = ("NASSFTConfig", "NASSFTTrainer")
@@ -28,7 +30,9 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "COMPRESSION_COSTS",
+    "CompressionCosts",
     "Dimension",
+    "IMPORTANCE_METHODS",
     "NASArgumentsMixin",
     "NASSFTConfig",
     "NASSFTTrainer",
@@ -38,6 +42,7 @@ __all__ = [
     "NamedConfig",
     "SearchSpace",
     "SubnetConfig",
+    "SubnetGeometry",
     "SuperNetwork",
     "get_supernet",
     "load_super_network",

@@ -21,25 +21,22 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
+import torch.nn as nn
 
 from ..compression.quantization.format import QuantLinear
 from ..models.arch import base_layer, weight_out_in
-
-if TYPE_CHECKING:
-    from .supernet import SuperNetwork
+from .geometry import SubnetGeometry
 
 COMPRESSION_COSTS = ("nonzero_params", "bytes")
-_CACHE_ATTR = "_hf_elastic_costs"
 
 
 @dataclass
 class _Linear:
     """What the costs need of one base linear layer, computed once (the base is frozen during NAS)."""
 
-    module: torch.nn.Module  # the base layer, for a sub-network that cuts both its rows and its columns
+    module: nn.Module  # the base layer, for a sub-network that cuts both its rows and its columns
     row_nonzero: torch.Tensor  # (out,) non-zero weights per row
     col_nonzero: torch.Tensor  # (in,) non-zero weights per column
     quant_bits: int | None  # bits of a QuantLinear, None for a float weight
@@ -48,14 +45,12 @@ class _Linear:
     bias_bytes: int  # element size of the bias, 0 without bias
 
 
-def _nonzero_mask(base: torch.nn.Module) -> torch.Tensor:
+def _nonzero_mask(base: nn.Module) -> torch.Tensor:
     """Bool (out, in): which weights are not zero (a quantized weight: its code is not its group's zero point)."""
-    if isinstance(base, QuantLinear):
-        return base.qweight != base.zeros.repeat_interleave(base.group_size, dim=1)
-    return weight_out_in(base).detach() != 0
+    return base.nonzero_mask() if isinstance(base, QuantLinear) else weight_out_in(base).detach() != 0
 
 
-def _linear_info(module: torch.nn.Module) -> _Linear:
+def _linear_info(module: nn.Module) -> _Linear:
     base = base_layer(module)
     mask = _nonzero_mask(base)
     bias = getattr(base, "bias", None)
@@ -70,56 +65,6 @@ def _linear_info(module: torch.nn.Module) -> _Linear:
         0 if quantized else weight_out_in(base).element_size(),
         bias_bytes,
     )
-
-
-class _Costs:
-    """Per-model tables behind `compression_costs`, built on first use and cached on the `SuperNetwork`."""
-
-    def __init__(self, supernet: SuperNetwork) -> None:
-        base = supernet.base
-        self.linears = {name: _linear_info(base.get_submodule(name)) for name in supernet._linear_sizes}
-        seen = set()
-        for name in self.linears:
-            layer = base_layer(base.get_submodule(name))
-            seen.update(id(t) for t in (getattr(layer, "weight", None), layer.bias) if t is not None)
-        self.other_nonzero, self.other_bytes = 0, 0
-        for name, param in base.named_parameters():
-            if "lora_" in name or id(param) in seen:
-                continue
-            seen.add(id(param))
-            self.other_nonzero += int((param.detach() != 0).sum())
-            self.other_bytes += param.numel() * param.element_size()
-        self.adapter_bytes = {
-            key: module.lora_A[supernet.adapter_name].weight.element_size()
-            for key, module in supernet.lora_modules.items()
-        }
-        self.fixed_adapter_bytes = sum(
-            p.numel() * p.element_size()
-            for n, p in base.named_parameters()
-            if "lora_" in n
-            and f".{supernet.adapter_name}" in n
-            and n.rsplit(".lora_", 1)[0] not in supernet.lora_modules
-        )
-
-
-def _costs(supernet: SuperNetwork) -> _Costs:
-    costs = supernet.__dict__.get(_CACHE_ATTR)
-    if costs is None:
-        costs = supernet.__dict__[_CACHE_ATTR] = _Costs(supernet)
-    return costs
-
-
-def kept_indices(supernet: SuperNetwork, config: Mapping[str, int]) -> dict[str, tuple[torch.Tensor | None, ...]]:
-    """The kept rows and columns (index tensors, None when whole) of every base linear that `config` narrows."""
-    cuts: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-    for layer in supernet.width_layers:
-        for kind in ("ffn", "heads"):
-            keep = supernet.kept_units(layer, kind, config.get(f"{layer.index}.{kind}"))
-            if keep is None:
-                continue
-            slices = layer.ffn_slices(keep) if kind == "ffn" else layer.head_slices(keep)
-            cuts.update({layer.path(rel): (rows, cols) for rel, (rows, cols) in slices.items()})
-    return cuts
 
 
 def _linear_costs(info: _Linear, rows: torch.Tensor | None, cols: torch.Tensor | None) -> tuple[int, int]:
@@ -141,18 +86,61 @@ def _linear_costs(info: _Linear, rows: torch.Tensor | None, cols: torch.Tensor |
     return nonzero, nbytes + math.ceil(packed_bits / 8) + out_f * groups * 4  # float32 scales
 
 
-def compression_costs(supernet: SuperNetwork, config: Mapping[str, int]) -> dict[str, int]:
-    """`nonzero_params` and `bytes` of the sub-network `config` (a resolved config dict); see the module docstring."""
-    costs = _costs(supernet)
-    cuts = kept_indices(supernet, config)
-    nonzero, nbytes = costs.other_nonzero, costs.other_bytes
-    for name, info in costs.linears.items():
-        n, b = _linear_costs(info, *cuts.get(name, (None, None)))
-        nonzero, nbytes = nonzero + n, nbytes + b
-    if not (supernet.config.sparse_adapter or supernet.config.quantization_aware):
-        sizes = supernet._effective_sizes(config)
-        ranks = supernet.module_ranks(config)
-        nonzero += sum(ranks[k] * sum(sizes[k]) for k in supernet.lora_modules) + supernet._fixed_adapter_params
-        nbytes += sum(ranks[k] * sum(sizes[k]) * costs.adapter_bytes[k] for k in supernet.lora_modules)
-        nbytes += costs.fixed_adapter_bytes
-    return {"nonzero_params": nonzero, "bytes": nbytes}
+class CompressionCosts:
+    """`nonzero_params` and `bytes` of the sub-networks of one frozen base model; see the module docstring.
+
+    Args:
+        base: the base model (with its adapter layers in place).
+        geometry: the super-network's `SubnetGeometry`.
+        adapters: the elastic adapter layers, by module path.
+        adapter_name: the adapter whose parameters count.
+        adapter_merges: whether the adapter merges into the base's non-zero pattern (a sparse or quantization-aware
+            adapter), so that it adds nothing.
+
+    Building it reads every base weight once; `SuperNetwork` builds it on first use.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        geometry: SubnetGeometry,
+        adapters: Mapping[str, nn.Module],
+        adapter_name: str,
+        adapter_merges: bool,
+    ) -> None:
+        self.geometry, self.adapter_merges = geometry, adapter_merges
+        self.linears = {name: _linear_info(base.get_submodule(name)) for name in geometry.linear_sizes}
+        seen = set()
+        for name in self.linears:
+            layer = base_layer(base.get_submodule(name))
+            seen.update(id(t) for t in (getattr(layer, "weight", None), layer.bias) if t is not None)
+        self.other_nonzero, self.other_bytes = 0, 0
+        for name, param in base.named_parameters():
+            if "lora_" in name or id(param) in seen:
+                continue
+            seen.add(id(param))
+            self.other_nonzero += int((param.detach() != 0).sum())
+            self.other_bytes += param.numel() * param.element_size()
+        self.adapter_bytes = {
+            key: module.lora_A[adapter_name].weight.element_size() for key, module in adapters.items()
+        }
+        self.fixed_adapter_bytes = sum(
+            p.numel() * p.element_size()
+            for n, p in base.named_parameters()
+            if "lora_" in n and f".{adapter_name}" in n and n.rsplit(".lora_", 1)[0] not in adapters
+        )
+
+    def __call__(self, config: Mapping[str, int], ranks: Mapping[str, int], adapter_params: int) -> dict[str, int]:
+        """The costs of the sub-network `config` (a resolved config) with adapter `ranks` by module path and
+        `adapter_params` adapter parameters."""
+        cuts = self.geometry.kept_indices(config)
+        nonzero, nbytes = self.other_nonzero, self.other_bytes
+        for name, info in self.linears.items():
+            n, b = _linear_costs(info, *cuts.get(name, (None, None)))
+            nonzero, nbytes = nonzero + n, nbytes + b
+        if not self.adapter_merges:
+            sizes = self.geometry.sizes(config)
+            nonzero += adapter_params
+            nbytes += sum(ranks[k] * sum(sizes[k]) * size for k, size in self.adapter_bytes.items())
+            nbytes += self.fixed_adapter_bytes
+        return {"nonzero_params": nonzero, "bytes": nbytes}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
@@ -16,11 +15,11 @@ import torch.nn as nn
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
-from transformers.pytorch_utils import Conv1D
 
 from ..compression.quantization.format import QuantLinear
 from ..models.arch import WidthLayer, base_layer, find_width_layers, slice_layer_width, weight_out_in
 from ..tuners.elastic_lora.config import ElasticLoraConfig
+from ..tuners.elastic_lora.width import WIDTH_KINDS, WidthMasks, check_channel_order, width_choices, width_key
 from ..tuners.nls.config import ADAPTER_CONFIG_NAME, NLSConfig, guard_adapter_config
 from ..tuners.nls.layer import ElasticLoraLinear
 from ..utils import (
@@ -30,21 +29,13 @@ from ..utils import (
     matches_module,
     split_layer_key,
 )
-from .costs import compression_costs
+from .costs import COMPRESSION_COSTS, CompressionCosts
+from .geometry import SubnetGeometry, linear_sizes
 from .importance import IMPORTANCE_METHODS
 from .search_space import Dimension, SearchSpace, SubnetConfig
 
 _CACHE_ATTR = "_hf_elastic_supernets"
 NamedConfig = Literal["max", "min", "median"]
-
-
-def _resolve_width(name: str, value: float | int, full: int) -> int:
-    if isinstance(value, float):
-        resolved = value * full
-        if abs(resolved - round(resolved)) > 1e-6:
-            raise ValueError(f"{name} value {value} gives {resolved:g} of {full}, not a whole number; pick another.")
-        return round(resolved)
-    return value
 
 
 class SuperNetwork:
@@ -53,6 +44,10 @@ class SuperNetwork:
     Use `get_supernet(model)` to obtain it; it is created once per model and adapter. The search space is built from
     the config and the model: one rank dimension per group of elastic adapters in each layer, and for
     `ElasticLoraConfig` an `"<layer>.ffn"` and `"<layer>.heads"` dimension per transformer layer.
+
+    It owns the `geometry` (sizes of the base's linear layers and the units each sub-network keeps, which the costs
+    and channel importance read) and, for elastic widths, the `WidthMasks` that make the base compute a narrower
+    sub-network (`hf_elastic.tuners.elastic_lora.width`).
     """
 
     def __init__(self, model: PeftModel, adapter_name: str | None = None) -> None:
@@ -87,30 +82,26 @@ class SuperNetwork:
                 p.numel() for n, p in module.named_parameters() if "lora_" in n and f".{self.adapter_name}" in n
             )
         dims = self._rank_dimensions()
-        self.width_layers: list[WidthLayer] = []
-        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
-        self._masks: dict[str, torch.Tensor] = {}
-        self._orders: dict[str, torch.Tensor] = {}
+        width_layers: list[WidthLayer] = []
         if isinstance(self.config, ElasticLoraConfig) and (self.config.ffn_width_choices or self.config.head_choices):
-            dims += self._width_dimensions()
+            _, width_layers = find_width_layers(self.base)
+            for layer in width_layers:
+                choices = width_choices(self.config, layer)
+                dims += [Dimension(width_key(layer, kind), kind, values) for kind, values in choices.items()]
+        channel_order = getattr(self.config, "channel_order", None)
+        check_channel_order(channel_order, width_layers)
         if not dims:
             raise ValueError("The model has no elastic dimension: no adapter is elastic and no width choices are set.")
         self.space = SearchSpace(dims)
         self._active: SubnetConfig = self.space.max_config()
-        self._linear_sizes = {
-            name: (base_layer(m).out_features, base_layer(m).in_features)
-            if isinstance(base_layer(m), QuantLinear)
-            else tuple(weight_out_in(m).shape)
-            for name, m in self.base.named_modules()
-            if isinstance(base_layer(m), (nn.Linear, Conv1D, QuantLinear))
-            and not any(part == "base_layer" or part.startswith("lora_") for part in name.split("."))
-        }
+        self.geometry = SubnetGeometry(linear_sizes(self.base), width_layers, channel_order)
+        self.width_masks = WidthMasks(self.base, width_layers)
+        self._costs: CompressionCosts | None = None
         self._base_params = sum(p.numel() for n, p in self.base.named_parameters() if "lora_" not in n) + sum(
             m.qweight.numel() for m in self.base.modules() if isinstance(m, QuantLinear)
         )
         if self.config.sparse_adapter:
             self._check_base_sparsity()
-        self._check_channel_order()
         if self.config.base_fingerprint is None:
             self.config.base_fingerprint = self.base_fingerprint()
         model.__dict__.setdefault(_CACHE_ATTR, {})
@@ -123,19 +114,10 @@ class SuperNetwork:
         """Digest of the adapted base weights: class, shape and first row of each (cheap on any model size)."""
         return base_fingerprint(self.lora_modules)
 
-    def _check_channel_order(self) -> None:
-        """Every recorded order must be a permutation of its layer's FFN channels or key/value groups."""
-        units = {f"{layer.index}.ffn": layer.ffn_dim for layer in self.width_layers}
-        units |= {f"{layer.index}.heads": layer.num_kv_heads for layer in self.width_layers}
-        for key, order in (getattr(self.config, "channel_order", None) or {}).items():
-            if key not in units:
-                raise ValueError(f"channel_order has {key!r}, which names no width dimension ({sorted(units)[:4]}).")
-            if sorted(order) != list(range(units[key])):
-                raise ValueError(
-                    f"channel_order[{key!r}] must be a permutation of 0..{units[key] - 1}, got {len(order)} entries "
-                    f"from {min(order, default=None)} to {max(order, default=None)}. Reorder again with "
-                    "reorder_channels or remove the entry."
-                )
+    @property
+    def width_layers(self) -> list[WidthLayer]:
+        """The transformer layers with an elastic width (empty without width choices)."""
+        return self.geometry.width_layers
 
     def _check_base_sparsity(self) -> None:
         """Record the base's zero pattern in the config, or check it against the record of a loaded adapter."""
@@ -189,49 +171,9 @@ class SuperNetwork:
         self._rank_members = members
         return [Dimension(name, "rank", tuple(config.rank_choices)) for name in members]
 
-    def _width_dimensions(self) -> list[Dimension]:
-        config: ElasticLoraConfig = self.config
-        _, self.width_layers = find_width_layers(self.base)
-        dims = []
-        for layer in self.width_layers:
-            if config.ffn_width_choices:
-                values = [_resolve_width("ffn_width_choices", v, layer.ffn_dim) for v in config.ffn_width_choices]
-                bad = [v for v in values if not 1 <= v <= layer.ffn_dim]
-                if bad:
-                    raise ValueError(
-                        f"ffn_width_choices={config.ffn_width_choices} gives widths {bad} outside [1, {layer.ffn_dim}]"
-                        f" for layer {layer.index}."
-                    )
-                dims.append(Dimension(f"{layer.index}.ffn", "ffn", tuple(values)))
-            if config.head_choices:
-                values = [_resolve_width("head_choices", v, layer.num_heads) for v in config.head_choices]
-                bad = [v for v in values if v % layer.group_size or not layer.group_size <= v <= layer.num_heads]
-                if bad:
-                    raise ValueError(
-                        f"head_choices={config.head_choices} gives head counts {bad} that are not whole key/value "
-                        f"groups: layer {layer.index} has {layer.num_heads} heads in {layer.num_kv_heads} groups of "
-                        f"{layer.group_size}. Use multiples of {layer.group_size} up to {layer.num_heads}."
-                    )
-                dims.append(Dimension(f"{layer.index}.heads", "heads", tuple(values)))
-            for rel in (layer.spec.ffn_out, layer.spec.attn_out):
-                path = layer.path(rel)
-                hook = functools.partial(SuperNetwork._mask_input, self, path)
-                self._hooks.append(self.base.get_submodule(path).register_forward_pre_hook(hook))
-        return dims
-
-    def _mask_input(self, path: str, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        mask = self._masks.get(path)
-        if mask is None:
-            return None
-        x = args[0]
-        return (x * mask.to(dtype=x.dtype, device=x.device), *args[1:])
-
     def remove_hooks(self) -> None:
         """Detach the width masks from the model (the super-network then always runs at full width)."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        self._masks.clear()
+        self.width_masks.remove()
 
     # ------------------------------------------------------------------ activation
     @property
@@ -254,18 +196,8 @@ class SuperNetwork:
             for key in keys:
                 self.lora_modules[key].active_rank[self.adapter_name] = config[name]
         for layer in self.width_layers:
-            for kind, rel in (("ffn", layer.spec.ffn_out), ("heads", layer.spec.attn_out)):
-                value = config.get(f"{layer.index}.{kind}")
-                path = layer.path(rel)
-                keep = self.kept_units(layer, kind, value)
-                if keep is None:
-                    self._masks.pop(path, None)
-                    continue
-                cols = (layer.ffn_slices(keep) if kind == "ffn" else layer.head_slices(keep))[rel][1]
-                weight = weight_out_in(self.base.get_submodule(path))
-                mask = torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device)
-                mask[cols.to(weight.device)] = 1
-                self._masks[path] = mask
+            for kind in WIDTH_KINDS:
+                self.width_masks.keep(layer, kind, self.kept_units(layer, kind, config.get(width_key(layer, kind))))
         self._active = config
         return dict(config)
 
@@ -276,34 +208,16 @@ class SuperNetwork:
 
     def kept_units(self, layer: WidthLayer, kind: str, value: int | None) -> torch.Tensor | None:
         """Sorted indices of the FFN channels or key/value groups kept at `value`; None when nothing is cut."""
-        units = layer.ffn_dim if kind == "ffn" else layer.num_kv_heads
-        count = value if kind == "ffn" else (value // layer.group_size if value is not None else None)
-        if count is None or count == units:
-            return None
-        key = f"{layer.index}.{kind}"
-        if key not in self._orders:
-            order = (self.config.channel_order or {}).get(key)
-            self._orders[key] = torch.tensor(order) if order is not None else torch.arange(units)
-        return self._orders[key][:count].sort().values
+        return self.geometry.kept_units(layer, kind, value)
 
     # ------------------------------------------------------------------ size
-    def _effective_sizes(self, config: SubnetConfig) -> dict[str, tuple[int, int]]:
-        sizes = dict(self._linear_sizes)
-        for layer in self.width_layers:
-            cuts = {}
-            keep = self.kept_units(layer, "ffn", config.get(f"{layer.index}.ffn"))
-            if keep is not None:
-                cuts.update(layer.ffn_slices(keep))
-            keep = self.kept_units(layer, "heads", config.get(f"{layer.index}.heads"))
-            if keep is not None:
-                cuts.update(layer.head_slices(keep))
-            for rel, (rows, cols) in cuts.items():
-                out_f, in_f = sizes[layer.path(rel)]
-                sizes[layer.path(rel)] = (
-                    len(rows) if rows is not None else out_f,
-                    len(cols) if cols is not None else in_f,
-                )
-        return sizes
+    @property
+    def costs(self) -> CompressionCosts:
+        """The `nonzero_params` and `bytes` of sub-networks (`hf_elastic.nas.costs`), built on first use."""
+        if self._costs is None:
+            merges = bool(self.config.sparse_adapter or self.config.quantization_aware)
+            self._costs = CompressionCosts(self.base, self.geometry, self.lora_modules, self.adapter_name, merges)
+        return self._costs
 
     def count(self, config: Mapping[str, int] | NamedConfig | None = None) -> dict[str, int]:
         """Parameters and per-token linear-layer MACs of a sub-network (default: the active one).
@@ -313,10 +227,10 @@ class SuperNetwork:
         sparsity and quantization, `nonzero_params` and `bytes` (see `hf_elastic.nas.costs`).
         """
         config = self._active if config is None else self.resolve(config)
-        sizes = self._effective_sizes(config)
+        sizes = self.geometry.sizes(config)
         removed = 0
         for name, (out_f, in_f) in sizes.items():
-            full_out, full_in = self._linear_sizes[name]
+            full_out, full_in = self.geometry.linear_sizes[name]
             removed += full_out * full_in - out_f * in_f
             if base_layer(self.base.get_submodule(name)).bias is not None:
                 removed += full_out - out_f
@@ -325,7 +239,7 @@ class SuperNetwork:
         macs = sum(o * i for o, i in sizes.values()) + adapter
         base = self._base_params - removed
         counts = {"params": base + adapter, "base_params": base, "adapter_params": adapter, "macs": macs}
-        return counts | compression_costs(self, config)
+        return counts | self.costs(config, ranks, adapter)
 
     def module_ranks(self, config: Mapping[str, int] | NamedConfig | None = None) -> dict[str, int]:
         """The LoRA rank of every adapted module under a sub-network config."""
@@ -353,13 +267,13 @@ class SuperNetwork:
             raise ValueError(f"Unknown importance method {method!r}; use one of {list(IMPORTANCE_METHODS)}.")
         if method != "magnitude" and batches is None:
             raise ValueError(f"reorder_channels(method={method!r}) needs `batches` of model inputs (with labels).")
-        scores = IMPORTANCE_METHODS[method](self, batches)
+        scores = IMPORTANCE_METHODS[method](self.geometry, self, batches)
         order = dict(self.config.channel_order or {})
         for layer, layer_scores in zip(self.width_layers, scores, strict=True):
             for kind, s in layer_scores.items():
-                order[f"{layer.index}.{kind}"] = torch.argsort(s, descending=True, stable=True).tolist()
+                order[width_key(layer, kind)] = torch.argsort(s, descending=True, stable=True).tolist()
         self.config.channel_order = order
-        self._orders.clear()
+        self.geometry.set_channel_order(order)
         self.activate(self._active)
         return order
 
@@ -492,3 +406,9 @@ def get_supernet(model: PeftModel, adapter_name: str | None = None) -> SuperNetw
     name = adapter_name or getattr(model, "active_adapter", None)
     cached = getattr(model, "__dict__", {}).get(_CACHE_ATTR, {}).get(name)
     return cached if cached is not None else SuperNetwork(model, name)
+
+
+def compression_costs(supernet: SuperNetwork, config: Mapping[str, int] | NamedConfig) -> dict[str, int]:
+    """`nonzero_params` and `bytes` of the sub-network `config` (see `hf_elastic.nas.costs`); `count` includes them."""
+    counts = supernet.count(config)
+    return {name: counts[name] for name in COMPRESSION_COSTS}

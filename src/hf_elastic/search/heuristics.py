@@ -12,10 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.arch import weight_out_in
+from ..nas.activations import Statistic, input_statistics, squared_norms
 from ..nas.search_space import SearchSpace, SubnetConfig
 from ..nas.supernet import SuperNetwork
 from ..tuners.nls.layer import ElasticLoraLinear
-from .evaluators import _device_of
 
 HEURISTICS = ("max", "min", "median", "loss_based", "activation_based")
 
@@ -83,20 +83,16 @@ def activation_importance(
     with `B = 0`) keeps 1.0 at every choice.
     """
     space, adapter = supernet.space, supernet.adapter_name
-    rank_energy: dict[str, torch.Tensor] = {}
-    width_energy: dict[str, torch.Tensor] = {}
-    hooks = []
 
-    def rank_hook(key: str, module: nn.Module, args: tuple, output: Any) -> None:
-        a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-        z = F.linear(args[0].to(a.dtype), a).float().reshape(-1, a.shape[0])
-        e = z.pow(2).sum(0) * b.float().pow(2).sum(0) * float(module.scaling[adapter]) ** 2
-        rank_energy[key] = rank_energy.get(key, 0) + e
+    def adapter_energy(module: nn.Module) -> Statistic:
+        def energy(x: torch.Tensor) -> torch.Tensor:
+            a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+            z = F.linear(x.to(a.dtype), a).float().reshape(-1, a.shape[0])
+            return z.pow(2).sum(0) * b.float().pow(2).sum(0) * float(module.scaling[adapter]) ** 2
 
-    def width_hook(path: str, col_norm: torch.Tensor, module: nn.Module, args: tuple) -> None:
-        x = args[0].float().reshape(-1, col_norm.shape[0])
-        width_energy[path] = width_energy.get(path, 0) + x.pow(2).sum(0) * col_norm
+        return energy
 
+    statistics: dict[tuple[str, str], tuple[nn.Module, Statistic]] = {}
     members: dict[str, list[str]] = {}
     full = supernet.module_ranks("max")
     for dim in space:
@@ -105,7 +101,7 @@ def activation_importance(
             members[dim.name] = [k for k, r in supernet.module_ranks(smallest).items() if r != full[k]]
     for key in {k for keys in members.values() for k in keys}:
         module = supernet.lora_modules[key]
-        hooks.append(module.register_forward_hook(lambda m, a, o, key=key: rank_hook(key, m, a, o)))
+        statistics["rank", key] = (module, adapter_energy(module))
     width_paths: dict[str, tuple[Any, str]] = {}
     for layer in supernet.width_layers:
         for kind, rel in (("ffn", layer.spec.ffn_out), ("heads", layer.spec.attn_out)):
@@ -120,25 +116,10 @@ def activation_importance(
                 weight = weight + float(module.scaling[adapter]) * (b @ a)
             col_norm = weight.pow(2).sum(0)
             width_paths[name] = (layer, path)
-            hooks.append(module.register_forward_pre_hook(lambda m, a, p=path, n=col_norm: width_hook(p, n, m, a)))
-
-    previous, was_training = supernet.active_config, supernet.model.training
-    supernet.activate("max")
-    supernet.model.eval()
-    device = _device_of(supernet.model, None)
-    seen = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                supernet.model(**{k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)})
-                seen += 1
-    finally:
-        for handle in hooks:
-            handle.remove()
-        supernet.activate(previous)
-        supernet.model.train(was_training)
-    if seen == 0:
-        raise ValueError("activation_importance got no calibration batches.")
+            statistics["width", path] = (module, lambda x, n=col_norm: squared_norms(x) * n)
+    sums = input_statistics(supernet, statistics, batches, "activation_importance")
+    rank_energy = {key: e for (kind, key), e in sums.items() if kind == "rank"}
+    width_energy = {path: e for (kind, path), e in sums.items() if kind == "width"}
 
     fractions: dict[str, dict[int, float]] = {}
     for dim in space:

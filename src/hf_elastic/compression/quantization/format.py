@@ -230,6 +230,10 @@ class QuantLinear(nn.Module):
         """The float weight (out_features, in_features) in `dtype`."""
         return dequantize_codes(self.qweight, self.scales, self.zeros, self.group_size, dtype)
 
+    def nonzero_mask(self) -> torch.Tensor:
+        """Bool (out_features, in_features): where the weight is not zero (its code is not its group's zero point)."""
+        return self.qweight != expand_groups(self.zeros, self.group_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:

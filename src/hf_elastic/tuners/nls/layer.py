@@ -14,7 +14,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.utils.other import transpose
 from transformers.pytorch_utils import Conv1D
 
-from ...compression.quantization.format import QuantLinear, expand_groups
+from ...compression.quantization.format import QuantLinear
 from ...compression.quantization.rtn import RESIDUAL_STEPS
 
 # codes (out, in), scales and zero points (out, groups, 1), top code, residual (out, in) int8 or None
@@ -39,6 +39,25 @@ def _moved_codes(grid: _Grid, delta: torch.Tensor) -> torch.Tensor:
     if residual is not None:
         steps = steps + _grouped(residual, scales).float() / RESIDUAL_STEPS
     return _grouped(codes, scales) + torch.round(steps)
+
+
+def _grid_codes(
+    grid: _Grid, delta: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of the adapted weight on the base's grid, `_moved_codes` clamped to the code range, as floats (out,
+    groups, size); and the gradient gate (out, in): where the codes stayed inside the range (straight-through
+    estimator for `round`, zero gradient where `clamp` cut), and `mask`."""
+    moved = _moved_codes(grid, delta)
+    qmax = grid[3]
+    gate = ((moved >= 0) & (moved <= qmax)).view(delta.shape)
+    if mask is not None:
+        gate &= mask
+    return moved.clamp_(0, qmax), gate
+
+
+def _dequantize_moved(moved: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """`(q - z) * s` of clamped codes `moved` (out, groups, size) as a float32 (out, in) weight."""
+    return ((moved.float() - zeros) * scales).view(moved.shape[0], -1)
 
 
 def _full_precision(device: torch.device) -> AbstractContextManager:
@@ -68,12 +87,8 @@ def _effective_weight(
     delta = _masked_delta(a.float(), b.float(), scaling, mask)
     if grid is None:
         return weight + delta, mask
-    _, scales, zeros, qmax, _ = grid
-    moved = _moved_codes(grid, delta)
-    gate = ((moved >= 0) & (moved <= qmax)).view(delta.shape)
-    if mask is not None:
-        gate &= mask
-    return ((moved.clamp(0, qmax) - zeros) * scales).view(delta.shape), gate
+    moved, gate = _grid_codes(grid, delta, mask)
+    return _dequantize_moved(moved, grid[1], grid[2]), gate
 
 
 class _MaskedLora(torch.autograd.Function):
@@ -94,13 +109,9 @@ class _MaskedLora(torch.autograd.Function):
             if codes is None:
                 w_eff, _ = _effective_weight(weight, a, b, scaling, mask, None)
             else:
-                moved = _moved_codes(
-                    (codes, scales, zeros, qmax, residual), _masked_delta(a.float(), b.float(), scaling, mask)
-                )
-                gate = ((moved >= 0) & (moved <= qmax)).view(codes.shape)
-                if mask is not None:
-                    gate &= mask
-                moved = moved.clamp_(0, qmax).to(torch.uint8)
+                grid = (codes, scales, zeros, qmax, residual)
+                moved, gate = _grid_codes(grid, _masked_delta(a.float(), b.float(), scaling, mask), mask)
+                moved = moved.to(torch.uint8)
                 w_eff = _dequantize_moved(moved, scales, zeros)
         ctx.scaling = scaling
         ctx.save_for_backward(x, weight, a, b, mask, moved, gate, scales, zeros)
@@ -126,11 +137,6 @@ class _MaskedLora(torch.autograd.Function):
                 grad_w = grad_w * gate
             grad_a, grad_b = (b * ctx.scaling).T @ grad_w, grad_w @ (a * ctx.scaling).T
         return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None, None, None, None
-
-
-def _dequantize_moved(moved: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """`(q - z) * s` of clamped codes `moved` (out, groups, size) as a float32 (out, in) weight."""
-    return ((moved.float() - zeros) * scales).view(moved.shape[0], -1)
 
 
 class ElasticLoraLinear(LoraLinear):
@@ -207,9 +213,7 @@ class ElasticLoraLinear(LoraLinear):
     def base_mask(self) -> torch.Tensor:
         """Where the base weight is non-zero, as (out, in) booleans (on a quantized base: code != zero point)."""
         base = self.get_base_layer()
-        if isinstance(base, QuantLinear):
-            return base.qweight != expand_groups(base.zeros, base.group_size)
-        return self.base_weight() != 0
+        return base.nonzero_mask() if isinstance(base, QuantLinear) else self.base_weight() != 0
 
     def _mask(self, adapter: str) -> torch.Tensor | None:
         """The SparsePEFT mask; while merged, the one taken before the merge (a merge could create new zeros)."""
@@ -232,8 +236,8 @@ class ElasticLoraLinear(LoraLinear):
             delta = _masked_delta(a.float(), b.float(), self.scaling[adapter], self._mask(adapter))
             grid = self.base_grid() if self.quantization_aware.get(adapter) else None
             if grid is not None:
-                codes, scales, _, qmax, _ = grid
-                moved = _moved_codes(grid, delta).clamp(0, qmax)
+                codes, scales = grid[:2]
+                moved, _ = _grid_codes(grid, delta)
                 delta = ((moved - _grouped(codes, scales)) * scales).view(delta.shape)
         return transpose(delta, self.fan_in_fan_out).to(b.dtype)
 
@@ -247,12 +251,12 @@ class ElasticLoraLinear(LoraLinear):
                 base, grid = self.get_base_layer(), self.base_grid()
                 a, b = (w.float() for w in self.lora_weights(name))
                 with _full_precision(a.device):
-                    moved = _moved_codes(grid, _masked_delta(a, b, self.scaling[name], self._mask(name)))
+                    moved, _ = _grid_codes(grid, _masked_delta(a, b, self.scaling[name], self._mask(name)))
                 self._merged_state.setdefault("codes", base.qweight.clone())
                 if base.residual is not None:  # it belongs to the unmerged codes
                     self._merged_state["residual"] = base.residual
                     base.residual = None
-                base.qweight.copy_(moved.clamp(0, grid[3]).view(base.qweight.shape).to(base.qweight.dtype))
+                base.qweight.copy_(moved.view(base.qweight.shape).to(base.qweight.dtype))
                 self.merged_adapters.append(name)
             else:
                 if self.sparse_adapter.get(name):
