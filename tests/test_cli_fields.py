@@ -1,5 +1,5 @@
 """The CLI options generated from the config dataclasses, the method registry, and the config-object forms of
-`quantize` and `search`."""
+`quantize` and `search_subnetworks`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ARCHS, VOCAB, random_llama
 
-from hf_elastic import QuantizationConfig, SearchConfig, quantize, search
+from hf_elastic import QuantizationConfig, SearchConfig, quantize, search_subnetworks
 from hf_elastic.cli import build_parser, main
 from hf_elastic.cli.commands import _peft_config, _training_arguments
 from hf_elastic.cli.fields import field_default
@@ -213,13 +213,17 @@ def test_search_takes_a_config_a_strategy_or_its_fields():
     space = SearchSpace([Dimension("a", "rank", (4, 3, 2, 1)), Dimension("b", "rank", (4, 3, 2, 1))])
     evaluator = FunctionEvaluator(lambda c: float((c["a"] - 3) ** 2 + (c["b"] - 2) ** 2), "dist")
     config = SearchConfig(strategy="random", budget=6, seed=1, progress=False)
-    by_config = search(space, evaluator, config)
-    by_kwargs = search(space, evaluator, strategy="random", budget=6, seed=1, progress=False)
-    by_name = search(space, evaluator, "random", budget=6, seed=1, progress=False)
+    by_config = search_subnetworks(space, evaluator, config)
+    by_kwargs = search_subnetworks(space, evaluator, strategy="random", budget=6, seed=1, progress=False)
+    by_name = search_subnetworks(space, evaluator, "random", budget=6, seed=1, progress=False)
     keys = [[e.key for e in r.evaluations] for r in (by_config, by_kwargs, by_name)]
     assert keys[0] == keys[1] == keys[2] and len(keys[0]) == 6
     assert by_config.best().values["dist"] == min(e.values["dist"] for e in by_config.evaluations)
-    with pytest.raises(ValueError, match=r"search\(\) got a SearchConfig and the keyword arguments \['budget'\]"):
-        search(space, evaluator, config, budget=4)
-    with pytest.raises(ValueError, match=r"search\(\) got the strategy twice: 'random' and strategy='nsga2'"):
-        search(space, evaluator, "random", strategy="nsga2")
+    with pytest.raises(
+        ValueError, match=r"search_subnetworks\(\) got a SearchConfig and the keyword arguments \['budget'\]"
+    ):
+        search_subnetworks(space, evaluator, config, budget=4)
+    with pytest.raises(
+        ValueError, match=r"search_subnetworks\(\) got the strategy twice: 'random' and strategy='nsga2'"
+    ):
+        search_subnetworks(space, evaluator, "random", strategy="nsga2")
