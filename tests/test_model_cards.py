@@ -1,0 +1,105 @@
+"""model_cards/: the card templates where a reader looks for them, and one card per demo method written from a real
+run's JSON by scripts/build_model_cards.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard, ModelCardData
+
+from hf_elastic.export.model_card import TEMPLATE_PATH, check_model_card
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+cards = pytest.importorskip("build_model_cards")
+
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?![\w.]*\w)")
+RUNS_ON_FILE = {m: p for m, p in cards.RUNS.items() if (cards.RESULTS / p).is_file()}
+
+
+def test_the_card_template_lives_in_the_top_level_model_cards_folder():
+    assert TEMPLATE_PATH == ROOT / "model_cards" / "templates" / "hf_elastic_card.md"
+    assert TEMPLATE_PATH.is_file() and "{{ card_data }}" in TEMPLATE_PATH.read_text()
+    # no copy inside the source package shadows it (setup.py puts one there in wheels only)
+    assert not (ROOT / "src" / "hf_elastic" / "export" / "model_cards").exists()
+    setup = (ROOT / "setup.py").read_text()
+    assert 'PACKAGED_TEMPLATES = ("hf_elastic_card.md",)' in setup
+    assert "include model_cards/templates/*.md" in (ROOT / "MANIFEST.in").read_text()
+
+
+def test_committed_cards_are_what_their_runs_give():
+    assert RUNS_ON_FILE, "no demo run on file"
+    assert cards.main(["--check"]) == 0
+    written = {p.stem for p in (ROOT / "model_cards").glob("*.md")}
+    assert written == set(RUNS_ON_FILE), "a card per demo run on file, and no card without its run"
+
+
+@pytest.mark.parametrize("method", sorted(RUNS_ON_FILE))
+def test_card_metadata_validates(method):
+    text = (ROOT / "model_cards" / f"{method}.md").read_text()
+    data = check_model_card(text)  # the library's offline checks (ModelCard.validate() posts to the Hub)
+    card = ModelCard(text)
+    assert ModelCardData(**card.data.to_dict()).to_dict() == data
+    run = json.loads((cards.RESULTS / RUNS_ON_FILE[method]).read_text())
+    assert data["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert method in data["tags"] and "hf-elastic" in data["tags"]
+    (result,) = card.data.eval_results
+    assert result.metric_type == "accuracy"
+    assert result.metric_value == cards.headline(run)["accuracy"]
+
+
+def _candidates(value, out: list[float]) -> None:
+    """Every number a card may show from `value`: its numeric leaves, those in its strings, and `rows` ratios."""
+    if isinstance(value, dict):
+        for v in value.values():
+            _candidates(v, out)
+    elif isinstance(value, list):
+        for v in value:
+            _candidates(v, out)
+    elif isinstance(value, str):
+        out.extend(float(n) for n in NUMBER.findall(value))
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        out.extend((float(value), 100.0 * value))
+
+
+def _allowed(run: dict) -> list[float]:
+    out: list[float] = []
+    _candidates(run, out)
+    leaves = [v for row in run["rows"].values() for v in row.values() if isinstance(v, (int, float))]
+    out += [a / b for a in leaves for b in leaves if b]  # speed-ups: one row's time against another's
+    return out
+
+
+def _matches(shown: str, allowed: list[float]) -> bool:
+    decimals = len(shown.split(".")[1]) if "." in shown else 0
+    tolerance = 0.5 * 10**-decimals + 1e-9
+    return any(abs(c - float(shown)) <= tolerance for c in allowed)
+
+
+@pytest.mark.parametrize("method", sorted(RUNS_ON_FILE))
+def test_every_figure_in_the_card_comes_from_its_run(method):
+    run = json.loads((cards.RESULTS / RUNS_ON_FILE[method]).read_text())
+    card = ModelCard((ROOT / "model_cards" / f"{method}.md").read_text())
+    body = re.sub(r"\]\([^)]*\)", "]", card.text)  # link targets: paths and URLs
+    body = body.replace("SmolLM2-135M-Instruct", "")  # the base model's name
+    allowed = _allowed(run)
+    figures = NUMBER.findall(body)
+    assert len(figures) > 30, figures  # the tables are there
+    assert [f for f in figures if not _matches(f, allowed)] == []
+    assert f"{run['total_seconds']:g}" in body
+
+
+def test_every_figure_check_catches_an_invented_number():
+    run = json.loads((cards.RESULTS / cards.RUNS["lonas"]).read_text())
+    allowed = _allowed(run)
+    assert _matches("0.745", allowed) and _matches("864.1", allowed) and _matches("1.16", allowed)
+    assert not _matches("0.9137", allowed) and not _matches("4711", allowed)
+
+
+def test_build_card_refuses_a_run_of_another_method():
+    with pytest.raises(ValueError, match=r"demo_lonas_uniform.json is a run of --method lonas, not sqft"):
+        cards.build_card("sqft", cards.RUNS["lonas"])
