@@ -6,12 +6,19 @@ read from its JSON, and the template is `model_cards/templates/demo_run_card.md`
 
     python scripts/build_model_cards.py           # (re)write the cards of every run on file
     python scripts/build_model_cards.py --check
+    python scripts/build_model_cards.py --add-run outputs/demo   # file a run made on this machine, then write
+
+`--add-run DIR` copies `DIR/demo_results.json` to `benchmarks/results/<this machine>/demo_<method>.json` with the
+machine's record added (the demo's results file has none), and the run's own card, `DIR/hub/README.md`, next to it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -188,10 +195,37 @@ def build_card(method: str, results_path: str) -> ModelCard:
     )
 
 
+def add_run(output_dir: Path, results: Path = RESULTS) -> Path:
+    """File the demo run in `output_dir` under this machine's folder of `results`; returns its path."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import cpu_info, machine_slug
+
+    source = output_dir / "demo_results.json"
+    if not source.is_file():
+        raise FileNotFoundError(f"{source} does not exist; pass the --output folder of a finished demo run.")
+    data = json.loads(source.read_text())
+    method = data["config"]["method"]
+    if data["config"].get("quick") or data["config"].get("model_dir"):
+        raise ValueError(f"{source} is a --quick or --model-dir run; a card needs a run at the default sizes.")
+    data["machine"] = cpu_info() | {"cpu_count": os.cpu_count(), "platform": platform.platform()}
+    target = results / machine_slug(data) / f"demo_{method.replace('-', '_')}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(data, indent=2) + "\n")
+    hub_card = output_dir / "hub" / "README.md"
+    if hub_card.is_file():
+        shutil.copyfile(hub_card, target.with_name(target.stem + "_hub_card.md"))
+    if target.relative_to(results).as_posix() != RUNS[method]:
+        print(f"filed {target}; set RUNS[{method!r}] to it to card this run instead of {RUNS[method]}")
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a card is stale or missing")
+    parser.add_argument("--add-run", type=Path, metavar="DIR", help="file the demo run in DIR first (see above)")
     args = parser.parse_args(argv)
+    if args.add_run:
+        print(f"filed {add_run(args.add_run)}")
     stale = []
     for method, results_path in RUNS.items():
         if not (RESULTS / results_path).is_file():

@@ -103,3 +103,24 @@ def test_every_figure_check_catches_an_invented_number():
 def test_build_card_refuses_a_run_of_another_method():
     with pytest.raises(ValueError, match=r"demo_lonas_uniform.json is a run of --method lonas, not sqft"):
         cards.build_card("sqft", cards.RUNS["lonas"])
+
+
+def test_add_run_files_a_run_under_this_machine_with_its_record(tmp_path):
+    run = json.loads((cards.RESULTS / cards.RUNS["lonas"]).read_text())
+    out = tmp_path / "demo"
+    (out / "hub").mkdir(parents=True)
+    (out / "demo_results.json").write_text(json.dumps(run))
+    (out / "hub" / "README.md").write_text("---\nlicense: apache-2.0\n---\ncard\n")
+    target = cards.add_run(out, results=tmp_path / "results")
+    common = sys.modules["common"]  # benchmarks/common.py, imported by add_run
+    slug = common.machine_slug({"machine": common.cpu_info()})
+    assert target == tmp_path / "results" / slug / "demo_lonas.json"
+    filed = json.loads(target.read_text())
+    assert filed["rows"] == run["rows"] and filed["machine"]["cpu_model"] == common.cpu_info()["cpu_model"]
+    assert (target.parent / "demo_lonas_hub_card.md").read_text().endswith("card\n")
+    run["config"]["quick"] = True
+    (out / "demo_results.json").write_text(json.dumps(run))
+    with pytest.raises(ValueError, match=r"is a --quick or --model-dir run; a card needs a run at the default sizes"):
+        cards.add_run(out, results=tmp_path / "results")
+    with pytest.raises(FileNotFoundError, match=r"pass the --output folder of a finished demo run"):
+        cards.add_run(tmp_path, results=tmp_path / "results")
