@@ -154,7 +154,7 @@ def build_card(method: str, results_path: str) -> ModelCard:
     else:
         versus = f"the {top['reference'].removesuffix(' (zero-shot)')} model in PyTorch fp32"
     sentence = (
-        f"The published sub-network, {top['name']}, scores {top['accuracy']:.3f} against "
+        f"The sub-network the run published (`{top['name']}`) scores {top['accuracy']:.3f} against "
         f"{top['reference_accuracy']:.3f} for {versus}; it scores a batch {top['speedup']:.2f}× and decodes "
         f"{top['decode_speedup']:.2f}× as fast, in {top['size_mb']:.0f} MB against {top['reference_size_mb']:.0f} MB."
     )

@@ -100,6 +100,42 @@ def test_every_figure_check_catches_an_invented_number():
     assert not _matches("0.9137", allowed) and not _matches("4711", allowed)
 
 
+def _sparse_run(method: str) -> dict:
+    """A results file of the shape `run_demo` writes for Shears / SQFT (figures invented, for the card code only)."""
+    lonas = json.loads((cards.RESULTS / cards.RUNS["lonas"]).read_text())
+    config = lonas["config"] | {"method": method}
+    timed = {"latency_ms": 1934.2, "decode_tok_s": 28.81, "size_mb": 513.16}
+    rows = {
+        "dense (zero-shot)": {"accuracy": 0.725, **timed, "params_m": 134.515008},
+        "sparse base (zero-shot)": {"accuracy": 0.58, "sparsity": 0.4999},
+        "sub-network (PyTorch)": {"accuracy": 0.79, **timed, "sparsity": 0.5001, "zeros_kept": 1.0},
+        "sub-network (OpenVINO INT4)": {"accuracy": 0.69, "latency_ms": 858.4, "decode_tok_s": 59.37, "size_mb": 85.2,
+                                        "sparsity": 0.5012},
+    }  # fmt: skip
+    seconds = {"load model and data": 0.0, "dense baseline": 51.3, "NAS training": 290.2, "search": 212.0}
+    return {"config": config, "rows": rows, "best_subnet": {"0.rank.q_proj": 16}, "search": {"evaluated": 13,
+            "front": 3}, "seconds": seconds, "total_seconds": 645.3, "hub_folder": "/tmp/x/hub"}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["shears", "sqft", "sqft-qa"])
+def test_a_sparse_run_gets_a_card_with_its_figures(tmp_path, method):
+    run = _sparse_run(method)
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps(run))
+    text = str(cards.build_card(method, str(path)))
+    data = check_model_card(text)
+    assert ModelCard(text).data.eval_results[0].metric_value == 0.69
+    assert method.split("-")[0] in data["tags"]
+    body = re.sub(r"\]\([^)]*\)", "]", ModelCard(text).text).replace("SmolLM2-135M-Instruct", "")
+    body = body.replace(str(path), "")  # the results file's name, here a temporary path
+    assert [f for f in NUMBER.findall(body) if not _matches(f, _allowed(run))] == []
+    assert "| sub-network (OpenVINO INT4) | – | 0.690 | 0.501 | – | 858 | 59.4 | 85 |" in text
+    assert "| sub-network (PyTorch) | – | 0.790 | 0.500 | 100.0% | 1934 | 28.8 | 513 |" in text
+    assert "(`sub-network (OpenVINO INT4)`) scores 0.690 against 0.725 for the dense model in PyTorch fp32" in text
+    assert "it scores a batch 2.25× and decodes 2.06× as fast, in 85 MB against 513 MB." in text
+    assert "| Wanda sparsity of the base | 0.5 |" in text and "FFN width choices" not in text
+
+
 def test_build_card_refuses_a_run_of_another_method():
     with pytest.raises(ValueError, match=r"demo_lonas_uniform.json is a run of --method lonas, not sqft"):
         cards.build_card("sqft", cards.RUNS["lonas"])
