@@ -74,6 +74,45 @@ AMD = "amd-epyc-avx512"
 UNRECORDED = "unrecorded-cpu"
 
 
+def _order_table(accuracy: Mapping[str, Mapping[str, float]], labels: Mapping[str, str], columns: Sequence[str],
+                 bold: Sequence[str]) -> list[list[str]]:  # fmt: skip
+    """Accuracy per channel order (rows) and width (columns); the best of each column in `bold` is bold."""
+    best = {c: max(accuracy[k][c] for k in labels) for c in bold}
+    rows = []
+    for key, label in labels.items():
+        cells = [(f"**{accuracy[key][c]:.3f}**" if best.get(c) == accuracy[key][c] else f"{accuracy[key][c]:.3f}")
+                 for c in columns]  # fmt: skip
+        rows.append([label, *cells])
+    return rows
+
+
+def lonas_order_zero_shot() -> str:
+    accuracy = load(f"{AMD}/lonas_training_smollm2.json")["results"]["zero_shot"]
+    labels = {
+        "none": "none (original order)",
+        "magnitude": "magnitude",
+        "gradient": "gradient (4 batches of 8)",
+        "activation": "**activation** (the same 4 batches)",
+    }
+    rows = _order_table(accuracy, labels, ("ffn_75", "ffn_50", "ffn_50_heads_6"), bold=("ffn_75", "ffn_50"))
+    return markdown(["order", "FFN 75 %", "FFN 50 %", "FFN 50 % + 6 of 9 heads"], rows)
+
+
+def lonas_order_trained() -> str:
+    trained = load(f"{AMD}/lonas_training_smollm2_trained.json")["results"]["trained"]
+    accuracy = {k.removeprefix("uniform+"): v["accuracy"] for k, v in trained.items()}
+    labels = {
+        "none": "none",
+        "magnitude": "magnitude",
+        "gradient": "gradient",
+        "activation": "activation (the demo's)",
+    }
+    columns = ("ffn_100", "ffn_75", "ffn_50", "ffn_50_heads_6")
+    rows = _order_table(accuracy, labels, columns, bold=("ffn_100", "ffn_75"))
+    header = ["order before training", "max (100 %)", "FFN 75 %", "FFN 50 %", "FFN 50 % + 6 of 9 heads"]
+    return markdown(header, rows)
+
+
 def nls_step() -> str:
     labels = {
         "lora": "peft LoRA r=32",
@@ -338,6 +377,8 @@ def demo_runs() -> str:
 TABLES: dict[str, Callable[[], str]] = {
     f.__name__: f
     for f in (
+        lonas_order_zero_shot,
+        lonas_order_trained,
         nls_step,
         nas_trainer,
         sparse_peft,
