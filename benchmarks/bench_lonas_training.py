@@ -5,7 +5,7 @@ The demo's LoNAS super-network (`hf_elastic.demo.lonas.lonas_trainer`: ranks 16/
 heads; 50 % FFN with 6 heads, the min). Zero-shot (LoRA B is zero, so this is the base model cut by the order) for
 every channel order: none / magnitude / activation / gradient. Trained, for `--variants`: the same rows and compute
 per variant, `uniform` running `--steps` steps of one sub-network and `sandwich` half as many of the max and min
-sub-networks. Writes benchmarks/results/lonas_training_smollm2.json.
+sub-networks. Writes benchmarks/results/<machine>/lonas_training_smollm2.json.
 """
 
 from __future__ import annotations

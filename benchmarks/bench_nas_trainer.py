@@ -1,7 +1,7 @@
 """NASTrainer (uniform and sandwich k=2) against the stock Trainer with plain peft LoRA: step time and peak memory.
 
 Same model, data and steps; each (variant, round) runs in its own subprocess, rounds interleave the variants, figures
-are medians. Prints a table and writes benchmarks/results/nas_trainer.json.
+are medians. Prints a table and writes benchmarks/results/<machine>/nas_trainer.json.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training step time and peak memory: NLS (elastic rank) against plain peft LoRA on the same model.
 
 Each (variant, round) runs in a fresh subprocess so peak RSS is per variant; rounds interleave the variants and the
-figures are medians over rounds. Prints a table and writes benchmarks/results/nls_step.json.
+figures are medians over rounds. Prints a table and writes benchmarks/results/<machine>/nls_step.json.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ same order (`Trainer`, same seed, batch, steps, linear learning-rate decay, Adam
 NNCF's adapter has no scaling factor, so hf-elastic runs with lora_alpha = rank (scaling 1) for the same update maths.
 Both report the zero-shot INT4 model before training and the trained one: eval loss on the answer token and accuracy
 on the held-out test rows. Each `--variants` entry runs in this process one after the other; results of a variant not
-run now are kept from an earlier JSON with the same settings. Writes benchmarks/results/nncf_quality.json.
+run now are kept from an earlier JSON with the same settings. Writes benchmarks/results/<machine>/nncf_quality.json.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 import time
 from pathlib import Path
 
-from common import TARGETS, DemoTask, write_result
+from common import TARGETS, DemoTask, this_machine_path, write_result
 
 VARIANTS = ("hf_elastic", "nncf")
 
@@ -102,7 +102,8 @@ def main() -> None:
         "test_rows": args.test_rows,
         "seed": args.seed,
     }
-    previous = json.loads(Path(args.output).read_text()) if Path(args.output).exists() else {}
+    previous_path = this_machine_path(args.output)
+    previous = json.loads(previous_path.read_text()) if previous_path.exists() else {}
     if previous.get("settings") == settings:
         results = {k: v for k, v in previous.get("results", {}).items() if k not in results} | results
     print(f"\n{'variant':<12}{'':>14}{'eval loss':>10}{'accuracy':>10}{'train s':>9}")

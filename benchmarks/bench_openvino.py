@@ -13,11 +13,11 @@ tokens/s = (new_tokens - 1) / (generate time - one-prompt prefill time). `--ov-c
 properties (e.g. KV_CACHE_PRECISION, DYNAMIC_QUANTIZATION_GROUP_SIZE, INFERENCE_NUM_THREADS) to every OpenVINO
 variant. Rounds interleave the variants; figures are medians over rounds. The JSON records the CPU model and ISA
 (AVX2 / AVX-512 / AMX): OpenVINO's defaults depend on them, so never compare figures across machines. Prints a table
-and writes benchmarks/results/openvino.json.
+and writes benchmarks/results/<machine>/openvino.json.
 
 `--model smollm2` runs the same on SmolLM2-135M-Instruct (the demo's model) with INT4 group 64, by default only
 PyTorch fp32, the exact-codes INT4 IR (int8 embedding / LM head, the export's default) and NNCF's INT4 IR, exporting
-only the folders those need; it writes benchmarks/results/openvino_smollm2.json.
+only the folders those need; it writes benchmarks/results/<machine>/openvino_smollm2.json.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def main() -> None:
         help=f"Run the workers with {AVX2_ENV} and the OpenVINO properties {AVX2_OV_CONFIG} (before --ov-config).",
     )
     parser.add_argument("--work-dir", help="Folder for the exported models (default: a temporary folder, removed).")
-    parser.add_argument("--output", help="JSON file (default: results/openvino.json, openvino_smollm2.json).")
+    parser.add_argument("--output", help="JSON file (default: results/<machine>/openvino[_smollm2].json).")
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     model_text, group_size, default_variants = MODELS[args.model]

@@ -31,7 +31,7 @@ Theoretical ratios printed beside the measured ones are these GEMM ratios (upstr
 upstream_qa / qa_sparsepeft = 1); the measured step ratio is diluted by attention, embeddings, the LM head, the loss
 and the optimizer, which every variant shares.
 
-Writes benchmarks/results/peers.json (with the CPU model and ISA).
+Writes benchmarks/results/<machine>/peers.json (with the CPU model and ISA).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 (b) QA-SparsePEFT on the INT4 sparse base (same quantizer, rounding residual kept), merged into exact INT4 codes;
 (b') the same on a base that kept only its codes (no residual), for comparison.
 Same data, steps, ranks, learning rate and seed. Reports eval loss on the answer token and accuracy; writes
-benchmarks/results/qa_quality.json.
+benchmarks/results/<machine>/qa_quality.json.
 """
 
 from __future__ import annotations

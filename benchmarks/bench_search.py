@@ -8,7 +8,7 @@ Hypervolume: objectives are normalized with the ideal point (best loss and param
 point (worst loss and params seen in any run, times 1.1), both pooled over every run of both strategies, so the
 normalized hypervolume is in [0, 1] and comparable across runs. The heuristic sub-networks (max, min, median,
 loss_based, activation_based) are evaluated separately and are not part of either strategy's hypervolume.
-Prints a table and writes benchmarks/results/search.json.
+Prints a table and writes benchmarks/results/<machine>/search.json.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Variants (fresh subprocess each, rounds interleaved, medians):
 - `qa_sparsepeft`: INT4 base (RTN, asymmetric, group 32, rounding residual kept) with `sparse_adapter` and
   `quantization_aware`;
 - `lora_dequant`: peft LoRA on the dequantized INT4 base, fp32 (what QA-SparsePEFT replaces).
-Writes benchmarks/results/sparse_peft.json.
+Writes benchmarks/results/<machine>/sparse_peft.json.
 """
 
 from __future__ import annotations

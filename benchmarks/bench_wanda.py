@@ -3,7 +3,7 @@
 Every (round, variant) starts from a copy of the same random benchmark model and the same calibration tokens (random
 ids); the figures are medians over rounds. INT4 uses group size 32 (1376 = 43 * 32). Besides the time, each variant
 records the relative error of its logits against the dense model on held-out and on calibration tokens. Prints a
-table and writes benchmarks/results/wanda.json.
+table and writes benchmarks/results/<machine>/wanda.json.
 
 It runs on one torch thread by default: GPTQ's column loop and the pruning sorts are long chains of medium-sized ops,
 and on a busy 2-core machine OpenMP synchronisation made the 2-thread runs up to 8x slower and very noisy.

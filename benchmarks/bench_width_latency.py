@@ -15,7 +15,7 @@ weights at about 0.56 byte and the embedding / LM head at 1 byte, as NNCF writes
 Also the latency model: `LatencyTable.measure` (PyTorch, per-layer hooks) checked with `validate` on random per-layer
 sub-networks (Spearman rank correlation, mean relative error), and an OpenVINO table built from the uniform-width
 IRs (each layer's share of the whole-model difference) checked on `--ov-validate` random sub-networks exported to IR.
-Writes benchmarks/results/width_latency_<model>.json.
+Writes benchmarks/results/<machine>/width_latency_<model>.json.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MODEL_KWARGS, MODEL_TEXT, write_result
+from common import MODEL_KWARGS, MODEL_TEXT, this_machine_path, write_result
 
 RUNTIMES = ("torch_fp32", "ov_fp32", "ov_int4")
 
@@ -113,8 +113,8 @@ def main() -> None:
     parser.add_argument("--ov-validate", type=int, default=3, help="random sub-networks to check the OpenVINO table")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    output = args.output or str(
-        Path(__file__).parent / "results" / f"width_latency_{args.model.replace('-', '_')}.json"
+    output = this_machine_path(
+        args.output or Path(__file__).parent / "results" / f"width_latency_{args.model.replace('-', '_')}.json"
     )
 
     from peft import get_peft_model
@@ -234,7 +234,7 @@ def main() -> None:
     rng = random.Random(0)
     if args.validate:
         table = LatencyTable.measure(supernet, batch_size=4, seq_len=128, repeats=5)
-        table.save(Path(output).with_name(f"latency_table_{args.model.replace('-', '_')}.json"))
+        table.save(output.with_name(f"latency_table_{args.model.replace('-', '_')}.json"))
         sample = [supernet.space.sample(rng) for _ in range(args.validate)]
         check = table.validate(supernet, sample)
         latency_model["pytorch"] = check | {"sub_networks": len(sample)}

@@ -6,12 +6,13 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,9 +133,47 @@ def cpu_info() -> dict:
     }
 
 
-def write_result(output: str, result: dict) -> None:
+RESULTS_DIR = Path(__file__).parent / "results"
+UNRECORDED_MACHINE = "unrecorded-cpu"
+_ISA_NAMES = (("amx", "amx"), ("avx512f", "avx512"), ("avx2", "avx2"))  # cpu_flags key, folder suffix
+
+
+def machine_slug(result: Mapping[str, Any]) -> str:
+    """The folder of `benchmarks/results/` a result belongs in: its CPU model and widest vector ISA, e.g.
+    "amd-epyc-avx512" (`"unrecorded-cpu"` when the result names no CPU). Reads `machine` as `write_result` records
+    it, or the `environment` block of older `bench_openvino.py` results."""
+    machine, env = result.get("machine") or {}, result.get("environment") or {}
+    model = machine.get("cpu_model") or env.get("cpu_model") or env.get("cpu")
+    if not model:
+        return UNRECORDED_MACHINE
+    flags = machine.get("cpu_flags") or env.get("cpu_flags")
+    if flags is None and isinstance(env.get("isa"), list):  # older bench_openvino.py: the CPU's ISA flag names
+        isa = set(env["isa"])
+        flags = {"avx2": "avx2" in isa, "avx512f": "avx512f" in isa, "amx": any(f.startswith("amx") for f in isa)}
+    flags = flags or {}
+    words = re.sub(r"\((r|tm)\)", " ", model.lower())
+    words = [w for w in re.split(r"[^a-z0-9]+", words) if w and w not in ("processor", "cpu")]
+    isa = next((name for key, name in _ISA_NAMES if flags.get(key)), None)
+    return "-".join(words + ([isa] if isa else []))
+
+
+def result_path(output: str | Path, result: Mapping[str, Any]) -> Path:
+    """Where `write_result` writes: a file named directly in `benchmarks/results/` (every benchmark's default) goes
+    to the folder of the machine that measured it, `benchmarks/results/<machine_slug>/`; any other path is kept."""
+    output = Path(output)
+    if output.parent.resolve() == RESULTS_DIR.resolve():
+        return RESULTS_DIR / machine_slug(result) / output.name
+    return output
+
+
+def this_machine_path(output: str | Path) -> Path:
+    """`result_path` for a result measured on this machine, for files a benchmark reads or writes besides its JSON."""
+    return result_path(output, {"machine": cpu_info()})
+
+
+def write_result(output: str | Path, result: dict) -> Path:
     """Add the machine description (CPU model and ISA included: figures from different machines do not compare) to
-    `result`, write it as JSON to `output` and say where."""
+    `result`, write it as JSON (see `result_path` for where), say where and return the path."""
     import torch
 
     result["machine"] = {
@@ -146,10 +185,12 @@ def write_result(output: str, result: dict) -> None:
     } | result.get("machine", {})
     from hf_elastic.utils import atomic_open
 
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(output) as f:
+    path = result_path(output, result)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path) as f:
         json.dump(result, f, indent=2)
-    print(f"\nwrote {output}")
+    print(f"\nwrote {path}")
+    return path
 
 
 @dataclass

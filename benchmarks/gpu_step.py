@@ -11,7 +11,7 @@ on every linear layer of the transformer layers. Variants:
   bitsandbytes does not import or is not on CUDA).
 Each (round, variant) builds its model afresh so that only it is resident; rounds interleave the variants and the
 figures are medians. Peak memory is `torch.cuda.max_memory_allocated` over the timed steps. Prints a table and writes
-benchmarks/results/gpu_step.json. `--device cpu --tiny` is a smoke run on a small model (no memory figures).
+benchmarks/results/<machine>/gpu_step.json. `--device cpu --tiny` is a smoke run on a small model (no memory figures).
 """
 
 from __future__ import annotations

@@ -40,3 +40,32 @@ def test_bench_openvino_ov_config_option():
     }
     with pytest.raises(SystemExit, match=r"--ov-config takes KEY=VALUE .* got 'INFERENCE_NUM_THREADS'"):
         bench.parse_ov_config(["INFERENCE_NUM_THREADS"])
+
+
+def test_machine_slug_names_the_cpu_and_its_widest_isa():
+    epyc = {"cpu_model": "AMD EPYC 7763 64-Core Processor", "cpu_flags": {"avx2": True, "avx512f": True, "amx": False}}
+    assert common.machine_slug({"machine": epyc}) == "amd-epyc-7763-64-core-avx512"
+    xeon = {"cpu": "Intel(R) Xeon(R) Processor", "isa": ["avx2", "avx512f", "amx_bf16", "amx_tile"]}
+    assert common.machine_slug({"environment": xeon}) == "intel-xeon-amx"
+    avx2 = {"cpu_model": "AMD Ryzen 7 5800X", "cpu_flags": {"avx2": True, "avx512f": False, "amx": False}}
+    assert common.machine_slug({"machine": avx2}) == "amd-ryzen-7-5800x-avx2"
+    assert common.machine_slug({"machine": {"cpu_count": 2}}) == common.UNRECORDED_MACHINE == "unrecorded-cpu"
+
+
+def test_result_path_puts_default_outputs_in_the_machine_folder(tmp_path):
+    result = {"machine": {"cpu_model": "AMD EPYC", "cpu_flags": {"avx2": True, "avx512f": True}}}
+    default = common.RESULTS_DIR / "x.json"
+    assert common.result_path(default, result) == common.RESULTS_DIR / "amd-epyc-avx512" / "x.json"
+    assert common.result_path(str(tmp_path / "x.json"), result) == tmp_path / "x.json"  # an explicit path is kept
+    here = common.machine_slug({"machine": common.cpu_info()})
+    assert common.this_machine_path(default) == common.RESULTS_DIR / here / "x.json"
+
+
+def test_every_result_json_sits_in_the_folder_of_its_machine():
+    files = sorted(common.RESULTS_DIR.rglob("*.json"))
+    assert files and not list(common.RESULTS_DIR.glob("*.json")), "results/ holds only machine folders"
+    for path in files:
+        slug = common.machine_slug(json.loads(path.read_text()))
+        assert path.parent.parent == common.RESULTS_DIR, path
+        if slug != common.UNRECORDED_MACHINE:  # files without a machine record sit with the run they belong to
+            assert path.parent.name == slug, f"{path} records {slug}"

@@ -31,7 +31,15 @@ from .subnetwork import WIDTHS_ATTR
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "hf_elastic_card.md"
+
+def _template_path(name: str) -> Path:
+    """A card template: the copy a wheel carries in the package (setup.py puts it there), else the repository's
+    top-level `model_cards/templates/` (source checkouts and editable installs)."""
+    packaged = Path(__file__).parent / "model_cards" / name
+    return packaged if packaged.is_file() else Path(__file__).resolve().parents[3] / "model_cards" / "templates" / name
+
+
+TEMPLATE_PATH = _template_path("hf_elastic_card.md")
 OV_CONFIG_NAME = "openvino_config.json"
 CARD_NAME = "README.md"
 

@@ -1,0 +1,45 @@
+"""scripts/readme_tables.py: the README's result tables are what their JSON gives."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+tables = pytest.importorskip("readme_tables")
+
+
+def test_readme_tables_match_their_json(capsys):
+    assert tables.main(["--check"]) == 0
+    assert f"{len(tables.TABLES)} README tables match their JSON" in capsys.readouterr().out
+
+
+def test_a_hand_edited_figure_is_caught_and_rewritten(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    text = (ROOT / "README.md").read_text()
+    assert "| peft LoRA r=32 | 221.8 | 1.000 | 898 | 1.000 |" in text
+    readme.write_text(text.replace("| peft LoRA r=32 | 221.8 |", "| peft LoRA r=32 | 210.0 |"))
+    assert tables.main(["--check", "--readme", str(readme)]) == 1
+    assert "stale README tables (run scripts/readme_tables.py): nls_step" in capsys.readouterr().err
+    assert tables.main(["--readme", str(readme)]) == 0
+    assert readme.read_text() == text
+
+
+def test_markers_must_match_the_tables():
+    text = (ROOT / "README.md").read_text()
+    with pytest.raises(ValueError, match=r"marks tables \['nope'\] that scripts/readme_tables.py does not know"):
+        tables.render(text + "\n<!-- table:nope -->\n| a |\n<!-- /table:nope -->\n")
+    dropped = text.replace("<!-- table:peers -->\n", "").replace("<!-- /table:peers -->\n", "")
+    with pytest.raises(ValueError, match=r"lacks the markers of tables \['peers'\]"):
+        tables.render(dropped)
+
+
+def test_demo_runs_table_has_a_row_per_run_on_file():
+    rows = tables.demo_runs().splitlines()[2:]
+    on_file = [m for m, p in tables.RUNS.items() if (tables.RESULTS / p).is_file()]
+    assert [r.split(" | ")[0].strip("| `") for r in rows] == on_file
+    lonas = tables.headline(tables.load(tables.RUNS["lonas"]))
+    assert lonas["name"] == "smallest useful (OpenVINO INT8)" and round(lonas["speedup"], 2) == 1.11
