@@ -69,11 +69,10 @@ SETTINGS = (  # config key, label, method filter (None: every method)
 
 def method_info(method: str) -> tuple[str, str, tuple[str, ...], Any]:
     """Title, description, Hub tags and first paper of a demo method, from the library's method table."""
-    from hf_elastic.demo.run import CARD_METHODS
-    from hf_elastic.export.card_info import _METHODS, _PAPERS
+    from hf_elastic.tuners.methods import PAPERS, demo_method
 
-    info = _METHODS[CARD_METHODS[method]]
-    return info.title, info.description, info.tags, _PAPERS[info.papers[0]]
+    info = demo_method(method)
+    return info.title, info.description, info.tags, PAPERS[info.papers[0]]
 
 
 def headline(data: Mapping[str, Any]) -> dict[str, Any]:

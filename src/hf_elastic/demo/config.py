@@ -61,7 +61,7 @@ class DemoConfig:
         metadata={
             "help": "'lonas': NASTrainer sampling, e.g. 'uniform' or 'sandwich' (max and min sub-networks each step, "
             "so half the steps for the same compute). Uniform kept the sub-networks between max and min far more "
-            "accurate (benchmarks/results/demo_lonas_uniform.json against demo_lonas_sandwich.json).",
+            "accurate (benchmarks/results/unrecorded-cpu/demo_lonas_uniform.json against demo_lonas_sandwich.json).",
             "choices": tuple(SAMPLERS),
         },
     )
