@@ -123,7 +123,7 @@ ARCHS = {
 
 @dataclass
 class RankOnlyArch:
-    """An architecture outside `ARCH_SPECS`: elastic ranks, sparsity and quantization only (no elastic widths)."""
+    """An architecture beside the main matrix, tested in `test_architectures.py` (its own sizes: FFN of 64)."""
 
     name: str
     targets: list[str]
