@@ -322,12 +322,12 @@ def _quiet_loggers() -> Iterator[None]:
 @contextmanager
 def _no_progress_bars() -> Iterator[None]:
     """transformers' and datasets' tqdm bars and NNCF's rich progress display (on rich's global console) off."""
-    import datasets.utils as datasets_tqdm
+    import datasets.utils as datasets_utils
     import transformers.utils.logging as transformers_logging
 
-    shown = transformers_logging.is_progress_bar_enabled(), not datasets_tqdm.are_progress_bars_disabled()
+    shown = transformers_logging.is_progress_bar_enabled(), not datasets_utils.are_progress_bars_disabled()
     transformers_logging.disable_progress_bar()
-    datasets_tqdm.disable_progress_bars()
+    datasets_utils.disable_progress_bars()
     try:
         import rich
     except ImportError:  # NNCF is not installed
@@ -341,6 +341,6 @@ def _no_progress_bars() -> Iterator[None]:
         if shown[0]:
             transformers_logging.enable_progress_bar()
         if shown[1]:
-            datasets_tqdm.enable_progress_bars()
+            datasets_utils.enable_progress_bars()
         if console is not None:
             console.quiet = was_quiet
