@@ -26,26 +26,14 @@ VARIANTS = {
 ORDERS = ("none", "magnitude", "activation", "gradient")
 
 
-def score(supernet, configs: dict[str, dict], tokenizer, test) -> dict[str, float]:
+def score(supernet, configs: dict[str, dict], scorer) -> dict[str, float]:
     """Test accuracy of each sub-network config (masked in the super-network)."""
-    from hf_elastic.demo.assets import accuracy
-
     scores = {}
     for key, config in configs.items():
         supernet.activate(config)
-        scores[key] = accuracy(supernet.model, tokenizer, test)
+        scores[key] = scorer(supernet, config)
     supernet.activate("max")
     return scores
-
-
-def score_full(tokenizer, test, model_dir) -> float:
-    """Test accuracy of the dense model as loaded."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from hf_elastic.demo.assets import accuracy
-
-    return accuracy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tokenizer, test)
 
 
 def main() -> None:
@@ -62,19 +50,24 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_elastic.demo import DemoConfig
-    from hf_elastic.demo.assets import demo_model_dir, load_demo_dataset
+    from hf_elastic.data import FINE_FOODS_ANSWERS, FINE_FOODS_FORMAT, fit_rows, load_fine_foods
+    from hf_elastic.demo import DemoConfig  # the demo's LoNAS recipe is what this measures
     from hf_elastic.demo.lonas import lonas_trainer, uniform_width_config
+    from hf_elastic.models.offline import smollm2_dir
+    from hf_elastic.search import LabelWordEvaluator
 
-    model_dir = demo_model_dir()
+    model_dir = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = load_demo_dataset()
-    test = data["test"].select(range(args.test_rows))
+    data = load_fine_foods()
+    test = fit_rows(data["test"].select(range(args.test_rows)), tokenizer, 128, FINE_FOODS_FORMAT)
+    scorer = LabelWordEvaluator.from_rows(test, FINE_FOODS_ANSWERS, tokenizer, FINE_FOODS_FORMAT, batch_size=16)
     results: dict[str, dict] = {"zero_shot": {}, "trained": {}}
 
     def build(sampling: str, reorder: str, tmp: str):
         cfg = DemoConfig(sampling=sampling, reorder=reorder, train_steps=args.steps)
-        train = data["train"].select(range(cfg.train_steps * cfg.batch_size))
+        train = fit_rows(
+            data["train"].select(range(cfg.train_steps * cfg.batch_size)), tokenizer, 128, FINE_FOODS_FORMAT
+        )
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         trainer = lonas_trainer(cfg, model, tokenizer, train, tmp)
@@ -104,7 +97,7 @@ def main() -> None:
         for reorder in args.zero_shot_orders:
             trainer, subnets = build("uniform", reorder, tmp)
             narrow = {k: v for k, v in subnets.items() if k != "ffn_100"}
-            results["zero_shot"][reorder] = score(trainer.supernet, narrow, tokenizer, test)
+            results["zero_shot"][reorder] = score(trainer.supernet, narrow, scorer)
             print(f"zero-shot {reorder:<12} {results['zero_shot'][reorder]}", flush=True)
         for name in args.variants:
             trainer, subnets = build(*VARIANTS[name], tmp)
@@ -114,12 +107,12 @@ def main() -> None:
             results["trained"][name] = {
                 "steps": trainer.args.max_steps,
                 "train_s": seconds,
-                "accuracy": score(trainer.supernet, subnets, tokenizer, test),
+                "accuracy": score(trainer.supernet, subnets, scorer),
             }
             print(f"{name:<20} {results['trained'][name]}", flush=True)
             save()
 
-    full = score_full(tokenizer, test, model_dir)
+    full = scorer.accuracy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
     print(f"\ndense zero-shot: {full}")
     for name, e in results["trained"].items():
         print(

@@ -84,9 +84,9 @@ def prepare(work: Path, model_name: str, group_size: int, folders: set[str]) -> 
 
     torch.manual_seed(0)
     if model_name == "smollm2":
-        from hf_elastic.demo.assets import demo_model_dir
+        from hf_elastic.models.offline import smollm2_dir
 
-        model = AutoModelForCausalLM.from_pretrained(demo_model_dir(), dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32).eval()
     else:
         model = LlamaForCausalLM(LlamaConfig(**MODEL_KWARGS)).eval()
     todo = {f for f in folders if not (work / f).exists()}

@@ -35,14 +35,14 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from hf_elastic import NLSConfig, QuantLinear, get_supernet, quantize, sparsify
-    from hf_elastic.demo.assets import DEFAULT_TEMPLATE
+    from hf_elastic.data import FINE_FOODS_FORMAT, prompts_and_answers
 
     torch.manual_seed(args.seed)
     task = DemoTask.load(args.steps * args.batch_size, args.test_rows)
     tokenizer, train = task.tokenizer, task.train
 
     sparse = AutoModelForCausalLM.from_pretrained(task.model_dir, dtype=torch.float32)
-    calibration = [DEFAULT_TEMPLATE.format(t) for t in train["text"][:128]]
+    calibration = prompts_and_answers(train.select(range(min(128, len(train)))), FINE_FOODS_FORMAT)[0]
     sparsify(sparse, "wanda", 0.5, calibration=calibration, tokenizer=tokenizer, seq_len=128, num_samples=32)
 
     def finetune(base, quantization_aware: bool):

@@ -37,9 +37,9 @@ def load_base(name: str):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if name == "smollm2":
-        from hf_elastic.demo.assets import demo_model_dir
+        from hf_elastic.models.offline import smollm2_dir
 
-        return AutoModelForCausalLM.from_pretrained(demo_model_dir(), dtype=torch.float32), "SmolLM2-135M-Instruct"
+        return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32), "SmolLM2-135M-Instruct"
     torch.manual_seed(0)
     return LlamaForCausalLM(LlamaConfig(**MODEL_KWARGS)), MODEL_TEXT
 

@@ -206,23 +206,24 @@ class DemoTask:
     collator: Any
 
     @classmethod
-    def load(cls, train_rows: int, test_rows: int) -> DemoTask:
+    def load(cls, train_rows: int, test_rows: int, seq_len: int = 128) -> DemoTask:
+        """The first `train_rows` / `test_rows` rows, long reviews cut so that each prompt and answer fit `seq_len`."""
         from transformers import AutoTokenizer
 
-        from hf_elastic.data import completion_collator
-        from hf_elastic.demo.assets import build_training_features, demo_model_dir, load_demo_dataset
+        from hf_elastic.data import FINE_FOODS_FORMAT, completion_collator, fit_rows, load_fine_foods, tokenize_rows
+        from hf_elastic.models.offline import smollm2_dir
 
-        model_dir = demo_model_dir()
+        model_dir = smollm2_dir()
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        data = load_demo_dataset()
-        train, test = data["train"].select(range(train_rows)), data["test"].select(range(test_rows))
+        data = load_fine_foods({"train": train_rows, "test": test_rows})
+        train, test = (fit_rows(data[s], tokenizer, seq_len, FINE_FOODS_FORMAT) for s in ("train", "test"))
         return cls(
             model_dir,
             tokenizer,
             train,
             test,
-            build_training_features(tokenizer, train),
-            build_training_features(tokenizer, test),
+            tokenize_rows(train, tokenizer, seq_len, FINE_FOODS_FORMAT),
+            tokenize_rows(test, tokenizer, seq_len, FINE_FOODS_FORMAT),
             completion_collator(tokenizer),
         )
 
@@ -235,10 +236,12 @@ class DemoTask:
         """Answer-token loss and accuracy on the test rows; `args` are the `TrainingArguments` of the evaluation."""
         from transformers import Trainer
 
-        from hf_elastic.demo.assets import accuracy
+        from hf_elastic.data import FINE_FOODS_ANSWERS, FINE_FOODS_FORMAT
+        from hf_elastic.search import LabelWordEvaluator
 
         loss = Trainer(model=model, args=args, data_collator=self.collator).evaluate(self.test_features)["eval_loss"]
-        return {"eval_loss": loss, "accuracy": accuracy(model, self.tokenizer, self.test)}
+        scorer = LabelWordEvaluator.from_rows(self.test, FINE_FOODS_ANSWERS, self.tokenizer, FINE_FOODS_FORMAT)
+        return {"eval_loss": loss, "accuracy": scorer.accuracy(model)}
 
 
 def step_benchmark_main(

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Build the vendored demo data set `src/hf_elastic/demo/data/fine_foods/` from the Debian package `r-cran-modeldata`.
+"""Build the vendored demo data set `src/hf_elastic/data_files/fine_foods/` from the Debian package `r-cran-modeldata`.
 
 The package ships modeldata's `small_fine_foods` data (Amazon fine-food reviews; `training_data`, 4,000 rows, and
 `testing_data`, 1,000 rows; columns `product`, `review`, `score` in {great, other}) inside R's lazy-load database
@@ -37,7 +37,7 @@ import zlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OUT_DIR = REPO / "src" / "hf_elastic" / "demo" / "data" / "fine_foods"
+OUT_DIR = REPO / "src" / "hf_elastic" / "data_files" / "fine_foods"
 DEB_NAME = "r-cran-modeldata"
 R_DATA_DIR = "usr/lib/R/site-library/modeldata/data"
 COPYRIGHT = "usr/share/doc/r-cran-modeldata/copyright"
@@ -169,7 +169,7 @@ def write_outputs(chosen, counts, deb: Path, version: str, copyright_text: str) 
     readme = f"""# Amazon fine-food reviews (demo subset)
 
 A small, balanced binary sentiment task for the offline `hf_elastic` demo: does a review give the product 5 stars
-(`great`, label 1) or not (`other`, label 0)? Load it with `hf_elastic.demo.assets.load_demo_dataset()`.
+(`great`, label 1) or not (`other`, label 0)? Load it with `hf_elastic.data.load_fine_foods()`.
 
 | split | rows | great (1) | other (0) |
 |-------|------|-----------|-----------|

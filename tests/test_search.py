@@ -685,6 +685,26 @@ def test_label_word_accuracy_matches_unpadded_scoring(tiny_tokenizer) -> None:
         LabelWordEvaluator(prompts[:1], [2], words, tiny_tokenizer)
 
 
+def test_label_word_logits_batched_match_one_by_one_on_any_model(tiny_tokenizer) -> None:
+    from datasets import Dataset
+
+    from hf_elastic.data import FINE_FOODS_ANSWERS, FINE_FOODS_FORMAT
+
+    model = llama_for(tiny_tokenizer).train()
+    texts = ["Great.", "Not worth the money, stale and bland and old.", "I love it, tea is great."]
+    rows = Dataset.from_dict({"text": texts, "answer": [" positive", " negative", " positive"]})
+    evaluator = LabelWordEvaluator.from_rows(rows, FINE_FOODS_ANSWERS, tiny_tokenizer, FINE_FOODS_FORMAT, batch_size=3)
+    assert evaluator.prompts[0] == "Review: Great.\nSentiment:" and evaluator.labels == [1, 0, 1]
+    batched = evaluator.logits(model)
+    assert batched.shape == (3, 2) and model.training  # scored in eval mode, the mode restored
+    single = LabelWordEvaluator(evaluator.prompts, evaluator.labels, FINE_FOODS_ANSWERS, tiny_tokenizer, batch_size=1)
+    torch.testing.assert_close(batched, single.logits(model), atol=1e-4, rtol=1e-4)
+    expected = sum(int(i) == g for i, g in zip(batched.argmax(-1), evaluator.labels, strict=True)) / 3
+    assert evaluator.accuracy(model) == expected == evaluator(SimpleNamespace(model=model), {})
+    with pytest.raises(ValueError, match="batch_size=0 must be at least 1"):
+        LabelWordEvaluator(evaluator.prompts, evaluator.labels, FINE_FOODS_ANSWERS, tiny_tokenizer, batch_size=0)
+
+
 class _Scripted(torch.nn.Module):
     """`generate` appends fixed texts to the prompts, to test the answer matching exactly."""
 

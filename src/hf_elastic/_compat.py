@@ -14,7 +14,7 @@ import warnings
 from types import ModuleType
 
 MOVED_MODULES = {
-    "assets": "demo.assets",
+    "assets": "models.offline",
     "calibration": "compression.calibration",
     "elastic_lora": "tuners.elastic_lora",
     "elastic_lora.arch": "models.arch",

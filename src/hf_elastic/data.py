@@ -269,19 +269,7 @@ def tokenize_rows(
             stacklevel=2,
         )
     shape = fmt.shape(rows.column_names)
-    eos = tokenizer.eos_token_id
-    examples: list[tuple[list[int], list[int]]] = []
-    for row in rows:
-        ids: list[int] = []
-        labels: list[int] = []
-        for text, learn in fmt.segments(row, shape, tokenizer):
-            piece = encode_text(tokenizer, text) if not ids else tokenizer.encode(text, add_special_tokens=False)
-            ids += piece
-            labels += piece if learn else [IGNORE_INDEX] * len(piece)
-        if eos is not None and shape != "messages" and ids[-1:] != [eos]:
-            ids.append(eos)
-            labels.append(eos)
-        examples.append((ids, labels))
+    examples = [_row_tokens(fmt, row, shape, tokenizer) for row in rows]
     if packing:
         flat_ids = [t for ids, _ in examples for t in ids]
         flat_labels = [t for _, labels in examples for t in labels]
@@ -306,6 +294,50 @@ def tokenize_rows(
         columns = {"input_ids": [ids for ids, _ in kept], "labels": [labels for _, labels in kept]}
     columns["attention_mask"] = [[1] * len(ids) for ids in columns["input_ids"]]
     return Dataset.from_dict(columns)
+
+
+def _row_tokens(fmt: InstructionFormat, row: Mapping[str, Any], shape: str, tokenizer: Any) -> tuple[list, list]:
+    """Token ids and labels of one row, as `tokenize_rows` builds them before truncation (EOS appended)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, learn in fmt.segments(row, shape, tokenizer):
+        piece = encode_text(tokenizer, text) if not ids else tokenizer.encode(text, add_special_tokens=False)
+        ids += piece
+        labels += piece if learn else [IGNORE_INDEX] * len(piece)
+    eos = tokenizer.eos_token_id
+    if eos is not None and shape != "messages" and ids[-1:] != [eos]:
+        ids.append(eos)
+        labels.append(eos)
+    return ids, labels
+
+
+def fit_rows(rows: Any, tokenizer: Any, seq_len: int, fmt: InstructionFormat, column: str = "text") -> Any:
+    """`rows` with `column` shortened (whole tokens off its end) so that each row, as `tokenize_rows` tokenizes it,
+    fits in `seq_len` tokens: the rest of the template, such as a question after a long review and its answer,
+    always survives. Rows that fit are unchanged.
+    """
+    if column not in rows.column_names:
+        raise ValueError(f"fit_rows: the rows have no column {column!r}; they have {rows.column_names}.")
+    shape = fmt.shape(rows.column_names)
+
+    def length(row: Mapping[str, Any]) -> int:
+        return len(_row_tokens(fmt, row, shape, tokenizer)[0])
+
+    values = []
+    for row in rows:
+        text = row[column]
+        if length(row) > seq_len:
+            room = seq_len - length({**row, column: ""})
+            if room < 1:
+                raise ValueError(f"--seq-len {seq_len} leaves no room for the {column!r} column after the template.")
+            ids = tokenizer.encode(text, add_special_tokens=False)[:room]
+            text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+            while ids and length({**row, column: text}) > seq_len:  # re-tokenized, the cut text may merge differently
+                ids = ids[:-1]
+                text = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        values.append(text)
+    names = rows.column_names
+    return rows.remove_columns(column).add_column(column, values).select_columns(names)
 
 
 @dataclass
@@ -335,3 +367,75 @@ def completion_collator(tokenizer: Any, pad_to_multiple_of: int | None = None) -
     if pad is None:
         raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first.")
     return CompletionCollator(pad, pad_to_multiple_of)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The fine-food reviews task, shipped with the package
+# --------------------------------------------------------------------------------------------------------------------
+
+FINE_FOODS_DIR = Path(__file__).resolve().parent / "data_files" / "fine_foods"
+"""The vendored JSONL files (built by `scripts/build_demo_data.py` from the Debian package `r-cran-modeldata`)."""
+FINE_FOODS_LABELS = ("other", "great")
+"""`label` 0 is "other" (fewer than 5 stars) and 1 is "great" (5 stars), as in modeldata's `score` column."""
+FINE_FOODS_ANSWERS = (" negative", " positive")
+"""The label words scored after `FINE_FOODS_FORMAT`'s prompt, one per label (the `answer` column)."""
+FINE_FOODS_FORMAT = InstructionFormat(template="Review: {text}\nSentiment:{answer}", response_template="\nSentiment:")
+"""The zero-shot prompt of the fine-food task. Chosen by zero-shot accuracy of SmolLM2-135M-Instruct on 100 test
+rows against six other prompts (chat format, "great"/"other", "yes"/"no" to "5 stars?"): the chat-format prompts
+put almost all predictions on one class."""
+
+
+def load_fine_foods(split_sizes: Mapping[str, int] | None = None, data_dir: str | Path | None = None) -> Any:
+    """Load the vendored Amazon fine-food reviews as a `datasets.DatasetDict` with `train` and `test` splits.
+
+    Args:
+        split_sizes: keep only the first `n` rows of the named splits, e.g. `{"train": 256, "test": 200}`. The files
+            are stored in a fixed shuffled order, so a prefix is a deterministic sample with both labels.
+        data_dir: a folder with `train.jsonl` and `test.jsonl`; defaults to the copy shipped in the package.
+
+    Returns:
+        `datasets.DatasetDict` with columns `text`, `label` (1 = great, 0 = other), `label_text` and `answer` (the
+        label word of `FINE_FOODS_FORMAT`), ready for `tokenize_rows` and `prompts_and_answers`.
+    """
+    import json
+
+    import datasets
+
+    root = Path(data_dir) if data_dir is not None else FINE_FOODS_DIR
+    files = {split: root / f"{split}.jsonl" for split in ("train", "test")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fine-food data not found: {', '.join(missing)}. Build it from a source checkout with "
+            "`python scripts/build_demo_data.py` (needs apt-get and `pip install hf-elastic[demo]`), "
+            "or pass `data_dir=`."
+        )
+    split_sizes = dict(split_sizes or {})
+    unknown = set(split_sizes) - set(files)
+    if unknown:
+        raise ValueError(f"Unknown split(s) {sorted(unknown)}; the fine-food data has {sorted(files)}.")
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=list(FINE_FOODS_LABELS)),
+            "label_text": datasets.Value("string"),
+            "answer": datasets.Value("string"),
+        }
+    )
+    out = {}
+    for split, path in files.items():
+        with path.open(encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        n = split_sizes.get(split)
+        if n is not None:
+            if n > len(rows):
+                raise ValueError(f"split_sizes[{split!r}]={n} but {path} has only {len(rows)} rows.")
+            rows = rows[:n]
+        columns = {
+            "text": [r["text"] for r in rows],
+            "label": [int(r["label"]) for r in rows],
+            "label_text": [r["label_text"] for r in rows],
+            "answer": [FINE_FOODS_ANSWERS[int(r["label"])] for r in rows],
+        }
+        out[split] = datasets.Dataset.from_dict(columns, features=features)
+    return datasets.DatasetDict(out)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
+import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,6 +23,11 @@ from safetensors.torch import save_file
 
 ELASTIC_CONFIG_NAME = "elastic_config.json"
 SUBNET_CONFIG_NAME = "elastic_subnet.json"
+QUIET_LOGGERS = ("transformers", "optimum")
+"""Loggers whose warnings `quiet_library_output` hides: load notices, deprecations of internals, export notes."""
+QUIET_DEPRECATIONS = ("transformers", "optimum", "nncf", "openvino", "peft", "torch")
+"""Libraries whose own deprecation notices (raised inside them) `quiet_library_output` hides."""
+_VERBOSE: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_elastic_verbose", default=False)
 
 
 @contextmanager
@@ -270,3 +278,90 @@ def config_from_kwargs(cls: type, config: Any, kwargs: dict[str, Any], caller: s
     if unknown:
         raise TypeError(f"{caller}() got unknown arguments {unknown}; {cls.__name__} has the fields {sorted(known)}.")
     return cls(**kwargs)
+
+
+def module_device(model: Any) -> torch.device:
+    """The device of a model's first parameter, else its `device` attribute (optimum-intel models), else the CPU."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device(getattr(model, "device", "cpu"))
+
+
+@contextmanager
+def quiet_library_output(verbose: bool | None = None) -> Iterator[None]:
+    """Hide what the libraries below hf_elastic print that a user of the CLI or the demo cannot act on.
+
+    Inside the block: torch.jit `TracerWarning`s (OpenVINO export traces the model) and deprecation warnings raised
+    inside `QUIET_DEPRECATIONS` are ignored; the `QUIET_LOGGERS` show errors only and NNCF's logger no INFO (its
+    compression tables); transformers', datasets' and NNCF's progress bars are off. hf_elastic's own warnings and
+    progress and every error still show; everything is restored on exit. Only the entry points (`hf-elastic`,
+    `run_demo`) use it; library functions never filter warnings.
+
+    Args:
+        verbose: show everything. `None` keeps the choice of an enclosing block (quiet when there is none), so the
+            CLI's `--verbose` also reaches the demo it runs.
+    """
+    verbose = _VERBOSE.get() if verbose is None else verbose
+    token = _VERBOSE.set(verbose)
+    try:
+        if verbose:
+            yield
+            return
+        with warnings.catch_warnings(), _quiet_loggers(), _no_progress_bars():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            for library in QUIET_DEPRECATIONS:
+                for category in (DeprecationWarning, FutureWarning):
+                    warnings.filterwarnings("ignore", category=category, module=rf"{library}(\.|$)")
+            yield
+    finally:
+        _VERBOSE.reset(token)
+
+
+@contextmanager
+def _quiet_loggers() -> Iterator[None]:
+    import transformers.utils.logging as transformers_logging
+
+    transformers_logging.get_verbosity()  # sets up its logger now, so that doing so later does not reset the level
+    levels = dict.fromkeys(QUIET_LOGGERS, logging.ERROR)
+    if importlib.util.find_spec("nncf") is not None:
+        # imported first: its import sets its logger to INFO, and a logger made before it would lack NNCF's methods
+        import nncf.common.logging.logger  # noqa: F401
+
+        levels["nncf"] = logging.WARNING  # its compression tables are INFO
+    loggers = {logging.getLogger(name): level for name, level in levels.items()}
+    before = {logger: logger.level for logger in loggers}
+    try:
+        for logger, level in loggers.items():
+            logger.setLevel(max(level, logger.getEffectiveLevel()))
+        yield
+    finally:
+        for logger, level in before.items():
+            logger.setLevel(level)
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' and datasets' tqdm bars and NNCF's rich progress display (on rich's global console) off."""
+    import datasets.utils as datasets_utils
+    import transformers.utils.logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled(), not datasets_utils.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    datasets_utils.disable_progress_bars()
+    try:
+        import rich
+    except ImportError:  # NNCF is not installed
+        console = None
+    else:
+        console = rich.get_console()
+        was_quiet, console.quiet = console.quiet, True
+    try:
+        yield
+    finally:
+        if shown[0]:
+            transformers_logging.enable_progress_bar()
+        if shown[1]:
+            datasets_utils.enable_progress_bars()
+        if console is not None:
+            console.quiet = was_quiet

@@ -1,4 +1,4 @@
-"""`hf-elastic demo`: the whole pipeline, offline, on SmolLM2-135M and Amazon fine-food reviews shipped here."""
+"""`hf-elastic demo`: the whole pipeline, offline, on SmolLM2-135M and the fine-food reviews shipped in the package."""
 
 from .config import DemoConfig
 from .run import run_demo

@@ -45,14 +45,15 @@ def lonas_peft_config(model: Any, cfg: DemoConfig) -> ElasticLoraConfig:
 def lonas_trainer(cfg: DemoConfig, model: Any, tokenizer: Any, train: Any, output_dir: str | Path) -> Any:
     """A `NASTrainer` for the LoNAS super-network on `model`, its channels ordered by `cfg.reorder`; call `train()`.
 
+    `train` holds fine-food rows that fit `cfg.max_length` (`hf_elastic.data.fit_rows`).
+
     `sampling="sandwich"` trains the max and min sub-networks every step, so it runs half of `cfg.train_steps` for
     the same compute as `"uniform"`.
     """
     from .. import NASTrainer, NASTrainingArguments
-    from ..data import completion_collator
-    from .assets import build_training_features
+    from ..data import FINE_FOODS_FORMAT, completion_collator, tokenize_rows
 
-    features = build_training_features(tokenizer, train, max_length=cfg.max_length)
+    features = tokenize_rows(train, tokenizer, cfg.max_length, FINE_FOODS_FORMAT)
     collator = completion_collator(tokenizer)
     steps = max(1, cfg.train_steps // 2) if cfg.sampling == "sandwich" else cfg.train_steps
     args = NASTrainingArguments(
@@ -126,7 +127,6 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
     from ..search.evaluators import LatencyEvaluator
     from ..search.latency import LatencyTable, PredictedLatencyEvaluator, remeasure, spearman
     from ..search.searcher import SearchConfig, search_subnetworks
-    from .measure import DemoAccuracy
 
     cfg, out, tokenizer, rows = ctx.cfg, ctx.out, ctx.tokenizer, ctx.rows
     trainer = lonas_trainer(cfg, ctx.model, tokenizer, ctx.train, out / "train")
@@ -141,7 +141,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
 
     result = search_subnetworks(
         supernet,
-        [DemoAccuracy(tokenizer, ctx.val, cfg.max_length), PredictedLatencyEvaluator(table)],
+        [ctx.evaluator(ctx.val), PredictedLatencyEvaluator(table)],
         SearchConfig(
             objectives=("accuracy", "latency"), budget=cfg.search_budget, population=cfg.population, seed=cfg.seed
         ),

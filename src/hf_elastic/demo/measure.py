@@ -1,4 +1,4 @@
-"""What the demo measures: accuracy as a search objective, batch latency, decoding speed, size, kept zeros."""
+"""What the demo measures besides accuracy: batch latency, decoding speed, size on disk, sparsity, kept zeros."""
 
 from __future__ import annotations
 
@@ -9,41 +9,24 @@ from typing import Any
 
 import torch
 
-from ..search.evaluators import Evaluator
+from ..search.tasks import LabelWordEvaluator
+from ..utils import module_device
 
 
-class DemoAccuracy(Evaluator):
-    """Label-word accuracy of the active sub-network on a split."""
-
-    name, direction = "accuracy", "maximize"
-
-    def __init__(self, tokenizer: Any, data: Any, max_length: int) -> None:
-        self.tokenizer, self.data, self.max_length = tokenizer, data, max_length
-
-    def __call__(self, supernet: Any, config: Any) -> float:
-        from .assets import accuracy
-
-        return accuracy(supernet.model, self.tokenizer, self.data, max_length=self.max_length)
-
-
-def latency_ms(model: Any, tokenizer: Any, texts: list[str], max_length: int, repeats: int = 3) -> float:
-    """Median time to score one batch of 16 prompts (one untimed run first)."""
-    from .assets import classify_logits
-
-    classify_logits(model, tokenizer, texts[:16], max_length=max_length)
+def latency_ms(model: Any, evaluator: LabelWordEvaluator, repeats: int = 3) -> float:
+    """Median time to score the evaluator's prompts, one batch of 16 in the demo (one untimed run first)."""
+    evaluator.logits(model)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        classify_logits(model, tokenizer, texts[:16], max_length=max_length)
+        evaluator.logits(model)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
 
 def decode_tokens_per_s(model: Any, tokenizer: Any, new_tokens: int = 32, repeats: int = 3) -> float:
     """Greedy decoding speed for one prompt: median of `repeats` runs after an untimed one."""
-    from .assets import _model_device
-
-    inputs = tokenizer("The best snack I ever bought was", return_tensors="pt").to(_model_device(model))
+    inputs = tokenizer("The best snack I ever bought was", return_tensors="pt").to(module_device(model))
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
     model.generate(**inputs, **kwargs)
     times = []

@@ -13,16 +13,18 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..utils import atomic_open
+from ..data import FINE_FOODS_ANSWERS, FINE_FOODS_FORMAT
+from ..models.offline import SMOLLM2_ID
+from ..search.tasks import LabelWordEvaluator
+from ..utils import atomic_open, quiet_library_output
 from .config import DemoConfig
-from .measure import DemoAccuracy, decode_tokens_per_s, latency_ms, layer_sparsity, print_table, size_mb, zeros_kept
-
-DEMO_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from .measure import decode_tokens_per_s, latency_ms, layer_sparsity, print_table, size_mb, zeros_kept
 
 
 @dataclass
@@ -47,47 +49,69 @@ class DemoContext:
         self._clock = now
         print(f"[demo] {name}: {self.seconds[name]} s", flush=True)
 
+    def evaluator(self, rows: Any) -> LabelWordEvaluator:
+        """Label-word accuracy on fine-food `rows`, 16 prompts a batch: a search objective, or `.accuracy(model)`."""
+        return LabelWordEvaluator.from_rows(rows, FINE_FOODS_ANSWERS, self.tokenizer, FINE_FOODS_FORMAT, batch_size=16)
+
+    @cached_property
+    def test_eval(self) -> LabelWordEvaluator:
+        return self.evaluator(self.test)
+
+    @cached_property
+    def timed_eval(self) -> LabelWordEvaluator:
+        return self.evaluator(self.test.select(range(min(16, len(self.test)))))
+
     def measure(self, model: Any, folder: Path, timed: bool = True) -> dict[str, float]:
         """Test accuracy and size on disk; with `timed`, also batch latency and decoding speed."""
-        from .assets import accuracy
-
-        cfg = self.cfg
-        row = {"accuracy": accuracy(model, self.tokenizer, self.test, max_length=cfg.max_length)}
+        row = {"accuracy": self.test_eval.accuracy(model)}
         if timed:
-            row["latency_ms"] = latency_ms(model, self.tokenizer, self.test["text"], cfg.max_length)
+            row["latency_ms"] = latency_ms(model, self.timed_eval)
             row["decode_tok_s"] = decode_tokens_per_s(model, self.tokenizer)
         return row | {"size_mb": size_mb(folder)}
 
 
-def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
-    """Run the pipeline, print the table and return (and write to `demo_results.json`) every figure."""
+def run_demo(config: DemoConfig | None = None, verbose: bool | None = None) -> dict[str, Any]:
+    """Run the pipeline, print the table and return (and write to `demo_results.json`) every figure.
+
+    The libraries' known-harmless warnings and notices are hidden unless `verbose` (see `quiet_library_output`).
+    """
+    with quiet_library_output(verbose):
+        return _run_demo(config or DemoConfig())
+
+
+def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..data import fit_rows, load_fine_foods
     from ..export.card_info import CardInfo
     from ..export.hub import push_to_hub
-    from .assets import demo_model_dir, load_demo_dataset
+    from ..models.offline import smollm2_dir
 
-    cfg = config or DemoConfig()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model_dir = Path(cfg.model_dir) if cfg.model_dir else demo_model_dir()
+    model_dir = Path(cfg.model_dir) if cfg.model_dir else smollm2_dir()
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"DemoConfig.model_dir={str(model_dir)!r} holds no config.json: pass a model folder.")
-    data = load_demo_dataset()
+    data = load_fine_foods()
     train_rows = cfg.train_steps * cfg.batch_size
     if train_rows + cfg.val_rows > len(data["train"]):
         raise ValueError(f"train_steps * batch_size + val_rows = {train_rows + cfg.val_rows} rows exceed the split.")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+    def rows(split: str, start: int, stop: int) -> Any:  # long reviews cut so that prompt and answer fit
+        return fit_rows(data[split].select(range(start, stop)), tokenizer, cfg.max_length, FINE_FOODS_FORMAT)
+
     ctx = DemoContext(
         cfg=cfg,
         out=out,
         model_dir=model_dir,
         model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-        tokenizer=AutoTokenizer.from_pretrained(model_dir),
-        train=data["train"].select(range(train_rows)),
-        val=data["train"].select(range(train_rows, train_rows + cfg.val_rows)),
-        test=data["test"].select(range(min(cfg.test_rows, len(data["test"])))),
+        tokenizer=tokenizer,
+        train=rows("train", 0, train_rows),
+        val=rows("train", train_rows, train_rows + cfg.val_rows),
+        test=rows("test", 0, min(cfg.test_rows, len(data["test"]))),
     )
     ctx.lap("load model and data")
     # LoNAS times its max sub-network, which has the dense architecture; the other modes compare against the dense one
@@ -105,7 +129,7 @@ def run_demo(config: DemoConfig | None = None) -> dict[str, Any]:
 
     card = CardInfo(
         method=cfg.method_info.name,
-        base_model=DEMO_BASE_ID if cfg.model_dir is None else model_dir.name,
+        base_model=SMOLLM2_ID if cfg.model_dir is None else model_dir.name,
         license="apache-2.0",
         training_data="Amazon fine-food reviews (small_fine_foods, R package modeldata), great/other labels",
         hyperparameters={k: v for k, v in asdict(cfg).items() if k != "output_dir"},
@@ -148,16 +172,16 @@ def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
     from .. import NASTrainer, NASTrainingArguments, NLSConfig
     from ..compression.quantization.quantize import QuantizationConfig, quantize
     from ..compression.sparsity import sparsify, sparsity_of, weight_masks
-    from ..data import completion_collator
+    from ..data import completion_collator, prompts_and_answers, tokenize_rows
     from ..export.openvino import export_openvino, load_openvino
     from ..export.openvino_ir import ir_weight_sparsity
     from ..export.subnetwork import export_subnetwork, load_exported
     from ..search.searcher import SearchConfig, search_subnetworks
-    from .assets import DEFAULT_TEMPLATE, accuracy, build_training_features
     from .lonas import RANK_GROUPS, TARGETS
 
     cfg, model, tokenizer, out, rows = ctx.cfg, ctx.model, ctx.tokenizer, ctx.out, ctx.rows
-    calibration = [DEFAULT_TEMPLATE.format(t) for t in ctx.train["text"][: 4 * cfg.calibration_samples]]
+    calibration_rows = ctx.train.select(range(min(4 * cfg.calibration_samples, len(ctx.train))))
+    calibration = prompts_and_answers(calibration_rows, FINE_FOODS_FORMAT)[0]
     report = sparsify(
         model,
         "wanda",
@@ -173,7 +197,7 @@ def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
             model, QuantizationConfig(bits=cfg.method_info.base_bits, group_size=cfg.group_size, keep_residual=True)
         )
     rows["sparse base (zero-shot)"] = {
-        "accuracy": accuracy(model, tokenizer, ctx.test, max_length=cfg.max_length),
+        "accuracy": ctx.test_eval.accuracy(model),
         "sparsity": report.total_sparsity,
     }
     ctx.lap("wanda" + (" + int4" if cfg.quantization_aware else ""))
@@ -199,7 +223,7 @@ def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
         use_cpu=True,
         seed=cfg.seed,
     )
-    features = build_training_features(tokenizer, ctx.train, max_length=cfg.max_length)
+    features = tokenize_rows(ctx.train, tokenizer, cfg.max_length, FINE_FOODS_FORMAT)
     trainer = NASTrainer(
         model=model,
         args=args,
@@ -214,7 +238,7 @@ def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
 
     result = search_subnetworks(
         supernet,
-        DemoAccuracy(tokenizer, ctx.val, cfg.max_length),
+        ctx.evaluator(ctx.val),
         SearchConfig(
             objectives=("accuracy", "params"), budget=cfg.search_budget, population=cfg.population, seed=cfg.seed
         ),

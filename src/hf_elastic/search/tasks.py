@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
-from ..data import encode_text
+from ..data import InstructionFormat, encode_text, prompts_and_answers
 from ..nas.search_space import SubnetConfig
 from ..nas.supernet import SuperNetwork
+from ..utils import module_device
 from .evaluators import Evaluator
 
 GSM8K_ANSWER = r"####\s*(-?[\d,]*\.?\d+)"
 
 
-def _left_padded(tokenizer: Any, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-    rows = [encode_text(tokenizer, p) for p in prompts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+def _pad_id(tokenizer: Any) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _left_padded(rows: Sequence[list[int]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
@@ -30,12 +37,26 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, start + size)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def _scoring_kwargs(model: Any) -> dict[str, Any]:
+    """`use_cache=False` and `logits_to_keep=1` where the (base) model's `forward` takes them; none for optimum-intel's
+    OpenVINO models, whose `forward` takes neither."""
+    if type(model).__module__.startswith("optimum"):
+        return {}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes them on
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return {}
+    return {k: v for k, v in {"use_cache": False, "logits_to_keep": 1}.items() if k in params}
 
 
 class LabelWordEvaluator(Evaluator):
     """Accuracy of the label word with the highest next-token logit after each prompt.
+
+    As a search objective it scores the active sub-network (`supernet.model`); `logits(model)` and `accuracy(model)`
+    score any causal LM: a transformers or peft model, a merged or sliced export, or an optimum-intel
+    `OVModelForCausalLM`. Prompts are left-padded in batches with explicit position ids, so a batch scores exactly as
+    the prompts one by one.
 
     Args:
         prompts: the texts the label word follows.
@@ -65,6 +86,8 @@ class LabelWordEvaluator(Evaluator):
         bad = [label for label in labels if not 0 <= label < len(label_words)]
         if bad:
             raise ValueError(f"Labels {sorted(set(bad))[:5]} are outside 0..{len(label_words) - 1} (the label words).")
+        if batch_size < 1:
+            raise ValueError(f"LabelWordEvaluator batch_size={batch_size} must be at least 1.")
         token_ids = []
         for word in label_words:
             ids = tokenizer.encode(word, add_special_tokens=False)
@@ -75,6 +98,7 @@ class LabelWordEvaluator(Evaluator):
             raise ValueError(f"Label words {list(label_words)} start with the same token; pick words that differ.")
         self.prompts, self.labels, self.tokenizer, self.batch_size = list(prompts), list(labels), tokenizer, batch_size
         self.token_ids = token_ids
+        self._rows = [encode_text(tokenizer, p) for p in self.prompts]
 
     @classmethod
     def from_answers(
@@ -89,18 +113,40 @@ class LabelWordEvaluator(Evaluator):
             labels.append(words.index(answer.strip()))
         return cls(prompts, labels, label_words, tokenizer, **kwargs)
 
+    @classmethod
+    def from_rows(
+        cls, rows: Any, label_words: Sequence[str], tokenizer: Any, fmt: InstructionFormat | None = None, **kwargs: Any
+    ) -> LabelWordEvaluator:
+        """Build it from data rows: each row's prompt and answer as `fmt` reads them (`data.prompts_and_answers`)."""
+        prompts, answers = prompts_and_answers(rows, fmt, tokenizer)
+        return cls.from_answers(prompts, answers, label_words, tokenizer, **kwargs)
+
     @torch.no_grad()
+    def logits(self, model: Any) -> torch.Tensor:
+        """The label words' next-token logits after each prompt, shape `(len(prompts), len(label_words))`, on CPU."""
+        device, extra, pad = module_device(model), _scoring_kwargs(model), _pad_id(self.tokenizer)
+        training = getattr(model, "training", None)
+        if training is not None:
+            model.eval()
+        out = []
+        try:
+            for part in _chunks(len(self._rows), self.batch_size):
+                batch = _left_padded(self._rows[part], pad, device)
+                # explicit positions: left padding must not shift them (matches unpadded one-by-one scoring)
+                positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                logits = model(**batch, position_ids=positions, **extra).logits[:, -1, self.token_ids]
+                out.append(torch.as_tensor(logits).float().cpu())
+        finally:
+            if training is not None:
+                model.train(training)
+        return torch.cat(out)
+
+    def accuracy(self, model: Any) -> float:
+        """The share of prompts whose highest-scoring label word is the right one."""
+        return int((self.logits(model).argmax(-1) == torch.tensor(self.labels)).sum()) / len(self.labels)
+
     def __call__(self, supernet: SuperNetwork, config: SubnetConfig) -> float:
-        model = supernet.model
-        correct = 0
-        for part in _chunks(len(self.prompts), self.batch_size):
-            batch = _left_padded(self.tokenizer, self.prompts[part], _device(model))
-            # explicit positions: left padding must not shift them (matches unpadded one-by-one scoring)
-            positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            logits = model(**batch, position_ids=positions, use_cache=False).logits[:, -1, self.token_ids]
-            gold = torch.tensor(self.labels[part], device=logits.device)
-            correct += int((logits.argmax(-1) == gold).sum())
-        return correct / len(self.prompts)
+        return self.accuracy(supernet.model)
 
 
 def extract_answer(text: str, pattern: str) -> str | None:
@@ -152,14 +198,15 @@ class ExactMatchEvaluator(Evaluator):
         self.prompts, self.tokenizer = list(prompts), tokenizer
         self.answer_regex, self.max_new_tokens, self.batch_size = answer_regex, max_new_tokens, batch_size
         self.answers = [extract_answer(r, answer_regex) or r.strip() for r in references]
+        self._rows = [encode_text(tokenizer, p) for p in self.prompts]
 
     @torch.no_grad()
     def __call__(self, supernet: SuperNetwork, config: SubnetConfig) -> float:
         model = supernet.model
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = _pad_id(self.tokenizer)
         correct = 0
-        for part in _chunks(len(self.prompts), self.batch_size):
-            batch = _left_padded(self.tokenizer, self.prompts[part], _device(model))
+        for part in _chunks(len(self._rows), self.batch_size):
+            batch = _left_padded(self._rows[part], pad, module_device(model))
             out = model.generate(
                 **batch, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad, num_beams=1
             )
