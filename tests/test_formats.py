@@ -1,4 +1,4 @@
-"""Serving formats of a merged INT4/INT8 sub-network: compressed-tensors (transformers, vLLM)."""
+"""Serving formats of a merged INT4/INT8 sub-network: compressed-tensors (transformers, vLLM) and GGUF (llama.cpp)."""
 
 from __future__ import annotations
 
@@ -34,9 +34,9 @@ SCHEMES = [
 ]
 
 
-def qa_supernet(bits: int, group_size: int, symmetric: bool, sparse: bool):
+def qa_supernet(bits: int, group_size: int, symmetric: bool, sparse: bool, vocab: int = 96):
     """A QA-SparsePEFT super-network (two training steps) on a tiny Llama quantized with round-to-nearest."""
-    base = random_llama(96, hidden_size=64, intermediate_size=128).eval()
+    base = random_llama(vocab, hidden_size=64, intermediate_size=128).eval()
     if sparse:
         base = pruned(base)
     quantize(base, bits=bits, group_size=group_size, symmetric=symmetric, keep_residual=True, show_progress=False)
@@ -190,6 +190,9 @@ def test_cli_export_format_compressed_tensors(tmp_path, capsys):
     export = ["export", str(super_dir), "--base", str(int4), "--config", "min"]
     main(export + ["--output", str(tmp_path / "ct"), "--format", "compressed-tensors"])
     main(export + ["--output", str(tmp_path / "hf")])
+    if importlib.util.find_spec("gguf") is not None:
+        main(export + ["--output", str(tmp_path / "gguf"), "--format", "gguf"])
+        assert (tmp_path / "gguf" / "model.gguf").stat().st_size > 0
     assert f"wrote {tmp_path / 'ct'}" in capsys.readouterr().out
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
     reference = load_exported(tmp_path / "hf")
@@ -208,3 +211,105 @@ def test_cli_export_format_compressed_tensors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(export + ["--output", str(tmp_path / "o"), "--format", "compressed-tensors", "--openvino"])
     assert "error: --openvino reads the hf-elastic folder; with --format compressed-tensors" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- GGUF
+requires_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="needs hf-elastic[gguf]")
+# (bits, group size, symmetric, sparse base, the ggml type expected for the quantized layers)
+GGUF_SCHEMES = [(4, 64, False, True, "Q4_1"), (4, 32, True, True, "Q4_1"), (8, 32, True, False, "Q8_0"),
+                (8, 32, False, False, "F32")]  # fmt: skip
+
+
+def gguf_tokenizer():
+    words = ["good food", "bad taste", "great tea", "not very good", "it was bad"]
+    return byte_level_bpe(words * 10, 300, ["</s>"], eos_token="</s>", pad_token="</s>", bos_token="</s>")
+
+
+@requires_gguf
+@pytest.mark.parametrize(("bits", "group_size", "symmetric", "sparse", "ggml_type"), GGUF_SCHEMES)
+def test_gguf_export_reads_back_with_gguf_and_transformers(tmp_path, bits, group_size, symmetric, sparse, ggml_type):
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from transformers import AutoModelForCausalLM
+
+    from hf_elastic.export.gguf_file import permute_rows
+
+    tokenizer = gguf_tokenizer()
+    sn = qa_supernet(bits, group_size, symmetric, sparse, vocab=len(tokenizer))
+    merged = sn.extract_model("min")
+    out = export_subnetwork(sn, "min", tmp_path / "gguf", tokenizer=tokenizer, format="gguf")
+    assert sorted(p.name for p in out.iterdir())[:2] == ["elastic_subnet.json", "model.gguf"]
+    reader = GGUFReader(out / "model.gguf")
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
+    assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
+    assert fields["llama.feed_forward_length"] == 128 and fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.pre"] == "gpt2" and fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    vocab = tokenizer.get_vocab()
+    assert fields["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
+    assert len(fields["tokenizer.ggml.merges"]) == len(
+        json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    )
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" in tensors and tensors["token_embd.weight"].tensor_type.name == "F32"
+    assert np.array_equal(tensors["token_embd.weight"].data, merged.model.embed_tokens.weight.detach().numpy())
+    worst = 0.0
+    for i, layer in enumerate(merged.model.layers):
+        for hf_name, gguf_name in (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
+                                   ("mlp.down_proj", "ffn_down")):  # fmt: skip
+            module = layer.get_submodule(hf_name)
+            assert isinstance(module, QuantLinear)
+            tensor = tensors[f"blk.{i}.{gguf_name}.weight"]
+            assert tensor.tensor_type.name == ggml_type
+            got = dequantize(tensor.data, tensor.tensor_type).reshape(module.out_features, module.in_features)
+            q, s, z = module.qweight.float(), module.scales, module.zeros.float()
+            d = s.half().float().repeat_interleave(group_size, 1)
+            z = z.repeat_interleave(group_size, 1)
+            if ggml_type == "Q4_1":
+                expected = d * q + (-z * d).half().float()  # d = fp16(s), m = fp16(-z d)
+            elif ggml_type == "Q8_0":
+                expected = d * (q - z)
+            else:
+                expected = module.dequantize()
+            reference = module.dequantize()
+            if gguf_name in ("attn_q", "attn_k"):
+                n_head = 4 if gguf_name == "attn_q" else 2
+                expected, reference = permute_rows(expected, n_head), permute_rows(reference, n_head)
+            assert np.array_equal(got, expected.numpy()), (i, hf_name)
+            diff = np.abs(got - reference.numpy())
+            assert (diff <= 2**-11 * 2**bits * s.max().item()).all()  # fp16 rounding of d (and m)
+            if symmetric or ggml_type == "F32":
+                assert np.array_equal(got == 0, reference.numpy() == 0)  # symmetric: m = -8 d is exact
+            worst = max(worst, float(diff.max()))
+    print(f"GGUF INT{bits} g{group_size} sym={symmetric} {ggml_type}: max |weight - hf-elastic| = {worst:.2e}")
+
+    stock = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    ids = torch.tensor([tokenizer.encode("good food and great tea, not bad")])
+    with torch.no_grad():
+        diff = (stock(input_ids=ids).logits - merged(input_ids=ids).logits).abs().max().item()
+    print(f"transformers' GGUF loader: max |logits - hf-elastic| = {diff:.2e}")
+    assert diff <= (0.0 if ggml_type == "F32" else 2e-3)
+
+
+@requires_gguf
+def test_gguf_refusals(tmp_path):
+    from hf_elastic.export.gguf_file import write_gguf
+
+    tokenizer = gguf_tokenizer()
+    model = random_llama(len(tokenizer), hidden_size=64, intermediate_size=128)
+    quantize(model, bits=4, group_size=16, show_progress=False)
+    with pytest.raises(ValueError, match=r"blocks of 32 weights with one scale, but model.layers.0.* group_size=16"):
+        write_gguf(model, tmp_path / "a.gguf", tokenizer)
+    widths = random_llama(len(tokenizer), hidden_size=64, intermediate_size=128)
+    slice_layer_width(find_width_layers(widths)[1][1], torch.arange(64), None)
+    with pytest.raises(ValueError, match=r"refuses per-layer widths: layer 1 mlp.down_proj is 64x64, the config says"):
+        write_gguf(widths, tmp_path / "b.gguf", tokenizer)
+    with pytest.raises(ValueError, match=r"writes Llama-architecture models .* model_type='gpt2'"):
+        write_gguf(ARCHS["gpt2"].build(), tmp_path / "c.gguf", tokenizer)
+    float_model = get_peft_model(
+        random_llama(len(tokenizer)), qa_config(ARCH, grouped=False, quantization_aware=False)
+    )
+    with pytest.raises(ValueError, match=r"format='gguf' needs tokenizer=...: llama.cpp reads the vocabulary"):
+        export_subnetwork(get_supernet(float_model), "max", tmp_path / "d", format="gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=EXPORT_FORMATS,
         default="hf-elastic",
         help="the output folder's format: hf-elastic (a stock checkpoint where transformers can express the "
-        "sub-network, else hf-elastic's own) or compressed-tensors (the exact INT4/INT8 codes of a QA sub-network, "
-        "for transformers and vLLM; pip install 'hf-elastic[compressed-tensors]')",
+        "sub-network, else hf-elastic's own), compressed-tensors (the exact INT4/INT8 codes of a QA sub-network, "
+        "for transformers and vLLM; pip install 'hf-elastic[compressed-tensors]') or gguf (model.gguf for "
+        "llama.cpp: INT4 as Q4_1, INT8 as Q8_0; Llama models; pip install 'hf-elastic[gguf]')",
     )
     p.add_argument("--openvino", action="store_true", help="also write <output>-openvino (OpenVINO IR)")
     p.add_argument(
