@@ -219,6 +219,11 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise ValueError(f"--weight-format {args.weight_format} applies to the OpenVINO IR; add --openvino.")
     if args.fp32_embeddings and not args.openvino:
         raise ValueError("--fp32-embeddings applies to the OpenVINO IR; add --openvino.")
+    if args.openvino and args.format != "hf-elastic":
+        raise ValueError(
+            f"--openvino reads the hf-elastic folder; with --format {args.format} run hf-elastic export twice "
+            "(once with --openvino and no --format)."
+        )
     _check_adapter(args)
     if args.group_size is not None and args.weight_format != "int4":
         raise ValueError(
@@ -230,7 +235,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     for folder in (args.output, *([ov_dir] if args.openvino else [])):  # check every output before writing any
         _check_output(str(folder), inputs, args.overwrite, "--output")
     supernet, tokenizer = _load_supernet(args)
-    out = export_subnetwork(supernet, config, args.output, tokenizer=tokenizer, overwrite=True)
+    out = export_subnetwork(supernet, config, args.output, tokenizer=tokenizer, overwrite=True, format=args.format)
     print(f"wrote {out}")
     if args.openvino:
         model = load_exported(out)

@@ -8,6 +8,7 @@ import sys
 from typing import Any, NoReturn
 
 from ..export.openvino import WEIGHT_FORMATS
+from ..export.subnetwork import EXPORT_FORMATS
 from ..nas.importance import IMPORTANCE_METHODS
 from ..search.evaluators import COUNT_OBJECTIVES
 from ..tuners.methods import ELASTIC_METHODS, METHODS
@@ -182,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="merge and slice a sub-network; optionally to OpenVINO IR")
     _subnet_args(p)
+    p.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="hf-elastic",
+        help="the output folder's format: hf-elastic (a stock checkpoint where transformers can express the "
+        "sub-network, else hf-elastic's own), compressed-tensors (the exact INT4/INT8 codes of a QA sub-network, "
+        "for transformers and vLLM; pip install 'hf-elastic[compressed-tensors]') or gguf (model.gguf for "
+        "llama.cpp: INT4 as Q4_1, INT8 as Q8_0; Llama models; pip install 'hf-elastic[gguf]')",
+    )
     p.add_argument("--openvino", action="store_true", help="also write <output>-openvino (OpenVINO IR)")
     p.add_argument(
         "--weight-format",

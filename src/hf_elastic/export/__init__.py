@@ -1,5 +1,7 @@
 """Export of a chosen sub-network: a merged, physically sliced checkpoint, an OpenVINO IR, and a Hub upload with card.
 
+compressed-tensors (INT4/INT8 checkpoints for transformers and vLLM) and gguf (llama.cpp) are imported only when
+that format is written (`pip install hf-elastic[compressed-tensors]`, `hf-elastic[gguf]`).
 OpenVINO, optimum-intel and NNCF are imported only when an OpenVINO function runs (`pip install hf-elastic[openvino]`).
 `accelerate` is now `optimize_for_inference` (the old name still works, with a `FutureWarning`).
 """
@@ -8,6 +10,8 @@ import warnings
 from typing import Any
 
 from .card_info import CardInfo
+from .compressed_tensors import save_compressed_tensors
+from .gguf_file import write_gguf
 from .hub import prepare_upload_folder, push_to_hub
 from .model_card import build_model_card, check_model_card, detect_artifact_kind, infer_method, measure_sparsity
 from .openvino import FP32_CPU_CONFIG, WEIGHT_FORMATS, export_openvino, int4_group_size, load_openvino
@@ -48,4 +52,6 @@ __all__ = [
     "optimize_for_inference",
     "prepare_upload_folder",
     "push_to_hub",
+    "save_compressed_tensors",
+    "write_gguf",
 ]

@@ -27,6 +27,7 @@ from ..tuners.methods import infer_method as method_of_config
 from ..tuners.nls.config import is_stock_load_guard
 from ..utils import ELASTIC_CONFIG_NAME, SUBNET_CONFIG_NAME
 from .card_info import ArtifactKind, CardInfo, _check_bits, _int_dict, _is_repo_id
+from .compressed_tensors import describe_quantization
 from .subnetwork import WIDTHS_ATTR
 
 logger = logging.getLogger(__name__)
@@ -198,6 +199,7 @@ def _collect_facts(source: Path, kind: ArtifactKind) -> _Facts:
             continue
         data = _read_json(source / name)
         data = data.get(key) if key else data
+        data = describe_quantization(data) or data
         if isinstance(data, Mapping) and data.get("bits") is not None:
             facts.bits, facts.group_size = data.get("bits"), data.get("group_size")
             facts.quantization = {k: data[k] for k in ("format", "method", "symmetric", "sym") if k in data}
@@ -439,6 +441,7 @@ def build_model_card(
     if info.sparsity is None and facts.sparsity_pattern:
         sparsity_source = f"{facts.sparsity_pattern} pattern, {sparsity_source}"
     hf_elastic_int4 = kind == "merged" and facts.quantization.get("format") == QUANT_FORMAT_NAME
+    compressed_tensors = kind == "merged" and str(facts.quantization.get("format")).startswith("compressed-tensors/")
     guarded_adapter = kind == "adapter" and facts.stock_guarded
     stock_refuses = hf_elastic_int4 or facts.hf_elastic_only is not None or guarded_adapter
     subnet_config = pick("subnet_config")
@@ -523,6 +526,7 @@ def build_model_card(
         if auto_class != "AutoModel"
         else "OVModelForFeatureExtraction",
         "hf_elastic_int4": hf_elastic_int4,
+        "compressed_tensors": compressed_tensors,
         "hf_elastic_only": None if hf_elastic_int4 else facts.hf_elastic_only,
         "loader": LOADER,
         "sparse_adapter": kind == "adapter" and facts.sparse_adapter and not facts.quantization_aware,

@@ -18,8 +18,11 @@ from ..models.arch import find_width_layers, slice_layer_width
 from ..models.loading import build_from_config, load_config, mark_hf_elastic_only
 from ..nas.supernet import NamedConfig, SuperNetwork
 from ..utils import SUBNET_CONFIG_NAME, atomic_directory, atomic_write_json, check_output_dir
+from .compressed_tensors import import_compressed_tensors, write_compressed_tensors
+from .gguf_file import GGUF_NAME, import_gguf, write_gguf
 
 WIDTHS_ATTR = "elastic_layer_widths"
+EXPORT_FORMATS = ("hf-elastic", "compressed-tensors", "gguf")
 
 
 def export_subnetwork(
@@ -29,6 +32,7 @@ def export_subnetwork(
     *,
     tokenizer: Any = None,
     overwrite: bool = False,
+    format: str = "hf-elastic",
 ) -> Path:
     """Merge the sub-network `config` into the base model, slice it and write it to `output_dir`.
 
@@ -41,12 +45,30 @@ def export_subnetwork(
     `elastic_subnet.json` (config, size and MACs against the max sub-network), `sparsity_report.json` when the weights
     are sparse, and the tokenizer.
     The folder appears complete or not at all.
+
+    `format="compressed-tensors"` writes an INT4/INT8 (quantization-aware) sub-network's exact codes, scales and zero
+    points as a compressed-tensors `pack-quantized` checkpoint instead, which stock transformers (with
+    `compressed-tensors` installed) and vLLM load; see `hf_elastic.export.compressed_tensors`. `format="gguf"` writes
+    `model.gguf` for llama.cpp instead (a Llama; INT4 as Q4_1, INT8 as Q8_0, the tokenizer inside; see
+    `hf_elastic.export.gguf_file`).
     """
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format={format!r} is unknown; use one of {', '.join(map(repr, EXPORT_FORMATS))}.")
+    if format == "compressed-tensors":
+        import_compressed_tensors()
+    if format == "gguf":
+        import_gguf()
+        if tokenizer is None:
+            raise ValueError("format='gguf' needs tokenizer=...: llama.cpp reads the vocabulary from the GGUF file.")
     check_output_dir(output_dir, overwrite)
     resolved = supernet.resolve(config)
     model = supernet.extract_model(resolved)
     with atomic_directory(output_dir, overwrite) as tmp:
-        if any(isinstance(m, QuantLinear) for m in model.modules()):
+        if format == "compressed-tensors":
+            write_compressed_tensors(model, tmp)
+        elif format == "gguf":
+            write_gguf(model, tmp / GGUF_NAME, tokenizer)
+        elif any(isinstance(m, QuantLinear) for m in model.modules()):
             write_quantized(model, tmp)
         else:
             model.save_pretrained(tmp)
@@ -62,7 +84,7 @@ def export_subnetwork(
         flags = {k: getattr(supernet.config, k) for k in ("sparse_adapter", "quantization_aware")}
         info = {"method": supernet.config.elastic_method, "config": resolved, **supernet.count(resolved)}
         atomic_write_json(tmp / SUBNET_CONFIG_NAME, info | {"max": supernet.count("max"), **flags})
-        if tokenizer is not None:
+        if tokenizer is not None and format != "gguf":
             tokenizer.save_pretrained(tmp)
     return Path(output_dir)
 
