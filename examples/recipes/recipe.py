@@ -71,7 +71,7 @@ def parse_args(recipe: Recipe, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--response-template", default=GSM8K.response_template, help="text before the answer")
     parser.add_argument("--output-dir", default=f"outputs/{recipe.name}")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--calibration-samples", type=int, default=128)
+    parser.add_argument("--calibration-samples", type=int, default=128, help="calibration windows of --seq-len tokens")
     parser.add_argument("--eval-limit", type=int, default=None, help="GSM8K test rows for lm-eval (default: all)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--tiny", action="store_true", help="tiny random model and synthetic rows, offline, CPU")
@@ -154,8 +154,10 @@ def run(recipe: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer = load_tokenizer(args.model)
         group_size, epochs = 128, recipe.epochs
         batch, accumulation, warmup = recipe.batch_size, recipe.gradient_accumulation, recipe.warmup_steps
-    calibration_rows = train_rows.select(range(min(args.calibration_samples, len(train_rows))))
-    calibration = [fmt.template.format(**row) for row in calibration_rows]
+    # rows are read until --calibration-samples windows of --seq-len tokens are full
+    calibration = train_rows.map(
+        lambda row: {"text": fmt.template.format(**row)}, remove_columns=train_rows.column_names
+    )
     summary: dict[str, Any] = {
         "recipe": recipe.name,
         "paper": recipe.paper,
@@ -168,7 +170,7 @@ def run(recipe: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
             calibration=calibration,
             tokenizer=tokenizer,
             seq_len=args.seq_len,
-            num_samples=len(calibration),
+            num_samples=args.calibration_samples,
         )
         summary["base_sparsity"] = report.total_sparsity
     if recipe.gptq_bits:
@@ -180,7 +182,7 @@ def run(recipe: Recipe, argv: list[str] | None = None) -> dict[str, Any]:
             calibration=calibration,
             tokenizer=tokenizer,
             seq_len=args.seq_len,
-            num_samples=len(calibration),
+            num_samples=args.calibration_samples,
             keep_residual=recipe.quantization_aware,
         )
         summary["base_bits"] = recipe.gptq_bits
