@@ -7,8 +7,8 @@ step, with and without gradient checkpointing), search (the loss of one batch at
 (`export_subnetwork`, or `extract_adapter` for Shears) and the OpenVINO export of the exported folder. The peak of
 live tensor bytes of each stage is counted by a `TorchDispatchMode` that follows every storage an op creates until it
 is freed (what `torch.cuda.max_memory_allocated` counts on a GPU); the OpenVINO export, which leaves torch, is
-measured as the rise of the process's peak RSS (VmHWM) over its RSS before the export (after a warm-up export of a
-one-layer model has loaded the converter's libraries). Each is compared with the
+measured as the rise of the process's peak RSS (VmHWM) over its RSS before loading the exported folder (after a
+warm-up export of a one-layer model, INT4 for SQFT-QA, has loaded the converter's libraries). Each is compared with the
 planner's prediction for the same settings (`dtype=float32`). Writes benchmarks/results/memory_model.json with the
 relative errors and the plans of Llama-3-8B, Mistral-7B-v0.3 and Phi-3-mini (config.json fixtures in tests/fixtures/).
 """
@@ -31,13 +31,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HERE = Path(__file__).resolve().parent
 SIZES = {
     "tiny": {
-        "config": dict(vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2),
+        "config": {"vocab_size": 2048, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2},
         "seq_len": 64, "batch": 2, "samples": 8,
     },
     "100m": {
-        "config": dict(vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                       num_attention_heads=12, num_key_value_heads=4),
+        "config": {"vocab_size": 16000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8,
+                   "num_attention_heads": 12, "num_key_value_heads": 4},
         "seq_len": 128, "batch": 2, "samples": 8,
     },
     "smollm2-135m": {"config": "smollm2", "seq_len": 128, "batch": 2, "samples": 8},
@@ -100,8 +100,10 @@ def peft_config(method: str, model_type: str):
 
     m = RECIPES[method]
     targets = list(_TARGETS.get(model_type, _TARGETS["default"])) + ["down_proj"] + (["gate_proj"] * m.gate_proj)
-    common = dict(target_modules=targets, rank_choices=[m.rank, m.rank // 2], lora_alpha=64, lora_dropout=m.dropout,
-                  sparse_adapter=m.sparse_adapter, quantization_aware=m.quantization_aware, task_type="CAUSAL_LM")  # fmt: skip
+    common = {
+        "target_modules": targets, "rank_choices": [m.rank, m.rank // 2], "lora_alpha": 64, "lora_dropout": m.dropout,
+        "sparse_adapter": m.sparse_adapter, "quantization_aware": m.quantization_aware, "task_type": "CAUSAL_LM",
+    }  # fmt: skip
     if m.widths:
         return ElasticLoraConfig(ffn_width_choices=[1.0, 0.75, 0.5], head_choices=[1.0], **common)
     return NLSConfig(**common)
@@ -174,7 +176,7 @@ def measure(size: str, method: str, workdir: Path) -> dict[str, int]:
         supernet.activate("median")
         tracker.reset()
         with torch.no_grad():
-            peft(input_ids=ids, labels=ids).loss
+            peft(input_ids=ids, labels=ids)
         out["search"] = tracker.peak
         tracker.reset()
         target = workdir / "export"
@@ -187,10 +189,10 @@ def measure(size: str, method: str, workdir: Path) -> dict[str, int]:
 
 
 def measure_openvino(size: str, method: str, workdir: Path) -> int:
-    """Peak RSS rise of `export_openvino` of the exported folder (merged methods only)."""
-    import optimum.exporters.openvino  # noqa: F401  (the libraries are loaded before the baseline)
+    """Peak RSS rise of loading the exported folder and `export_openvino` of it (merged methods only)."""
     import openvino  # noqa: F401
     import openvino_tokenizers  # noqa: F401
+    import optimum.exporters.openvino  # noqa: F401  (the libraries are loaded before the baseline)
 
     from hf_elastic.export.openvino import export_openvino
     from hf_elastic.export.subnetwork import load_exported
@@ -201,11 +203,15 @@ def measure_openvino(size: str, method: str, workdir: Path) -> int:
 
     warm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
+    if method == "sqft-qa":
+        from hf_elastic import quantize
+
+        quantize(warm, 4, group_size=32, show_progress=False)
     export_openvino(warm, workdir / "ov-warm", overwrite=True)  # loads the converter's libraries before the baseline
     del warm
-    model = load_exported(workdir / "export")
     gc.collect()
     base = rss_now()
+    model = load_exported(workdir / "export")
     export_openvino(model, workdir / "ov", overwrite=True)
     return rss_peak() - base
 
@@ -232,10 +238,8 @@ def worker(size: str, method: str, openvino: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(size, method, Path(tmp))
         if openvino and (RECIPE_MERGES[method]):
-            code = (
-                "import sys, json; sys.path.insert(0, %r); import bench_memory_model as b; from pathlib import Path; "
-                % str(HERE)
-            )
+            code = f"import sys, json; sys.path.insert(0, {str(HERE)!r}); import bench_memory_model as b; "
+            code += "from pathlib import Path; "
             code += f"print(json.dumps(b.measure_openvino({size!r}, {method!r}, Path({tmp!r}))))"
             proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             if proc.returncode:
@@ -310,8 +314,9 @@ def main() -> None:
         for method in args.methods:
             new = compare(size, method, not args.no_openvino)
             for r in new:
-                print(f"{size:<13} {method:<8} {r['stage']:<11} predicted {r['predicted_bytes'] / 2**20:9.1f} MiB  "
-                      f"measured {r['measured_bytes'] / 2**20:9.1f} MiB  error {r['relative_error']:+.1%}")  # fmt: skip
+                mib = r["predicted_bytes"] / 2**20, r["measured_bytes"] / 2**20
+                print(f"{size:<13} {method:<8} {r['stage']:<11} predicted {mib[0]:9.1f} MiB  "
+                      f"measured {mib[1]:9.1f} MiB  error {r['relative_error']:+.1%}")  # fmt: skip
             rows += new
     worst = max(abs(r["relative_error"]) for r in rows)
     plans = big_plans()

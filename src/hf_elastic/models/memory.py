@@ -50,6 +50,7 @@ class MethodSettings:
     rank: int = field(default=32, metadata={"help": "Largest LoRA rank."})
     dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
     gate_proj: bool = field(default=False, metadata={"help": "gate_proj adapted too."})
+    export_ffn: float = field(default=1.0, metadata={"help": "FFN width kept by the exported (median) sub-network."})
     batch_size: int = field(default=16, metadata={"help": "Per-device micro-batch of the recipe."})
     accumulation: int = field(default=1, metadata={"help": "Gradient accumulation steps of the recipe."})
 
@@ -60,7 +61,7 @@ class MethodSettings:
 
 # examples/recipes/*.py
 RECIPES = {
-    "lonas": MethodSettings("lonas", widths=True, gate_proj=True, batch_size=4, accumulation=4),
+    "lonas": MethodSettings("lonas", widths=True, gate_proj=True, export_ffn=0.75, batch_size=4, accumulation=4),
     "shears": MethodSettings("shears", sparsity=0.5, gate_proj=True, batch_size=4, accumulation=4),
     "sqft": MethodSettings("sqft", sparsity=0.5, sparse_adapter=True),
     "sqft-qa": MethodSettings("sqft-qa", 0.5, 4, sparse_adapter=True, quantization_aware=True, dropout=0.0),
@@ -243,6 +244,18 @@ class _Model:
 
     def adapters(self) -> int:
         return self.adapter_params * self.ad
+
+    def exported_params(self) -> int:
+        """Parameters of the exported sub-network: FFN sliced to `export_ffn`."""
+        s = self.shape
+        mlp = sum(i * o for _, g, i, o in s.linears if g.startswith("mlp"))
+        return int(s.params - s.layers * mlp * (1 - self.m.export_ffn))
+
+    def exported(self) -> int:
+        """Bytes of the exported sub-network: merged, FFN sliced, no residual."""
+        cut = self.shape.params - self.exported_params()
+        per_weight = self.quant_bytes_per_weight(False) if self.m.bits is not None else self.a
+        return int(self.base_weights(residual=False) - cut * per_weight)
 
     def max_weight(self) -> int:
         return max(i * o for _, _, i, o in self.shape.linears)
@@ -451,18 +464,16 @@ def _export(model: _Model, loaded: int) -> StageMemory:
         return StageMemory("export", int(base + model.adapters()), loaded, "adapter only (extract_adapter)")
     # extract_model deep-copies the super-network, then merges one layer at a time (float32 delta, mask)
     merge = model.max_weight() * (4 + 1 + (4 if m.quantization_aware else 0) + 4)
-    merged = model.base_weights(residual=False)
-    return StageMemory("export", int(2 * base + merge), loaded + merged, "deep copy + merge; host: the saved copy")
+    return StageMemory("export", int(2 * base + merge), loaded + model.exported(), "deep copy + merge; host: the copy")
 
 
 def _openvino(model: _Model) -> StageMemory:
-    """Host only: the exported model, its float32 copy that optimum traces, and the converted IR's constants."""
-    s = model.shape
-    merged = model.base_weights(residual=False)
-    fp32_copy = 4 * s.params
-    return StageMemory(
-        "openvino", 0, int(merged + (fp32_copy if model.a != 4 or model.m.bits else 0) + fp32_copy), "CPU"
-    )
+    """Host only: the exported model, the float32 copy that optimum traces, and the converted IR's constants."""
+    fp32 = 4 * model.exported_params()
+    copy = fp32 if model.a != 4 or model.m.bits is not None else 0  # a float32 model is traced as it is
+    reread = fp32 if model.m.bits is not None else 0  # INT4: the saved float IR is read back to embed the codes
+    note = "CPU only: the model, its fp32 copy, the IR"
+    return StageMemory("openvino", 0, model.exported() + copy + fp32 + reread, note)
 
 
 def _gib(value: int) -> str:
