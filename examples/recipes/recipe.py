@@ -49,7 +49,7 @@ def parse_args(method: Method, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--response-template", default=GSM8K.response_template, help="text before the answer")
     parser.add_argument("--output-dir", default=f"outputs/{method.name}")
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--calibration-samples", type=int, default=128)
+    parser.add_argument("--calibration-samples", type=int, default=128, help="calibration windows of --seq-len tokens")
     parser.add_argument("--eval-limit", type=int, default=None, help="GSM8K test rows for lm-eval (default: all)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--tiny", action="store_true", help="tiny random model and synthetic rows, offline, CPU")
@@ -134,8 +134,10 @@ def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer = load_tokenizer(args.model)
         group_size, epochs = 128, recipe.epochs
         batch, accumulation, warmup = recipe.batch_size, recipe.gradient_accumulation, recipe.warmup_steps
-    calibration_rows = train_rows.select(range(min(args.calibration_samples, len(train_rows))))
-    calibration = [fmt.template.format(**row) for row in calibration_rows]
+    # rows are read until --calibration-samples windows of --seq-len tokens are full
+    calibration = train_rows.map(
+        lambda row: {"text": fmt.template.format(**row)}, remove_columns=train_rows.column_names
+    )
     summary: dict[str, Any] = {
         "recipe": method.name,
         "paper": method.paper.title,
@@ -148,7 +150,7 @@ def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
             calibration=calibration,
             tokenizer=tokenizer,
             seq_len=args.seq_len,
-            num_samples=len(calibration),
+            num_samples=args.calibration_samples,
         )
         summary["base_sparsity"] = report.total_sparsity
     if method.base_bits:
@@ -157,7 +159,7 @@ def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
             group_size=group_size,
             method="gptq",
             seq_len=args.seq_len,
-            num_samples=len(calibration),
+            num_samples=args.calibration_samples,
             keep_residual=method.quantization_aware,
         )
         quantize(model, gptq, calibration=calibration, tokenizer=tokenizer)

@@ -1,4 +1,4 @@
-"""`hf-elastic`: the pipeline from the command line (sparsify, quantize, train, search, export, extract, push,
+"""`hf-elastic`: the pipeline from the command line (sparsify, quantize, train, search, export, extract, push, plan,
 demo).
 
 Every model argument takes a local folder or a Hub id; data takes a local file or folder or a Hub data set id.

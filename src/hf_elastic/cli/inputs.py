@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +54,15 @@ def read_rows(args: argparse.Namespace, source: str, split: str, limit: int | No
     )
 
 
-def calibration_texts(args: argparse.Namespace, tokenizer: Any) -> list[str] | None:
-    """The calibration rows as plain texts (prompt and answer joined), or None without `--calibration`."""
+def calibration_texts(args: argparse.Namespace, tokenizer: Any) -> Iterator[str] | None:
+    """The calibration rows as plain texts (prompt and answer joined), produced lazily, or None without
+    `--calibration`. Packing reads them only until `--num-samples` windows of `--seq-len` tokens are full."""
     if not args.calibration:
         return None
-    rows = read_rows(args, args.calibration, args.split, args.num_samples, "--calibration")
+    rows = read_rows(args, args.calibration, args.split, None, "--calibration")
     fmt = instruction_format(args)
     shape = fmt.shape(rows.column_names)
-    return ["".join(text for text, _ in fmt.segments(row, shape, tokenizer)) for row in rows]
+    return ("".join(text for text, _ in fmt.segments(row, shape, tokenizer)) for row in rows)
 
 
 def token_dataset(args: argparse.Namespace, rows: Any, tokenizer: Any, model: Any) -> Any:

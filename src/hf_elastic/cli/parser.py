@@ -15,6 +15,7 @@ from ..tuners.methods import ELASTIC_METHODS, METHODS
 from . import commands
 from .fields import add_options
 from .options import COMMAND_CONFIGS, POSITIVE_INT, group_size
+from .plan import add_plan_parser
 
 
 def _model_args(p: argparse.ArgumentParser, what: str = "model", device: bool = True) -> None:
@@ -242,4 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qa", action="store_true", help="same as --method sqft-qa")
     _config_options(p, "demo")
     p.set_defaults(func=commands.cmd_demo)
+
+    add_plan_parser(sub)
     return parser

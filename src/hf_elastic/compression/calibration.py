@@ -77,7 +77,9 @@ class CalibrationSettings:
         default=None,
         metadata={"help": "Tokens per calibration sample. None uses min(2048, the model's max positions)."},
     )
-    num_samples: int = field(default=128, metadata={"help": "Number of calibration samples."})
+    num_samples: int = field(
+        default=128, metadata={"help": "Calibration windows of seq_len tokens (rows are concatenated and cut)."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Calibration samples per forward pass."})
 
     def _check_calibration(self, extra_positive: tuple[str, ...] = (), verb: str = "process") -> None:
@@ -242,8 +244,9 @@ def prepare_calibration(
     """Tokenize and pack calibration data into a (samples, seq_len) tensor of token ids.
 
     The rows are concatenated and cut into consecutive windows of `seq_len` tokens (as `group_texts` in the
-    transformers examples), of which the first `num_samples` are used; the rest of the data is not read. When the
-    data holds fewer than `seq_len` tokens in all, the single shorter sample is returned.
+    transformers examples): `num_samples` counts windows, not rows, and rows are read only until that many windows are
+    full. When the data holds fewer tokens, a one-line warning says how many windows it gave; with fewer than
+    `seq_len` tokens in all, the single shorter sample is returned.
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}.")
@@ -251,8 +254,10 @@ def prepare_calibration(
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
     stream: list[int] = []
     needed = seq_len * num_samples
+    rows = 0
     for ids in _token_rows(data, tokenizer):
         stream.extend(ids)
+        rows += 1
         if len(stream) >= needed:
             break
     if not stream:
@@ -261,15 +266,17 @@ def prepare_calibration(
             "hundred samples of the pretraining or task data."
         )
     n = min(len(stream) // seq_len, num_samples)
+    if n < num_samples:
+        got = f"{n} windows of {seq_len} tokens" if n else f"one window of {len(stream)} tokens (< seq_len={seq_len})"
+        warnings.warn(
+            f"Calibrating on {got}: all {rows} rows hold {len(stream)} tokens, fewer than num_samples={num_samples} "
+            f"windows need ({needed}). Pass more rows, or a smaller num_samples or seq_len.",
+            stacklevel=3,
+        )
     if n == 0:
         ids = torch.tensor([stream], dtype=torch.long)
     else:
         ids = torch.tensor(stream[: n * seq_len], dtype=torch.long).reshape(n, seq_len)
-        if n < num_samples:
-            warnings.warn(
-                f"The calibration data gave {n} samples of {seq_len} tokens, fewer than num_samples={num_samples}.",
-                stacklevel=3,
-            )
     check_token_ids(ids, vocab_size)
     return ids
 
