@@ -374,6 +374,41 @@ def demo_runs() -> str:
     return markdown([*header, "× faster (decode)", "size", "run time", "files"], rows)
 
 
+MEMORY = "amd-epyc-avx512/memory_model.json"
+
+
+def memory_plans() -> str:
+    """The planner's peak GPU memory per recipe for the 7-8B configs at seq_len 512, and the settings it picks."""
+    rows = []
+    for key, plan in load(MEMORY)["plans_seq512"].items():
+        model, method = key.split("/")
+        shipped = re.search(r"recipe as shipped: ([0-9.]+) GiB", plan["table"])
+        cards = [plan["train"][size] for size in ("80GB", "48GB", "24GB")]
+        rows.append(
+            [model, f"`{method}`", f"{shipped.group(1)} GiB" if shipped else DASH]
+            + [
+                f"{c['micro_batch']}×{c['accumulation']}{' ckpt' if c['checkpointing'] else ''}: {c['gib']:.1f}"
+                for c in cards
+            ]
+            + [f"{plan['stages_gib']['export']['gpu']:.1f}", f"{plan['stages_gib']['openvino']['host']:.1f}"]
+        )
+    header = ["model", "method", "train, recipe as shipped", "train on 80 GB", "on 48 GB", "on 24 GB"]
+    return markdown([*header, "export GPU GiB", "OpenVINO host GiB"], rows)
+
+
+def memory_errors() -> str:
+    """Planner against measured peaks (CPU, float32): the largest relative error per stage and model size."""
+    worst: dict[str, dict[str, float]] = {}
+    sizes: list[str] = []
+    for row in load(MEMORY)["rows"]:
+        sizes += [row["size"]] if row["size"] not in sizes else []
+        cell = worst.setdefault(row["stage"], {})
+        if abs(row["relative_error"]) > abs(cell.get(row["size"], 0.0)):
+            cell[row["size"]] = row["relative_error"]
+    rows = [[stage] + [num(errors.get(size), "+.1%") for size in sizes] for stage, errors in worst.items()]
+    return markdown(["stage", *(f"{size}: worst error" for size in sizes)], rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     f.__name__: f
     for f in (
@@ -393,6 +428,8 @@ TABLES: dict[str, Callable[[], str]] = {
         width_latency_random_llama,
         lonas_front,
         demo_runs,
+        memory_plans,
+        memory_errors,
     )
 }
 
