@@ -365,3 +365,12 @@ def _no_progress_bars() -> Iterator[None]:
             datasets_utils.enable_progress_bars()
         if console is not None:
             console.quiet = was_quiet
+
+
+def warn_renamed(old: str, new: str, why: str = "", stacklevel: int = 3) -> None:
+    """The `FutureWarning` of a public name that was renamed: the old one still works until a later release."""
+    warnings.warn(
+        f"`{old}` is now `{new}`{f' ({why})' if why else ''}. The old name will be removed in a later release.",
+        FutureWarning,
+        stacklevel=stacklevel,
+    )

@@ -6,9 +6,9 @@ OpenVINO, optimum-intel and NNCF are imported only when an OpenVINO function run
 `accelerate` is now `optimize_for_inference` (the old name still works, with a `FutureWarning`).
 """
 
-import warnings
 from typing import Any
 
+from ..utils import warn_renamed
 from .card_info import CardInfo
 from .compressed_tensors import save_compressed_tensors
 from .gguf_file import write_gguf
@@ -21,11 +21,10 @@ from .subnetwork import WIDTHS_ATTR, export_subnetwork, load_exported, optimize_
 
 def __getattr__(name: str) -> Any:
     if name == "accelerate":
-        warnings.warn(
-            "`hf_elastic.accelerate` is now `hf_elastic.optimize_for_inference` (it wraps torch.compile / IPEX, not "
-            "Hugging Face's accelerate library). The old name will be removed in a later release.",
-            FutureWarning,
-            stacklevel=2,
+        warn_renamed(
+            "hf_elastic.accelerate",
+            "hf_elastic.optimize_for_inference",
+            "it wraps torch.compile / IPEX, not Hugging Face's accelerate library",
         )
         return optimize_for_inference
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

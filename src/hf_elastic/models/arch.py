@@ -16,7 +16,6 @@ attention output projection, which is exactly equivalent to removing those chann
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,6 +24,8 @@ import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.pytorch_utils import Conv1D
+
+from ..utils import warn_renamed
 
 QkvLayout = Literal["blocks", "heads"]
 
@@ -433,11 +434,10 @@ def unit_scores(layer: WidthLayer, element_score: Callable[[nn.Module], torch.Te
 
 def __getattr__(name: str) -> Any:
     if name == "ARCH_SPECS":
-        warnings.warn(
-            "`ARCH_SPECS` is now `ARCH_OVERRIDES`: find_width_layers reads every layout off the layer modules, and "
-            "the table holds only what they cannot tell (fused projection layouts).",
-            FutureWarning,
-            stacklevel=2,
+        warn_renamed(
+            "ARCH_SPECS",
+            "ARCH_OVERRIDES",
+            "find_width_layers reads layouts off the layer modules; the table holds only fused projection layouts",
         )
         return ARCH_OVERRIDES
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,10 +24,10 @@ choice index (0 = largest) of every dimension with more than one choice.
 """
 
 import sys
-import warnings
 from types import ModuleType
 from typing import Any
 
+from ..utils import warn_renamed
 from .evaluators import (
     COUNT_OBJECTIVES,
     CountEvaluator,
@@ -81,12 +81,7 @@ __all__ = [
 
 
 def _renamed() -> None:
-    warnings.warn(
-        "`hf_elastic.search(...)` is now `hf_elastic.search_subnetworks(...)`; `hf_elastic.search` is the package. "
-        "The old name will be removed in a later release.",
-        FutureWarning,
-        stacklevel=3,
-    )
+    warn_renamed("hf_elastic.search(...)", "hf_elastic.search_subnetworks(...)", "hf_elastic.search is the package", 4)
 
 
 def __getattr__(name: str) -> Any:
