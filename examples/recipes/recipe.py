@@ -29,6 +29,7 @@ from hf_elastic import (
     sparsify,
 )
 from hf_elastic.data import InstructionFormat, completion_collator, load_rows, prompts_and_answers, tokenize_rows
+from hf_elastic.nas.memory import plan_memory
 from hf_elastic.search import ExactMatchEvaluator, LMEvalEvaluator
 from hf_elastic.tuners.methods import Method
 
@@ -52,6 +53,12 @@ def parse_args(method: Method, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration-samples", type=int, default=128, help="calibration windows of --seq-len tokens")
     parser.add_argument("--eval-limit", type=int, default=None, help="GSM8K test rows for lm-eval (default: all)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--gpu-memory",
+        default=None,
+        help="memory of one GPU, e.g. 24GB (default: the GPU's own); hf_elastic.nas.memory.plan_memory picks the "
+        "micro-batch, accumulation and gradient checkpointing that fit it at the recipe's effective batch",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny random model and synthetic rows, offline, CPU")
     return parser.parse_args(argv)
 
@@ -122,6 +129,7 @@ def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.output_dir)
     torch.manual_seed(args.seed)
     cuda = torch.cuda.is_available() and not args.tiny
+    checkpointing = False
     if args.tiny:
         train_rows, test_rows = Dataset.from_list(synthetic_rows(64, 0)), Dataset.from_list(synthetic_rows(8, 1))
         model, tokenizer = tiny_model_and_tokenizer(list(train_rows))
@@ -134,6 +142,14 @@ def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer = load_tokenizer(args.model)
         group_size, epochs = 128, recipe.epochs
         batch, accumulation, warmup = recipe.batch_size, recipe.gradient_accumulation, recipe.warmup_steps
+        if cuda:
+            memory = args.gpu_memory or torch.cuda.get_device_properties(0).total_memory / 2**30
+            plan = plan_memory(model.config, method.demo_name, seq_len=args.seq_len, gpu_memory=memory)
+            if plan.chosen is None:
+                raise SystemExit(f"{method.name} does not fit {memory} GiB at any setting:\n{plan}")
+            batch, accumulation = plan.chosen.micro_batch, plan.chosen.accumulation
+            checkpointing = plan.chosen.checkpointing
+            print(plan)
     # rows are read until --calibration-samples windows of --seq-len tokens are full
     calibration = train_rows.map(
         lambda row: {"text": fmt.template.format(**row)}, remove_columns=train_rows.column_names
@@ -171,6 +187,7 @@ def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
         learning_rate=recipe.learning_rate,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation,
+        gradient_checkpointing=checkpointing,
         warmup_steps=warmup,
         lr_scheduler_type="linear",
         bf16=cuda,
