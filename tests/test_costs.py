@@ -7,7 +7,15 @@ import torch
 from conftest import ARCHS, VOCAB, fresh, peft_kwargs
 from peft import get_peft_model
 
-from hf_elastic import CountEvaluator, ElasticLoraConfig, FunctionEvaluator, NLSConfig, get_supernet, quantize, search
+from hf_elastic import (
+    CountEvaluator,
+    ElasticLoraConfig,
+    FunctionEvaluator,
+    NLSConfig,
+    get_supernet,
+    quantize,
+    search_subnetworks,
+)
 from hf_elastic.compression import QuantLinear, sparsify
 from hf_elastic.nas import compression_costs
 
@@ -124,7 +132,7 @@ def test_costs_match_the_extracted_model(sparse, quantized):
 def test_bytes_and_nonzero_params_are_search_objectives(sparse):
     sn = nls(sparse)
     loss = FunctionEvaluator(lambda c: float(-sum(c.values())), "loss")
-    result = search(sn, loss, "random", objectives=("loss", "bytes"), budget=5, seed=0, progress=False)
+    result = search_subnetworks(sn, loss, "random", objectives=("loss", "bytes"), budget=5, seed=0, progress=False)
     assert result.objectives == ["loss", "bytes"]
     for e in result.evaluations:
         assert e.values["bytes"] == sn.count(e.config)["bytes"]

@@ -28,7 +28,7 @@ from hf_elastic import (
     load_exported,
     merge_subnet_adapter,
     quantize,
-    search,
+    search_subnetworks,
     sparsify,
 )
 from hf_elastic.compression.quantization import expand_groups
@@ -330,7 +330,7 @@ def test_search_with_latency_and_loss_on_bf16(device, monkeypatch, tmp_path):
     sync = evaluators.synchronize
     monkeypatch.setattr(evaluators, "synchronize", lambda d: synced.append(torch.device(d).type) or sync(d))
     latency = LatencyEvaluator(batch_size=1, seq_len=8, warmup=1, repeats=2)
-    result = search(
+    result = search_subnetworks(
         supernet, [LossEvaluator(batches), latency], "random", objectives=("loss", "latency"), budget=6, progress=False
     )
     assert len(result.evaluations) == 6  # the budget counts the max/min/median references

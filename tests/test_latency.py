@@ -10,7 +10,7 @@ import torch
 from conftest import ARCHS, peft_kwargs
 from peft import get_peft_model
 
-from hf_elastic import ElasticLoraConfig, FunctionEvaluator, get_supernet, search
+from hf_elastic import ElasticLoraConfig, FunctionEvaluator, SearchConfig, get_supernet, search_subnetworks
 from hf_elastic.search import LatencyEvaluator, LatencyTable, PredictedLatencyEvaluator, remeasure, spearman
 
 LLAMA = ARCHS["llama"]
@@ -85,8 +85,8 @@ def test_spearman_by_hand():
 def test_search_uses_the_predictor_and_remeasures_the_front(supernet, table):
     quality = FunctionEvaluator(lambda c: float(c["0.ffn"] + c["1.ffn"] + c["0.heads"]), "accuracy", "maximize")
     predicted = PredictedLatencyEvaluator(table)
-    result = search(supernet, [quality, predicted], "random", objectives=("accuracy", "latency"), budget=6, seed=0,
-                    progress=False)  # fmt: skip
+    config = SearchConfig(strategy="random", objectives=("accuracy", "latency"), budget=6, seed=0, progress=False)
+    result = search_subnetworks(supernet, [quality, predicted], config)
     assert result.objectives == ["accuracy", "latency"] and len(result.evaluations) == 6
     for e in result.evaluations:
         assert e.values["latency"] == table.predict(e.config)

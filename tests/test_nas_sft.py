@@ -14,7 +14,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
 
 import hf_elastic
-from hf_elastic import NASTrainer, NASTrainerMixin, NLSConfig, get_supernet, load_super_network, search
+from hf_elastic import NASTrainer, NASTrainerMixin, NLSConfig, get_supernet, load_super_network, search_subnetworks
 from hf_elastic.nas.trainer import NAS_STATS_NAME
 from hf_elastic.search import loss_based_config
 
@@ -97,7 +97,9 @@ def test_sft_trainer_samples_like_nastrainer(llama, tokenizer, tmp_path):
     trained = adapter_weights(trainer.model)
     assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in trained)
 
-    result = search(trainer, strategy="loss_based", progress=False)  # the trainer's statistics and eval set
+    result = search_subnetworks(
+        trainer, strategy="loss_based", progress=False
+    )  # the trainer's statistics and eval set
     expected = loss_based_config(trainer.supernet.space, trainer.sampler.stats(), 0.01)
     assert result.by_source("loss_based")[0].config == expected
 
