@@ -10,7 +10,8 @@ on every linear layer of the transformer layers. Variants:
 - `qlora`: peft LoRA on a bitsandbytes NF4 base with bf16 compute (the row is skipped, with the reason, when
   bitsandbytes does not import or is not on CUDA).
 Each (round, variant) builds its model afresh so that only it is resident; rounds interleave the variants and the
-figures are medians. Peak memory is `torch.cuda.max_memory_allocated` over the timed steps. Prints a table and writes
+figures are medians. Peak memory is `torch.cuda.max_memory_allocated` over the timed steps, printed next to what the
+memory planner (`hf_elastic.nas.memory.plan_memory`) predicts for the same step. Prints a table and writes
 benchmarks/results/<machine>/gpu_step.json. `--device cpu --tiny` is a smoke run on a small model (no memory figures).
 """
 
@@ -153,6 +154,32 @@ def measure(variant: str, args: argparse.Namespace, model_kwargs: dict, device: 
     return result
 
 
+def planned_memory_mb(variant: str, args: argparse.Namespace, model_kwargs: dict) -> float | None:
+    """What `hf_elastic.nas.memory.plan_memory` predicts for the timed steps of `variant` (the GPU peak of training
+    at micro-batch `--batch-size`, no accumulation, no checkpointing), so the first GPU run checks the planner."""
+    from transformers import LlamaConfig
+
+    from hf_elastic.nas.memory import MethodSettings, plan_memory
+
+    if variant == "qlora":
+        return None
+    settings = MethodSettings(
+        variant,
+        sparsity=0.5,
+        bits=4 if variant == "qa_sparsepeft" else None,
+        group_size=args.group_size,
+        sparse_adapter=variant in ("sparsepeft", "qa_sparsepeft"),
+        quantization_aware=variant == "qa_sparsepeft",
+        rank=args.rank,
+        dropout=0.0,
+        targets=tuple(TARGETS),
+        batch_size=args.batch_size,
+    )
+    plan = plan_memory(LlamaConfig(**model_kwargs), settings, seq_len=args.seq_len, gpu_memory=1e6)
+    step = next(o for o in plan.train_options if o.micro_batch == args.batch_size and not o.checkpointing)
+    return step.device / 2**20
+
+
 def machine(device: torch.device) -> dict:
     import peft
     import transformers
@@ -218,6 +245,11 @@ def main() -> None:
     for variant, why in skipped.items():
         print(f"skipped {variant}: {why}")
     summary, ratios = summarize(runs, "lora", "peak_memory_mb", "peak GPU MB")
+    planned = {v: planned_memory_mb(v, args, model_kwargs) for v in runs}
+    for variant, mb in planned.items():
+        peak = summary[variant].get("peak_memory_mb")
+        if mb is not None and peak:
+            print(f"{variant:<14} planned {mb:9.1f} MB, measured {peak:9.1f} MB ({peak / mb - 1:+.1%})")
     result = {
         "benchmark": "gpu_step",
         "model": ", ".join(f"{k} {v}" for k, v in model_kwargs.items()) + " (random Llama, bf16)",
@@ -232,6 +264,7 @@ def main() -> None:
         "warmup_steps": args.warmup,
         "median": summary,
         "ratio_vs_lora": ratios,
+        "planned_memory_mb": planned,
         "skipped": skipped,
         "runs": runs,
         "machine": machine(device),

@@ -51,6 +51,10 @@ class MethodSettings:
     rank: int = field(default=32, metadata={"help": "Largest LoRA rank."})
     dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
     gate_proj: bool = field(default=False, metadata={"help": "gate_proj adapted too."})
+    targets: tuple[str, ...] | None = field(
+        default=None,
+        metadata={"help": "Module names with adapters, instead of the recipe's (then gate_proj is moot)."},
+    )
     export_ffn: float = field(default=1.0, metadata={"help": "FFN width kept by the exported (median) sub-network."})
     batch_size: int = field(default=16, metadata={"help": "Per-device micro-batch of the recipe."})
     accumulation: int = field(default=1, metadata={"help": "Gradient accumulation steps of the recipe."})
@@ -237,6 +241,8 @@ class _Model:
 
     def adapted(self, name: str) -> bool:
         leaf = name.rsplit(".", 1)[-1]
+        if self.m.targets is not None:
+            return leaf in self.m.targets
         targets = _TARGETS.get(self.shape.model_type, _TARGETS["default"]) + ("down_proj",)
         return leaf in targets or (self.m.gate_proj and leaf == "gate_proj")
 
