@@ -87,6 +87,10 @@ TRAIN_ADAPTER = (
 TRAIN_ARGUMENTS = (
     Option("sampling", choices=tuple(SAMPLERS)),
     Option("sandwich_k"),
+    Option("progressive_stages"),
+    Option("distillation", choices=("none", "inplace"), note="'teacher' needs teacher_model= in Python."),
+    Option("distillation_alpha"),
+    Option("distillation_temperature", type=POSITIVE_FLOAT),
     Option("eval_subnets", default=["median", "max", "min"]),
     Option("on_nonfinite"),
     Option("max_steps", type=POSITIVE_INT, default=None, note="Without it or --num-train-epochs: 200 steps."),
