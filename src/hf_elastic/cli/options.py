@@ -120,6 +120,8 @@ SEARCH = (
     Option("population", type=POSITIVE_INT),
     Option("seed"),
     Option("reference_subnets", choices=HEURISTICS),
+    Option("predictor_candidates", type=POSITIVE_INT),
+    Option("predictor_alpha", type=POSITIVE_FLOAT),
     Option("crossover_prob"),
     Option("mutation_prob"),
     Option("loss_tolerance"),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -27,3 +30,19 @@ def distillation_kl(student: torch.Tensor, target: torch.Tensor, temperature: fl
     t = temperature
     student_logp = F.log_softmax(student.float() / t, -1)
     return F.kl_div(student_logp, F.log_softmax(target.float() / t, -1), log_target=True, reduction="sum") * (t * t)
+
+
+class Teacher:
+    """A frozen teacher model: `teacher(inputs)` gives its logits at the completion tokens, without gradients."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str) -> None:
+        self.model = model.requires_grad_(False).eval().to(device)
+        accepted = inspect.signature(model.forward).parameters
+        any_key = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+        self.keys = None if any_key else set(accepted) - {"labels"}
+
+    def __call__(self, inputs: dict[str, Any]) -> torch.Tensor:
+        feed = {k: v for k, v in inputs.items() if k != "labels" and (self.keys is None or k in self.keys)}
+        with torch.no_grad():
+            logits = self.model(**feed).logits
+        return completion_logits(logits, inputs.get("labels")).detach()

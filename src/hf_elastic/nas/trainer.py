@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ExportableState
 
 from ..utils import ELASTIC_CONFIG_NAME, atomic_write_json
-from .distillation import DISTILLATIONS, completion_logits, distillation_kl
+from .distillation import DISTILLATIONS, Teacher, completion_logits, distillation_kl
 from .samplers import PROGRESSIVE_KINDS, SAMPLERS, Sampler, progressive_stage, register_sampler  # noqa: F401
 from .search_space import SearchSpace, SubnetConfig
 from .supernet import SuperNetwork, get_supernet
@@ -305,7 +305,7 @@ class NASTrainerMixin:
 
     The NAS settings are read from `args` (fields of `NASArgumentsMixin`; plain arguments get its defaults).
     `peft_config` is applied with `get_peft_model` here, or handed to the trainer when its `__init__` takes one
-    (trl's trainers do).
+    (trl's trainers do). `teacher_model` is the frozen teacher of `distillation="teacher"`.
     """
 
     supernet: SuperNetwork
@@ -369,15 +369,7 @@ class NASTrainerMixin:
                 f"teacher_model was given but distillation={self.distillation!r}; pass distillation='teacher' in the "
                 "training arguments to train against it, or leave teacher_model out."
             )
-        self.teacher_model = teacher
-        if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
-            teacher.to(self.args.device)
-            accepted = inspect.signature(teacher.forward).parameters
-            self._teacher_keys = (
-                None if any(p.kind is p.VAR_KEYWORD for p in accepted.values()) else set(accepted) - {"labels"}
-            )
+        self.teacher = Teacher(teacher, self.args.device) if teacher is not None else None
         self._distill_target: torch.Tensor | None = None
 
     def _setup_sampler(self) -> None:
@@ -405,7 +397,7 @@ class NASTrainerMixin:
                 f"{self.sampling!r} drew {self.sampler.key(configs[0])} first, not the max one. Use sampling="
                 "'sandwich' or 'progressive', or a sampler that returns the max config first."
             )
-        self._distill_target = self._teacher_target(inputs) if self.distillation == "teacher" else None
+        self._distill_target = self.teacher(self._prepare_inputs(inputs)) if self.teacher else None
         try:
             if len(configs) == 1:  # already active since on_step_begin
                 self._subnet, self._subnet_weight = configs[0], 1.0
@@ -420,15 +412,6 @@ class NASTrainerMixin:
             return total
         finally:
             self._distill_target = None
-
-    def _teacher_target(self, inputs: dict[str, Any]) -> torch.Tensor:
-        """The teacher's logits at the completion positions of `inputs` (one forward without gradients)."""
-        inputs = self._prepare_inputs(inputs)
-        keys = self._teacher_keys
-        feed = {k: v for k, v in inputs.items() if k != "labels" and (keys is None or k in keys)}
-        with torch.no_grad():
-            logits = self.teacher_model(**feed).logits
-        return completion_logits(logits, inputs.get("labels")).detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.distillation != "none" and model.training:
