@@ -82,6 +82,14 @@ class DemoConfig:
             "the 'smallest useful' one that is exported."
         },
     )
+    accuracy_floor_margin: float = field(
+        default=0.05,
+        metadata={
+            "help": "'lonas': every sub-network picked besides max must beat the majority-class baseline of the "
+            "validation rows by this much accuracy, so that no chance-level sub-network is shown as a choice "
+            "(-1: no floor, for smoke tests on random models)."
+        },
+    )
     group_size: int = field(default=64, metadata={"help": "INT4 group size (576 and 1536 are multiples of 64)."})
     openvino_weight_format: str = field(
         default="int8",
@@ -98,6 +106,10 @@ class DemoConfig:
                 )
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"DemoConfig.sparsity={self.sparsity} must be in [0, 1); e.g. 0.5.")
+        if not -1 <= self.accuracy_floor_margin < 1:
+            raise ValueError(
+                f"DemoConfig.accuracy_floor_margin={self.accuracy_floor_margin} must be in [-1, 1); e.g. 0.05."
+            )
         if not 0 <= self.accuracy_tolerance < 1:
             raise ValueError(f"DemoConfig.accuracy_tolerance={self.accuracy_tolerance} must be in [0, 1); e.g. 0.02.")
         for name in ("ffn_width_choices", "head_choices"):
