@@ -65,6 +65,14 @@ class DemoConfig:
             "choices": tuple(SAMPLERS),
         },
     )
+    distillation: str = field(
+        default="none",
+        metadata={
+            "help": "'lonas': 'inplace' makes the max sub-network's outputs the soft target of the others in each "
+            "step (with sampling 'sandwich' or 'progressive'; see NASTrainingArguments.distillation).",
+            "choices": ("none", "inplace"),
+        },
+    )
     train_steps: int = field(default=80, metadata={"help": "Optimizer steps of NAS training."})
     batch_size: int = field(default=8, metadata={"help": "Training batch size."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Training learning rate (every method)."})
@@ -106,6 +114,10 @@ class DemoConfig:
                 )
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"DemoConfig.sparsity={self.sparsity} must be in [0, 1); e.g. 0.5.")
+        if self.distillation == "inplace" and self.sampling not in ("sandwich", "progressive"):
+            raise ValueError(
+                f"DemoConfig.distillation='inplace' needs sampling 'sandwich' or 'progressive', not {self.sampling!r}."
+            )
         if not -1 <= self.accuracy_floor_margin < 1:
             raise ValueError(
                 f"DemoConfig.accuracy_floor_margin={self.accuracy_floor_margin} must be in [-1, 1); e.g. 0.05."

@@ -49,14 +49,16 @@ def lonas_trainer(cfg: DemoConfig, model: Any, tokenizer: Any, train: Any, outpu
     `train` holds fine-food rows that fit `cfg.max_length` (`hf_elastic.data.fit_rows`).
 
     `sampling="sandwich"` trains the max and min sub-networks every step, so it runs half of `cfg.train_steps` for
-    the same compute as `"uniform"`.
+    the same compute as `"uniform"`; `"progressive"` trains max alone for its first quarter and two sub-networks
+    after, so it runs `cfg.train_steps / 1.75`. In-place distillation adds no forward pass.
     """
     from .. import NASTrainer, NASTrainingArguments
     from ..data import FINE_FOODS_FORMAT, completion_collator, tokenize_rows
 
     features = tokenize_rows(train, tokenizer, cfg.max_length, FINE_FOODS_FORMAT)
     collator = completion_collator(tokenizer)
-    steps = max(1, cfg.train_steps // 2) if cfg.sampling == "sandwich" else cfg.train_steps
+    per_step = {"sandwich": 2.0, "progressive": 1.75}.get(cfg.sampling, 1.0)  # forward-backward passes per step
+    steps = max(1, round(cfg.train_steps / per_step))
     args = NASTrainingArguments(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -69,6 +71,7 @@ def lonas_trainer(cfg: DemoConfig, model: Any, tokenizer: Any, train: Any, outpu
         seed=cfg.seed,
         sampling=cfg.sampling,
         sandwich_k=0,
+        distillation=cfg.distillation,
     )
     trainer = NASTrainer(
         model=model,
