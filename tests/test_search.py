@@ -111,7 +111,7 @@ def test_every_strategy_returns_valid_configs(supernet, batches, strategy):
         **QUIET,
     )
     assert result.objectives == ["loss", "params"] and result.directions == ["minimize", "minimize"]
-    expected = {"nsga2": 6, "random": 6}.get(strategy, 1)
+    expected = {"nsga2": 6, "random": 6, "predictor": 6}.get(strategy, 1)
     assert len(result.evaluations) == expected
     for e in result.evaluations:
         assert supernet.space.validate(e.config) == e.config

@@ -65,6 +65,14 @@ class DemoConfig:
             "choices": tuple(SAMPLERS),
         },
     )
+    distillation: str = field(
+        default="none",
+        metadata={
+            "help": "'lonas': 'inplace' makes the max sub-network's outputs the soft target of the others in each "
+            "step (with sampling 'sandwich' or 'progressive'; see NASTrainingArguments.distillation).",
+            "choices": ("none", "inplace"),
+        },
+    )
     train_steps: int = field(default=80, metadata={"help": "Optimizer steps of NAS training."})
     batch_size: int = field(default=8, metadata={"help": "Training batch size."})
     learning_rate: float = field(default=5e-4, metadata={"help": "Training learning rate (every method)."})
@@ -80,6 +88,14 @@ class DemoConfig:
         metadata={
             "help": "'lonas': the fastest front sub-network within this much validation accuracy of the max one is "
             "the 'smallest useful' one that is exported."
+        },
+    )
+    accuracy_floor_margin: float = field(
+        default=0.05,
+        metadata={
+            "help": "'lonas': every sub-network picked besides max must beat the majority-class baseline of the "
+            "validation rows by this much accuracy, so that no chance-level sub-network is shown as a choice "
+            "(-1: no floor, for smoke tests on random models)."
         },
     )
     group_size: int = field(default=64, metadata={"help": "INT4 group size (576 and 1536 are multiples of 64)."})
@@ -98,6 +114,14 @@ class DemoConfig:
                 )
         if not 0 <= self.sparsity < 1:
             raise ValueError(f"DemoConfig.sparsity={self.sparsity} must be in [0, 1); e.g. 0.5.")
+        if self.distillation == "inplace" and self.sampling not in ("sandwich", "progressive"):
+            raise ValueError(
+                f"DemoConfig.distillation='inplace' needs sampling 'sandwich' or 'progressive', not {self.sampling!r}."
+            )
+        if not -1 <= self.accuracy_floor_margin < 1:
+            raise ValueError(
+                f"DemoConfig.accuracy_floor_margin={self.accuracy_floor_margin} must be in [-1, 1); e.g. 0.05."
+            )
         if not 0 <= self.accuracy_tolerance < 1:
             raise ValueError(f"DemoConfig.accuracy_tolerance={self.accuracy_tolerance} must be in [0, 1); e.g. 0.02.")
         for name in ("ffn_width_choices", "head_choices"):

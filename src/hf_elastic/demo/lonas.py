@@ -7,8 +7,9 @@ PyTorch and OpenVINO.
 
 from __future__ import annotations
 
-import copy
+import math
 import statistics
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +49,16 @@ def lonas_trainer(cfg: DemoConfig, model: Any, tokenizer: Any, train: Any, outpu
     `train` holds fine-food rows that fit `cfg.max_length` (`hf_elastic.data.fit_rows`).
 
     `sampling="sandwich"` trains the max and min sub-networks every step, so it runs half of `cfg.train_steps` for
-    the same compute as `"uniform"`.
+    the same compute as `"uniform"`; `"progressive"` trains max alone for its first quarter and two sub-networks
+    after, so it runs `cfg.train_steps / 1.75`. In-place distillation adds no forward pass.
     """
     from .. import NASTrainer, NASTrainingArguments
     from ..data import FINE_FOODS_FORMAT, completion_collator, tokenize_rows
 
     features = tokenize_rows(train, tokenizer, cfg.max_length, FINE_FOODS_FORMAT)
     collator = completion_collator(tokenizer)
-    steps = max(1, cfg.train_steps // 2) if cfg.sampling == "sandwich" else cfg.train_steps
+    per_step = {"sandwich": 2.0, "progressive": 1.75}.get(cfg.sampling, 1.0)  # forward-backward passes per step
+    steps = max(1, round(cfg.train_steps / per_step))
     args = NASTrainingArguments(
         output_dir=str(output_dir),
         max_steps=steps,
@@ -68,6 +71,7 @@ def lonas_trainer(cfg: DemoConfig, model: Any, tokenizer: Any, train: Any, outpu
         seed=cfg.seed,
         sampling=cfg.sampling,
         sandwich_k=0,
+        distillation=cfg.distillation,
     )
     trainer = NASTrainer(
         model=model,
@@ -94,13 +98,18 @@ def uniform_width_config(supernet: Any, ffn: float | None = None, heads: int | N
     return config
 
 
-def pick_front(front: list[Any], max_eval: Any, tolerance: float) -> dict[str, Any]:
+def pick_front(front: list[Any], max_eval: Any, tolerance: float, accuracy_floor: float = -math.inf) -> dict[str, Any]:
     """The max sub-network, the smallest useful one (the fastest within `tolerance` of its accuracy; if none is, the
     most accurate faster one) and a third: the one nearest half-way between the two in latency ("middle"), or, when
-    none lies between, the next faster one ("next faster"), to show what more speed costs."""
+    none lies between, the next faster one ("next faster"), to show what more speed costs. Sub-networks below
+    `accuracy_floor` are never picked."""
     acc, lat = "accuracy", "latency"
     floor = max_eval.values[acc] - tolerance
-    faster = [e for e in front if e.key != max_eval.key and e.values[lat] < max_eval.values[lat]]
+    faster = [
+        e
+        for e in front
+        if e.key != max_eval.key and e.values[lat] < max_eval.values[lat] and e.values[acc] >= accuracy_floor
+    ]
     useful = [e for e in faster if e.values[acc] >= floor] or sorted(faster, key=lambda e: -e.values[acc])[:1]
     if not useful:
         return {"max": max_eval}
@@ -120,6 +129,44 @@ def pick_front(front: list[Any], max_eval: Any, tolerance: float) -> dict[str, A
     return picks
 
 
+def majority_baseline(labels: list[int]) -> float:
+    """The accuracy of always answering the most common label."""
+    return max(Counter(labels).values()) / len(labels)
+
+
+def calibrated_latency_table(supernet: Any, measured: Any) -> Any:
+    """A `LatencyTable` proportional to each width choice's MACs, calibrated once on `measured`'s whole-model times.
+
+    `ms = a + k * MACs` is fitted on the models `LatencyTable.measure` timed (max, each FFN width, each head count),
+    and `a` and `k` are rounded to two significant digits: the ranking of sub-networks follows their MACs, so timing
+    noise cannot reorder the search's candidates between runs; only the scale of the ms comes from the machine.
+    """
+    from ..search.latency import LatencyTable
+
+    space, top = supernet.space, supernet.space.max_config()
+    dims = [d for d in space if d.kind in ("ffn", "heads")]
+    low = top | {d.name: d.choices[-1] for d in dims}
+    macs = lambda config: supernet.count(config)["macs"]  # noqa: E731
+    base = macs(low)
+    delta = {d.name: {str(c): macs(low | {d.name: c}) - base for c in d.choices} for d in dims}
+    points = [(macs(top), measured.info["measured_ms"]["max"])]
+    for kind in ("ffn", "heads"):
+        kind_dims = [d for d in dims if d.kind == kind]
+        for i in range(1, max((len(d.choices) for d in kind_dims), default=0)):
+            config = top | {d.name: d.choices[min(i, len(d.choices) - 1)] for d in kind_dims}
+            points.append((macs(config), measured.info["measured_ms"][f"{kind}{i}"]))
+    xs, ts = [float(x) for x, _ in points], [t for _, t in points]
+    spread = sum((x - statistics.fmean(xs)) ** 2 for x in xs)
+    k = sum((x - statistics.fmean(xs)) * (t - statistics.fmean(ts)) for x, t in zip(xs, ts, strict=True)) / spread
+    a = statistics.fmean(ts) - k * statistics.fmean(xs)
+    if not (k > 0 and a >= 0):  # noise hid the trend: proportional to the max model's time
+        k, a = ts[0] / xs[0], 0.0
+    k, a = float(f"{k:.2g}"), float(f"{a:.2g}")
+    layers = {name: {c: k * m for c, m in times.items()} for name, times in delta.items()}
+    info = {"calibrated_on": measured.info["measured_ms"], "ms_per_mac": k, "intercept_ms": a, "macs_min": base}
+    return LatencyTable(a + k * base, layers, measured.batch_size, measured.seq_len, "pytorch", measured.device, info)
+
+
 def run_lonas(ctx: Any) -> dict[str, Any]:
     """The LoNAS pipeline on `ctx` (config, model, tokenizer, splits, measure, lap, out) from `run_demo`."""
     from ..export.openvino import export_openvino, load_openvino
@@ -135,13 +182,18 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
     trainer.save_model(str(out / "super-adapter"))
     ctx.lap("NAS training")
 
-    table = LatencyTable.measure(supernet, batch_size=4, seq_len=cfg.max_length, repeats=3 if cfg.quick else 5)
+    measured_table = LatencyTable.measure(
+        supernet, batch_size=4, seq_len=cfg.max_length, repeats=3 if cfg.quick else 5
+    )
+    measured_table.save(out / "latency_measured.json")
+    table = calibrated_latency_table(supernet, measured_table)  # the search's latency: ranks by MACs, noise-free
     table.save(out / "latency_table.json")
     ctx.lap("latency table")
 
+    val = ctx.evaluator(ctx.val)
     result = search_subnetworks(
         supernet,
-        [ctx.evaluator(ctx.val), PredictedLatencyEvaluator(table)],
+        [val, PredictedLatencyEvaluator(table)],
         SearchConfig(
             objectives=("accuracy", "latency"), budget=cfg.search_budget, population=cfg.population, seed=cfg.seed
         ),
@@ -159,12 +211,11 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
         "spearman": spearman(predicted, actual) if len(actual) > 1 else None,
         "mean_relative_error": statistics.fmean(abs(p - m) / m for p, m in zip(predicted, actual, strict=True)),
     }
+    # Picked on the predicted latency (the same for the same seed), then reported with the measured one.
+    floor = majority_baseline(val.labels) + cfg.accuracy_floor_margin
     max_eval = next(e for e in result.evaluations if "max" in e.sources)
-    max_measured = next((e for e in measured.evaluations if e.key == max_eval.key), None)
-    if max_measured is None:  # a narrower sub-network scored higher: time the max one the same way
-        max_measured = copy.deepcopy(max_eval)
-        max_measured.values["latency"] = timer(supernet, max_eval.config)
-    picks = pick_front(measured.evaluations, max_measured, cfg.accuracy_tolerance)
+    picks = pick_front(result.front, max_eval, cfg.accuracy_tolerance, floor)
+    measured_ms = {e.key: e.values["latency"] for e in measured.evaluations}
     ctx.lap("front re-measured")
 
     ov_name = f"OpenVINO {cfg.openvino_weight_format.upper()}"
@@ -189,7 +240,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
         picked[name] = {
             "config": evaluation.config,
             "val_accuracy": evaluation.values["accuracy"],
-            "latency_ms_4x128": evaluation.values["latency"],
+            "latency_ms_4x128": measured_ms.get(evaluation.key) or timer(supernet, evaluation.config),
             "predicted_latency_ms_4x128": table.predict(evaluation.config),
             "widths": _width_summary(supernet, evaluation.config),
             "folder": str(sub_dir),
@@ -206,7 +257,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
         "speedups": speedups,
         "goal": _goal(rows, speedups, cfg.accuracy_tolerance),
         "latency_model": latency_model,
-        "search": {"evaluated": len(result.evaluations), "front": len(result.front)},
+        "search": {"evaluated": len(result.evaluations), "front": len(result.front), "accuracy_floor": floor},
         "search_dir": out / "search-measured",
         "hub_source": Path(picked[card]["openvino_folder"]),
         "card_accuracy": rows[f"{card} ({ov_name})"]["accuracy"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
@@ -32,9 +33,14 @@ class NASSFTTrainer(NASTrainerMixin, SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # SFTTrainer counts a micro-batch's tokens in each compute_loss call; a sandwich step calls it once per config.
+        # With distillation the loss comes from Trainer.compute_loss (it needs the logits), which counts none.
         configs, tokens = len(self.sampler.current), self._total_train_tokens
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if configs > 1:
+        if self.distillation != "none":
+            mask = inputs.get("attention_mask")
+            count = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1))
+            self._total_train_tokens = tokens + int(self.accelerator.gather_for_metrics(count).sum().item())
+        elif configs > 1:
             self._total_train_tokens = tokens + (self._total_train_tokens - tokens) // configs
-            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return loss

@@ -13,7 +13,6 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,36 +23,13 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ExportableState
 
 from ..utils import ELASTIC_CONFIG_NAME, atomic_write_json
+from .distillation import DISTILLATIONS, Teacher, completion_logits, distillation_kl
+from .samplers import PROGRESSIVE_KINDS, SAMPLERS, Sampler, progressive_stage, register_sampler  # noqa: F401
 from .search_space import SearchSpace, SubnetConfig
 from .supernet import SuperNetwork, get_supernet
 
 NAS_STATS_NAME = "nas_stats.json"
 logger = logging.getLogger(__name__)
-Sampler = Callable[[SearchSpace, random.Random, int], list[SubnetConfig]]
-
-
-def _uniform(space: SearchSpace, rng: random.Random, k: int) -> list[SubnetConfig]:
-    return [space.sample(rng)]
-
-
-def _sandwich(space: SearchSpace, rng: random.Random, k: int) -> list[SubnetConfig]:
-    return [space.max_config(), space.min_config(), *(space.sample(rng) for _ in range(k))]
-
-
-def _max(space: SearchSpace, rng: random.Random, k: int) -> list[SubnetConfig]:
-    return [space.max_config()]
-
-
-SAMPLERS: dict[str, Sampler] = {"uniform": _uniform, "sandwich": _sandwich, "max": _max}
-
-
-def register_sampler(name: str, sampler: Sampler) -> None:
-    """Make `sampler(space, rng, k) -> [configs]` available as `NASTrainingArguments(sampling=name)`.
-
-    The configs returned for one optimizer step are all trained in that step (losses averaged); `rng` is seeded from
-    the training seed and the global step, so every process draws the same sub-networks.
-    """
-    SAMPLERS[name] = sampler
 
 
 def space_fingerprint(space: SearchSpace) -> str:
@@ -72,11 +48,43 @@ class NASArgumentsMixin:
         default="uniform",
         metadata={
             "help": "How sub-networks are drawn each optimizer step: 'uniform' (random per dimension), 'sandwich' "
-            "(max, min and sandwich_k random ones, losses averaged), 'max' (plain LoRA training), or a name added "
-            "with hf_elastic.register_sampler.",
+            "(max, min and sandwich_k random ones, losses averaged), 'progressive' (the max one first, then "
+            "sandwiches over the rank, then also FFN width, then also head choices; see progressive_stages), 'max' "
+            "(plain LoRA training), or a name added with hf_elastic.register_sampler.",
         },
     )
-    sandwich_k: int = field(default=2, metadata={"help": "Random sub-networks per step for sampling='sandwich'."})
+    sandwich_k: int = field(
+        default=2, metadata={"help": "Random sub-networks per step for sampling='sandwich' and 'progressive'."}
+    )
+    progressive_stages: list[float] = field(
+        default_factory=lambda: [0.25, 0.25, 0.25, 0.25],
+        metadata={
+            "help": "sampling='progressive': lengths, as fractions of max_steps, of its four stages: the max "
+            "sub-network only, then rank choices open, then FFN widths too, then head counts too. Four numbers >= 0 "
+            "that sum to 1."
+        },
+    )
+    distillation: str = field(
+        default="none",
+        metadata={
+            "help": "'inplace': the max sub-network's logits (detached) are the soft target of the other "
+            "sub-networks of the same step, with no extra forward (needs a sampler that trains max first: "
+            "'sandwich' or 'progressive'). 'teacher': the logits of a frozen teacher_model passed to the trainer "
+            "(e.g. the dense base of a sparse or INT4 one), one extra forward without gradients per micro-batch. "
+            "'none': the label loss only.",
+            "choices": DISTILLATIONS,
+        },
+    )
+    distillation_alpha: float = field(
+        default=0.5,
+        metadata={
+            "help": "Weight of the distillation loss: (1 - alpha) * label loss + alpha * T^2 * KL(target || "
+            "sub-network) on the completion tokens (labels != -100). 0 is the label loss alone."
+        },
+    )
+    distillation_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature T of both distributions in the distillation loss (> 0)."}
+    )
     eval_subnets: list[str] = field(
         default_factory=lambda: ["median"],
         metadata={
@@ -102,6 +110,31 @@ class NASArgumentsMixin:
             )
         if self.sandwich_k < 0:
             raise ValueError(f"{name}.sandwich_k={self.sandwich_k} must be >= 0.")
+        stages = self.progressive_stages
+        if (
+            not isinstance(stages, (list, tuple))
+            or len(stages) != 4
+            or not all(isinstance(x, (int, float)) and x >= 0 for x in stages)
+            or not math.isclose(sum(stages), 1.0, abs_tol=1e-6)
+        ):
+            raise ValueError(
+                f"{name}.progressive_stages={stages!r} must be four fractions >= 0 summing to 1 (max only, + rank, "
+                "+ FFN width, + heads), e.g. [0.25, 0.25, 0.25, 0.25]."
+            )
+        self.progressive_stages = [float(x) for x in stages]
+        if self.distillation not in DISTILLATIONS:
+            raise ValueError(
+                f"{name}.distillation={self.distillation!r} is unknown; use one of {list(DISTILLATIONS)}."
+            )
+        if self.distillation == "inplace" and self.sampling in ("uniform", "max"):
+            raise ValueError(
+                f"{name}.distillation='inplace' needs the max sub-network trained in every step as the target, which "
+                f"sampling={self.sampling!r} does not do; use sampling='sandwich' or 'progressive'."
+            )
+        if not 0.0 <= self.distillation_alpha <= 1.0:
+            raise ValueError(f"{name}.distillation_alpha={self.distillation_alpha} must be in [0, 1], e.g. 0.5.")
+        if not self.distillation_temperature > 0:
+            raise ValueError(f"{name}.distillation_temperature={self.distillation_temperature} must be > 0, e.g. 1.0.")
         if self.on_nonfinite not in ("skip", "stop"):
             raise ValueError(f"{name}.on_nonfinite={self.on_nonfinite!r} is unknown; use 'skip' or 'stop'.")
         bad = [n for n in self.eval_subnets if n not in ("max", "min", "median")]
@@ -124,10 +157,21 @@ class SubnetSampler(TrainerCallback, ExportableState):
     """
 
     def __init__(
-        self, supernet: SuperNetwork, sampling: str, seed: int, sandwich_k: int = 2, on_nonfinite: str = "skip"
+        self,
+        supernet: SuperNetwork,
+        sampling: str,
+        seed: int,
+        sandwich_k: int = 2,
+        on_nonfinite: str = "skip",
+        stages: list[float] | None = None,
     ) -> None:
         self.supernet, self.sampling, self.seed, self.sandwich_k = supernet, sampling, seed, sandwich_k
         self.on_nonfinite = on_nonfinite
+        self.stages = list(stages or [0.25] * 4)
+        parameters = inspect.signature(SAMPLERS[sampling]).parameters
+        self.scheduled = "progress" in parameters  # the draw depends on the fraction of the run done
+        self._extra = {"stages": self.stages} if "stages" in parameters else {}
+        self.stage_history: list[int] = []  # progressive: the stage of every step
         self.skipped_steps: list[dict[str, Any]] = []
         self.fingerprint = space_fingerprint(supernet.space)
         self.current: list[SubnetConfig] = [supernet.space.max_config()]
@@ -136,16 +180,24 @@ class SubnetSampler(TrainerCallback, ExportableState):
         self.history: list[str] = []
         self._pending: list[tuple[str, torch.Tensor]] = []
 
-    def draw(self, step: int) -> list[SubnetConfig]:
+    def progress(self, step: int, max_steps: int | None) -> float:
+        """The fraction of the run done before `step` (0 when the length of the run is unknown)."""
+        return step / max_steps if max_steps and max_steps > 0 else 0.0
+
+    def draw(self, step: int, max_steps: int | None = None) -> list[SubnetConfig]:
         rng = random.Random(f"{self.seed}:{step}")
-        return SAMPLERS[self.sampling](self.supernet.space, rng, self.sandwich_k)
+        extra = self._extra | ({"progress": self.progress(step, max_steps)} if self.scheduled else {})
+        return SAMPLERS[self.sampling](self.supernet.space, rng, self.sandwich_k, **extra)
 
     def key(self, config: SubnetConfig) -> str:
         """Compact form of a config: its choice indices (0 = largest) joined by '.'."""
         return ".".join(map(str, self.supernet.space.encode(config)))
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self.current = self.draw(state.global_step)
+        self.current = self.draw(state.global_step, state.max_steps)
+        if self.sampling == "progressive":
+            progress = self.progress(state.global_step, state.max_steps)
+            self.stage_history.append(progressive_stage(progress, self.stages))
         for config in self.current:
             for name, value in config.items():
                 counts = self.choice_counts[name]
@@ -164,7 +216,7 @@ class SubnetSampler(TrainerCallback, ExportableState):
                 f"(fingerprint {saved['args']['fingerprint']}, this model {self.fingerprint}). "
                 "Resume with the same NLSConfig/ElasticLoraConfig and model."
             )
-        for name in ("choice_counts", "config_losses", "history", "skipped_steps"):
+        for name in ("choice_counts", "config_losses", "history", "skipped_steps", "stage_history"):
             if name in saved["attributes"]:
                 setattr(self, name, saved["attributes"][name])
 
@@ -221,7 +273,13 @@ class SubnetSampler(TrainerCallback, ExportableState):
             "config_losses": {k: {"mean_loss": m, "count": n} for k, (m, n) in self.config_losses.items()},
             "history": self.history,
             "skipped_steps": self.skipped_steps,
-        }
+        } | self._stage_stats()
+
+    def _stage_stats(self) -> dict[str, Any]:
+        if self.sampling != "progressive":
+            return {}
+        opened = [["max"], *(list(PROGRESSIVE_KINDS[:i]) for i in range(1, 4))]
+        return {"progressive": {"stages": self.stages, "opened": opened, "stage_per_step": self.stage_history}}
 
     def state(self) -> dict[str, Any]:
         self.flush()
@@ -232,6 +290,7 @@ class SubnetSampler(TrainerCallback, ExportableState):
                 "config_losses": self.config_losses,
                 "history": self.history,
                 "skipped_steps": self.skipped_steps,
+                "stage_history": self.stage_history,
             },
         }
 
@@ -246,7 +305,7 @@ class NASTrainerMixin:
 
     The NAS settings are read from `args` (fields of `NASArgumentsMixin`; plain arguments get its defaults).
     `peft_config` is applied with `get_peft_model` here, or handed to the trainer when its `__init__` takes one
-    (trl's trainers do).
+    (trl's trainers do). `teacher_model` is the frozen teacher of `distillation="teacher"`.
     """
 
     supernet: SuperNetwork
@@ -268,6 +327,7 @@ class NASTrainerMixin:
         args: TrainingArguments | None = None,
         *rest: Any,
         peft_config: PeftConfig | None = None,
+        teacher_model: torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(self, Trainer):
@@ -293,6 +353,24 @@ class NASTrainerMixin:
                 "trl's SFTConfig)."
             ) from error
         self._setup_sampler()
+        self._setup_distillation(teacher_model)
+
+    def _setup_distillation(self, teacher: torch.nn.Module | None) -> None:
+        self.distillation = getattr(self.args, "distillation", "none")
+        self.distillation_alpha = getattr(self.args, "distillation_alpha", 0.5)
+        self.distillation_temperature = getattr(self.args, "distillation_temperature", 1.0)
+        if self.distillation == "teacher" and teacher is None:
+            raise ValueError(
+                "distillation='teacher' needs the frozen teacher: pass teacher_model=... to the trainer (for a sparse "
+                "or INT4 base, the dense base model it was compressed from)."
+            )
+        if teacher is not None and self.distillation != "teacher":
+            raise ValueError(
+                f"teacher_model was given but distillation={self.distillation!r}; pass distillation='teacher' in the "
+                "training arguments to train against it, or leave teacher_model out."
+            )
+        self.teacher = Teacher(teacher, self.args.device) if teacher is not None else None
+        self._distill_target: torch.Tensor | None = None
 
     def _setup_sampler(self) -> None:
         self.supernet = get_supernet(self.model)
@@ -306,31 +384,71 @@ class NASTrainerMixin:
             self.args.seed,
             getattr(self.args, "sandwich_k", 2),
             getattr(self.args, "on_nonfinite", "skip"),
+            getattr(self.args, "progressive_stages", None),
         )
         self._subnet, self._subnet_weight = self.sampler.current[0], 1.0
         self.add_callback(self.sampler)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         configs = self.sampler.current
-        if len(configs) == 1:  # already active since on_step_begin
-            self._subnet, self._subnet_weight = configs[0], 1.0
-            return super().training_step(model, inputs, num_items_in_batch)
-        total = None
-        for config in configs:
-            self.supernet.activate(config)
-            self._subnet, self._subnet_weight = config, 1.0 / len(configs)
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            total = loss if total is None else total + loss
-        self.supernet.activate(configs[0])
-        return total
+        if self.distillation == "inplace" and len(configs) > 1 and configs[0] != self.supernet.space.max_config():
+            raise ValueError(
+                f"distillation='inplace' takes the first sub-network of a step as the target, but sampling="
+                f"{self.sampling!r} drew {self.sampler.key(configs[0])} first, not the max one. Use sampling="
+                "'sandwich' or 'progressive', or a sampler that returns the max config first."
+            )
+        self._distill_target = self.teacher(self._prepare_inputs(inputs)) if self.teacher else None
+        try:
+            if len(configs) == 1:  # already active since on_step_begin
+                self._subnet, self._subnet_weight = configs[0], 1.0
+                return super().training_step(model, inputs, num_items_in_batch)
+            total = None
+            for config in configs:
+                self.supernet.activate(config)
+                self._subnet, self._subnet_weight = config, 1.0 / len(configs)
+                loss = super().training_step(model, inputs, num_items_in_batch)
+                total = loss if total is None else total + loss
+            self.supernet.activate(configs[0])
+            return total
+        finally:
+            self._distill_target = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = result[0] if return_outputs else result
+        if self.distillation != "none" and model.training:
+            loss, outputs = self._distillation_loss(model, inputs, num_items_in_batch)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            loss, outputs = (result[0], result[1]) if return_outputs else (result, None)
+            if model.training:
+                self.sampler.record_loss(self._subnet, loss)
         if model.training:
-            self.sampler.record_loss(self._subnet, loss)
             loss = loss * self._subnet_weight
-        return (loss, result[1]) if return_outputs else loss
+        return (loss, outputs) if return_outputs else loss
+
+    def _distillation_loss(self, model, inputs, num_items_in_batch) -> tuple[torch.Tensor, Any]:
+        """`(1 - alpha) * label loss + alpha * T^2 * KL(target || sub-network)`, normalized as the label loss is.
+
+        The label loss and the logits come from `Trainer.compute_loss` (a trainer's own, e.g. trl's fused loss,
+        builds no logits); with in-place distillation the max sub-network's logits become the step's target.
+        """
+        labels = inputs.get("labels")
+        label_loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+        self.sampler.record_loss(self._subnet, label_loss)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
+        student = completion_logits(logits, labels)
+        if self.distillation == "inplace" and self._distill_target is None:
+            if self._subnet == self.supernet.space.max_config():  # the target of the step's other sub-networks
+                self._distill_target = student.detach()
+            return label_loss, outputs
+        kl = distillation_kl(student, self._distill_target, self.distillation_temperature)
+        if num_items_in_batch is not None and self.model_accepts_loss_kwargs:  # as the label loss: GA- and DDP-exact
+            kl = kl / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                kl = kl * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+        else:
+            kl = kl / max(1, student.shape[0])
+        alpha = self.distillation_alpha
+        return (1.0 - alpha) * label_loss + alpha * kl.to(label_loss.dtype), outputs
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs:

@@ -31,9 +31,11 @@ from .evaluators import (
     PerplexityEvaluator,
 )
 from .heuristics import HEURISTICS, activation_based_config, activation_importance, loss_based_config
+from .predictor import predictor_search
 from .result import Evaluation, SearchResult
 
-STRATEGIES = ("nsga2", "random", "max", "min", "median", "loss_based", "activation_based")
+STRATEGIES = ("nsga2", "predictor", "random", "max", "min", "median", "loss_based", "activation_based")
+SEARCHED = ("nsga2", "predictor", "random")  # the strategies that spend `budget`
 
 
 @dataclass
@@ -42,7 +44,11 @@ class SearchConfig:
 
     strategy: str = field(
         default="nsga2",
-        metadata={"help": f"How sub-networks are chosen: one of {list(STRATEGIES)}."},
+        metadata={
+            "help": f"How sub-networks are chosen: one of {list(STRATEGIES)}. 'predictor' fits a ridge model of the "
+            "first objective on the evaluations so far and evaluates only the front NSGA-II predicts with it and the "
+            "other objectives, which must need no model run (e.g. params, or latency from a LatencyTable)."
+        },
     )
     objectives: tuple[str, ...] | None = field(
         default=None,
@@ -55,17 +61,18 @@ class SearchConfig:
     budget: int = field(
         default=100,
         metadata={
-            "help": "Distinct sub-networks that 'nsga2' and 'random' evaluate in all (evaluator calls; repeated "
-            "proposals are served from the cache), the reference sub-networks included: with the default three "
-            "references, budget=40 leaves 37 evaluations to the strategy. The search also stops after 20 x budget "
-            "proposals or when the space is exhausted."
+            "help": "Distinct sub-networks that 'nsga2', 'predictor' and 'random' evaluate in all (evaluator calls; "
+            "repeated proposals are served from the cache), the reference sub-networks included: with the default "
+            "three references, budget=40 leaves 37 evaluations to the strategy. The search also stops after 20 x "
+            "budget proposals or when the space is exhausted."
         },
     )
     population: int = field(
         default=10,
         metadata={
             "help": "NSGA-II population size (sub-networks per generation); budget / population generations run. "
-            "About budget / 10 worked best in benchmarks/bench_search.py."
+            "About budget / 10 worked best in benchmarks/bench_search.py. 'predictor': sub-networks evaluated per "
+            "round (the first round is random)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random and NSGA-II strategies."})
@@ -75,6 +82,13 @@ class SearchConfig:
             "help": f"Heuristic sub-networks evaluated as well, for comparison and plots; among {list(HEURISTICS)}. "
             "They count against the budget of 'nsga2' and 'random'."
         },
+    )
+    predictor_candidates: int = field(
+        default=1000,
+        metadata={"help": "predictor: sub-networks NSGA-II scores with the predictor in each round (no model run)."},
+    )
+    predictor_alpha: float = field(
+        default=1.0, metadata={"help": "predictor: ridge regularization of the quality predictor (> 0)."}
     )
     crossover_prob: float = field(default=0.9, metadata={"help": "NSGA-II crossover probability."})
     mutation_prob: float | None = field(
@@ -109,7 +123,7 @@ class SearchConfig:
                 )
             if len(set(self.objectives)) != len(self.objectives):
                 raise ValueError(f"SearchConfig.objectives={self.objectives!r} repeats a name; list each once.")
-        for name in ("budget", "population", "calibration_batches"):
+        for name in ("budget", "population", "calibration_batches", "predictor_candidates"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SearchConfig.{name}={value!r} must be a positive integer.")
@@ -128,11 +142,14 @@ class SearchConfig:
                 f"{list(self.reference_subnets)} it includes. Raise budget to at least {references} or pass fewer "
                 "reference_subnets."
             )
-        if self.strategy == "nsga2" and self.budget - references < self.population:
+        if not self.predictor_alpha > 0:
+            raise ValueError(f"SearchConfig.predictor_alpha={self.predictor_alpha} must be > 0, e.g. 1.0.")
+        if self.strategy in ("nsga2", "predictor") and self.budget - references < self.population:
             refs = f" after the {references} reference sub-networks {list(self.reference_subnets)}" * bool(references)
+            who = "NSGA-II" if self.strategy == "nsga2" else "the predictor"
             raise ValueError(
-                f"SearchConfig.budget={self.budget} leaves {self.budget - references} evaluations to NSGA-II{refs}, "
-                f"fewer than population={self.population}: NSGA-II would not finish its first generation. Raise "
+                f"SearchConfig.budget={self.budget} leaves {self.budget - references} evaluations to {who}{refs}, "
+                f"fewer than population={self.population}: {who} would not finish its first round. Raise "
                 f"budget to at least {self.population + references}, lower population"
                 f"{', or pass reference_subnets=()' if references else ''}."
             )
@@ -224,6 +241,7 @@ class SubnetSearch:
         self.records: dict[str, Evaluation] = {}
         self.cache_hits = 0
         self._heuristics: dict[str, SubnetConfig] = {}
+        self.predictor_info: dict[str, Any] = {}
 
     @functools.cached_property
     def nas_stats(self) -> dict[str, Any] | None:
@@ -287,6 +305,19 @@ class SubnetSearch:
                     "SuperNetwork, or use FunctionEvaluator objectives."
                 )
             evaluators.append(evaluator)
+        if self.config.strategy == "predictor":
+            slow = [
+                n
+                for n, e in zip(objectives[1:], evaluators[1:], strict=True)
+                if e.needs_model or isinstance(e, LatencyEvaluator)
+            ]
+            if slow:
+                raise ValueError(
+                    f"strategy='predictor' predicts the first objective {objectives[0]!r} and computes the others for "
+                    f"thousands of candidates, but {slow} run the model. Use costs that need no forward, e.g. "
+                    "'params', 'macs' or PredictedLatencyEvaluator(LatencyTable.measure(supernet)); or use "
+                    "strategy='nsga2'."
+                )
         unused = [n for n in names if n not in objectives]
         if unused:
             raise ValueError(f"Evaluators {unused} are not in objectives={list(objectives)}; add their names.")
@@ -369,7 +400,7 @@ class SubnetSearch:
         previous = self.supernet.active_config if self.supernet is not None else None
         was_training = model.training if model is not None else False
         start, trials = time.perf_counter(), 0
-        searched = cfg.strategy in ("nsga2", "random")
+        searched = cfg.strategy in SEARCHED
         total = cfg.budget if searched else len(set(cfg.reference_subnets)) + 1
         bar = tqdm(total=total, desc=f"search ({cfg.strategy})", disable=not cfg.progress)
         if model is not None:
@@ -380,6 +411,8 @@ class SubnetSearch:
                     bar.update(1)
             if cfg.strategy == "nsga2":
                 trials = self._nsga2(bar)
+            elif cfg.strategy == "predictor":
+                trials = predictor_search(self, bar)
             elif cfg.strategy == "random":
                 trials = self._random(bar)
             else:
@@ -394,13 +427,13 @@ class SubnetSearch:
         evaluations = list(self.records.values())
         info = {
             "budget": cfg.budget if searched else None,
-            "population": cfg.population if cfg.strategy == "nsga2" else None,
+            "population": cfg.population if cfg.strategy in ("nsga2", "predictor") else None,
             "trials": trials,
             "evaluations": len(evaluations),
             "cache_hits": self.cache_hits,
             "wall_time_s": time.perf_counter() - start,
             "reference_subnets": list(cfg.reference_subnets),
-        }
+        } | ({"predictor": self.predictor_info} if cfg.strategy == "predictor" else {})
         return SearchResult(self.space, self.objectives, self.directions, evaluations, cfg.strategy, cfg.seed, info)
 
     def _max_trials(self) -> int:
