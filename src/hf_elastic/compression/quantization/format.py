@@ -23,8 +23,8 @@ With `s` and `z` the scale and zero point of the group of column `j`:
     w = (q - z) * s                                    (`dequantize_codes`)
 
 and `forward(x) = F.linear(x, dequantize(x.dtype), bias)`; for backward it keeps the codes it already holds, not the
-dequantized weight, and dequantizes again for the input's gradient. The asymmetric range of each group always contains 0 and
-zero points are integers, so a weight equal to 0 gets the code `z` and dequantizes to exactly 0: the zeros of a
+dequantized weight, and dequantizes again for the input's gradient. The asymmetric range of each group always contains
+0 and zero points are integers, so a weight equal to 0 gets the code `z` and dequantizes to exactly 0: the zeros of a
 sparse base model survive quantization. A group of zeros gets scale 1.
 
 `save_quantized` writes `config.json`, `model.safetensors` (the state dict, with `qweight`/`scales`/`zeros` and any
@@ -34,8 +34,9 @@ dtype and every quantized module); `load_quantized` rebuilds the model from them
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -266,7 +267,24 @@ class QuantLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
+        cache = getattr(self, "_weight_cache", None)
+        if cache is not None and not torch.is_grad_enabled():
+            key = (x.dtype, x.device, self.qweight.data_ptr(), self.qweight._version)
+            if key not in cache:
+                cache.clear()
+                cache[key] = self.dequantize(x.dtype)
+            return F.linear(x, cache[key], bias)
         return _QuantLinearFunction.apply(x, bias, self)
+
+    @contextlib.contextmanager
+    def cached_weight(self) -> Iterator[None]:
+        """Within the block, forwards without gradients dequantize once and reuse the float weight (until the codes
+        change): faster for many batches on the same codes, at the cost of a float copy of the weight."""
+        self._weight_cache = {}
+        try:
+            yield
+        finally:
+            self._weight_cache = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         scales = self.scales

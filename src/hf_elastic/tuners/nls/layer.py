@@ -113,14 +113,14 @@ class _MaskedLora(torch.autograd.Function):
     `W_eff` or delta stored for backward.
 
     Autograd through the expression would keep a dense `W_eff` (and its intermediates) per layer for the backward pass.
-    On a float base this keeps only the adapter's input and the adapter and recomputes the masked delta in backward; the
-    mask `M` comes bit-packed from the layer's cache (`packed`), so it costs no bytes per step. With dropout, `h` (the
-    dropped input) enters only the adapter's product, as in peft: `F.linear(x, W, bias) + F.linear(h, M ⊙ sBA)`, and
-    `h` is kept instead of `x`. On a quantized base (`quant`, the `QuantLinear`) it keeps the moved codes (uint8) and
-    the gradient gate (bool, which holds `M`): two bytes per weight; backward only dequantizes them, instead of redoing
-    the residual, rounding and clamping. The gradient of the masked delta, `M ⊙ (gᵀx)` (and the gate), is projected
-    onto `A` and `B`. The delta is built in float32 outside autocast; the dense products run in the activations' and
-    gradient's dtype, as for a plain `nn.Linear`.
+    On a float base this keeps only the adapter's input and the adapter and recomputes the masked delta in backward;
+    the mask `M` comes bit-packed from the layer's cache (`packed`), so it costs no bytes per step. With dropout, `h`
+    (the dropped input) enters only the adapter's product, as in peft: `F.linear(x, W, bias) + F.linear(h, M ⊙ sBA)`,
+    and `h` is kept instead of `x`. On a quantized base (`quant`, the `QuantLinear`) it keeps the moved codes (uint8)
+    and the gradient gate (bool, which holds `M`): two bytes per weight; backward only dequantizes them, instead of
+    redoing the residual, rounding and clamping. The gradient of the masked delta, `M ⊙ (gᵀx)` (and the gate), is
+    projected onto `A` and `B`. The delta is built in float32 outside autocast; the dense products run in the
+    activations' and gradient's dtype, as for a plain `nn.Linear`.
     """
 
     @staticmethod
@@ -275,7 +275,7 @@ class ElasticLoraLinear(LoraLinear):
         return tuple((t.data_ptr(), t._version, t.device, t.dtype, t.shape) for t in tensors)
 
     def _packed_mask(self, adapter: str) -> torch.Tensor | None:
-        """The SparsePEFT mask, bit-packed; while merged, the one taken before the merge (a merge could create zeros)."""
+        """The SparsePEFT mask, bit-packed; while merged, the one taken before the merge (which may add zeros)."""
         if not self.sparse_adapter.get(adapter):
             return None
         return self._merged_state[adapter] if adapter in self._merged_state else self.packed_base_mask()
