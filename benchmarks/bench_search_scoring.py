@@ -60,7 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--budget", type=int, default=6, help="candidates per search")
-    parser.add_argument("--batches", type=int, default=4, help="eval batches per candidate")
+    parser.add_argument("--batches", type=int, default=8, help="eval batches per candidate")
     parser.add_argument(
         "--shapes", default="1x64,4x128", help="eval batch shapes, batch x tokens, comma-separated (each in one run)"
     )

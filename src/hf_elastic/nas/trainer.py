@@ -117,6 +117,11 @@ class NASTrainingArguments(NASArgumentsMixin, TrainingArguments):
     """`TrainingArguments` plus the super-network training settings."""
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class SubnetSampler(TrainerCallback, ExportableState):
     """Draws the sub-networks of each optimizer step and records how often each choice was trained.
 
@@ -217,7 +222,11 @@ class SubnetSampler(TrainerCallback, ExportableState):
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None] if model else []
         if not params:
             return
-        finite = torch.stack([torch.isfinite(p.grad).all() for p in params]).all()
+        finite = torch.stack([torch.isfinite(_local(p.grad)).all() for p in params]).all()
+        if any(hasattr(p.grad, "to_local") for p in params) and torch.distributed.is_initialized():
+            flag = finite.int()  # sharded gradients: every rank must skip the same steps
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
         keys = [self.key(c) for c in self.current]
         if self.on_nonfinite == "stop":
             if bool(finite):
@@ -229,9 +238,9 @@ class SubnetSampler(TrainerCallback, ExportableState):
             )
         saved, current = [], []
         for p in params:
-            p.grad = torch.where(finite, p.grad, 0)
+            _local(p.grad).masked_fill_(~finite, 0)
             state_of = getattr(optimizer, "state", {}).get(p, {}) if optimizer is not None else {}
-            tensors = [p, *(v for v in state_of.values() if torch.is_tensor(v) and v.device == p.device)]
+            tensors = [_local(t) for t in (p, *state_of.values()) if torch.is_tensor(t) and t.device == p.device]
             current += tensors
             saved += [t.detach().clone() for t in tensors]
         self._undo = (finite, current, saved)
