@@ -234,15 +234,15 @@ def _saved_bytes_per_weight(model: torch.nn.Module, layer_shape: tuple[int, int]
 
 
 def test_qa_saves_two_bytes_per_weight_where_upstream_saves_floats():
-    """hf_elastic's QA layer keeps the moved uint8 codes and the bool gate for backward (2 bytes per weight, plus the
-    base's bool mask: 3 bytes); the upstream formulation keeps float intermediates of the adapted weight (9 bytes
-    here: two float32 tensors and the mask)."""
+    """hf_elastic's QA layer keeps the moved uint8 codes and the bool gate (which holds the base's mask) for backward:
+    2 bytes per weight; the upstream formulation keeps float intermediates of the adapted weight (9 bytes here: two
+    float32 tensors and the mask)."""
     ours, upstream, _ = _qa_pair("residual")
     _randomize_adapters(ours, 0, 0.3)
     _randomize_adapters(upstream, 0, 0.3)
     shape = (64, 64)  # q_proj and o_proj of the tiny Llama
     ours_bytes = _saved_bytes_per_weight(ours, shape) / 2
     upstream_bytes = _saved_bytes_per_weight(upstream, shape) / 2
-    # codes + gate + mask, 1 byte each
-    assert ours_bytes == 3
+    # codes + gate, 1 byte each
+    assert ours_bytes == 2
     assert upstream_bytes >= 3 * ours_bytes

@@ -13,7 +13,6 @@ _SUBNETS = ("max", "min", "median")
 
 def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None) -> tuple[Any, Any]:
     """The model and tokenizer of `source` (default `args.model`): a folder (any hf_elastic export too) or a Hub id."""
-    import torch
 
     from ..export.subnetwork import load_exported
     from ..models.loading import load_causal_lm, load_tokenizer, resolve_dtype
@@ -31,8 +30,39 @@ def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None
         model = load_causal_lm(source, dtype=dtype, **hub)
     device = getattr(args, "device", None)
     if device is not None:
-        model.to(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+        model.to(resolve_device(device))
     return model, load_tokenizer(source, **hub)
+
+
+def resolve_device(value: str) -> Any:
+    """The torch device `--device` names: `auto` is the GPU when there is one, else the CPU (said in one line on
+    stderr); a named accelerator that is not there is an error, never a silent fall back to the CPU."""
+    import sys
+
+    import torch
+
+    if value == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        print("note: no CUDA GPU found, running on the CPU (--device cpu hides this line)", file=sys.stderr)
+        return torch.device("cpu")
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"--device {value!r} is not a device; use auto, cpu, cuda or cuda:<index>.") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    available = backend is not None and callable(getattr(backend, "is_available", None)) and backend.is_available()
+    if not available:
+        raise ValueError(
+            f"--device {value}: no {device.type.upper()} device is available here (torch {torch.__version__}). "
+            "Pass --device cpu to run on the CPU, or --device auto to take the GPU when there is one."
+        )
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {value}: this machine has {count} {device.type} device(s), numbered from 0.")
+    return device
 
 
 def instruction_format(args: argparse.Namespace) -> Any:

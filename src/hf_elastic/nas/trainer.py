@@ -96,7 +96,8 @@ class NASArgumentsMixin:
         default="skip",
         metadata={
             "help": "What a non-finite loss or gradient does to an optimizer step: 'skip' (no update, a warning "
-            "naming the step and sub-network) or 'stop' (raise)."
+            "naming the step and sub-network at the next logging step; decided on the device, without waiting for "
+            "it) or 'stop' (raise at once; reads a flag from the device every optimizer step)."
         },
     )
 
@@ -149,11 +150,17 @@ class NASTrainingArguments(NASArgumentsMixin, TrainingArguments):
     """`TrainingArguments` plus the super-network training settings."""
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class SubnetSampler(TrainerCallback, ExportableState):
     """Draws the sub-networks of each optimizer step and records how often each choice was trained.
 
     The draw for step `s` depends only on `(seed, s)`, so distributed ranks agree and a resumed run continues the
-    same sequence; the statistics travel in checkpoints through `ExportableState`.
+    same sequence; the statistics travel in checkpoints through `ExportableState`. Losses and the finiteness of each
+    step stay on the device until a logging, saving or evaluation step reads them all at once (one host sync).
     """
 
     def __init__(
@@ -179,6 +186,8 @@ class SubnetSampler(TrainerCallback, ExportableState):
         self.config_losses: dict[str, list[float]] = {}
         self.history: list[str] = []
         self._pending: list[tuple[str, torch.Tensor]] = []
+        self._pending_steps: list[tuple[int, list[str], torch.Tensor]] = []
+        self._undo: tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def progress(self, step: int, max_steps: int | None) -> float:
         """The fraction of the run done before `step` (0 when the length of the run is unknown)."""
@@ -236,31 +245,73 @@ class SubnetSampler(TrainerCallback, ExportableState):
         mean_count[0] += (loss - mean_count[0]) / mean_count[1]
 
     def flush(self) -> None:
-        """Fold the losses recorded as tensors into the running means, with one device-to-host copy."""
-        if self._pending:
-            keys, losses = zip(*self._pending, strict=True)
-            self._pending = []
-            for key, loss in zip(keys, torch.stack(losses).tolist(), strict=True):
-                self._add_loss(key, loss)
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        """Drop the update of a step whose gradients are not finite (or raise, with `on_nonfinite='stop'`)."""
-        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None] if model else []
-        if not params or bool(torch.stack([torch.isfinite(p.grad).all() for p in params]).all()):
+        """Fold the losses recorded as tensors into the running means and report the skipped steps, with one
+        device-to-host copy."""
+        if not self._pending and not self._pending_steps:
             return
+        losses = [loss for _, loss in self._pending] + [finite.float() for *_, finite in self._pending_steps]
+        values = torch.stack([v.to(losses[0].device) for v in losses]).tolist()
+        for (key, _), loss in zip(self._pending, values, strict=False):
+            self._add_loss(key, loss)
+        for (step, keys, _), finite in zip(self._pending_steps, values[len(self._pending) :], strict=True):
+            if not finite:
+                self.skipped_steps.append({"step": step, "subnets": keys})
+                logger.warning(
+                    "Skipped the update of step %d, sub-network %s (choice indices, 0 = largest): its loss or "
+                    "gradients are not finite.",
+                    step,
+                    " + ".join(keys),
+                )
+        self._pending, self._pending_steps = [], []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        """Drop the update of a step whose gradients are not finite (or raise, with `on_nonfinite='stop'`).
+
+        With 'skip' nothing waits for the device: non-finite gradients are zeroed, and after the optimizer step the
+        trainable parameters and the optimizer's tensors beside them are put back where the step was not finite (a
+        step counter that the optimizer keeps on the host still counts it).
+        """
+        params = [p for p in model.parameters() if p.requires_grad and p.grad is not None] if model else []
+        if not params:
+            return
+        finite = torch.stack([torch.isfinite(_local(p.grad)).all() for p in params]).all()
+        if any(hasattr(p.grad, "to_local") for p in params) and torch.distributed.is_initialized():
+            flag = finite.int()  # sharded gradients: every rank must skip the same steps
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            finite = flag.bool()
         keys = [self.key(c) for c in self.current]
-        where = f"step {state.global_step + 1}, sub-network {' + '.join(keys)} (choice indices, 0 = largest)"
         if self.on_nonfinite == "stop":
+            if bool(finite):
+                return
+            where = f"step {state.global_step + 1}, sub-network {' + '.join(keys)} (choice indices, 0 = largest)"
             raise FloatingPointError(
                 f"Non-finite loss or gradient at {where}. Check the data and the learning rate, or pass "
                 "on_nonfinite='skip' to skip such steps."
             )
+        saved, current = [], []
         for p in params:
-            p.grad = None  # the optimizer leaves parameters without gradients untouched (no moments, no decay)
-        self.skipped_steps.append({"step": state.global_step + 1, "subnets": keys})
-        logger.warning("Skipped the update of %s: its loss or gradients are not finite.", where)
+            _local(p.grad).masked_fill_(~finite, 0)
+            state_of = getattr(optimizer, "state", {}).get(p, {}) if optimizer is not None else {}
+            tensors = [_local(t) for t in (p, *state_of.values()) if torch.is_tensor(t) and t.device == p.device]
+            current += tensors
+            saved += [t.detach().clone() for t in tensors]
+        self._undo = (finite, current, saved)
+        self._pending_steps.append((state.global_step + 1, keys, finite))
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self._undo is None:
+            return
+        finite, current, saved = self._undo
+        self._undo = None
+        with torch.no_grad():
+            for now, before in zip(current, saved, strict=True):
+                now.copy_(torch.where(finite, now, before))
 
     def on_step_end(self, args, state, control, **kwargs):
+        if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
+            self.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
         self.flush()
 
     def stats(self) -> dict[str, Any]:

@@ -27,12 +27,15 @@ class Evaluator(ABC):
 
     `name` is the objective name used in results, `direction` says whether lower (`"minimize"`) or higher
     (`"maximize"`) is better. When `needs_model` is True the search activates the sub-network on the super-network
-    before calling the evaluator, so `supernet.model` runs it.
+    before calling the evaluator, so `supernet.model` runs it. When `scores_merged` is True the evaluator only scores
+    the function the model computes, so the search may run it on the sub-network merged into the base where that is
+    exact and cheaper (quantization-aware adapters: new integer codes in place of the adapter's per-call grid maths).
     """
 
     name: str = "score"
     direction: Direction = "minimize"
     needs_model: bool = True
+    scores_merged: bool = False
 
     @abstractmethod
     def __call__(self, supernet: SuperNetwork | None, config: SubnetConfig) -> float:
@@ -138,6 +141,7 @@ class LossEvaluator(Evaluator):
 
     name = "loss"
     direction = "minimize"
+    scores_merged = True
 
     def __init__(
         self,
@@ -214,6 +218,7 @@ class MetricEvaluator(Evaluator):
         device: str | torch.device | None = None,
     ) -> None:
         _check_direction(direction)
+        self.scores_merged = True
         if metric is not None and not callable(getattr(metric, "compute", None)) and not callable(metric):
             raise ValueError(
                 f"MetricEvaluator metric must be an evaluate metric (with .compute) or a callable, got {metric!r}."

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,31 @@ class SearchConfig:
 SearchTarget = SuperNetwork | PeftModel | NASTrainerMixin | SearchSpace | str | os.PathLike
 
 
+@contextlib.contextmanager
+def merged_subnetwork(supernet: SuperNetwork, cache_weights: bool = True) -> Iterator[None]:
+    """Merge the active sub-network's quantization-aware adapters into the base's codes for the block, and restore
+    the codes (and rounding residuals) bit for bit after it.
+
+    The merged layers compute the same function as the unmerged ones (the same codes, dequantized the same way), but
+    a forward then costs a plain INT4 layer's, not the adapter's grid maths per call; with `cache_weights` each
+    merged layer dequantizes once for the block (`QuantLinear.cached_weight`: a float copy of the adapted weights
+    while the block runs) and every batch after the first costs a float layer's.
+    """
+    modules = [m for m in supernet.lora_modules.values() if supernet.adapter_name not in m.merged_adapters]
+    with contextlib.ExitStack() as stack:
+        try:
+            for module in modules:
+                module.merge(adapter_names=[supernet.adapter_name])
+                if cache_weights:
+                    stack.enter_context(module.get_base_layer().cached_weight())
+            yield
+        finally:
+            stack.close()
+            for module in modules:
+                if module.merged_adapters:
+                    module.unmerge()
+
+
 class SubnetSearch:
     """Runs one search; `search_subnetworks()` is the one-call front end.
 
@@ -233,6 +259,8 @@ class SubnetSearch:
         given = [e if isinstance(e, Evaluator) else FunctionEvaluator(e) for e in given]
         self.objectives, self.evaluators = self._resolve_objectives(given)
         self.directions = [e.direction for e in self.evaluators]
+        # quantization-aware adapters merge exactly (new codes, restored bit for bit), so quality is scored merged
+        self._merge = self.supernet is not None and bool(self.supernet.config.quantization_aware)
         self.calibration_data = calibration_data
         if calibration_data is None:
             self.calibration_data = next((e.batches for e in self.evaluators if hasattr(e, "batches")), None)
@@ -340,12 +368,17 @@ class SubnetSearch:
         if self.supernet is not None and any(e.needs_model for e in self.evaluators):
             self.supernet.activate(config)
         values = {}
-        for name, evaluator in zip(self.objectives, self.evaluators, strict=True):
-            value = evaluator(self.supernet, config)
-            try:
-                values[name] = float(value)
-            except (TypeError, ValueError) as e:
-                raise TypeError(f"Evaluator {name!r} returned {value!r}; it must return a float.") from e
+        pairs = list(zip(self.objectives, self.evaluators, strict=True))
+        for merged in (False, True):
+            todo = [(n, e) for n, e in pairs if (e.needs_model and e.scores_merged and self._merge) == merged]
+            with merged_subnetwork(self.supernet) if merged and todo else contextlib.nullcontext():
+                for name, evaluator in todo:
+                    value = evaluator(self.supernet, config)
+                    try:
+                        values[name] = float(value)
+                    except (TypeError, ValueError) as e:
+                        raise TypeError(f"Evaluator {name!r} returned {value!r}; it must return a float.") from e
+        values = {name: values[name] for name in self.objectives}
         record = Evaluation(len(self.records), key, config, values, [source])
         self.records[key] = record
         if not record.valid:

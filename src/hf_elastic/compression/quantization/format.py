@@ -22,8 +22,9 @@ With `s` and `z` the scale and zero point of the group of column `j`:
     q = clamp(round(w / s) + z, 0, 2**bits - 1)        (`quantize_codes`, round half to even)
     w = (q - z) * s                                    (`dequantize_codes`)
 
-and `forward(x) = F.linear(x, dequantize(x.dtype), bias)`. The asymmetric range of each group always contains 0 and
-zero points are integers, so a weight equal to 0 gets the code `z` and dequantizes to exactly 0: the zeros of a
+and `forward(x) = F.linear(x, dequantize(x.dtype), bias)`; for backward it keeps the codes it already holds, not the
+dequantized weight, and dequantizes again for the input's gradient. The asymmetric range of each group always contains
+0 and zero points are integers, so a weight equal to 0 gets the code `z` and dequantizes to exactly 0: the zeros of a
 sparse base model survive quantization. A group of zeros gets scale 1.
 
 `save_quantized` writes `config.json`, `model.safetensors` (the state dict, with `qweight`/`scales`/`zeros` and any
@@ -33,8 +34,9 @@ dtype and every quantized module); `load_quantized` rebuilds the model from them
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -116,6 +118,33 @@ def dequantize_codes(
     q = _grouped(qweight, group_size).float()
     w = (q - zeros.float()[..., None]) * scales.float()[..., None]
     return w.reshape(qweight.shape).to(dtype)
+
+
+class _QuantLinearFunction(torch.autograd.Function):
+    """`F.linear(x, layer.dequantize(x.dtype), bias)` that keeps nothing new for backward: it holds the layer's own
+    codes, scales and zero points and dequantizes them again for the input's gradient (autograd would keep the
+    dequantized copy, 2 to 4 bytes per weight)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer):
+        ctx.grid = (layer.qweight, layer.scales, layer.zeros, layer.group_size)
+        ctx.version = layer.qweight._version
+        return F.linear(x, layer.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qweight, scales, zeros, group_size = ctx.grid
+        if qweight._version != ctx.version:
+            raise RuntimeError(
+                "The codes of a QuantLinear changed between its forward and backward pass (a merge in between?); "
+                "run backward first."
+            )
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ dequantize_codes(qweight, scales, zeros, group_size, grad.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_bias, None
 
 
 class QuantLinear(nn.Module):
@@ -238,7 +267,24 @@ class QuantLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        cache = getattr(self, "_weight_cache", None)
+        if cache is not None and not torch.is_grad_enabled():
+            key = (x.dtype, x.device, self.qweight.data_ptr(), self.qweight._version)
+            if key not in cache:
+                cache.clear()
+                cache[key] = self.dequantize(x.dtype)
+            return F.linear(x, cache[key], bias)
+        return _QuantLinearFunction.apply(x, bias, self)
+
+    @contextlib.contextmanager
+    def cached_weight(self) -> Iterator[None]:
+        """Within the block, forwards without gradients dequantize once and reuse the float weight (until the codes
+        change): faster for many batches on the same codes, at the cost of a float copy of the weight."""
+        self._weight_cache = {}
+        try:
+            yield
+        finally:
+            self._weight_cache = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         scales = self.scales

@@ -95,12 +95,15 @@ class WidthMasks:
     """Forward pre-hooks that run each layer's FFN down projection and attention output projection on the kept input
     channels only (the others are multiplied by 0), so the base model computes a width sub-network.
 
-    `keep(layer, kind, units)` sets the units a layer keeps (None: all of them); `remove()` detaches the hooks.
+    `keep(layer, kind, units)` sets the units a layer keeps (None: all of them); `remove()` detaches the hooks. The
+    mask of each kept set is built once, on the layer's device, and reused whenever the same units come back, so
+    switching sub-networks (every training step) copies nothing from the host.
     """
 
     def __init__(self, base: nn.Module, layers: list[WidthLayer]) -> None:
         self.base = base
         self._masks: dict[str, torch.Tensor] = {}
+        self._built: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         for layer in layers:
             for rel in (layer.spec.ffn_out, layer.spec.attn_out):
@@ -115,10 +118,16 @@ class WidthMasks:
         if units is None:
             self._masks.pop(path, None)
             return
-        cols = (layer.ffn_slices(units) if kind == "ffn" else layer.head_slices(units))[rel][1]
+        built = self._built.setdefault(path, [])
         weight = weight_out_in(self.base.get_submodule(path))
-        mask = torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device)
-        mask[cols.to(weight.device)] = 1
+        for kept, mask in built:
+            if kept.shape == units.shape and torch.equal(kept, units) and mask.device == weight.device:
+                break
+        else:
+            cols = (layer.ffn_slices(units) if kind == "ffn" else layer.head_slices(units))[rel][1]
+            mask = torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device)
+            mask[cols.to(weight.device)] = 1
+            built.append((units.clone(), mask))
         self._masks[path] = mask
 
     def _mask_input(self, path: str, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
@@ -134,3 +143,4 @@ class WidthMasks:
             handle.remove()
         self._hooks.clear()
         self._masks.clear()
+        self._built.clear()

@@ -91,52 +91,95 @@ def _effective_weight(
     return _dequantize_moved(moved, grid[1], grid[2]), gate
 
 
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool (out, in) as uint8 (out, ceil(in / 8)), eight columns per byte (column `8k + i` in bit `i` of byte `k`)."""
+    pad = -mask.shape[1] % 8
+    bits = F.pad(mask.to(torch.uint8), (0, pad)).view(mask.shape[0], -1, 8)
+    return (bits << _bit_shifts(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, columns: int) -> torch.Tensor:
+    """The bool (out, `columns`) mask that `pack_mask` packed."""
+    bits = (packed.unsqueeze(-1) >> _bit_shifts(packed.device)).bitwise_and_(1).view(torch.bool)
+    return bits.view(packed.shape[0], -1)[:, :columns]
+
+
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    return torch.arange(8, dtype=torch.uint8, device=device)  # made on the device: no host-to-device copy
+
+
 class _MaskedLora(torch.autograd.Function):
-    """`F.linear(x, W_eff, bias)` with `W_eff` from `_effective_weight`, not stored for backward as a dense float.
+    """The adapted layer `F.linear(x, W + M ⊙ sBA, bias)` (or its QA form on the base's grid), without a dense float
+    `W_eff` or delta stored for backward.
 
     Autograd through the expression would keep a dense `W_eff` (and its intermediates) per layer for the backward pass.
-    On a float base this keeps only `x` and the adapter and recomputes `W_eff` in backward; on a quantized base it
-    keeps the moved codes (uint8) and the gradient gate (bool), two bytes per weight, and backward only dequantizes
-    them, instead of redoing the residual, rounding and clamping. The gradient of the masked delta, `M ⊙ (gᵀx)` (and
-    the gate), is projected onto `A` and `B`. `W_eff` is built in float32 outside autocast; the two dense products
-    (`F.linear` and `gᵀx`) run in the activations' and gradient's dtype, as for a plain `nn.Linear`.
+    On a float base this keeps only the adapter's input and the adapter and recomputes the masked delta in backward;
+    the mask `M` comes bit-packed from the layer's cache (`packed`), so it costs no bytes per step. With dropout, `h`
+    (the dropped input) enters only the adapter's product, as in peft: `F.linear(x, W, bias) + F.linear(h, M ⊙ sBA)`,
+    and `h` is kept instead of `x`. On a quantized base (`quant`, the `QuantLinear`) it keeps the moved codes (uint8)
+    and the gradient gate (bool, which holds `M`): two bytes per weight; backward only dequantizes them, instead of
+    redoing the residual, rounding and clamping. The gradient of the masked delta, `M ⊙ (gᵀx)` (and the gate), is
+    projected onto `A` and `B`. The delta is built in float32 outside autocast; the dense products run in the
+    activations' and gradient's dtype, as for a plain `nn.Linear`.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, a, b, scaling, mask, codes, scales, zeros, qmax, residual):
+    def forward(ctx, x, h, weight, bias, a, b, scaling, packed, quant):
+        mask = None if packed is None else unpack_mask(packed, x.shape[-1])
+        bias = None if bias is None else bias.to(x.dtype)
         moved = gate = None
         with _full_precision(x.device):
-            if codes is None:
-                w_eff, _ = _effective_weight(weight, a, b, scaling, mask, None)
-            else:
-                grid = (codes, scales, zeros, qmax, residual)
-                moved, gate = _grid_codes(grid, _masked_delta(a.float(), b.float(), scaling, mask), mask)
+            delta = _masked_delta(a.float(), b.float(), scaling, mask)
+            if quant is not None:
+                moved, gate = _grid_codes(_quant_grid(quant), delta, mask)
                 moved = moved.to(torch.uint8)
-                w_eff = _dequantize_moved(moved, scales, zeros)
-        ctx.scaling = scaling
-        ctx.save_for_backward(x, weight, a, b, mask, moved, gate, scales, zeros)
-        return F.linear(x, w_eff.to(x.dtype), None if bias is None else bias.to(x.dtype))
+                w_eff = _dequantize_moved(moved, *_quant_grid(quant)[1:3])
+            elif h is None:
+                w_eff = weight + delta
+        ctx.scaling, ctx.quant, ctx.dropped = scaling, quant, h is not None
+        if quant is not None:
+            ctx.save_for_backward(x, a, b, moved, gate)
+        else:
+            ctx.save_for_backward(x if h is None else h, weight, a, b, packed)
+        if h is None:
+            return F.linear(x, w_eff.to(x.dtype), bias)
+        return F.linear(x, weight.to(x.dtype), bias) + F.linear(h, delta.to(h.dtype)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, a, b, mask, moved, gate, scales, zeros = ctx.saved_tensors
-        with _full_precision(x.device):
-            if moved is None:
-                w_eff, gate = _effective_weight(weight, a, b, ctx.scaling, mask, None)
-            else:
-                w_eff = _dequantize_moved(moved, scales, zeros)
         g2 = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_bias = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:
+        grad_x = grad_h = grad_bias = grad_a = grad_b = None
+        if ctx.quant is not None:
+            x, a, b, moved, gate = ctx.saved_tensors
+            with _full_precision(x.device):
+                w_eff = _dequantize_moved(moved, *_quant_grid(ctx.quant)[1:3])
+        else:
+            x, weight, a, b, packed = ctx.saved_tensors  # x is the dropped input with dropout
+            gate = None if packed is None else unpack_mask(packed, x.shape[-1])
+            with _full_precision(x.device):
+                delta = _masked_delta(a.float(), b.float(), ctx.scaling, gate)
+                w_eff = delta if ctx.dropped else weight + delta
+        if ctx.dropped:
+            if ctx.needs_input_grad[0]:
+                grad_x = (g2 @ weight.to(g2.dtype)).reshape(grad.shape[:-1] + (weight.shape[1],))
+            if ctx.needs_input_grad[1]:
+                grad_h = (g2 @ w_eff.to(g2.dtype)).reshape(x.shape).to(x.dtype)
+        elif ctx.needs_input_grad[0]:
             grad_x = (g2 @ w_eff.to(g2.dtype)).reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[3]:
             grad_bias = g2.sum(0)
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             grad_w = (g2.T @ x.reshape(-1, x.shape[-1]).to(g2.dtype)).to(a.dtype)
             if gate is not None:
                 grad_w = grad_w * gate
             grad_a, grad_b = (b * ctx.scaling).T @ grad_w, grad_w @ (a * ctx.scaling).T
-        return grad_x, None, grad_bias, grad_a, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_h, None, grad_bias, grad_a, grad_b, None, None, None
+
+
+def _quant_grid(base: QuantLinear) -> _Grid:
+    """Codes (out, in) of a quantized base, its scales and zero points as (out, groups, 1) floats, the top code and
+    the rounding residual (or None)."""
+    return base.qweight, base.scales.float()[..., None], base.zeros.float()[..., None], 2**base.bits - 1, base.residual
 
 
 class ElasticLoraLinear(LoraLinear):
@@ -164,6 +207,7 @@ class ElasticLoraLinear(LoraLinear):
         self.sparse_adapter: dict[str, bool] = {}
         self.quantization_aware: dict[str, bool] = {}
         self._merged_state: dict[str, torch.Tensor] = {}
+        self._mask_cache: tuple[tuple, torch.Tensor] | None = None
         super().__init__(base_layer, adapter_name, config=config, **kwargs)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
@@ -198,10 +242,7 @@ class ElasticLoraLinear(LoraLinear):
         """Codes (out, in) of a quantized base, its scales and zero points as (out, groups, 1) floats, the top code and
         the rounding residual (or None)."""
         base = self.get_base_layer()
-        if not isinstance(base, QuantLinear):
-            return None
-        scales, zeros = base.scales.float()[..., None], base.zeros.float()[..., None]
-        return base.qweight, scales, zeros, 2**base.bits - 1, base.residual
+        return _quant_grid(base) if isinstance(base, QuantLinear) else None
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as (out, in): a view for `nn.Linear`/`Conv1D`, dequantized for `QuantLinear`."""
@@ -212,14 +253,37 @@ class ElasticLoraLinear(LoraLinear):
 
     def base_mask(self) -> torch.Tensor:
         """Where the base weight is non-zero, as (out, in) booleans (on a quantized base: code != zero point)."""
-        base = self.get_base_layer()
-        return base.nonzero_mask() if isinstance(base, QuantLinear) else self.base_weight() != 0
+        return unpack_mask(self.packed_base_mask(), self.in_features)
 
-    def _mask(self, adapter: str) -> torch.Tensor | None:
-        """The SparsePEFT mask; while merged, the one taken before the merge (a merge could create new zeros)."""
+    def packed_base_mask(self) -> torch.Tensor:
+        """`base_mask` bit-packed by `pack_mask` (1/8 byte per weight), computed once and kept on the base's device.
+
+        It is rebuilt when the base's weight (or codes and zero points) is replaced or changed in place, and after
+        `merge`/`unmerge`, which write the weight through `.data`.
+        """
+        key = self._mask_key()
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            base = self.get_base_layer()
+            with torch.no_grad():
+                mask = base.nonzero_mask() if isinstance(base, QuantLinear) else self.base_weight() != 0
+                self._mask_cache = (key, pack_mask(mask))
+        return self._mask_cache[1]
+
+    def _mask_key(self) -> tuple:
+        base = self.get_base_layer()
+        tensors = (base.qweight, base.zeros) if isinstance(base, QuantLinear) else (base.weight,)
+        return tuple((t.data_ptr(), t._version, t.device, t.dtype, t.shape) for t in tensors)
+
+    def _packed_mask(self, adapter: str) -> torch.Tensor | None:
+        """The SparsePEFT mask, bit-packed; while merged, the one taken before the merge (which may add zeros)."""
         if not self.sparse_adapter.get(adapter):
             return None
-        return self._merged_state[adapter] if adapter in self._merged_state else self.base_mask()
+        return self._merged_state[adapter] if adapter in self._merged_state else self.packed_base_mask()
+
+    def _mask(self, adapter: str) -> torch.Tensor | None:
+        """The SparsePEFT mask as (out, in) booleans (see `_packed_mask`), or None for a dense adapter."""
+        packed = self._packed_mask(adapter)
+        return None if packed is None else unpack_mask(packed, self.in_features)
 
     # ------------------------------------------------------------------ adapter
     def lora_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -253,6 +317,7 @@ class ElasticLoraLinear(LoraLinear):
                 with _full_precision(a.device):
                     moved, _ = _grid_codes(grid, _masked_delta(a, b, self.scaling[name], self._mask(name)))
                 self._merged_state.setdefault("codes", base.qweight.clone())
+                self._merged_state.setdefault("mask", self.packed_base_mask())
                 if base.residual is not None:  # it belongs to the unmerged codes
                     self._merged_state["residual"] = base.residual
                     base.residual = None
@@ -260,20 +325,27 @@ class ElasticLoraLinear(LoraLinear):
                 self.merged_adapters.append(name)
             else:
                 if self.sparse_adapter.get(name):
-                    self._merged_state[name] = self.base_mask()
+                    self._merged_state[name] = self.packed_base_mask()
                 super().merge(safe_merge, [name])
+                self._mask_cache = None  # peft writes the weight through `.data`, which its version does not see
 
     def unmerge(self) -> None:
         """Undo `merge`; quantization-aware merges restore the saved base codes exactly."""
+        mask = None
         if "codes" in self._merged_state:
             base = self.get_base_layer()
             base.qweight.copy_(self._merged_state["codes"])
             if "residual" in self._merged_state:
                 base.residual = self._merged_state["residual"]
             self.merged_adapters = [n for n in self.merged_adapters if not self.quantization_aware.get(n)]
+            mask = self._merged_state["mask"]
         if self.merged_adapters:
             super().unmerge()
+            mask = None
         self._merged_state.clear()
+        self._mask_cache = None
+        if mask is not None:  # the codes are back bit for bit, and so is their mask
+            self._mask_cache = (self._mask_key(), mask)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or self.lora_variant:
@@ -300,18 +372,15 @@ class ElasticLoraLinear(LoraLinear):
         a, b = self.lora_weights(adapter)
         base = self.get_base_layer()
         dropout = self.lora_dropout[adapter]
+        quant = base if self.quantization_aware[adapter] else None
+        h = None
         if self.training and not isinstance(dropout, nn.Identity):
-            if self.quantization_aware[adapter]:
+            if quant is not None:
                 raise ValueError("quantization_aware=True needs lora_dropout=0: dropout cannot act on a merged grid.")
-            delta = _masked_delta(a, b, self.scaling[adapter], self._mask(adapter))
-            return self.base_layer(x) + F.linear(dropout(x.to(a.dtype)), delta).to(x.dtype)
-        grid = self.base_grid() if self.quantization_aware[adapter] else None
-        weight = None if grid is not None else self.base_weight()
-        codes, scales, zeros, qmax, residual = grid if grid is not None else (None, None, None, 0, None)
-        mask = self._mask(adapter)
-        return _MaskedLora.apply(
-            x, weight, base.bias, a, b, self.scaling[adapter], mask, codes, scales, zeros, qmax, residual
-        )
+            h = dropout(self._cast_input_dtype(x, a.dtype))
+        weight = None if quant is not None else self.base_weight()
+        packed = self._packed_mask(adapter)
+        return _MaskedLora.apply(x, h, weight, base.bias, a, b, self.scaling[adapter], packed, quant)
 
     def __repr__(self) -> str:
         return "hf_elastic." + super().__repr__()
