@@ -41,7 +41,8 @@ def test_width_masks_are_built_once_per_kept_set():
 
 
 class _Syncs:
-    """Counts host reads of tensors (`item`, `tolist`, `bool`) made from code in `hf_elastic/nas/trainer.py`."""
+    """Counts host reads of tensors (`item`, `tolist`, `bool`) made from the trainer's code (`hf_elastic/nas/trainer.py`
+    and its sampler callback in `hf_elastic/nas/samplers.py`)."""
 
     def __init__(self, monkeypatch) -> None:
         self.count = 0
@@ -51,7 +52,9 @@ class _Syncs:
 
     def _wrap(self, original):
         def read(tensor, *a, **k):
-            if sys._getframe(1).f_code.co_filename.endswith("hf_elastic/nas/trainer.py"):
+            if sys._getframe(1).f_code.co_filename.endswith(
+                ("hf_elastic/nas/trainer.py", "hf_elastic/nas/samplers.py")
+            ):
                 self.count += 1
             return original(tensor, *a, **k)
 

@@ -29,7 +29,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 from hf_elastic import ElasticLoraConfig, ElasticLoraLinear, NLSConfig, SuperNetwork, get_supernet, load_super_network
 from hf_elastic.models.arch import find_width_layers, slice_layer_width, weight_out_in
-from hf_elastic.nas.trainer import NAS_STATS_NAME, NASTrainer, register_sampler
+from hf_elastic.nas.samplers import register_sampler
+from hf_elastic.nas.trainer import NAS_STATS_NAME, NASTrainer
 from hf_elastic.tuners.elastic_lora.width import WidthMasks, kept_units, width_choices
 
 # ---------------------------------------------------------------------------------------------------- supernet

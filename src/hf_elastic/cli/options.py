@@ -10,7 +10,8 @@ from transformers import TrainingArguments
 from ..compression.quantization.quantize import QuantizationConfig
 from ..compression.sparsity import SparsityConfig
 from ..demo.config import DemoConfig
-from ..nas.trainer import SAMPLERS, NASTrainingArguments
+from ..nas.samplers import SAMPLERS
+from ..nas.trainer import NASTrainingArguments
 from ..search.heuristics import HEURISTICS
 from ..search.searcher import STRATEGIES, SearchConfig
 from ..tuners import ElasticLoraConfig

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 
 from ..export.openvino import WEIGHT_FORMATS
 from ..nas.importance import IMPORTANCE_METHODS
-from ..nas.trainer import SAMPLERS
+from ..nas.samplers import SAMPLERS
 from ..tuners.methods import DEMO_METHODS, Method, demo_method
 
 REORDERS = ("none", *IMPORTANCE_METHODS)  # "none" keeps the checkpoint's channel order

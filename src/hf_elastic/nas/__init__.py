@@ -9,9 +9,10 @@ from .costs import COMPRESSION_COSTS, CompressionCosts
 from .geometry import SubnetGeometry
 from .importance import IMPORTANCE_METHODS
 from .loading import load_super_network, merge_subnet_adapter
+from .samplers import register_sampler
 from .search_space import Dimension, SearchSpace, SubnetConfig
 from .supernet import NamedConfig, SuperNetwork, compression_costs, get_supernet
-from .trainer import NASArgumentsMixin, NASTrainer, NASTrainerMixin, NASTrainingArguments, register_sampler
+from .trainer import NASArgumentsMixin, NASTrainer, NASTrainerMixin, NASTrainingArguments
 
 TRL_NAMES = ("NASSFTConfig", "NASSFTTrainer")
 
