@@ -3,9 +3,10 @@
 `plan_memory` builds the model on the meta device (shapes, no weights) and counts what this code keeps alive at the
 peak of each stage: base weights (at their dtype, or INT4 codes + scales + zero points + rounding residual), adapters
 with their AdamW states, the tensors autograd saves per layer and token (and per weight for the fused SparsePEFT /
-QA-SparsePEFT layers, which save masks and codes), the logits and the loss's float32 copies, the calibration
-activations of Wanda/GPTQ, and the copies that export makes. In the spirit of `accelerate estimate-memory`, but aware
-of the method. `benchmarks/bench_memory_model.py` checks it against measured peaks on CPU models.
+QA-SparsePEFT layers: a bit-packed mask, and moved codes and gate for QA), the logits and the loss's float32 copies,
+the calibration activations of Wanda/GPTQ, and the copies that export makes. In the spirit of
+`accelerate estimate-memory`, but aware of the method. `benchmarks/bench_memory_model.py` checks it against measured
+peaks on CPU models.
 """
 
 from __future__ import annotations
@@ -301,16 +302,14 @@ class _Model:
         for name, group, fan_in, fan_out in s.linears:
             weights = fan_in * fan_out
             if not self.adapted(name):
-                if m.bits is not None:  # a frozen QuantLinear keeps its dequantized weight for backward
-                    const += a * weights
-                continue
+                continue  # a frozen layer keeps nothing for backward (a QuantLinear dequantizes again from its codes)
             tok += m.rank * cast  # lora_B's input
-            if masked and (m.quantization_aware or m.dropout == 0):
-                raw_inputs.add(group)  # _MaskedLora keeps x, the mask (+ moved codes, gate and float zeros for QA)
-                const += weights * (1 + (2 + 4 / m.group_size if m.quantization_aware else 0))
-            elif masked:  # dropout: a dense masked delta (and its mask) per layer
-                tok += fan_in * (1 + cast)
-                const += weights * (1 + (2 if self.autocast else self.ad))
+            if masked:  # _MaskedLora: the base's mask is kept bit-packed once per layer (1/8 B per weight)
+                const += weights / 8 + (weights * 2 + 4 * weights / m.group_size if m.quantization_aware else 0)
+                if m.dropout:  # it keeps the dropped input (and dropout its mask) instead of x
+                    tok += fan_in * (1 + cast)
+                else:
+                    raw_inputs.add(group)
             elif m.dropout:
                 tok += fan_in * (1 + cast)  # the dropout mask and its output
             elif cast != a or self.autocast:
