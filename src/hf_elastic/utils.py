@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import errno
 import hashlib
 import importlib.util
 import json
@@ -28,6 +30,51 @@ QUIET_LOGGERS = ("transformers", "optimum")
 QUIET_DEPRECATIONS = ("transformers", "optimum", "nncf", "openvino", "peft", "torch")
 """Libraries whose own deprecation notices (raised inside them) `quiet_library_output` hides."""
 _VERBOSE: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_elastic_verbose", default=False)
+_FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def full_disk_errno(error: BaseException) -> int | None:
+    """The errno of a write that failed for lack of space (no space, file too large, quota), else None; also for the
+    errors safetensors and torch.save raise in place of an `OSError`."""
+    if isinstance(error, OSError):
+        return error.errno if error.errno in _FULL_DISK else None
+    text = str(error)
+    code = re.search(r"os error (\d+)", text)
+    if code and int(code.group(1)) in _FULL_DISK:
+        return int(code.group(1))
+    if isinstance(error, RuntimeError) and "inline_container" in text and "unexpected pos" in text:
+        return errno.ENOSPC  # torch.save's zip writer, cut short
+    return None
+
+
+def _newest_file(folder: Path) -> Path | None:
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
+
+
+@contextmanager
+def explain_full_disk(target: str | os.PathLike, written: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn a write into `written` (a temporary file or folder standing for `target`) that fails for lack of space
+    into an `OSError` naming the file and saying whether `target` keeps its previous contents."""
+    target = Path(target)
+    try:
+        yield
+    except Exception as error:
+        code = full_disk_errno(error)
+        if code is None:
+            raise
+        written = Path(written) if written is not None else target
+        file = getattr(error, "file", None) or getattr(error, "filename", None)
+        file = Path(file or (written.is_dir() and _newest_file(written)) or target)
+        name = file.relative_to(written) if written in file.parents else file.name
+        state = f"{target} keeps its previous contents" if target.exists() else f"nothing was written to {target}"
+        reason = os.strerror(code) if code != errno.ENOSPC or isinstance(error, OSError) else "the write was cut short"
+        full = OSError(
+            f"No room to write {name} ({reason}); {state}. Free disk space (or raise the file size limit, "
+            "`ulimit -f`) and run again."
+        )
+        full.errno, full.file = code, file  # not `filename`, which would replace the message in str()
+        raise full from None
 
 
 @contextmanager
@@ -37,7 +84,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode, **kwargs) as f:
+        with explain_full_disk(path, tmp), os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -63,7 +110,8 @@ def atomic_save_safetensors(
     os.close(fd)
     try:
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-        save_file(tensors, tmp, metadata={"format": "pt"} | (metadata or {}))
+        with explain_full_disk(path, tmp):
+            save_file(tensors, tmp, metadata={"format": "pt"} | (metadata or {}))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -180,7 +228,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     prefix = f".{path.name}.{os.getpid()}."
     tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with explain_full_disk(path, tmp):
+            yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
@@ -195,6 +244,60 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def staging_folder(path: str | os.PathLike) -> Path:
+    """The hidden folder beside `path` where `commit_files` expects the files of the next save."""
+    path = Path(path)
+    return path.parent / f".{path.name}.saving"
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def commit_files(path: str | os.PathLike, last: str = ELASTIC_CONFIG_NAME) -> None:
+    """Move the files written to `staging_folder(path)` into `path` as one save; other files of `path` stay.
+
+    A new `path` is the staging folder renamed (complete or absent). Into an existing folder, the staging folder is
+    first renamed to `.{name}.commit` (the commit point: before it the old files are untouched, after it the new ones
+    win) and its files are then moved in one by one, `last` last; a run killed in between is finished by
+    `recover_files`, which `load_super_network` and the next save call.
+    """
+    path = Path(path)
+    staging = staging_folder(path)
+    _fsync_tree(staging)
+    if not path.exists():
+        os.replace(staging, path)
+        return
+    commit = path.parent / f".{path.name}.commit"
+    os.replace(staging, commit)
+    _move_in(commit, path, last)
+
+
+def _move_in(commit: Path, path: Path, last: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in sorted(os.listdir(commit), key=lambda n: n == last):
+        if (path / name).is_dir() and not (path / name).is_symlink():
+            shutil.rmtree(path / name)
+        with contextlib.suppress(FileNotFoundError):  # moved by a concurrent recover_files
+            os.replace(commit / name, path / name)
+    shutil.rmtree(commit, ignore_errors=True)
+
+
+def recover_files(path: str | os.PathLike, last: str = ELASTIC_CONFIG_NAME) -> None:
+    """Finish a `commit_files` that was killed after its commit point, so `path` holds the whole new save.
+
+    Staged files of a save killed before its commit point are left for that writer's next save to remove: `path`
+    still holds the old files, untouched.
+    """
+    path = Path(path)
+    commit = path.parent / f".{path.name}.commit"
+    if commit.is_dir():
+        _move_in(commit, path, last)
+        warnings.warn(f"Finished the interrupted save of {path} (its new files were complete).", stacklevel=3)
 
 
 def synchronize(device: torch.device | str) -> None:

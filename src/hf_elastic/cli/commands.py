@@ -132,12 +132,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         batches = [collator([train[i] for i in range(min(len(train), args.per_device_train_batch_size))])]
         get_supernet(model).reorder_channels(args.reorder, None if args.reorder == "magnitude" else batches)
     trainer = NASTrainer(
-        model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collator
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=collator,
+        processing_class=tokenizer,  # saved with the super-adapter, in one commit
     )
     resume = args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     trainer.save_model(args.output)
-    tokenizer.save_pretrained(args.output)
     if evaluation is not None:
         metrics = trainer.evaluate()
         print(" ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.endswith("_loss")))

@@ -23,7 +23,14 @@ from peft import PeftConfig, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ExportableState
 
-from ..utils import ELASTIC_CONFIG_NAME, atomic_write_json
+from ..utils import (
+    ELASTIC_CONFIG_NAME,
+    atomic_write_json,
+    commit_files,
+    explain_full_disk,
+    recover_files,
+    staging_folder,
+)
 from .search_space import SearchSpace, SubnetConfig
 from .supernet import SuperNetwork, get_supernet
 
@@ -379,9 +386,12 @@ class NASTrainerMixin:
             ) from None
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the super-adapter (plain LoRA + `elastic_config.json`) and the sampling statistics.
+        """Save the super-adapter (plain LoRA + `elastic_config.json`), the sampling statistics and what `Trainer`
+        saves beside them (training arguments, tokenizer).
 
-        The files are written to a staging folder and moved into place, `elastic_config.json` last; it records the
+        Everything is written to a hidden staging folder first and moved in with `commit_files`: a run killed at any
+        point leaves the previous save or the whole new one (finished by the next load or save). A write that fails
+        for lack of space names the file and leaves the previous save untouched. `elastic_config.json` records the
         adapter's SHA-256, so `load_super_network` detects weights and configs of different saves. Adapter weights
         that are not finite are never saved.
         """
@@ -393,9 +403,21 @@ class NASTrainerMixin:
                 "from the last checkpoint with a lower learning rate, or train with on_nonfinite='stop' to find the "
                 "step."
             )
-        staging = out.parent / f".{out.name}.saving"
+        staging = staging_folder(out)
         if self.args.should_save:
+            recover_files(out)
             shutil.rmtree(staging, ignore_errors=True)
+        try:
+            with explain_full_disk(out, staging):
+                self._save_staged(staging, _internal_call)
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if self.args.should_save:
+            commit_files(out)
+
+    def _save_staged(self, staging: Path, _internal_call: bool) -> None:
         super().save_model(str(staging), _internal_call)
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
         if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type) and not _internal_call:
@@ -403,19 +425,12 @@ class NASTrainerMixin:
                 "save_model wrote no super-adapter: FSDP's state_dict_type is "
                 f"{plugin.state_dict_type}, which Trainer saves only in checkpoints. Launch with "
                 "`--fsdp_state_dict_type FULL_STATE_DICT` (or set it in the FSDP plugin) to save a loadable adapter.",
-                stacklevel=2,
+                stacklevel=3,
             )
-        if not self.args.should_save:
-            return
-        elastic = staging / ELASTIC_CONFIG_NAME
-        save_id = json.loads(elastic.read_text()).get("save_id") if elastic.is_file() else None
-        atomic_write_json(staging / NAS_STATS_NAME, self.sampler.stats() | {"save_id": save_id})
-        out.mkdir(parents=True, exist_ok=True)
-        for name in sorted(os.listdir(staging), key=lambda n: n == ELASTIC_CONFIG_NAME):
-            if (out / name).is_dir() and not (out / name).is_symlink():
-                shutil.rmtree(out / name)
-            os.replace(staging / name, out / name)
-        shutil.rmtree(staging, ignore_errors=True)
+        if self.args.should_save:
+            elastic = staging / ELASTIC_CONFIG_NAME
+            save_id = json.loads(elastic.read_text()).get("save_id") if elastic.is_file() else None
+            atomic_write_json(staging / NAS_STATS_NAME, self.sampler.stats() | {"save_id": save_id})
 
 
 def checkpoint_problem(path: Path) -> str | None:

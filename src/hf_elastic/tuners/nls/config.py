@@ -13,7 +13,7 @@ from peft import LoraConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from transformers.pytorch_utils import Conv1D
 
-from ...utils import ELASTIC_CONFIG_NAME, atomic_write_json, digest, file_sha256, read_json
+from ...utils import ELASTIC_CONFIG_NAME, atomic_write_json, digest, file_sha256, read_json, recover_files
 
 _METHODS: dict[str, type[NLSConfig]] = {}
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -232,6 +232,7 @@ class NLSConfig(LoraConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
         """Load the config of a saved super-adapter, restoring the elastic class (`NLSConfig` or a subclass)."""
         directory = Path(pretrained_model_name_or_path, subfolder or "")
+        recover_files(directory)  # a save killed after its commit point is finished first
         elastic_path = directory / ELASTIC_CONFIG_NAME
         if not elastic_path.is_file():
             if not directory.is_dir():
