@@ -57,3 +57,50 @@ def test_file_size_limit_during_sparsify_is_one_error_line_and_keeps_the_old_fol
         "Free disk space (or raise the file size limit, `ulimit -f`) and run again."
     )
     assert [p.name for p in tmp_path.iterdir()] == ["sparse"] and (out / "keep.txt").read_text() == "old"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_rows_longer_than_the_positions_are_refused_by_the_trainer(tmp_path, arch) -> None:
+    from datasets import Dataset
+    from peft import get_peft_model
+    from conftest import args, peft_kwargs
+
+    from hf_elastic import NASTrainer, NLSConfig
+
+    model = get_peft_model(ARCHS[arch].build(), NLSConfig(**peft_kwargs(ARCHS[arch], rank_choices=[4, 2])))
+    rows = [list(range(1, 13))] * 3 + [[5] * 201]
+    trainer = NASTrainer(model=model, args=args(tmp_path), train_dataset=Dataset.from_dict({"input_ids": rows}))
+    with pytest.raises(ValueError) as error:
+        trainer.train()
+    assert str(error.value) == (
+        "train_dataset row 3 has 201 tokens, more than the model's 64 positions (config.max_position_embeddings / "
+        "n_positions). Cut the rows to at most 64 tokens: hf-elastic train --seq-len 64, or tokenize with "
+        "truncation=True, max_length=64 (hf_elastic.tokenize_rows cuts them for you)."
+    )
+    trainer.train_dataset = Dataset.from_dict({"input_ids": [[1, 2], [3, 400, 4]]})
+    with pytest.raises(ValueError, match=r"train_dataset holds token id 400 \(row 1\), outside the model's vocabulary"):
+        trainer.train()
+    trainer.train_dataset = [{"input_ids": torch.tensor([1, 2, -1])}]
+    with pytest.raises(ValueError, match=r"token id -1 \(row 0\)"):
+        trainer.train()
+    trainer.train_dataset = Dataset.from_dict({"input_ids": []})
+    with pytest.raises(ValueError, match=r"^train_dataset is empty \(0 rows\): nothing to train on"):
+        trainer.train()
+
+
+def test_train_cuts_rows_to_the_positions_of_gpt2_with_a_notice(tmp_path) -> None:
+    from test_cli import WORDS, word_tokenizer
+
+    from hf_elastic import load_super_network
+
+    base = tmp_path / "gpt2"
+    ARCHS["gpt2"].build().save_pretrained(base)
+    word_tokenizer().save_pretrained(base)
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(WORDS * 15)}) + "\n" for _ in range(4)))  # 210 tokens
+    argv = ["train", base, tmp_path / "super", "--data", data, "--seq-len", "256", "--max-steps", "1"]
+    argv += ["--rank-choices", "4", "2", "--target-modules", "c_attn", "--batch-size", "2", "--cpu"]
+    with pytest.warns(UserWarning, match=r"^--seq-len 256 exceeds the model's 64 positions; rows are cut to 64\.$"):
+        main([str(a) for a in argv])
+    assert (tmp_path / "super" / "tokenizer.json").is_file()  # saved in the same commit as the super-adapter
+    load_super_network(ARCHS["gpt2"].build(), tmp_path / "super")

@@ -23,6 +23,7 @@ from peft import PeftConfig, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_callback import ExportableState
 
+from ..data import check_token_rows
 from ..utils import (
     ELASTIC_CONFIG_NAME,
     atomic_write_json,
@@ -365,7 +366,11 @@ class NASTrainerMixin:
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`; `resume_from_checkpoint=True` takes the newest complete checkpoint, skipping one that an
-        interrupted save left half-written (with a warning)."""
+        interrupted save left half-written (with a warning). The training rows are checked against the model's
+        positions and vocabulary first (`check_token_rows`)."""
+        config = getattr(self.model, "config", None)
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        check_token_rows(self.train_dataset, "train_dataset", positions, getattr(config, "vocab_size", None))
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
