@@ -48,7 +48,11 @@ def test_file_size_limit_during_sparsify_is_one_error_line_and_keeps_the_old_fol
     argv = ["sparsify", model_dir, out, "--overwrite", "--method", "magnitude", "--sparsity", "0.5"]
     env = os.environ | {"PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "hf_elastic", *map(str, argv)], env=env, capture_output=True, text=True, preexec_fn=limit
+        [sys.executable, "-m", "hf_elastic", *map(str, argv)],
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
     )
     assert run.returncode == 1, run.stderr[-3000:]
     assert "Traceback" not in run.stderr and "SafetensorError" not in run.stderr
@@ -61,9 +65,9 @@ def test_file_size_limit_during_sparsify_is_one_error_line_and_keeps_the_old_fol
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_rows_longer_than_the_positions_are_refused_by_the_trainer(tmp_path, arch) -> None:
+    from conftest import args, peft_kwargs
     from datasets import Dataset
     from peft import get_peft_model
-    from conftest import args, peft_kwargs
 
     from hf_elastic import NASTrainer, NLSConfig
 
@@ -78,7 +82,9 @@ def test_rows_longer_than_the_positions_are_refused_by_the_trainer(tmp_path, arc
         "truncation=True, max_length=64 (hf_elastic.tokenize_rows cuts them for you)."
     )
     trainer.train_dataset = Dataset.from_dict({"input_ids": [[1, 2], [3, 400, 4]]})
-    with pytest.raises(ValueError, match=r"train_dataset holds token id 400 \(row 1\), outside the model's vocabulary"):
+    with pytest.raises(
+        ValueError, match=r"train_dataset holds token id 400 \(row 1\), outside the model's vocabulary"
+    ):
         trainer.train()
     trainer.train_dataset = [{"input_ids": torch.tensor([1, 2, -1])}]
     with pytest.raises(ValueError, match=r"token id -1 \(row 0\)"):
@@ -104,3 +110,75 @@ def test_train_cuts_rows_to_the_positions_of_gpt2_with_a_notice(tmp_path) -> Non
         main([str(a) for a in argv])
     assert (tmp_path / "super" / "tokenizer.json").is_file()  # saved in the same commit as the super-adapter
     load_super_network(ARCHS["gpt2"].build(), tmp_path / "super")
+
+
+NAS_STATS_DAMAGE = {
+    "index outside its dimension": (
+        {"0.3": {"mean_loss": 1.0, "count": 2}},
+        r"config_losses\['0.3'\]: index 3 is outside dimension 'b', which has 2 choices \(indices 0 to 1\)",
+    ),
+    "non-numeric loss": ({"0.1": {"mean_loss": "low", "count": 2}}, r"\['mean_loss'\] = 'low' is not a number"),
+    "negative count": ({"0.1": {"mean_loss": 1.0, "count": -1}}, r"\['count'\] = -1 is not a positive integer"),
+    "short key": ({"0": {"mean_loss": 1.0, "count": 1}}, r"the key must be 2 choice indices joined by '.'"),
+    "entry not an object": ({"0.1": 1.5}, r'must be \{"mean_loss": <number>, "count": <int>\}, got 1.5'),
+    "every loss NaN": ({"0.1": {"mean_loss": float("nan"), "count": 1}}, r"every mean_loss .* is NaN or infinite"),
+}
+
+
+@pytest.mark.parametrize("damage", list(NAS_STATS_DAMAGE))
+def test_damaged_nas_stats_names_the_file_and_the_entry(tmp_path, damage) -> None:
+    from hf_elastic.nas import Dimension, SearchSpace
+    from hf_elastic.search import FunctionEvaluator, search_subnetworks
+
+    space = SearchSpace([Dimension("a", "rank", (8, 4)), Dimension("b", "rank", (8, 4))])
+    losses, message = NAS_STATS_DAMAGE[damage]
+    path = tmp_path / "nas_stats.json"
+    path.write_text(json.dumps({"search_space": space.to_dict(), "config_losses": losses}))
+    with pytest.raises(ValueError, match=rf"^{path}.*{message}.*; use the nas_stats.json NASTrainer saved"):
+        search_subnetworks(space, FunctionEvaluator(lambda c: 0.0), "loss_based", nas_stats=path, progress=False)
+
+
+def test_some_nan_losses_are_left_out_with_a_named_warning(tmp_path) -> None:
+    from hf_elastic.nas import Dimension, SearchSpace
+    from hf_elastic.search import loss_based_config
+
+    space = SearchSpace([Dimension("a", "rank", (8, 4))])
+    losses = {"0": {"mean_loss": float("nan"), "count": 5}, "1": {"mean_loss": 2.0, "count": 1}}
+    with pytest.warns(UserWarning, match=r"^stats.json: 1 of 2 sub-networks have a NaN or infinite mean_loss \(first"):
+        assert loss_based_config(space, {"config_losses": losses}, source="stats.json") == {"a": 4}
+
+
+def test_resuming_with_larger_rank_choices_names_the_setting(tmp_path) -> None:
+    from conftest import args, dataset, peft_kwargs
+    from peft import get_peft_model
+
+    from hf_elastic import NASTrainer, NLSConfig
+
+    def trainer(ranks: list[int]) -> NASTrainer:
+        model = get_peft_model(ARCHS["llama"].build(), NLSConfig(**peft_kwargs(ARCHS["llama"], rank_choices=ranks)))
+        run = args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+        return NASTrainer(model=model, args=run, train_dataset=dataset())
+
+    trainer([4, 2]).train()
+    with pytest.raises(ValueError) as error:
+        trainer([8, 4]).train(resume_from_checkpoint=True)
+    assert str(error.value) == (
+        f"Cannot resume from {tmp_path / 'checkpoint-2'}: it was trained with other elastic settings (rank_choices: "
+        "checkpoint [4, 2], this run [8, 4]). Resume with the same --rank-choices (NLSConfig/ElasticLoraConfig), or "
+        "start a new output folder."
+    )
+    (tmp_path / "checkpoint-2" / "elastic_config.json").unlink()  # then peft's size mismatch is caught
+    with pytest.raises(ValueError, match=r"checkpoint-2: its adapter weights have other shapes than this model's"):
+        trainer([8, 4]).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_sparsify_of_a_folder_with_random_weights_names_the_file(model_dir, tmp_path, capsys) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    (broken / "model.safetensors").write_bytes(os.urandom(4096))
+    line = cli(["sparsify", broken, tmp_path / "out", "--method", "magnitude"], capsys)
+    assert line.startswith(f"error: {broken / 'model.safetensors'} (4096 bytes) is not a readable safetensors file (")
+    assert line.endswith("; the model folder is damaged: save or download the model again.")
+    assert not (tmp_path / "out").exists()

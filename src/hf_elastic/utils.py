@@ -134,19 +134,32 @@ def read_json(path: str | os.PathLike, fix: str = "write it again") -> dict[str,
 
 def load_safetensors(path: str | os.PathLike, fix: str = "save it again") -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of a safetensors file, or an error naming the file when it is missing or damaged."""
-    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
+
+    metadata = check_safetensors(path, fix)
+    try:
+        return load_file(path), metadata
+    except Exception as err:
+        raise _damaged(Path(path), err, fix) from None
+
+
+def check_safetensors(path: str | os.PathLike, fix: str = "save it again") -> dict[str, str]:
+    """The metadata of a safetensors file after reading its header only, or an error naming the file when it is
+    missing or damaged (random bytes, cut short)."""
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; {fix}.")
     try:
         with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(path), metadata
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        size = path.stat().st_size
-        raise ValueError(f"{path} ({size} bytes) is not a readable safetensors file ({err}); {fix}.") from None
+            return f.metadata() or {}
+    except Exception as err:
+        raise _damaged(path, err, fix) from None
+
+
+def _damaged(path: Path, err: Exception, fix: str) -> ValueError:
+    return ValueError(f"{path} ({path.stat().st_size} bytes) is not a readable safetensors file ({err}); {fix}.")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -17,6 +17,7 @@ def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None
 
     from ..export.subnetwork import load_exported
     from ..models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+    from ..utils import check_safetensors
 
     source = source or args.model
     dtype = resolve_dtype(args.dtype)
@@ -26,6 +27,8 @@ def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None
             raise ValueError(f"--revision {args.revision} applies to Hub ids; {source} is a local folder.")
         if not Path(source, "config.json").is_file():
             raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
+        for weights in sorted(Path(source).glob("*.safetensors")):
+            check_safetensors(weights, "the model folder is damaged: save or download the model again")
         model = load_exported(source, dtype=None if dtype == "auto" else dtype)
     else:
         model = load_causal_lm(source, dtype=dtype, **hub)

@@ -382,6 +382,8 @@ class NASTrainerMixin:
                     f"Cannot resume from {resume_from_checkpoint}: {problem}. Pass an earlier checkpoint, or "
                     "resume_from_checkpoint=True for the newest complete one."
                 )
+        if resume_from_checkpoint:
+            self._check_resumed_space(Path(resume_from_checkpoint))
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         except pickle.UnpicklingError as error:
@@ -389,6 +391,34 @@ class NASTrainerMixin:
                 f"Refused to load a pickled file of {resume_from_checkpoint} (optimizer.pt, scheduler.pt, "
                 f"rng_state*.pth): it holds more than tensors ({error}). Resume only from checkpoints you wrote."
             ) from None
+        except RuntimeError as error:
+            if not resume_from_checkpoint or "size mismatch" not in str(error):
+                raise
+            raise ValueError(
+                f"Cannot resume from {resume_from_checkpoint}: its adapter weights have other shapes than this "
+                "model's (another rank_choices, target_modules or base model). Resume with the settings it was "
+                "trained with, or start a new output folder."
+            ) from None
+
+    def _check_resumed_space(self, path: Path) -> None:
+        """Refuse, before any weight is loaded, a checkpoint trained with other elastic settings than this run's."""
+        elastic = path / ELASTIC_CONFIG_NAME
+        try:
+            saved = json.loads(elastic.read_text())
+        except (OSError, ValueError):
+            return  # not written by NASTrainer.save_model: the sampler's fingerprint check still applies
+        ours = json.loads(json.dumps(self.supernet.config.elastic_dict(), default=list))
+        fields_ = [
+            k for k in type(self.supernet.config).elastic_fields if k not in ("base_fingerprint", "base_sparsity")
+        ]
+        differ = [k for k in fields_ if k in saved and saved[k] != ours.get(k)]
+        if differ:
+            what = "; ".join(f"{k}: checkpoint {saved[k]!r}, this run {ours.get(k)!r}" for k in differ)
+            option = " / ".join("--" + k.replace("_", "-") for k in differ)
+            raise ValueError(
+                f"Cannot resume from {path}: it was trained with other elastic settings ({what}). Resume with the "
+                f"same {option} (NLSConfig/ElasticLoraConfig), or start a new output folder."
+            )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the super-adapter (plain LoRA + `elastic_config.json`), the sampling statistics and what `Trainer`
