@@ -182,3 +182,51 @@ def test_sparsify_of_a_folder_with_random_weights_names_the_file(model_dir, tmp_
     assert line.startswith(f"error: {broken / 'model.safetensors'} (4096 bytes) is not a readable safetensors file (")
     assert line.endswith("; the model folder is damaged: save or download the model again.")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir) -> Path:
+    from conftest import peft_kwargs
+    from peft import get_peft_model
+
+    from hf_elastic import NLSConfig
+
+    path = model_dir.parent / "super"
+    config = NLSConfig(**peft_kwargs(ARCHS["llama"], rank_choices=[4, 2]))
+    get_peft_model(ARCHS["llama"].build(), config).save_pretrained(path)
+    return path
+
+
+def test_export_openvino_checks_the_exporter_before_writing_and_names_a_half_done_export(
+    model_dir, adapter_dir, tmp_path, capsys, monkeypatch
+) -> None:
+    pytest.importorskip("optimum.exporters.openvino")
+    import transformers
+    from optimum.exporters.openvino.model_configs import LlamaOpenVINOConfig
+
+    import hf_elastic.export.openvino as openvino
+
+    out = tmp_path / "sub"
+    argv = ["export", adapter_dir, "--base", model_dir, "--output", out, "--openvino", "--config", "min"]
+    monkeypatch.setattr(LlamaOpenVINOConfig, "MAX_TRANSFORMERS_VERSION", "5.0", raising=False)  # as for Gemma 3
+    line = cli(argv, capsys)
+    assert line == (
+        f"error: --openvino: optimum-intel exports 'llama' with transformers <= 5.0 only; {transformers.__version__} "
+        "is installed (pip install 'transformers<=5.0' in an environment for the OpenVINO export). Nothing was "
+        "written; export without --openvino, or fix that first."
+    )
+    assert sorted(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+
+    def refuses(*args, **kwargs):
+        raise ValueError("The current version of Transformers does not allow for the export of the model.\nMore")
+
+    monkeypatch.setattr(openvino, "export_openvino", refuses)
+    line = cli(argv, capsys)
+    assert line == (
+        "error: The OpenVINO export failed (ValueError: The current version of Transformers does not allow for the "
+        f"export of the model.). {out} holds the complete sub-network; {out}-openvino was not written. Fix the cause "
+        "and run the same command with --overwrite, or convert the written folder with "
+        f"hf_elastic.export_openvino('{out}', '{out}-openvino')."
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"] and (out / "config.json").is_file()
