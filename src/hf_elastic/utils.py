@@ -375,6 +375,53 @@ def rows_by_name(rows: Iterable[Any], *properties: str) -> dict[str, dict[str, A
     }
 
 
+def check_field_types(config: Any, names: Iterable[str] | None = None, owner: type | None = None) -> None:
+    """Raise a `ValueError` naming the first dataclass field of `config` (among `names`, default all) whose value does
+    not have its annotated type (as written in `owner`, default the config's class): a bool is no int, an int is a
+    float, a tuple is a list, so that `__post_init__` checks only ranges and never meets a value of another type."""
+    import dataclasses
+    import typing
+
+    cls = owner or type(config)
+    hints = typing.get_type_hints(cls)
+    annotations = {f.name: f.type for f in dataclasses.fields(cls)}
+    for name in names if names is not None else annotations:
+        value = getattr(config, name)
+        if name in hints and not _has_type(value, hints[name]):
+            wanted = annotations[name] if isinstance(annotations[name], str) else hints[name]
+            raise ValueError(f"{type(config).__name__}.{name}={value!r} must be of type {wanted}.")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_has_type(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(_has_type(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict) and (
+            not args or all(_has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items())
+        )
+    return isinstance(value, origin or hint) if isinstance(origin or hint, type) else True
+
+
 def config_from_kwargs(cls: type, config: Any, kwargs: dict[str, Any], caller: str) -> Any:
     """A copy of `config` (an instance of the dataclass `cls`), or `cls(**kwargs)` when only keyword arguments are
     given: the two forms `caller(..., config)` and `caller(..., field=value)` of a function that takes a config."""

@@ -102,7 +102,7 @@ def subnet_config(value: str, select: str = "best") -> Any:
 
     try:
         result = SearchResult.from_dict(data)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
         raise ValueError(
             f"--config {path} is not a search result written by hf_elastic ({error!r} is wrong)."
         ) from None
@@ -114,7 +114,10 @@ def subnet_config(value: str, select: str = "best") -> Any:
         return result.evaluations[index].config
     if pick not in ("", "best"):
         raise ValueError(f"--config {value}: use {path}, {path}:best or {path}:<index of an evaluation>.")
-    return select_from(result, select).config
+    try:
+        return select_from(result, select).config
+    except ValueError as error:
+        raise ValueError(f"--config {path}: {error}") from None
 
 
 def select_from(result: Any, select: str) -> Any:

@@ -13,7 +13,15 @@ from peft import LoraConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from transformers.pytorch_utils import Conv1D
 
-from ...utils import ELASTIC_CONFIG_NAME, atomic_write_json, digest, file_sha256, read_json, recover_files
+from ...utils import (
+    ELASTIC_CONFIG_NAME,
+    atomic_write_json,
+    check_field_types,
+    digest,
+    file_sha256,
+    read_json,
+    recover_files,
+)
 
 _METHODS: dict[str, type[NLSConfig]] = {}
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -144,6 +152,7 @@ class NLSConfig(LoraConfig):
         _METHODS[cls.elastic_method] = cls
 
     def __post_init__(self) -> None:
+        check_field_types(self, type(self).elastic_fields)
         name = type(self).__name__
         if self.rank_choices is None:
             if self.r is None:
@@ -251,7 +260,7 @@ class NLSConfig(LoraConfig):
         stored_digest, adapter_sha = elastic.pop("digest", None), elastic.pop("adapter_sha256", None)
         elastic.pop("save_id", None)
         method = elastic.get("method")
-        if method not in _METHODS:
+        if not isinstance(method, str) or method not in _METHODS:
             raise ValueError(f"{elastic_path} names method={method!r}; known methods are {sorted(_METHODS)}.")
         target_cls = _METHODS[method]
         known = {"method", "hf_elastic_version", "target_modules"}
