@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import functools
 import hashlib
 import importlib.util
 import json
@@ -14,7 +15,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -375,17 +376,40 @@ def rows_by_name(rows: Iterable[Any], *properties: str) -> dict[str, dict[str, A
     }
 
 
-def check_field_types(config: Any, names: Iterable[str] | None = None, owner: type | None = None) -> None:
-    """Raise a `ValueError` naming the first dataclass field of `config` (among `names`, default all) whose value does
-    not have its annotated type (as written in `owner`, default the config's class): a bool is no int, an int is a
-    float, a tuple is a list, so that `__post_init__` checks only ranges and never meets a value of another type."""
+def typed_fields(owner: str | None = None) -> Callable:
+    """Decorate a config's `__post_init__` so that a field holding a value of another type than its annotation
+    raises a `ValueError` naming it (`check_field_types`): after the checks of `__post_init__`, whose messages are
+    more specific, and in place of the raw `TypeError` they may meet first. `owner` names the base class whose
+    fields are checked (a mixin), default as in `check_field_types`."""
+
+    def decorate(post_init: Callable) -> Callable:
+        @functools.wraps(post_init)
+        def run(self: Any) -> None:
+            cls = next(c for c in type(self).__mro__ if c.__name__ == owner) if owner else None
+            try:
+                post_init(self)
+            except (TypeError, AttributeError, KeyError, IndexError):
+                check_field_types(self, cls)
+                raise
+            check_field_types(self, cls)
+
+        return run
+
+    return decorate
+
+
+def check_field_types(config: Any, owner: type | None = None) -> None:
+    """Raise a `ValueError` naming the first field of `config` whose value does not have its annotated type (a bool
+    is no int, an int is a float, a tuple is a list). The fields are those of `owner` (a dataclass among its bases),
+    else the `elastic_fields` of a peft config, else all."""
     import dataclasses
     import typing
 
     cls = owner or type(config)
     hints = typing.get_type_hints(cls)
     annotations = {f.name: f.type for f in dataclasses.fields(cls)}
-    for name in names if names is not None else annotations:
+    names = annotations if owner is not None else getattr(config, "elastic_fields", annotations)
+    for name in names:
         value = getattr(config, name)
         if name in hints and not _has_type(value, hints[name]):
             wanted = annotations[name] if isinstance(annotations[name], str) else hints[name]

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..models.arch import weight_out_in
-from ..utils import atomic_write_json, check_field_types, rows_by_name
+from ..utils import atomic_write_json, rows_by_name, typed_fields
 from .calibration import (
     CalibrationData,
     CalibrationSettings,
@@ -86,8 +86,8 @@ class SparsityConfig(CalibrationSettings):
         },
     )
 
+    @typed_fields()
     def __post_init__(self) -> None:
-        check_field_types(self)
         if self.method not in _METHODS:
             raise ValueError(f"SparsityConfig.method={self.method!r} is not supported. Use one of {list(_METHODS)}.")
         nm = parse_pattern(self.pattern)

@@ -27,11 +27,11 @@ from ..data import check_token_rows
 from ..utils import (
     ELASTIC_CONFIG_NAME,
     atomic_write_json,
-    check_field_types,
     commit_files,
     explain_full_disk,
     recover_files,
     staging_folder,
+    typed_fields,
 )
 from .search_space import SearchSpace, SubnetConfig
 from .supernet import SuperNetwork, get_supernet
@@ -101,9 +101,9 @@ class NASArgumentsMixin:
         },
     )
 
+    @typed_fields(owner="NASArgumentsMixin")
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_field_types(self, [f.name for f in fields(NASArgumentsMixin)], NASArgumentsMixin)
         name = type(self).__name__
         if self.sampling not in SAMPLERS:
             raise ValueError(

@@ -20,7 +20,7 @@ from ..nas.loading import load_super_network
 from ..nas.search_space import SearchSpace, SubnetConfig
 from ..nas.supernet import SuperNetwork, get_supernet
 from ..nas.trainer import NAS_STATS_NAME, NASTrainerMixin
-from ..utils import check_field_types, config_from_kwargs, read_json
+from ..utils import config_from_kwargs, read_json, typed_fields
 from .evaluators import (
     COUNT_OBJECTIVES,
     CountEvaluator,
@@ -95,8 +95,8 @@ class SearchConfig:
     )
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar with the current best."})
 
+    @typed_fields()
     def __post_init__(self) -> None:
-        check_field_types(self)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"SearchConfig.strategy={self.strategy!r} is unknown; use one of {list(STRATEGIES)}.")
         if self.objectives is not None:

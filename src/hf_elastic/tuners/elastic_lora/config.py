@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ...utils import check_field_types
+from ...utils import typed_fields
 from ..nls.config import NLSConfig
 
 
@@ -68,8 +68,8 @@ class ElasticLoraConfig(NLSConfig):
         },
     )
 
+    @typed_fields()
     def __post_init__(self) -> None:
-        check_field_types(self, type(self).elastic_fields)
         self.ffn_width_choices = _check_width_choices("ffn_width_choices", self.ffn_width_choices)
         self.head_choices = _check_width_choices("head_choices", self.head_choices)
         if self.channel_order is not None and not isinstance(self.channel_order, dict):

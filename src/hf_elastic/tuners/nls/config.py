@@ -16,11 +16,11 @@ from transformers.pytorch_utils import Conv1D
 from ...utils import (
     ELASTIC_CONFIG_NAME,
     atomic_write_json,
-    check_field_types,
     digest,
     file_sha256,
     read_json,
     recover_files,
+    typed_fields,
 )
 
 _METHODS: dict[str, type[NLSConfig]] = {}
@@ -151,8 +151,8 @@ class NLSConfig(LoraConfig):
         super().__init_subclass__(**kwargs)
         _METHODS[cls.elastic_method] = cls
 
+    @typed_fields()
     def __post_init__(self) -> None:
-        check_field_types(self, type(self).elastic_fields)
         name = type(self).__name__
         if self.rank_choices is None:
             if self.r is None:
