@@ -3,9 +3,9 @@
 Writes a new generation of OUT (which holds an older one) and SIGKILLs itself at a chosen point:
 - `dir`: `atomic_directory`; KILL_AT = `write` (inside the block), `swap` (old folder moved away, new not yet in) or
   `cleanup` (new folder in, old copy not yet removed);
-- `quantized`: `save_quantized`, KILL_AT as for `dir`;
-- `adapter`: `NASTrainer.save_model`; KILL_AT = `staging` (while peft writes) or `config` (the adapter weights are
-  moved into place, `elastic_config.json` is not).
+- `quantized`: `save_quantized`, KILL_AT as for `dir`.
+
+`NASTrainer.save_model` is killed at every file operation by `test_utils.py` itself (in forked children).
 """
 
 import os
@@ -31,8 +31,6 @@ def replace(src, dst):
         folder_moves.append(name)
         if kill_at == "swap" and len(folder_moves) == 2:
             die()
-    if kill_at == "config" and name == "elastic_config.json" and ".saving" in str(src):
-        die()
     real_replace(src, dst)
 
 
@@ -68,22 +66,4 @@ elif mode == "quantized":
 
         serialization.atomic_save_safetensors = lambda *a, **k: die()
     save_quantized(model, out)
-elif mode == "adapter":
-    import torch
-    from conftest import ARCHS, args, dataset, peft_kwargs
-    from peft import get_peft_model
-
-    from hf_elastic import NASTrainer, NLSConfig
-
-    model = get_peft_model(ARCHS["llama"].build(), NLSConfig(**peft_kwargs(ARCHS["llama"], rank_choices=[8, 4])))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.fill_(0.5)
-    trainer = NASTrainer(model=model, args=args(out.parent / "run"), train_dataset=dataset())
-    if kill_at == "staging":
-        import peft.peft_model
-
-        peft.peft_model.safe_save_file = lambda *a, **k: die()
-    trainer.save_model(str(out))
 sys.exit(3)  # not killed: the test asked for a point that was never reached

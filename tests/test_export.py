@@ -594,8 +594,10 @@ def test_adapter_folder_is_exactly_what_is_uploaded(tmp_path, artefacts):
         "pareto.csv",
         "pareto.png",
     }
-    for name in listing(out) - {"README.md"}:
+    for name in listing(out) - {"README.md", "adapter_config.json"}:
         assert (out / name).read_bytes() == (source / name).read_bytes()
+    config = json.loads((source / "adapter_config.json").read_text())  # its base is the Hub id, never a local path
+    assert json.loads((out / "adapter_config.json").read_text()) == config | {"base_model_name_or_path": BASE_ID}
 
     meta = metadata_load(out / "README.md")
     assert meta["base_model"] == BASE_ID
@@ -978,3 +980,17 @@ def test_push_without_network_is_one_clear_error(artefacts, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
     with pytest.raises(ConnectionError, match=r"Could not push to me/tiny \(ConnectError: .*name resolution\)"):
         push_to_hub(artefacts["adapter"], "me/tiny", card_info=card_info(), token=TOKEN)
+
+
+def test_push_never_uploads_a_local_base_path(tmp_path, artefacts, fake_hub):
+    source = tmp_path / "adapter"
+    shutil.copytree(artefacts["adapter"], source)
+    config = json.loads((source / "adapter_config.json").read_text())
+    local = str(tmp_path / "models" / "my-llama")
+    (source / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": local}))
+    push_to_hub(source, "me/tiny", card_info=card_info(), token=TOKEN)  # staged with links to the artefact
+    uploaded = json.loads(fake_hub.committed_files()["adapter_config.json"])
+    assert uploaded["base_model_name_or_path"] == BASE_ID
+    assert json.loads((source / "adapter_config.json").read_text())["base_model_name_or_path"] == local  # untouched
+    folder = prepare_upload_folder(source, tmp_path / "dry", card_info())
+    assert local not in "".join(p.read_text(errors="ignore") for p in folder.iterdir() if p.is_file())

@@ -41,8 +41,8 @@ def test_width_masks_are_built_once_per_kept_set():
 
 
 class _Syncs:
-    """Counts host reads of tensors (`item`, `tolist`, `bool`) made from the trainer's code (`hf_elastic/nas/trainer.py`
-    and its sampler callback in `hf_elastic/nas/samplers.py`)."""
+    """Counts host reads of tensors (`item`, `tolist`, `bool`) made from the trainer's code
+    (`hf_elastic/nas/trainer.py` and its sampler callback in `hf_elastic/nas/samplers.py`)."""
 
     def __init__(self, monkeypatch) -> None:
         self.count = 0

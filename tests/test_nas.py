@@ -355,7 +355,8 @@ def test_trainer_errors(llama, tmp_path):
     NASTrainer(model=nls_model(llama), args=run, train_dataset=dataset()).train()
     other = get_peft_model(fresh(llama), NLSConfig(**peft_kwargs(LLAMA, rank_choices=[8, 2])))
     trainer = NASTrainer(model=other, args=args(tmp_path / "a", max_steps=4), train_dataset=dataset())
-    with pytest.raises(ValueError, match=r"checkpoint was trained with a different search space"):
+    settings = r"checkpoint-2: it was trained with other elastic settings \(rank_choices: checkpoint \[8, 6, 4\]"
+    with pytest.raises(ValueError, match=settings + r", this run \[8, 2\]\)"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     assert get_supernet(other) is trainer.supernet
 

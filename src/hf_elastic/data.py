@@ -14,6 +14,8 @@ Tokens that are not learned get the label -100, so the loss covers the completio
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -294,6 +296,75 @@ def tokenize_rows(
         columns = {"input_ids": [ids for ids, _ in kept], "labels": [labels for _, labels in kept]}
     columns["attention_mask"] = [[1] * len(ids) for ids in columns["input_ids"]]
     return Dataset.from_dict(columns)
+
+
+def check_token_rows(
+    dataset: Any, name: str, max_positions: int | None = None, vocab_size: int | None = None, limit: int = 100_000
+) -> None:
+    """Raise a `ValueError` naming `name` when `dataset` is empty, or a row of its `input_ids` is longer than the
+    model's `max_positions` or holds a token id outside its `vocab_size`, which would train on positions the model
+    never learned (rotary models, silently) or fail inside an embedding (GPT-2's absolute positions).
+
+    A `datasets.Dataset` is checked whole (with Arrow, without reading rows into Python); other sized datasets up to
+    `limit` rows, and iterable ones not at all.
+    """
+    try:
+        size = len(dataset)
+    except TypeError:
+        return
+    if size == 0:
+        raise ValueError(f"{name} is empty (0 rows): nothing to train on. Check the data file, split and filters.")
+    lengths, top = _row_lengths_and_top_id(dataset, limit)
+    if lengths is None:
+        return
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if max_positions and lengths[longest] > max_positions:
+        raise ValueError(
+            f"{name} row {longest} has {lengths[longest]} tokens, more than the model's {max_positions} positions "
+            "(config.max_position_embeddings / n_positions). Cut the rows to at most "
+            f"{max_positions} tokens: hf-elastic train --seq-len {max_positions}, or tokenize with truncation=True, "
+            f"max_length={max_positions} (hf_elastic.tokenize_rows cuts them for you)."
+        )
+    if vocab_size and top is not None and not 0 <= top[0] < vocab_size:
+        raise ValueError(
+            f"{name} holds token id {top[0]} (row {top[1]}), outside the model's vocabulary of {vocab_size}: the "
+            "data was tokenized with another tokenizer. Tokenize it with the model's own."
+        )
+
+
+def _row_lengths_and_top_id(dataset: Any, limit: int) -> tuple[list[int] | None, tuple[int, int] | None]:
+    """The `input_ids` length of each row and (the largest or a negative id, its row), or (None, None)."""
+    from datasets import Dataset
+
+    if isinstance(dataset, Dataset):
+        if "input_ids" not in dataset.column_names:
+            return None, None
+        import pyarrow.compute as pc
+
+        column = dataset.with_format("arrow")["input_ids"]
+        lengths = pc.list_value_length(column).to_pylist()
+        flat = pc.list_flatten(column)
+        if len(flat) == 0:
+            return lengths, None
+        low, high = pc.min_max(flat).values()
+        value = high.as_py() if low.as_py() >= 0 else low.as_py()
+        offsets = [0, *itertools.accumulate(lengths)]
+        return lengths, (value, bisect.bisect_right(offsets, pc.index(flat, value).as_py()) - 1)
+    if len(dataset) > limit:
+        return None, None
+    lengths, top = [], None
+    for i in range(len(dataset)):
+        row = dataset[i]
+        ids = row.get("input_ids") if isinstance(row, Mapping) else None
+        if ids is None:
+            return None, None
+        ids = torch.as_tensor(ids).reshape(-1)
+        lengths.append(len(ids))
+        if len(ids):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            if top is None or bad < 0 or (top[0] >= 0 and bad > top[0]):
+                top = (bad, i)
+    return lengths, top
 
 
 def _row_tokens(fmt: InstructionFormat, row: Mapping[str, Any], shape: str, tokenizer: Any) -> tuple[list, list]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import errno
+import functools
 import hashlib
 import importlib.util
 import json
@@ -12,7 +15,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +31,51 @@ QUIET_LOGGERS = ("transformers", "optimum")
 QUIET_DEPRECATIONS = ("transformers", "optimum", "nncf", "openvino", "peft", "torch")
 """Libraries whose own deprecation notices (raised inside them) `quiet_library_output` hides."""
 _VERBOSE: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_elastic_verbose", default=False)
+_FULL_DISK = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def full_disk_errno(error: BaseException) -> int | None:
+    """The errno of a write that failed for lack of space (no space, file too large, quota), else None; also for the
+    errors safetensors and torch.save raise in place of an `OSError`."""
+    if isinstance(error, OSError):
+        return error.errno if error.errno in _FULL_DISK else None
+    text = str(error)
+    code = re.search(r"os error (\d+)", text)
+    if code and int(code.group(1)) in _FULL_DISK:
+        return int(code.group(1))
+    if isinstance(error, RuntimeError) and "inline_container" in text and "unexpected pos" in text:
+        return errno.ENOSPC  # torch.save's zip writer, cut short
+    return None
+
+
+def _newest_file(folder: Path) -> Path | None:
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
+
+
+@contextmanager
+def explain_full_disk(target: str | os.PathLike, written: str | os.PathLike | None = None) -> Iterator[None]:
+    """Turn a write into `written` (a temporary file or folder standing for `target`) that fails for lack of space
+    into an `OSError` naming the file and saying whether `target` keeps its previous contents."""
+    target = Path(target)
+    try:
+        yield
+    except Exception as error:
+        code = full_disk_errno(error)
+        if code is None:
+            raise
+        written = Path(written) if written is not None else target
+        file = getattr(error, "file", None) or getattr(error, "filename", None)
+        file = Path(file or (written.is_dir() and _newest_file(written)) or target)
+        name = file.relative_to(written) if written in file.parents else file.name
+        state = f"{target} keeps its previous contents" if target.exists() else f"nothing was written to {target}"
+        reason = os.strerror(code) if code != errno.ENOSPC or isinstance(error, OSError) else "the write was cut short"
+        full = OSError(
+            f"No room to write {name} ({reason}); {state}. Free disk space (or raise the file size limit, "
+            "`ulimit -f`) and run again."
+        )
+        full.errno, full.file = code, file  # not `filename`, which would replace the message in str()
+        raise full from None
 
 
 @contextmanager
@@ -37,7 +85,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs: Any) -> Iter
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, mode, **kwargs) as f:
+        with explain_full_disk(path, tmp), os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -63,7 +111,8 @@ def atomic_save_safetensors(
     os.close(fd)
     try:
         tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-        save_file(tensors, tmp, metadata={"format": "pt"} | (metadata or {}))
+        with explain_full_disk(path, tmp):
+            save_file(tensors, tmp, metadata={"format": "pt"} | (metadata or {}))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -86,19 +135,32 @@ def read_json(path: str | os.PathLike, fix: str = "write it again") -> dict[str,
 
 def load_safetensors(path: str | os.PathLike, fix: str = "save it again") -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and metadata of a safetensors file, or an error naming the file when it is missing or damaged."""
-    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
+
+    metadata = check_safetensors(path, fix)
+    try:
+        return load_file(path), metadata
+    except Exception as err:
+        raise _damaged(Path(path), err, fix) from None
+
+
+def check_safetensors(path: str | os.PathLike, fix: str = "save it again") -> dict[str, str]:
+    """The metadata of a safetensors file after reading its header only, or an error naming the file when it is
+    missing or damaged (random bytes, cut short)."""
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; {fix}.")
     try:
         with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(path), metadata
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        size = path.stat().st_size
-        raise ValueError(f"{path} ({size} bytes) is not a readable safetensors file ({err}); {fix}.") from None
+            return f.metadata() or {}
+    except Exception as err:
+        raise _damaged(path, err, fix) from None
+
+
+def _damaged(path: Path, err: Exception, fix: str) -> ValueError:
+    return ValueError(f"{path} ({path.stat().st_size} bytes) is not a readable safetensors file ({err}); {fix}.")
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -180,7 +242,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     prefix = f".{path.name}.{os.getpid()}."
     tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with explain_full_disk(path, tmp):
+            yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=prefix, suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
@@ -195,6 +258,60 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = False) -> Iterat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def staging_folder(path: str | os.PathLike) -> Path:
+    """The hidden folder beside `path` where `commit_files` expects the files of the next save."""
+    path = Path(path)
+    return path.parent / f".{path.name}.saving"
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def commit_files(path: str | os.PathLike, last: str = ELASTIC_CONFIG_NAME) -> None:
+    """Move the files written to `staging_folder(path)` into `path` as one save; other files of `path` stay.
+
+    A new `path` is the staging folder renamed (complete or absent). Into an existing folder, the staging folder is
+    first renamed to `.{name}.commit` (the commit point: before it the old files are untouched, after it the new ones
+    win) and its files are then moved in one by one, `last` last; a run killed in between is finished by
+    `recover_files`, which `load_super_network` and the next save call.
+    """
+    path = Path(path)
+    staging = staging_folder(path)
+    _fsync_tree(staging)
+    if not path.exists():
+        os.replace(staging, path)
+        return
+    commit = path.parent / f".{path.name}.commit"
+    os.replace(staging, commit)
+    _move_in(commit, path, last)
+
+
+def _move_in(commit: Path, path: Path, last: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    for name in sorted(os.listdir(commit), key=lambda n: n == last):
+        if (path / name).is_dir() and not (path / name).is_symlink():
+            shutil.rmtree(path / name)
+        with contextlib.suppress(FileNotFoundError):  # moved by a concurrent recover_files
+            os.replace(commit / name, path / name)
+    shutil.rmtree(commit, ignore_errors=True)
+
+
+def recover_files(path: str | os.PathLike, last: str = ELASTIC_CONFIG_NAME) -> None:
+    """Finish a `commit_files` that was killed after its commit point, so `path` holds the whole new save.
+
+    Staged files of a save killed before its commit point are left for that writer's next save to remove: `path`
+    still holds the old files, untouched.
+    """
+    path = Path(path)
+    commit = path.parent / f".{path.name}.commit"
+    if commit.is_dir():
+        _move_in(commit, path, last)
+        warnings.warn(f"Finished the interrupted save of {path} (its new files were complete).", stacklevel=3)
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -257,6 +374,76 @@ def rows_by_name(rows: Iterable[Any], *properties: str) -> dict[str, dict[str, A
         | {p: getattr(row, p) for p in properties}
         for row in rows
     }
+
+
+def typed_fields(owner: str | None = None) -> Callable:
+    """Decorate a config's `__post_init__` so that a field holding a value of another type than its annotation
+    raises a `ValueError` naming it (`check_field_types`): after the checks of `__post_init__`, whose messages are
+    more specific, and in place of the raw `TypeError` they may meet first. `owner` names the base class whose
+    fields are checked (a mixin), default as in `check_field_types`."""
+
+    def decorate(post_init: Callable) -> Callable:
+        @functools.wraps(post_init)
+        def run(self: Any) -> None:
+            cls = next(c for c in type(self).__mro__ if c.__name__ == owner) if owner else None
+            try:
+                post_init(self)
+            except (TypeError, AttributeError, KeyError, IndexError):
+                check_field_types(self, cls)
+                raise
+            check_field_types(self, cls)
+
+        return run
+
+    return decorate
+
+
+def check_field_types(config: Any, owner: type | None = None) -> None:
+    """Raise a `ValueError` naming the first field of `config` whose value does not have its annotated type (a bool
+    is no int, an int is a float, a tuple is a list). The fields are those of `owner` (a dataclass among its bases),
+    else the `elastic_fields` of a peft config, else all."""
+    import dataclasses
+    import typing
+
+    cls = owner or type(config)
+    hints = typing.get_type_hints(cls)
+    annotations = {f.name: f.type for f in dataclasses.fields(cls)}
+    names = annotations if owner is not None else getattr(config, "elastic_fields", annotations)
+    for name in names:
+        value = getattr(config, name)
+        if name in hints and not _has_type(value, hints[name]):
+            wanted = annotations[name] if isinstance(annotations[name], str) else hints[name]
+            raise ValueError(f"{type(config).__name__}.{name}={value!r} must be of type {wanted}.")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_has_type(v, a) for v, a in zip(value, args, strict=True))
+        return not args or all(_has_type(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict) and (
+            not args or all(_has_type(k, args[0]) and _has_type(v, args[1]) for k, v in value.items())
+        )
+    return isinstance(value, origin or hint) if isinstance(origin or hint, type) else True
 
 
 def config_from_kwargs(cls: type, config: Any, kwargs: dict[str, Any], caller: str) -> Any:

@@ -30,6 +30,9 @@ def _check_output(output: str, inputs: list[str], overwrite: bool, option: str =
         raise FileExistsError(f"The {option} {output} is a file; pass a folder.")
     if Path(output).is_dir() and any(Path(output).iterdir()) and not overwrite:
         raise FileExistsError(f"The {option} {output} exists and is not empty; pass --overwrite to replace it.")
+    parent = next((p for p in Path(output).absolute().parents if p.exists()), Path("/"))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"The {option} {output} cannot be written: {parent} is not writable.")
     return check_output_dir(output, overwrite=True)
 
 
@@ -132,12 +135,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         batches = [collator([train[i] for i in range(min(len(train), args.per_device_train_batch_size))])]
         get_supernet(model).reorder_channels(args.reorder, None if args.reorder == "magnitude" else batches)
     trainer = NASTrainer(
-        model=model, args=training_args, train_dataset=train, eval_dataset=evaluation, data_collator=collator
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=collator,
+        processing_class=tokenizer,  # saved with the super-adapter, in one commit
     )
     resume = args.resume_from_checkpoint
     trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
     trainer.save_model(args.output)
-    tokenizer.save_pretrained(args.output)
     if evaluation is not None:
         metrics = trainer.evaluate()
         print(" ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if k.endswith("_loss")))
@@ -211,7 +218,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from ..compression.quantization.format import group_size_note
-    from ..export.openvino import export_openvino, int4_group_size
+    from ..export.openvino import export_openvino, int4_group_size, openvino_export_problem
     from ..export.subnetwork import export_subnetwork, load_exported
     from ..utils import SUBNET_CONFIG_NAME
 
@@ -235,24 +242,36 @@ def cmd_export(args: argparse.Namespace) -> None:
     for folder in (args.output, *([ov_dir] if args.openvino else [])):  # check every output before writing any
         _check_output(str(folder), inputs, args.overwrite, "--output")
     supernet, tokenizer = _load_supernet(args)
+    model_type = supernet.model.get_base_model().config.model_type
+    problem = openvino_export_problem(model_type) if args.openvino else None
+    if problem:
+        raise ValueError(f"--openvino: {problem}. Nothing was written; export without --openvino, or fix that first.")
     out = export_subnetwork(supernet, config, args.output, tokenizer=tokenizer, overwrite=True, format=args.format)
     print(f"wrote {out}")
     if args.openvino:
-        model = load_exported(out)
-        group_size = args.group_size
-        if args.weight_format == "int4" and group_size is None:
-            group_size = int4_group_size(model)
-            print(f"OpenVINO INT4 {group_size_note(group_size)} (pass --group-size to choose another)")
-        export_openvino(
-            model,
-            ov_dir,
-            tokenizer=tokenizer,
-            weight_format=args.weight_format,
-            group_size=group_size,
-            compress_float_weights=False if args.fp32_embeddings else None,
-            extra_files=[out / SUBNET_CONFIG_NAME],
-            overwrite=True,
-        )
+        try:
+            model = load_exported(out)
+            group_size = args.group_size
+            if args.weight_format == "int4" and group_size is None:
+                group_size = int4_group_size(model)
+                print(f"OpenVINO INT4 {group_size_note(group_size)} (pass --group-size to choose another)")
+            export_openvino(
+                model,
+                ov_dir,
+                tokenizer=tokenizer,
+                weight_format=args.weight_format,
+                group_size=group_size,
+                compress_float_weights=False if args.fp32_embeddings else None,
+                extra_files=[out / SUBNET_CONFIG_NAME],
+                overwrite=True,
+            )
+        except Exception as error:
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise ValueError(
+                f"The OpenVINO export failed ({type(error).__name__}: {first}). {out} holds the complete sub-network; "
+                f"{ov_dir} was not written. Fix the cause and run the same command with --overwrite, or convert the "
+                f"written folder with hf_elastic.export_openvino({str(out)!r}, {str(ov_dir)!r})."
+            ) from error
         print(f"wrote {ov_dir}")
 
 

@@ -16,6 +16,7 @@ def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None
 
     from ..export.subnetwork import load_exported
     from ..models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+    from ..utils import check_safetensors
 
     source = source or args.model
     dtype = resolve_dtype(args.dtype)
@@ -25,6 +26,8 @@ def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None
             raise ValueError(f"--revision {args.revision} applies to Hub ids; {source} is a local folder.")
         if not Path(source, "config.json").is_file():
             raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
+        for weights in sorted(Path(source).glob("*.safetensors")):
+            check_safetensors(weights, "the model folder is damaged: save or download the model again")
         model = load_exported(source, dtype=None if dtype == "auto" else dtype)
     else:
         model = load_causal_lm(source, dtype=dtype, **hub)
@@ -129,7 +132,7 @@ def subnet_config(value: str, select: str = "best") -> Any:
 
     try:
         result = SearchResult.from_dict(data)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
         raise ValueError(
             f"--config {path} is not a search result written by hf_elastic ({error!r} is wrong)."
         ) from None
@@ -141,7 +144,10 @@ def subnet_config(value: str, select: str = "best") -> Any:
         return result.evaluations[index].config
     if pick not in ("", "best"):
         raise ValueError(f"--config {value}: use {path}, {path}:best or {path}:<index of an evaluation>.")
-    return select_from(result, select).config
+    try:
+        return select_from(result, select).config
+    except ValueError as error:
+        raise ValueError(f"--config {path}: {error}") from None
 
 
 def select_from(result: Any, select: str) -> Any:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..models.arch import weight_out_in
-from ..utils import atomic_write_json, rows_by_name
+from ..utils import atomic_write_json, rows_by_name, typed_fields
 from .calibration import (
     CalibrationData,
     CalibrationSettings,
@@ -86,6 +86,7 @@ class SparsityConfig(CalibrationSettings):
         },
     )
 
+    @typed_fields()
     def __post_init__(self) -> None:
         if self.method not in _METHODS:
             raise ValueError(f"SparsityConfig.method={self.method!r} is not supported. Use one of {list(_METHODS)}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -15,8 +16,8 @@ import httpx
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 
-from ..utils import atomic_directory, check_output_dir, overlaps
-from .card_info import CardInfo, _check_repo_id
+from ..utils import atomic_directory, check_output_dir, overlaps, read_json
+from .card_info import CardInfo, _check_repo_id, _is_repo_id
 from .model_card import (
     _PLOT_SUFFIXES,
     CARD_NAME,
@@ -93,6 +94,7 @@ def _fill_folder(
     extras: Mapping[str, Path],
     link: bool,
     token: str | None = None,
+    base_model: str | None = None,
 ) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     written, left_out = [], []
@@ -119,11 +121,29 @@ def _fill_folder(
             raise ValueError(f"extra file {name!r} would overwrite a file of the artefact or the model card.")
         _place(path, dest / name, link)
         written.append(name)
+    for name in written:
+        if Path(name).name == "adapter_config.json":
+            _publish_base_model(dest / name, base_model)
     (dest / CARD_NAME).write_text(str(card), encoding="utf-8")
     if token:
         for name in [*written, CARD_NAME]:
             if Path(name).suffix.lower() in _TEXT_SUFFIXES and token in (dest / name).read_text(errors="ignore"):
                 raise ValueError(f"{name} contains your Hub token; remove it from {source} before pushing.")
+
+
+def _publish_base_model(config_path: Path, base_model: str | None) -> None:
+    """Set `base_model_name_or_path` of a staged adapter config to the Hub id `base_model`, or drop it when it is
+    not a Hub id (a local path never leaves the machine)."""
+    config = read_json(config_path, "extract the adapter again")
+    current = config.get("base_model_name_or_path")
+    if base_model is not None and current != base_model:
+        config["base_model_name_or_path"] = base_model
+    elif current is not None and (not isinstance(current, str) or not _is_repo_id(current) or Path(current).exists()):
+        del config["base_model_name_or_path"]
+    else:
+        return
+    config_path.unlink()  # a link to the artefact's own file is replaced, not written through
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _check_no_overlap(source: Path, out: Path) -> None:
@@ -168,7 +188,7 @@ def prepare_upload_folder(
     check_output_dir(out, overwrite)
     card, extras = _card_and_extras(source, card_info, pareto_csv, pareto_plot, extra_files)
     with atomic_directory(out, overwrite) as tmp:
-        _fill_folder(source, tmp, card, extras, link=False)
+        _fill_folder(source, tmp, card, extras, link=False, base_model=card_info.base_model)
     return out
 
 
@@ -231,7 +251,7 @@ def push_to_hub(
             folder = Path(tmp) / "upload"
             _check_no_overlap(source, folder)
             card, extras = _card_and_extras(source, card_info, pareto_csv, pareto_plot, extra_files)
-            _fill_folder(source, folder, card, extras, link=True, token=token)
+            _fill_folder(source, folder, card, extras, link=True, token=token, base_model=card_info.base_model)
         try:
             api = HfApi(token=token)
             repo_url = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)

@@ -256,6 +256,36 @@ def _per_layer_cache_export_config(model: nn.Module, shapes: list[tuple[int, int
     return {"model": config}
 
 
+def openvino_export_problem(model_type: str) -> str | None:
+    """Why optimum-intel's OpenVINO exporter would refuse the architecture `model_type` under the installed
+    transformers (no export config, or a version range that excludes it), or None when it supports it."""
+    import transformers
+    from packaging.version import Version
+
+    _require("optimum.exporters.openvino")  # registers the OpenVINO export configs
+    from optimum.exporters.tasks import TasksManager
+
+    try:
+        constructor = TasksManager.get_exporter_config_constructor(
+            exporter="openvino", model_type=model_type, task=_TASK, library_name="transformers"
+        )
+    except (KeyError, ValueError):
+        return f"optimum-intel has no OpenVINO export for model type {model_type!r}"
+    config = getattr(constructor, "func", constructor)
+    installed = Version(Version(transformers.__version__).base_version)
+    low, high = getattr(config, "MIN_TRANSFORMERS_VERSION", None), getattr(config, "MAX_TRANSFORMERS_VERSION", None)
+    if low is not None and installed < Version(str(low)):
+        return (
+            f"optimum-intel exports {model_type!r} with transformers >= {low}; {transformers.__version__} is installed"
+        )
+    if high is not None and installed > Version(str(high)):
+        return (
+            f"optimum-intel exports {model_type!r} with transformers <= {high} only; {transformers.__version__} is "
+            f"installed (pip install 'transformers<={high}' in an environment for the OpenVINO export)"
+        )
+    return None
+
+
 def _export_tokenizer(tokenizer: Any, directory: Path) -> None:
     """Save the HF tokenizer files and, when openvino_tokenizers converts it, the OpenVINO (de)tokenizer."""
     ov = _require("openvino")

@@ -19,12 +19,18 @@ import torch
 from peft import PeftConfig, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 
-from ..utils import ELASTIC_CONFIG_NAME, atomic_write_json
-from .distillation import DISTILLATIONS, Teacher, completion_logits, distillation_kl
-from .samplers import (
-    SAMPLERS,
-    SubnetSampler,
+from ..data import check_token_rows
+from ..utils import (
+    ELASTIC_CONFIG_NAME,
+    atomic_write_json,
+    commit_files,
+    explain_full_disk,
+    recover_files,
+    staging_folder,
+    typed_fields,
 )
+from .distillation import DISTILLATIONS, Teacher, completion_logits, distillation_kl
+from .samplers import SAMPLERS, SubnetSampler
 from .supernet import SuperNetwork, get_supernet
 
 NAS_STATS_NAME = "nas_stats.json"
@@ -96,6 +102,7 @@ class NASArgumentsMixin:
         },
     )
 
+    @typed_fields(owner="NASArgumentsMixin")
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
@@ -326,7 +333,11 @@ class NASTrainerMixin:
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`; `resume_from_checkpoint=True` takes the newest complete checkpoint, skipping one that an
-        interrupted save left half-written (with a warning)."""
+        interrupted save left half-written (with a warning). The training rows are checked against the model's
+        positions and vocabulary first (`check_token_rows`)."""
+        config = getattr(self.model, "config", None)
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        check_token_rows(self.train_dataset, "train_dataset", positions, getattr(config, "vocab_size", None))
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -338,6 +349,8 @@ class NASTrainerMixin:
                     f"Cannot resume from {resume_from_checkpoint}: {problem}. Pass an earlier checkpoint, or "
                     "resume_from_checkpoint=True for the newest complete one."
                 )
+        if resume_from_checkpoint:
+            self._check_resumed_space(Path(resume_from_checkpoint))
         try:
             return super().train(resume_from_checkpoint, *args, **kwargs)
         except pickle.UnpicklingError as error:
@@ -345,11 +358,42 @@ class NASTrainerMixin:
                 f"Refused to load a pickled file of {resume_from_checkpoint} (optimizer.pt, scheduler.pt, "
                 f"rng_state*.pth): it holds more than tensors ({error}). Resume only from checkpoints you wrote."
             ) from None
+        except RuntimeError as error:
+            if not resume_from_checkpoint or "size mismatch" not in str(error):
+                raise
+            raise ValueError(
+                f"Cannot resume from {resume_from_checkpoint}: its adapter weights have other shapes than this "
+                "model's (another rank_choices, target_modules or base model). Resume with the settings it was "
+                "trained with, or start a new output folder."
+            ) from None
+
+    def _check_resumed_space(self, path: Path) -> None:
+        """Refuse, before any weight is loaded, a checkpoint trained with other elastic settings than this run's."""
+        elastic = path / ELASTIC_CONFIG_NAME
+        try:
+            saved = json.loads(elastic.read_text())
+        except (OSError, ValueError):
+            return  # not written by NASTrainer.save_model: the sampler's fingerprint check still applies
+        ours = json.loads(json.dumps(self.supernet.config.elastic_dict(), default=list))
+        fields_ = [
+            k for k in type(self.supernet.config).elastic_fields if k not in ("base_fingerprint", "base_sparsity")
+        ]
+        differ = [k for k in fields_ if k in saved and saved[k] != ours.get(k)]
+        if differ:
+            what = "; ".join(f"{k}: checkpoint {saved[k]!r}, this run {ours.get(k)!r}" for k in differ)
+            option = " / ".join("--" + k.replace("_", "-") for k in differ)
+            raise ValueError(
+                f"Cannot resume from {path}: it was trained with other elastic settings ({what}). Resume with the "
+                f"same {option} (NLSConfig/ElasticLoraConfig), or start a new output folder."
+            )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the super-adapter (plain LoRA + `elastic_config.json`) and the sampling statistics.
+        """Save the super-adapter (plain LoRA + `elastic_config.json`), the sampling statistics and what `Trainer`
+        saves beside them (training arguments, tokenizer).
 
-        The files are written to a staging folder and moved into place, `elastic_config.json` last; it records the
+        Everything is written to a hidden staging folder first and moved in with `commit_files`: a run killed at any
+        point leaves the previous save or the whole new one (finished by the next load or save). A write that fails
+        for lack of space names the file and leaves the previous save untouched. `elastic_config.json` records the
         adapter's SHA-256, so `load_super_network` detects weights and configs of different saves. Adapter weights
         that are not finite are never saved.
         """
@@ -361,9 +405,21 @@ class NASTrainerMixin:
                 "from the last checkpoint with a lower learning rate, or train with on_nonfinite='stop' to find the "
                 "step."
             )
-        staging = out.parent / f".{out.name}.saving"
+        staging = staging_folder(out)
         if self.args.should_save:
+            recover_files(out)
             shutil.rmtree(staging, ignore_errors=True)
+        try:
+            with explain_full_disk(out, staging):
+                self._save_staged(staging, _internal_call)
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if self.args.should_save:
+            commit_files(out)
+
+    def _save_staged(self, staging: Path, _internal_call: bool) -> None:
         super().save_model(str(staging), _internal_call)
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
         if plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type) and not _internal_call:
@@ -371,19 +427,12 @@ class NASTrainerMixin:
                 "save_model wrote no super-adapter: FSDP's state_dict_type is "
                 f"{plugin.state_dict_type}, which Trainer saves only in checkpoints. Launch with "
                 "`--fsdp_state_dict_type FULL_STATE_DICT` (or set it in the FSDP plugin) to save a loadable adapter.",
-                stacklevel=2,
+                stacklevel=3,
             )
-        if not self.args.should_save:
-            return
-        elastic = staging / ELASTIC_CONFIG_NAME
-        save_id = json.loads(elastic.read_text()).get("save_id") if elastic.is_file() else None
-        atomic_write_json(staging / NAS_STATS_NAME, self.sampler.stats() | {"save_id": save_id})
-        out.mkdir(parents=True, exist_ok=True)
-        for name in sorted(os.listdir(staging), key=lambda n: n == ELASTIC_CONFIG_NAME):
-            if (out / name).is_dir() and not (out / name).is_symlink():
-                shutil.rmtree(out / name)
-            os.replace(staging / name, out / name)
-        shutil.rmtree(staging, ignore_errors=True)
+        if self.args.should_save:
+            elastic = staging / ELASTIC_CONFIG_NAME
+            save_id = json.loads(elastic.read_text()).get("save_id") if elastic.is_file() else None
+            atomic_write_json(staging / NAS_STATS_NAME, self.sampler.stats() | {"save_id": save_id})
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -20,41 +20,77 @@ from ..tuners.nls.layer import ElasticLoraLinear
 HEURISTICS = ("max", "min", "median", "loss_based", "activation_based")
 
 
-def _marginal_losses(space: SearchSpace, nas_stats: Mapping[str, Any]) -> dict[str, dict[int, float]]:
+def _marginal_losses(space: SearchSpace, nas_stats: Mapping[str, Any], source: str) -> dict[str, dict[int, float]]:
     """Count-weighted mean training loss of the sub-networks that used each choice, per dimension."""
+    fix = "use the nas_stats.json NASTrainer saved with this super-adapter, or pick a strategy other than loss_based"
     saved = nas_stats.get("search_space")
-    if saved is not None and SearchSpace.from_dict(saved) != space:
-        raise ValueError(
-            "nas_stats were recorded on a different search space than this super-network's. Pass the "
-            "nas_stats.json saved with this super-adapter."
-        )
+    if saved is not None:
+        try:
+            recorded = SearchSpace.from_dict(saved)
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"{source} has a damaged 'search_space' ({error!r}); {fix}.") from None
+        if recorded != space:
+            raise ValueError(f"{source} was recorded on a different search space than this super-network's; {fix}.")
+    table = nas_stats.get("config_losses")
+    if not isinstance(table, Mapping):
+        raise ValueError(f"{source} has no 'config_losses' table (got {type(table).__name__}); {fix}.")
     sums: dict[str, dict[int, list[float]]] = {d.name: {} for d in space}
-    for key, entry in (nas_stats.get("config_losses") or {}).items():
-        loss, count = float(entry["mean_loss"]), int(entry["count"])
-        if not math.isfinite(loss) or count <= 0:
+    nonfinite = []
+    for key, entry in table.items():
+        where = f"{source}: config_losses[{key!r}]"
+        if not isinstance(entry, Mapping) or not {"mean_loss", "count"} <= set(entry):
+            raise ValueError(f'{where} must be {{"mean_loss": <number>, "count": <int>}}, got {entry!r}; {fix}.')
+        loss, count = entry["mean_loss"], entry["count"]
+        if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise ValueError(f"{where}['mean_loss'] = {loss!r} is not a number; {fix}.")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"{where}['count'] = {count!r} is not a positive integer; {fix}.")
+        parts = str(key).split(".")
+        if len(parts) != len(space) or not all(p.isdigit() for p in parts):
+            raise ValueError(
+                f"{where}: the key must be {len(space)} choice indices joined by '.' (one per dimension: "
+                f"{', '.join(d.name for d in space)}); {fix}."
+            )
+        indices = [int(p) for p in parts]
+        for dim, i in zip(space, indices, strict=True):
+            if i >= len(dim.choices):
+                raise ValueError(
+                    f"{where}: index {i} is outside dimension {dim.name!r}, which has {len(dim.choices)} choices "
+                    f"(indices 0 to {len(dim.choices) - 1}); {fix}."
+                )
+        if not math.isfinite(loss):
+            nonfinite.append(key)
             continue
-        indices = [int(i) for i in key.split(".")]
-        if len(indices) != len(space):
-            raise ValueError(f"nas_stats key {key!r} has {len(indices)} indices; the space has {len(space)} dims.")
         for dim, i in zip(space, indices, strict=True):
             acc = sums[dim.name].setdefault(dim.choices[i], [0.0, 0])
             acc[0] += loss * count
             acc[1] += count
+    if nonfinite and len(nonfinite) == len(table):
+        raise ValueError(f"{source}: every mean_loss in config_losses is NaN or infinite; {fix}.")
+    if nonfinite:
+        warnings.warn(
+            f"{source}: {len(nonfinite)} of {len(table)} sub-networks have a NaN or infinite mean_loss (first: "
+            f"{nonfinite[0]!r}); loss_based leaves them out.",
+            stacklevel=3,
+        )
     return {name: {c: s / n for c, (s, n) in by_choice.items()} for name, by_choice in sums.items()}
 
 
-def loss_based_config(space: SearchSpace, nas_stats: Mapping[str, Any], tolerance: float = 0.01) -> SubnetConfig:
+def loss_based_config(
+    space: SearchSpace, nas_stats: Mapping[str, Any], tolerance: float = 0.01, *, source: str = "nas_stats"
+) -> SubnetConfig:
     """The smallest choice per dimension whose marginal training loss is within `tolerance` of the best one.
 
     The marginal loss of a choice is the count-weighted mean of the recorded training losses (`config_losses` in
     `nas_stats.json`) of every trained sub-network that used that choice, averaging over the other dimensions. Per
     dimension, among choices with data, the smallest one with `marginal <= best * (1 + tolerance)` is taken, so
     `tolerance=0` picks the lowest-loss choice. A dimension with no recorded loss falls back to its median.
-    Uniform sampling during training gives the least biased marginals.
+    Uniform sampling during training gives the least biased marginals. A damaged table raises a `ValueError` naming
+    `source` (the file) and the entry; NaN losses are left out with a warning.
     """
     if not nas_stats.get("config_losses"):
-        raise ValueError("nas_stats has no config_losses: train with NASTrainer and pass its nas_stats.json.")
-    marginals = _marginal_losses(space, nas_stats)
+        raise ValueError(f"{source} has no config_losses: train with NASTrainer and pass its nas_stats.json.")
+    marginals = _marginal_losses(space, nas_stats, source)
     config = {}
     for dim in space:
         losses = marginals[dim.name]

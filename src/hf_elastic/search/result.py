@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..nas.search_space import SearchSpace, SubnetConfig
-from ..utils import atomic_open, atomic_write_json
+from ..utils import atomic_open, atomic_write_json, read_json
 from .heuristics import HEURISTICS
 
 
@@ -179,7 +178,11 @@ class SearchResult:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SearchResult:
-        return cls(
+        """The inverse of `to_dict`; a `ValueError` (or `KeyError`) names what is missing or malformed."""
+        for name in ("objectives", "directions", "evaluations"):
+            if not isinstance(data[name], list):
+                raise ValueError(f"{name!r} must be a list, got {data[name]!r}")
+        result = cls(
             space=SearchSpace.from_dict(data["search_space"]),
             objectives=list(data["objectives"]),
             directions=list(data["directions"]),
@@ -188,6 +191,19 @@ class SearchResult:
             seed=data.get("seed"),
             info=dict(data.get("info") or {}),
         )
+        objectives, directions = result.objectives, result.directions
+        if not objectives or not all(isinstance(o, str) for o in objectives) or len(set(objectives)) < len(objectives):
+            raise ValueError(f"'objectives' must be distinct names, got {objectives!r}")
+        if len(directions) != len(objectives) or not set(directions) <= {"minimize", "maximize"}:
+            raise ValueError(f"'directions' must be 'minimize'/'maximize' per objective, got {directions!r}")
+        names = {d.name for d in result.space}
+        for e in result.evaluations:
+            if set(e.values) != set(objectives) or set(e.config) != names or not isinstance(e.key, str):
+                raise ValueError(f"evaluation {e.index} has other objectives or dimensions than the result")
+            for dim in result.space:
+                if e.config[dim.name] not in dim.choices:
+                    raise ValueError(f"evaluation {e.index}: {dim.name}={e.config[dim.name]!r} is not a choice")
+        return result
 
     def to_json(self, path: str | os.PathLike) -> Path:
         """Write the result as JSON (atomically); NaN values are written as null."""
@@ -196,7 +212,13 @@ class SearchResult:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> SearchResult:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a result written by `to_json`; a damaged file gives a `ValueError` naming it."""
+        fix = "run the search again (hf-elastic search, or search_subnetworks(..., output_dir=...))"
+        data = read_json(path, fix)
+        try:
+            return cls.from_dict(data)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+            raise ValueError(f"{path} is not a search result written by hf_elastic ({error!r}); {fix}.") from None
 
     def to_csv(self, path: str | os.PathLike) -> Path:
         """One row per evaluation: index, sources, key, the objectives, pareto, then one column per dimension."""

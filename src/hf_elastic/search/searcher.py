@@ -21,7 +21,7 @@ from ..nas.loading import load_super_network
 from ..nas.search_space import SearchSpace, SubnetConfig
 from ..nas.supernet import SuperNetwork, get_supernet
 from ..nas.trainer import NAS_STATS_NAME, NASTrainerMixin
-from ..utils import config_from_kwargs, read_json
+from ..utils import config_from_kwargs, read_json, typed_fields
 from .evaluators import (
     COUNT_OBJECTIVES,
     CountEvaluator,
@@ -110,6 +110,7 @@ class SearchConfig:
     )
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar with the current best."})
 
+    @typed_fields()
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"SearchConfig.strategy={self.strategy!r} is unknown; use one of {list(STRATEGIES)}.")
@@ -270,6 +271,7 @@ class SubnetSearch:
         self.cache_hits = 0
         self._heuristics: dict[str, SubnetConfig] = {}
         self.predictor_info: dict[str, Any] = {}
+        self._stats_name = "nas_stats"
 
     @functools.cached_property
     def nas_stats(self) -> dict[str, Any] | None:
@@ -278,11 +280,13 @@ class SubnetSearch:
         if isinstance(nas_stats, Mapping):
             return dict(nas_stats)
         if nas_stats is None and trainer is not None:
+            self._stats_name = "the trainer's nas_stats"
             return trainer.sampler.stats()
         if nas_stats is None and directory is not None and (directory / NAS_STATS_NAME).is_file():
             nas_stats = directory / NAS_STATS_NAME
         if nas_stats is None:
             return None
+        self._stats_name = str(nas_stats)
         stats = read_json(nas_stats, "train again, or pick a strategy other than loss_based")
         if not isinstance(stats.get("config_losses"), dict):
             raise ValueError(f"{nas_stats} has no 'config_losses' table; it was not written by NASTrainer.")
@@ -402,7 +406,8 @@ class SubnetSearch:
                     "strategy 'loss_based' needs training statistics: pass nas_stats= (nas_stats.json or its dict), "
                     "search a NASTrainer, or a super-adapter directory holding nas_stats.json."
                 )
-            return loss_based_config(self.space, self.nas_stats, self.config.loss_tolerance)
+            stats = self.nas_stats
+            return loss_based_config(self.space, stats, self.config.loss_tolerance, source=self._stats_name)
         if name == "activation_based":
             if self.supernet is None:
                 raise ValueError("strategy 'activation_based' needs a super-network, not a bare SearchSpace.")

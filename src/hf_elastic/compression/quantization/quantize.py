@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ...models.arch import weight_out_in
-from ...utils import atomic_write_json, config_from_kwargs, rows_by_name
+from ...utils import atomic_write_json, config_from_kwargs, rows_by_name, typed_fields
 from ..calibration import (
     CalibrationData,
     CalibrationSettings,
@@ -87,6 +87,7 @@ class QuantizationConfig(CalibrationSettings):
         },
     )
 
+    @typed_fields()
     def __post_init__(self) -> None:
         _check_bits(self.bits)
         if self.group_size is not None and (

@@ -211,7 +211,10 @@ def load_quantized(
             raise ValueError(f"{name}.qweight holds codes above {2**module.bits - 1} for bits={module.bits}.")
     settings = qc.get("settings")
     if settings is not None:
-        model.hf_elastic_quantization = QuantizationConfig(**settings)
+        try:
+            model.hf_elastic_quantization = QuantizationConfig(**settings)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{qc_path} has damaged 'settings' ({error}); save the model again.") from None
     if device is not None:
         model.to(device)
     return model.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ...utils import typed_fields
 from ..nls.config import NLSConfig
 
 
@@ -67,6 +68,7 @@ class ElasticLoraConfig(NLSConfig):
         },
     )
 
+    @typed_fields()
     def __post_init__(self) -> None:
         self.ffn_width_choices = _check_width_choices("ffn_width_choices", self.ffn_width_choices)
         self.head_choices = _check_width_choices("head_choices", self.head_choices)

@@ -13,7 +13,15 @@ from peft import LoraConfig
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from transformers.pytorch_utils import Conv1D
 
-from ...utils import ELASTIC_CONFIG_NAME, atomic_write_json, digest, file_sha256, read_json
+from ...utils import (
+    ELASTIC_CONFIG_NAME,
+    atomic_write_json,
+    digest,
+    file_sha256,
+    read_json,
+    recover_files,
+    typed_fields,
+)
 
 _METHODS: dict[str, type[NLSConfig]] = {}
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -143,6 +151,7 @@ class NLSConfig(LoraConfig):
         super().__init_subclass__(**kwargs)
         _METHODS[cls.elastic_method] = cls
 
+    @typed_fields()
     def __post_init__(self) -> None:
         name = type(self).__name__
         if self.rank_choices is None:
@@ -232,6 +241,7 @@ class NLSConfig(LoraConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
         """Load the config of a saved super-adapter, restoring the elastic class (`NLSConfig` or a subclass)."""
         directory = Path(pretrained_model_name_or_path, subfolder or "")
+        recover_files(directory)  # a save killed after its commit point is finished first
         elastic_path = directory / ELASTIC_CONFIG_NAME
         if not elastic_path.is_file():
             if not directory.is_dir():
@@ -250,7 +260,7 @@ class NLSConfig(LoraConfig):
         stored_digest, adapter_sha = elastic.pop("digest", None), elastic.pop("adapter_sha256", None)
         elastic.pop("save_id", None)
         method = elastic.get("method")
-        if method not in _METHODS:
+        if not isinstance(method, str) or method not in _METHODS:
             raise ValueError(f"{elastic_path} names method={method!r}; known methods are {sorted(_METHODS)}.")
         target_cls = _METHODS[method]
         known = {"method", "hf_elastic_version", "target_modules"}
