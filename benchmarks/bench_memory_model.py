@@ -127,7 +127,7 @@ def measure(size: str, method: str, workdir: Path) -> dict[str, int]:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from hf_elastic import export_subnetwork, get_supernet, quantize, sparsify
+    from hf_elastic import QuantizationConfig, export_subnetwork, get_supernet, quantize, sparsify
     from hf_elastic.nas.memory import RECIPES
 
     warnings.filterwarnings("ignore")
@@ -150,9 +150,10 @@ def measure(size: str, method: str, workdir: Path) -> dict[str, int]:
             out["sparsify"] = tracker.peak
         if m.bits:
             tracker.reset()
-            quantize(model, m.bits, m.group_size if config.hidden_size % m.group_size == 0 else 64, method="gptq",
-                     calibration=calibration, seq_len=seq, num_samples=samples, batch_size=8,
-                     keep_residual=m.quantization_aware, show_progress=False)  # fmt: skip
+            group = m.group_size if config.hidden_size % m.group_size == 0 else 64
+            gptq = QuantizationConfig(bits=m.bits, group_size=group, method="gptq", seq_len=seq, num_samples=samples,
+                                      batch_size=8, keep_residual=m.quantization_aware)  # fmt: skip
+            quantize(model, gptq, calibration=calibration, show_progress=False)
             out["quantize"] = tracker.peak
         gc.collect()
         peft = get_peft_model(model, peft_config(method, config.model_type))
@@ -207,7 +208,7 @@ def measure_openvino(size: str, method: str, workdir: Path) -> int:
     if method == "sqft-qa":
         from hf_elastic import quantize
 
-        quantize(warm, 4, group_size=32, show_progress=False)
+        quantize(warm, bits=4, group_size=32, show_progress=False)
     export_openvino(warm, workdir / "ov-warm", overwrite=True)  # loads the converter's libraries before the baseline
     del warm
     gc.collect()
