@@ -134,6 +134,7 @@ def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
         train_rows, test_rows = Dataset.from_list(synthetic_rows(64, 0)), Dataset.from_list(synthetic_rows(8, 1))
         model, tokenizer = tiny_model_and_tokenizer(list(train_rows))
         args.seq_len, group_size, epochs, batch, accumulation, warmup = 48, 16, 1.0, 8, 1, 0
+        args.calibration_samples = min(args.calibration_samples, 32)  # the synthetic rows hold 42 windows
     else:
         train_rows = load_rows(args.data, config=args.data_config, split="train")
         test_rows = None
