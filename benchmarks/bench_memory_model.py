@@ -89,9 +89,9 @@ def build_config(size: str):
 
     spec = SIZES[size]["config"]
     if spec == "smollm2":
-        from hf_elastic.demo.assets import demo_model_dir
+        from hf_elastic.models.offline import smollm2_dir
 
-        return AutoConfig.from_pretrained(demo_model_dir())
+        return AutoConfig.from_pretrained(smollm2_dir())
     return LlamaConfig(**spec, max_position_embeddings=512)
 
 
