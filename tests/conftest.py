@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    TrainerCallback,
 )
 
 from hf_elastic import ElasticLoraConfig, NASTrainingArguments, NLSConfig, quantize
@@ -385,3 +386,14 @@ def record_activations(trainer) -> list[dict[str, int]]:
 
     trainer.supernet.activate = spy
     return seen
+
+
+class StopAt(TrainerCallback):
+    """Stops training after `step` optimizer steps (a run cut short, to test resuming)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True

@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import ARCHS, TRAIN_DEFAULTS, args, fresh, peft_kwargs
+from conftest import ARCHS, TRAIN_DEFAULTS, StopAt, args, fresh, peft_kwargs
 from datasets import Dataset
 from peft import get_peft_model
-from transformers import TrainerCallback
 
 from hf_elastic import ElasticLoraConfig, NASTrainingArguments
 from hf_elastic.nas.samplers import progressive_stage
@@ -168,15 +167,6 @@ def test_progressive_stage_boundaries():
         NASTrainingArguments(output_dir="x", progressive_stages=[0.5, 0.5])
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-
-
 def opened_kinds(space, configs) -> set[str]:
     top = space.max_config()
     return {space[name].kind for config in configs for name in config if config[name] != top[name]}
@@ -202,7 +192,7 @@ def test_progressive_opens_rank_then_width_then_heads_and_resumes(llama, tmp_pat
 
     part_args = run | {"save_strategy": "steps", "save_steps": 3}
     part = trainer_for(llama, tmp_path / "part", **part_args)
-    part.add_callback(_StopAt(3))
+    part.add_callback(StopAt(3))
     part.train()
     resumed = trainer_for(llama, tmp_path / "part", **part_args)
     resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-3"))

@@ -15,6 +15,7 @@ import torch
 from conftest import (
     ARCHS,
     METHODS,
+    StopAt,
     args,
     dataset,
     fresh,
@@ -319,7 +320,7 @@ def test_resume_continues_the_same_sequence(llama, tmp_path):
 
     run = args(tmp_path / "part", save_strategy="steps", save_steps=3)
     part = NASTrainer(model=nls_model(llama), args=run, train_dataset=dataset())
-    part.add_callback(_StopAt(3))
+    part.add_callback(StopAt(3))
     part.train()
     assert part.state.global_step == 3
 
@@ -329,15 +330,6 @@ def test_resume_continues_the_same_sequence(llama, tmp_path):
     assert resumed.sampler.choice_counts == full.sampler.choice_counts
     expected, got = adapter_weights(full.model), adapter_weights(resumed.model)
     assert max((expected[k] - got[k]).abs().max().item() for k in expected) <= 1e-6
-
-
-class _StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
 
 
 def test_trainer_errors(llama, tmp_path):

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHS, TRAIN_DEFAULTS, args, dataset, fresh, peft_kwargs, record_activations
+from conftest import ARCHS, TRAIN_DEFAULTS, StopAt, args, dataset, fresh, peft_kwargs, record_activations
 from datasets import Dataset
 from peft import PeftModel, get_peft_model
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 import hf_elastic
 from hf_elastic import NASTrainer, NASTrainerMixin, NLSConfig, get_supernet, load_super_network, search_subnetworks
@@ -104,15 +104,6 @@ def test_sft_trainer_samples_like_nastrainer(llama, tokenizer, tmp_path):
     assert result.by_source("loss_based")[0].config == expected
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-
-
 def test_sft_resume_continues_the_same_sequence(llama, tokenizer, tmp_path):
     def trainer(run):
         return NASSFTTrainer(
@@ -123,7 +114,7 @@ def test_sft_resume_continues_the_same_sequence(llama, tokenizer, tmp_path):
     full.train()
     run = sft_args(tmp_path / "part", save_strategy="steps", save_steps=3)
     part = trainer(run)
-    part.add_callback(_StopAt(3))
+    part.add_callback(StopAt(3))
     part.train()
     assert part.state.global_step == 3 and (tmp_path / "part" / "checkpoint-3" / NAS_STATS_NAME).is_file()
 
