@@ -115,7 +115,8 @@ else:
         if isinstance(m, QuantLinear)
         for t in ("qweight", "scales", "zeros", "residual")
     }
-    report["local_code_bytes"] = sum(local_tensor(m.qweight).numel() for m in model.modules() if isinstance(m, QuantLinear))
+    codes = [m.qweight for m in model.modules() if isinstance(m, QuantLinear)]
+    report["code_bytes"] = [sum(local_tensor(c).numel() for c in codes), sum(c.numel() for c in codes)]
     # the base checks, again on the sharded weights
     supernet._costs = None
     supernet._check_base_sparsity()  # raises if the zero pattern read now differs from the recorded one
