@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +24,7 @@ from conftest import (
     subnets,
     train_steps,
 )
+from dist_launch import DDP_LAUNCH, FSDP_LAUNCH, run_worker
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, TrainerCallback
 
@@ -363,29 +363,8 @@ def test_save_model_warns_when_fsdp_saves_no_adapter(llama, tmp_path, monkeypatc
     assert sorted(p.name for p in (tmp_path / "final").iterdir()) == [NAS_STATS_NAME]
 
 
-ACCELERATE_LAUNCH = ["-m", "accelerate.commands.launch", "--num_processes", "2", "--main_process_port", "0"]
-# accelerate 1.15 runs `--cpu` scripts once (only mpirun starts more); `--multi_gpu` picks its torchrun launcher,
-# and the workers' `use_cpu=True` makes them a MULTI_CPU (gloo) group.
-DDP_LAUNCH = [*ACCELERATE_LAUNCH, "--multi_gpu"]
-FSDP_LAUNCH = [
-    *ACCELERATE_LAUNCH,
-    "--use_fsdp",
-    "--fsdp_version=2",
-    "--fsdp_auto_wrap_policy=TRANSFORMER_BASED_WRAP",
-    "--fsdp_transformer_layer_cls_to_wrap=LlamaDecoderLayer",
-    "--fsdp_state_dict_type=FULL_STATE_DICT",
-]
-
-
 def _run_worker(out, *worker_args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    here = Path(__file__).parent
-    cmd = [sys.executable, *(launcher or []), str(here / "train_worker.py"), str(out), *worker_args]
-    env = os.environ | {
-        "PYTHONPATH": f"{here}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "HF_HOME": str(Path(out) / "hf_home"),  # no accelerate default_config.yaml
-    }
-    return subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+    return run_worker("train_worker.py", out, *worker_args, launcher=launcher)
 
 
 def _ranks(out) -> list[dict]:

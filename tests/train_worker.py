@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from conftest import ARCHS, args, dataset, peft_kwargs
+from dist_launch import CPUFSDPTrainer
 from peft import get_peft_model
 from transformers import TrainerCallback
 
@@ -34,23 +33,6 @@ class KillAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
-
-
-class CPUFSDPTrainer(NASTrainer):
-    """`NASTrainer` on accelerate's FSDP2 path with gloo.
-
-    accelerate 1.15 keeps the FSDP plugin only for GPU-like distributed types (`AcceleratorState.__init__`), so on CPU
-    `accelerate launch --use_fsdp` trains with DDP. This lifts that gate; the plugin reads launch's FSDP_* variables.
-    Test-only: it relies on accelerate's shared-state internals.
-    """
-
-    def create_accelerator_and_postprocess(self) -> None:
-        super().create_accelerator_and_postprocess()
-        self.accelerate_chose = self.accelerator.distributed_type.value
-        self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
-        for state in (PartialState(), self.accelerator.state):  # AcceleratorState() copies PartialState's fields
-            state.distributed_type = DistributedType.FSDP
-        self.is_fsdp_enabled = True
 
 
 def lora(model) -> dict[str, torch.Tensor]:

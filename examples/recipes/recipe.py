@@ -5,11 +5,16 @@ Each recipe script (`lonas.py`, `shears.py`, `sqft_sparsepeft.py`, `sqft_qa_spar
 On a GPU machine with the Hub they run as they are (GSM8K from the Hub, lm-eval `gsm8k` for the heuristic
 sub-network). `--tiny` swaps in a tiny random Llama and synthetic GSM8K-style rows, offline, in seconds: the test suite
 runs it so the scripts cannot rot.
+
+Under several processes (`accelerate launch`, DDP or FSDP2) rank 0 compresses the base once and saves it to
+`<output-dir>/base`, which every rank then loads; after training, rank 0 alone evaluates and exports from the saved
+super-adapter on a reloaded base (the sharded training model is never copied) while the other ranks exit.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 from pathlib import Path
@@ -25,7 +30,10 @@ from hf_elastic import (
     QuantizationConfig,
     export_subnetwork,
     get_supernet,
+    load_exported,
+    load_super_network,
     quantize,
+    save_quantized,
     sparsify,
 )
 from hf_elastic.data import InstructionFormat, completion_collator, load_rows, prompts_and_answers, tokenize_rows
@@ -117,6 +125,39 @@ def peft_config(method: Method, model_type: str) -> NLSConfig:
     return NLSConfig(**common)
 
 
+def compress(
+    method: Method, model: Any, tokenizer: Any, train_rows: Any, fmt: InstructionFormat, args: Any, group_size: int
+) -> dict[str, Any]:
+    """Sparsify and quantize `model` in place as `method` asks; returns what the summary records of it."""
+    # rows are read until --calibration-samples windows of --seq-len tokens are full
+    calibration = train_rows.map(
+        lambda row: {"text": fmt.template.format(**row)}, remove_columns=train_rows.column_names
+    )
+    summary: dict[str, Any] = {}
+    if method.base_sparsity:
+        report = sparsify(
+            model,
+            sparsity=method.base_sparsity,
+            calibration=calibration,
+            tokenizer=tokenizer,
+            seq_len=args.seq_len,
+            num_samples=args.calibration_samples,
+        )
+        summary["base_sparsity"] = report.total_sparsity
+    if method.base_bits:
+        gptq = QuantizationConfig(
+            bits=method.base_bits,
+            group_size=group_size,
+            method="gptq",
+            seq_len=args.seq_len,
+            num_samples=args.calibration_samples,
+            keep_residual=method.quantization_aware,
+        )
+        quantize(model, gptq, calibration=calibration, tokenizer=tokenizer)
+        summary["base_bits"] = method.base_bits
+    return summary
+
+
 def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
     """Run the recipe of `method` end to end and return (and write) a summary of what it produced."""
     from datasets import Dataset
@@ -151,37 +192,6 @@ def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
             batch, accumulation = plan.chosen.micro_batch, plan.chosen.accumulation
             checkpointing = plan.chosen.checkpointing
             print(plan)
-    # rows are read until --calibration-samples windows of --seq-len tokens are full
-    calibration = train_rows.map(
-        lambda row: {"text": fmt.template.format(**row)}, remove_columns=train_rows.column_names
-    )
-    summary: dict[str, Any] = {
-        "recipe": method.name,
-        "paper": method.paper.title,
-        "model": "tiny" if args.tiny else args.model,
-    }
-    if method.base_sparsity:
-        report = sparsify(
-            model,
-            sparsity=method.base_sparsity,
-            calibration=calibration,
-            tokenizer=tokenizer,
-            seq_len=args.seq_len,
-            num_samples=args.calibration_samples,
-        )
-        summary["base_sparsity"] = report.total_sparsity
-    if method.base_bits:
-        gptq = QuantizationConfig(
-            bits=method.base_bits,
-            group_size=group_size,
-            method="gptq",
-            seq_len=args.seq_len,
-            num_samples=args.calibration_samples,
-            keep_residual=method.quantization_aware,
-        )
-        quantize(model, gptq, calibration=calibration, tokenizer=tokenizer)
-        summary["base_bits"] = method.base_bits
-    config = peft_config(method, model.config.model_type)
     training = NASTrainingArguments(
         output_dir=str(out / "super-adapter"),
         num_train_epochs=epochs,
@@ -200,6 +210,32 @@ def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
         use_cpu=not cuda,
         disable_tqdm=args.tiny,
     )
+    summary: dict[str, Any] = {
+        "recipe": method.name,
+        "paper": method.paper.title,
+        "model": "tiny" if args.tiny else args.model,
+    }
+    saved_base = out / "base" if method.base_sparsity or method.base_bits or args.tiny else None
+    device, dtype = model.device, model.dtype
+
+    def load_base() -> Any:
+        if saved_base is None:
+            return load_causal_lm(args.model, dtype=dtype).to(device)
+        return load_exported(saved_base, dtype=None if method.base_bits else dtype).to(device)
+
+    if training.world_size == 1:
+        summary |= compress(method, model, tokenizer, train_rows, fmt, args, group_size)
+    elif saved_base is not None:  # compressed once, on rank 0; the others wait and load what it saved
+        with training.main_process_first(local=False, desc="compress the base"):
+            if training.process_index == 0:
+                summary |= compress(method, model, tokenizer, train_rows, fmt, args, group_size)
+                if method.base_bits:
+                    save_quantized(model, saved_base, tokenizer=tokenizer)
+                else:
+                    model.save_pretrained(saved_base)
+            else:
+                model = load_base()
+    config = peft_config(method, model.config.model_type)
     from peft import get_peft_model
 
     model = get_peft_model(model, config)
@@ -210,6 +246,13 @@ def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
     trainer = NASTrainer(model=model, args=training, train_dataset=train, data_collator=completion_collator(tokenizer))
     summary["train_loss"] = trainer.train().training_loss
     trainer.save_model(str(out / "super-adapter"))
+    if training.world_size > 1:
+        # the trained weights are split over the ranks (FSDP2): rank 0 goes on from the saved super-adapter
+        if training.process_index != 0:
+            return summary
+        del trainer, model, supernet
+        gc.collect()
+        supernet = get_supernet(load_super_network(load_base(), out / "super-adapter", strict=True))
     tokenizer.save_pretrained(out / "super-adapter")
 
     supernet.activate("median")  # the Shears/SQFT heuristic sub-network

@@ -324,6 +324,26 @@ def synchronize(device: torch.device | str) -> None:
         getattr(torch, device.type).synchronize()
 
 
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a tensor that FSDP2 shards (a DTensor, sharing its storage), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a tensor that FSDP2 shards (a DTensor: an all-gather that every rank must call), or the tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def any_rank(flags: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """Element-wise OR of the boolean `flags` over all ranks, with one all-reduce on `device` (the backend's device,
+    e.g. `TrainingArguments.device`); `flags` as they are without a process group. Every rank must call it."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flags
+    votes = flags.to(device or flags.device, torch.int32)
+    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
+    return votes.to(flags.device).bool()
+
+
 @contextmanager
 def ieee_fp32_matmul() -> Iterator[None]:
     """Float32 matmuls on CUDA in full precision inside the block, also where TF32 is enabled (GPTQ's Hessian and

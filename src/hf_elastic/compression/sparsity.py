@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..models.arch import weight_out_in
-from ..utils import atomic_write_json, rows_by_name, typed_fields
+from ..utils import atomic_write_json, full_tensor, rows_by_name, typed_fields
 from .calibration import (
     CalibrationData,
     CalibrationSettings,
@@ -153,7 +153,7 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
 
     if isinstance(module, QuantLinear):
         return module.dequantize()
-    return weight_out_in(module)
+    return full_tensor(weight_out_in(module))
 
 
 def _is_linear_or_quantized(module: nn.Module) -> bool:

@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from ..compression.quantization.format import QuantLinear
 from ..models.arch import base_layer, weight_out_in
+from ..utils import full_tensor
 from .geometry import SubnetGeometry
 
 COMPRESSION_COSTS = ("nonzero_params", "bytes")
@@ -47,7 +48,7 @@ class _Linear:
 
 def _nonzero_mask(base: nn.Module) -> torch.Tensor:
     """Bool (out, in): which weights are not zero (a quantized weight: its code is not its group's zero point)."""
-    return base.nonzero_mask() if isinstance(base, QuantLinear) else weight_out_in(base).detach() != 0
+    return base.nonzero_mask() if isinstance(base, QuantLinear) else full_tensor(weight_out_in(base).detach()) != 0
 
 
 def _linear_info(module: nn.Module) -> _Linear:
@@ -113,13 +114,13 @@ class CompressionCosts:
         seen = set()
         for name in self.linears:
             layer = base_layer(base.get_submodule(name))
-            seen.update(id(t) for t in (getattr(layer, "weight", None), layer.bias) if t is not None)
+            seen.update(id(t) for t in layer.parameters(recurse=False))  # weight and bias, or codes, scales, ...
         self.other_nonzero, self.other_bytes = 0, 0
         for name, param in base.named_parameters():
             if "lora_" in name or id(param) in seen:
                 continue
             seen.add(id(param))
-            self.other_nonzero += int((param.detach() != 0).sum())
+            self.other_nonzero += int((full_tensor(param.detach()) != 0).sum())
             self.other_bytes += param.numel() * param.element_size()
         self.adapter_bytes = {
             key: module.lora_A[adapter_name].weight.element_size() for key, module in adapters.items()

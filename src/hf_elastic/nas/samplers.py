@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..utils import any_rank, local_tensor
 from .search_space import Dimension, SearchSpace, SubnetConfig
 from .supernet import SuperNetwork
 
@@ -77,11 +78,6 @@ def register_sampler(name: str, sampler: Sampler) -> None:
 
 def space_fingerprint(space: SearchSpace) -> str:
     return hashlib.sha256(json.dumps(space.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (sharing its storage), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class SubnetSampler(TrainerCallback, ExportableState):
@@ -203,11 +199,9 @@ class SubnetSampler(TrainerCallback, ExportableState):
         params = [p for p in model.parameters() if p.requires_grad and p.grad is not None] if model else []
         if not params:
             return
-        finite = torch.stack([torch.isfinite(_local(p.grad)).all() for p in params]).all()
-        if any(hasattr(p.grad, "to_local") for p in params) and torch.distributed.is_initialized():
-            flag = finite.int()  # sharded gradients: every rank must skip the same steps
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-            finite = flag.bool()
+        finite = torch.stack([torch.isfinite(local_tensor(p.grad)).all() for p in params]).all()
+        if any(hasattr(p.grad, "to_local") for p in params):  # FSDP2 shards: every rank must skip the same steps
+            finite = ~any_rank(~finite, args.device)
         keys = [self.key(c) for c in self.current]
         if self.on_nonfinite == "stop":
             if bool(finite):
@@ -219,9 +213,9 @@ class SubnetSampler(TrainerCallback, ExportableState):
             )
         saved, current = [], []
         for p in params:
-            _local(p.grad).masked_fill_(~finite, 0)
+            local_tensor(p.grad).masked_fill_(~finite, 0)
             state_of = getattr(optimizer, "state", {}).get(p, {}) if optimizer is not None else {}
-            tensors = [_local(t) for t in (p, *state_of.values()) if torch.is_tensor(t) and t.device == p.device]
+            tensors = [local_tensor(t) for t in (p, *state_of.values()) if torch.is_tensor(t) and t.device == p.device]
             current += tensors
             saved += [t.detach().clone() for t in tensors]
         self._undo = (finite, current, saved)

@@ -26,6 +26,7 @@ from ..utils import (
     SUBNET_CONFIG_NAME,
     atomic_save_safetensors,
     atomic_write_json,
+    full_tensor,
     matches_module,
     split_layer_key,
 )
@@ -97,8 +98,11 @@ class SuperNetwork:
         self.geometry = SubnetGeometry(linear_sizes(self.base), width_layers, channel_order)
         self.width_masks = WidthMasks(self.base, width_layers)
         self._costs: CompressionCosts | None = None
-        self._base_params = sum(p.numel() for n, p in self.base.named_parameters() if "lora_" not in n) + sum(
-            m.qweight.numel() for m in self.base.modules() if isinstance(m, QuantLinear)
+        grids = {  # a quantized weight counts once, by its codes
+            id(t) for m in self.base.modules() if isinstance(m, QuantLinear) for t in (m.scales, m.zeros, m.residual)
+        }
+        self._base_params = sum(
+            p.numel() for n, p in self.base.named_parameters() if "lora_" not in n and id(p) not in grids
         )
         if self.config.sparse_adapter:
             self._check_base_sparsity()
@@ -395,7 +399,7 @@ def base_fingerprint(lora_modules: Mapping[str, LoraLayer]) -> str:
     sha = hashlib.sha256()
     for key, module in sorted(lora_modules.items()):
         base = module.get_base_layer()
-        weight = base.dequantize() if isinstance(base, QuantLinear) else weight_out_in(base)
+        weight = base.dequantize() if isinstance(base, QuantLinear) else full_tensor(weight_out_in(base))
         sha.update(f"{key}:{type(base).__name__}:{tuple(weight.shape)}".encode())
         sha.update(weight[0, :256].detach().float().cpu().numpy().tobytes())
     return sha.hexdigest()[:16]

@@ -22,9 +22,11 @@ from transformers import Trainer, TrainingArguments, set_seed
 from ..data import check_token_rows
 from ..utils import (
     ELASTIC_CONFIG_NAME,
+    any_rank,
     atomic_write_json,
     commit_files,
     explain_full_disk,
+    local_tensor,
     recover_files,
     staging_folder,
     typed_fields,
@@ -231,6 +233,7 @@ class NASTrainerMixin:
 
     def _setup_sampler(self) -> None:
         self.supernet = get_supernet(self.model)
+        _ = self.supernet.costs  # built now: it reads every base weight, which FSDP2 shards once training starts
         self.sampling = getattr(self.args, "sampling", "uniform")
         self.eval_subnets = getattr(self.args, "eval_subnets", ["median"])
         if self.sampling == "sandwich" and self.supernet.space.num_configs < 2:
@@ -398,7 +401,7 @@ class NASTrainerMixin:
         that are not finite are never saved.
         """
         out = Path(output_dir or self.args.output_dir)
-        bad = [n for n, p in self.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        bad = self._nonfinite_trainable()
         if bad:
             raise FloatingPointError(
                 f"Refusing to save to {out}: {len(bad)} adapter tensors hold NaN or inf (first: {bad[0]}). Resume "
@@ -418,6 +421,17 @@ class NASTrainerMixin:
             raise
         if self.args.should_save:
             commit_files(out)
+
+    def _nonfinite_trainable(self) -> list[str]:
+        """Names of the trainable tensors that hold NaN or inf. Under FSDP2 each rank sees its shard, so the ranks
+        agree (one all-reduce) before any of them raises: none is left waiting in the gather of the save."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if not named:
+            return []
+        flags = torch.stack([~torch.isfinite(local_tensor(p.detach())).all() for _, p in named])
+        if any(hasattr(p, "to_local") for _, p in named):
+            flags = any_rank(flags, self.args.device)
+        return [n for (n, _), bad in zip(named, flags.tolist(), strict=True) if bad]
 
     def _save_staged(self, staging: Path, _internal_call: bool) -> None:
         super().save_model(str(staging), _internal_call)

@@ -4,7 +4,8 @@ Storage format
 --------------
 `QuantLinear` replaces an `nn.Linear` or a GPT-2 `Conv1D` (whose weight is transposed to (out, in) first). It has
 the attributes `in_features`, `out_features`, `bits` (4 or 8), `group_size` (a divisor of `in_features`) and
-`symmetric`, and holds
+`symmetric`, and holds as frozen parameters (`requires_grad=False`: DDP does not re-send them each forward as it does
+buffers, and FSDP2 shards them with the layer; assigning a plain tensor wraps it)
 
 - `qweight`: uint8 (out_features, in_features), one code per byte, values in [0, 2**bits - 1];
 - `scales`: float32 (out_features, in_features // group_size), one scale per group of `group_size` consecutive
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from ...models.arch import weight_out_in
+from ...utils import full_tensor
 from .rtn import _grouped, compute_qparams, quantize_codes, residual_codes
 
 QUANT_CONFIG_NAME = "quantization_config.json"
@@ -53,6 +55,8 @@ QUANT_REPORT_NAME = "quantization_report.json"
 FORMAT_NAME = "hf_elastic.QuantLinear"
 FORMAT_VERSION = 2  # 2 added the optional `residual`
 _BITS = (4, 8)
+QUANT_TENSORS = ("qweight", "scales", "zeros", "residual")
+"""The frozen parameters of a `QuantLinear` that hold its weight (codes, scales, zero points, optional residual)."""
 
 
 def _check_bits(bits: Any, owner: str = "QuantizationConfig") -> None:
@@ -172,12 +176,10 @@ class QuantLinear(nn.Module):
         self.bits, self.group_size, self.symmetric = bits, group_size, bool(symmetric)
         groups = in_features // group_size
         zero = 2 ** (bits - 1) if symmetric else 0
-        self.register_buffer(
-            "qweight", torch.full((out_features, in_features), zero, dtype=torch.uint8, device=device)
-        )
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float32, device=device))
-        self.register_buffer("zeros", torch.full((out_features, groups), zero, dtype=torch.uint8, device=device))
-        self.register_buffer("residual", None)
+        self.qweight = torch.full((out_features, in_features), zero, dtype=torch.uint8, device=device)
+        self.scales = torch.ones(out_features, groups, dtype=torch.float32, device=device)
+        self.zeros = torch.full((out_features, groups), zero, dtype=torch.uint8, device=device)
+        self.register_parameter("residual", None)
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         else:
@@ -256,12 +258,13 @@ class QuantLinear(nn.Module):
         self.residual = None if residual is None else residual.to(device)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float weight (out_features, in_features) in `dtype`."""
-        return dequantize_codes(self.qweight, self.scales, self.zeros, self.group_size, dtype)
+        """The float weight (out_features, in_features) in `dtype` (whole, also where FSDP2 shards the layer)."""
+        qweight, scales, zeros = (full_tensor(t) for t in (self.qweight, self.scales, self.zeros))
+        return dequantize_codes(qweight, scales, zeros, self.group_size, dtype)
 
     def nonzero_mask(self) -> torch.Tensor:
         """Bool (out_features, in_features): where the weight is not zero (its code is not its group's zero point)."""
-        return self.qweight != expand_groups(self.zeros, self.group_size)
+        return full_tensor(self.qweight) != expand_groups(full_tensor(self.zeros), self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
@@ -286,8 +289,13 @@ class QuantLinear(nn.Module):
         finally:
             self._weight_cache = None
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in QUANT_TENSORS and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        super().__setattr__(name, value)
+
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
-        scales = self.scales
+        scales = self.scales.detach()  # `Module._apply` may replace the parameter's data in place
         super()._apply(fn, recurse)
         if self.scales.dtype != torch.float32:
             self.scales = scales.to(self.scales.device, torch.float32)

@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ...compression.quantization.format import QuantLinear
 from ...compression.quantization.rtn import RESIDUAL_STEPS
+from ...utils import full_tensor, local_tensor
 
 # codes (out, in), scales and zero points (out, groups, 1), top code, residual (out, in) int8 or None
 _Grid = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None]
@@ -265,13 +266,14 @@ class ElasticLoraLinear(LoraLinear):
         if self._mask_cache is None or self._mask_cache[0] != key:
             base = self.get_base_layer()
             with torch.no_grad():
-                mask = base.nonzero_mask() if isinstance(base, QuantLinear) else self.base_weight() != 0
+                mask = base.nonzero_mask() if isinstance(base, QuantLinear) else full_tensor(self.base_weight()) != 0
                 self._mask_cache = (key, pack_mask(mask))
         return self._mask_cache[1]
 
     def _mask_key(self) -> tuple:
         base = self.get_base_layer()
         tensors = (base.qweight, base.zeros) if isinstance(base, QuantLinear) else (base.weight,)
+        tensors = [local_tensor(t) for t in tensors]  # FSDP2: this rank's shard outside forward, the whole inside
         return tuple((t.data_ptr(), t._version, t.device, t.dtype, t.shape) for t in tensors)
 
     def _packed_mask(self, adapter: str) -> torch.Tensor | None:
