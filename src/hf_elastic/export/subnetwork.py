@@ -62,7 +62,7 @@ def export_subnetwork(
             raise ValueError("format='gguf' needs tokenizer=...: llama.cpp reads the vocabulary from the GGUF file.")
     check_output_dir(output_dir, overwrite)
     resolved = supernet.resolve(config)
-    model = supernet.extract_model(resolved)
+    model = supernet.extract_model(resolved, share_weights=True)
     with atomic_directory(output_dir, overwrite) as tmp:
         if format == "compressed-tensors":
             write_compressed_tensors(model, tmp)
