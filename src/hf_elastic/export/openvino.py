@@ -41,6 +41,7 @@ fp32 results that match PyTorch.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import os
@@ -56,7 +57,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..compression.quantization.format import QUANT_CONFIG_NAME, QuantLinear, default_group_size, group_size_note
 from ..models.arch import weight_out_in
-from ..models.loading import TOKENIZER_FILES
+from ..models.loading import TOKENIZER_FILES, copy_module
 from ..utils import SUBNET_CONFIG_NAME, atomic_directory, check_output_dir
 from .openvino_ir import (
     OV_MODEL_NAME,
@@ -171,7 +172,7 @@ def _load_folder(path: Path) -> tuple[nn.Module, Any]:
         )
     from .subnetwork import load_exported
 
-    model = load_exported(path)
+    model = load_exported(path, dtype=None if (path / QUANT_CONFIG_NAME).is_file() else torch.float32)
     tokenizer = None
     if any((path / name).is_file() for name in TOKENIZER_FILES):
         from transformers import AutoTokenizer
@@ -180,39 +181,55 @@ def _load_folder(path: Path) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, QuantLinear]]:
-    """A float32 copy of `model` on CPU with every `QuantLinear` replaced by an `nn.Linear` holding `dequantize()`."""
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    float_model = copy.deepcopy(model).to("cpu", torch.float32)
-    for name, module in quantized.items():
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(module.dequantize(torch.float32))
-            if module.bias is not None:
-                linear.bias.copy_(module.bias.float())
-        parent, _, child = name.rpartition(".")
-        setattr(float_model.get_submodule(parent) if parent else float_model, child, linear)
-    return float_model, quantized
+def _float32_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to("cpu", torch.float32) if tensor.is_floating_point() else tensor.to("cpu")
 
 
-def _compress_with_nncf(
-    xml_path: Path, bits: int, group_size: int, symmetric: bool, ratio: float, write_config: bool = True
-) -> None:
-    """NNCF weight-only compression of the float MatMul/Gather weights of an IR, in place (already compressed
-    weights are left as they are)."""
+def _export_copy(model: nn.Module, quantized: dict[str, QuantLinear], owned: bool) -> nn.Module:
+    """The float32 CPU model the exporter traces, holding each weight once: `model` itself when it is one already
+    (or converted in place when it was loaded here), else a copy made tensor by tensor (`copy_module`), in which every
+    `QuantLinear` is an `nn.Linear` holding `dequantize()`; float32 CPU tensors are shared, not copied."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if not quantized and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors if t.is_floating_point()
+    ):
+        return model
+    if not quantized and owned:
+        return model.to("cpu", torch.float32)
+    replace = {}
+    for module in quantized.values():
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(module.dequantize(torch.float32).cpu(), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(_float32_cpu(module.bias.detach()), requires_grad=False)
+        replace[module] = linear
+    return copy_module(model, _float32_cpu, replace)
+
+
+def _finish_ir(
+    xml_path: Path, quantized: dict[str, QuantLinear], compress: tuple | None, release: bool
+) -> dict[str, str]:
+    """Read the IR once, put the codes of `quantized` in it and compress its float weights with NNCF (`compress`:
+    bits, group size, symmetric, ratio), and save it once. With `release`, each `QuantLinear` drops its codes once
+    they are in the IR. Returns the scale type of each quantized module."""
     ov = _require("openvino")
-    nncf = _require("nncf")
-    from optimum.intel import OVWeightQuantizationConfig
+    model = ov.Core().read_model(xml_path)
+    scale_types = _embed_quantized(model, quantized, release) if quantized else {}
+    if compress is not None:
+        nncf = _require("nncf")
+        from optimum.intel import OVWeightQuantizationConfig
 
-    config = OVWeightQuantizationConfig(bits=bits, sym=symmetric, group_size=group_size, ratio=ratio)
-    model = nncf.compress_weights(ov.Core().read_model(xml_path), **config.to_nncf_dict())
+        bits, group_size, symmetric, ratio = compress
+        config = OVWeightQuantizationConfig(bits=bits, sym=symmetric, group_size=group_size, ratio=ratio)
+        model = nncf.compress_weights(model, **config.to_nncf_dict())
+        model.set_rt_info(nncf.__version__, ["optimum", "nncf_version"])
+        if not quantized:
+            (xml_path.parent / "openvino_config.json").write_text(
+                json.dumps({"dtype": f"int{bits}", "quantization_config": config.to_dict()}, indent=2, default=str)
+            )
     _drop_f16_kv_cache_option(model)
-    model.set_rt_info(nncf.__version__, ["optimum", "nncf_version"])
     _save_replacing(ov, model, xml_path)
-    if write_config:
-        (xml_path.parent / "openvino_config.json").write_text(
-            json.dumps({"dtype": f"int{bits}", "quantization_config": config.to_dict()}, indent=2, default=str)
-        )
+    return scale_types
 
 
 def _cache_shapes(model: nn.Module) -> list[tuple[int, int]] | None:
@@ -368,7 +385,8 @@ def export_openvino(
     extra_files = [Path(f) for f in ([extra_files] if isinstance(extra_files, (str, os.PathLike)) else extra_files)]
     if missing := [str(f) for f in extra_files if not f.is_file()]:
         raise FileNotFoundError(f"export_openvino extra_files {missing} do not exist.")
-    if isinstance(model_or_dir, (str, os.PathLike)):
+    owned = isinstance(model_or_dir, (str, os.PathLike))  # loaded here: converted and freed as the export goes
+    if owned:
         model, folder_tokenizer = _load_folder(Path(model_or_dir))
         tokenizer = tokenizer if tokenizer is not None else folder_tokenizer
         subnet = Path(model_or_dir) / SUBNET_CONFIG_NAME
@@ -406,20 +424,19 @@ def export_openvino(
             nncf_group_size = int4_group_size(model)
             logger.info("export_openvino: INT4 %s.", group_size_note(nncf_group_size))
         _check_group_size(model, nncf_group_size)
-    first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if quantized:
-        export_model, quantized = _dequantized_copy(model)
-    elif first is not None and (first.dtype != torch.float32 or first.device.type != "cpu"):
-        export_model = copy.deepcopy(model).to("cpu", torch.float32)  # the exporter traces float32 on CPU
-    else:
-        export_model = model
+    export_model = _export_copy(model, quantized, owned)
     ov_config = None
     if weight_format == "fp16":
         from optimum.intel import OVConfig
 
         ov_config = OVConfig(dtype="fp16")
+    compress = None
+    if quantized and compress_float_weights:
+        compress = (8, -1, False, 1.0)
+    elif weight_format in ("int4", "int8"):
+        compress = (4 if weight_format == "int4" else 8, nncf_group_size, symmetric, ratio)
 
-    training = export_model.training
+    training = model.training
     try:
         with atomic_directory(output_dir, overwrite) as tmp:
             shapes = _cache_shapes(export_model)
@@ -435,25 +452,26 @@ def export_openvino(
                 preprocessors=[],
                 custom_export_configs=custom,
             )
-            xml_path = tmp / OV_MODEL_NAME
-            if quantized:
-                scale_types = _embed_quantized(xml_path, quantized)
-                logger.info(
-                    "export_openvino: exact codes of %d layers, %d with f16 scales (exact in f16), the rest f32.",
-                    len(scale_types),
-                    sum(t == "f16" for t in scale_types.values()),
-                )
-                if compress_float_weights:
-                    _compress_with_nncf(xml_path, 8, -1, False, 1.0, write_config=False)
-            elif weight_format in ("int4", "int8"):
-                bits = 4 if weight_format == "int4" else 8
-                _compress_with_nncf(xml_path, bits, nncf_group_size, symmetric, ratio)
+            # the traced copy (or the model loaded here) goes before the IR is read back: one float model at a time
+            del export_model, custom
+            if owned:
+                del model  # `quantized` keeps the codes until they are in the IR
+            gc.collect()
+            if quantized or compress is not None:
+                scale_types = _finish_ir(tmp / OV_MODEL_NAME, quantized, compress, release=owned)
+                if quantized:
+                    logger.info(
+                        "export_openvino: exact codes of %d layers, %d with f16 scales (exact in f16), the rest f32.",
+                        len(scale_types),
+                        sum(t == "f16" for t in scale_types.values()),
+                    )
             if tokenizer is not None:
                 _export_tokenizer(tokenizer, tmp)
             for file in extra_files:
                 shutil.copyfile(file, tmp / file.name)
     finally:
-        export_model.train(training)
+        if not owned:
+            model.train(training)
     return output_dir
 
 

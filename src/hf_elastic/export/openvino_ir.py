@@ -100,19 +100,21 @@ def _value_key(array: np.ndarray) -> tuple[tuple[int, ...], str]:
     return tuple(array.shape), hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def _embed_quantized(xml_path: Path, quantized: dict[str, QuantLinear]) -> dict[str, str]:
-    """Replace the fp32 weight constants of the quantized modules in the IR at `xml_path` by their codes, in place;
+def _embed_quantized(model: Any, quantized: dict[str, QuantLinear], release: bool = False) -> dict[str, str]:
+    """Replace the fp32 weight constants of the quantized modules in the OpenVINO `model` by their codes, in place;
     returns the scale type ("f16" where exact, else "f32") of each quantized module.
 
     Constants are matched by name (the PyTorch frontend names them `self.<module>.weight`) or, failing that, by value;
-    either way the constant must equal `QuantLinear.dequantize()` exactly.
+    either way the constant must equal `QuantLinear.dequantize()` exactly. Each module is dequantized when its
+    constant is checked, one at a time. With `release`, a module's codes, scales and zero points are dropped once they
+    are in the IR (the module is then unusable).
     """
     ov = _require("openvino")
-    model = ov.Core().read_model(xml_path)
-    dequantized = {name: m.dequantize(torch.float32).cpu().numpy() for name, m in quantized.items()}
-    by_value: dict[tuple, list[str]] = {}
-    for name, weight in dequantized.items():
-        by_value.setdefault(_value_key(weight), []).append(name)
+
+    def dequantized(name: str) -> np.ndarray:
+        return quantized[name].dequantize(torch.float32).cpu().numpy()
+
+    by_value: dict[tuple, list[str]] | None = None  # built on the first constant that no name matches
     done: dict[str, str] = {}
     scale_types: dict[str, str] = {}
     for op in model.get_ordered_ops():
@@ -126,22 +128,31 @@ def _embed_quantized(xml_path: Path, quantized: dict[str, QuantLinear]) -> dict[
             continue
         stripped = ir_name.removeprefix("self.").removesuffix(".weight")
         array = const.get_data()
-        if stripped in dequantized and stripped not in done:
+        if stripped in quantized and stripped not in done:
             name = stripped
         else:
+            if by_value is None:
+                by_value = {}
+                for key in quantized.keys() - done.keys():
+                    by_value.setdefault(_value_key(dequantized(key)), []).append(key)
             candidates = [n for n in by_value.get(_value_key(array), []) if n not in done]
             if not candidates:
                 continue
             name = candidates[0]
-        if not op.get_attributes()["transpose_b"] or not np.array_equal(array, dequantized[name]):
+        weight = dequantized(name)
+        if not op.get_attributes()["transpose_b"] or not np.array_equal(array, weight):
             raise RuntimeError(
                 f"The IR constant {ir_name!r} does not hold the dequantized weight of {name} in (out, in) layout, so "
                 "the exact INT export cannot place its codes. Report this with the model class and the transformers "
                 "and openvino versions."
             )
-        subgraph, scale_types[name] = _decompression_subgraph(ov, ir_name, quantized[name], dequantized[name])
+        subgraph, scale_types[name] = _decompression_subgraph(ov, ir_name, quantized[name], weight)
         const.output(0).replace(subgraph.output(0))
         done[name] = ir_name
+        del const, array, weight, subgraph
+        if release:
+            module = quantized[name]
+            module.qweight = module.scales = module.zeros = None
     missing = sorted(set(quantized) - set(done))
     if missing:
         raise RuntimeError(
@@ -150,7 +161,6 @@ def _embed_quantized(xml_path: Path, quantized: dict[str, QuantLinear]) -> dict[
         )
     _drop_f16_kv_cache_option(model)
     model.set_rt_info("hf_elastic.QuantLinear", ["hf_elastic", "weight_compression"])
-    _save_replacing(ov, model, xml_path)
     return scale_types
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
@@ -26,6 +25,7 @@ from ..models.arch import (
     slice_layer_width,
     weight_out_in,
 )
+from ..models.loading import copy_module
 from ..tuners.elastic_lora.config import ElasticLoraConfig
 from ..tuners.elastic_lora.width import WIDTH_KINDS, WidthMasks, check_channel_order, width_choices, width_key
 from ..tuners.nls.config import ADAPTER_CONFIG_NAME, NLSConfig, guard_adapter_config
@@ -364,7 +364,7 @@ class SuperNetwork:
         inference), not for changing in place.
         """
         config = self.resolve(config)
-        model = _structure_copy(self.model)
+        model = copy_module(self.model)  # the modules, not the weights: those are copied layer by layer below
         sub: SuperNetwork = model.__dict__[_CACHE_ATTR][self.adapter_name]
         sub.activate(config)
         for name in list(model.peft_config):
@@ -418,21 +418,6 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
         return [module for _, module in decoder_layers(model)]
     except ValueError:
         return []
-
-
-def _structure_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of `model` whose parameters and buffers share the original's storage (new tensor objects, so that
-    replacing one in the copy leaves the original as it is; writing into one in place would write into both)."""
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for tensor in [*module._parameters.values(), *module._buffers.values()]:
-            if tensor is None or id(tensor) in memo:
-                continue
-            if isinstance(tensor, nn.Parameter):
-                memo[id(tensor)] = nn.Parameter(tensor.detach(), requires_grad=tensor.requires_grad)
-            else:
-                memo[id(tensor)] = tensor.detach()
-    return copy.deepcopy(model, memo)
 
 
 def _own(module: nn.Module) -> None:
