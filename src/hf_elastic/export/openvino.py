@@ -41,13 +41,13 @@ fp32 results that match PyTorch.
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import logging
 import os
 import shutil
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,6 @@ from .openvino_ir import (
     _drop_f16_kv_cache_option,
     _embed_quantized,
     _require,
-    _save_replacing,
     ir_weight_sparsity,
     ir_weights,
 )
@@ -206,30 +205,63 @@ def _export_copy(model: nn.Module, quantized: dict[str, QuantLinear], owned: boo
     return copy_module(model, _float32_cpu, replace)
 
 
-def _finish_ir(
-    xml_path: Path, quantized: dict[str, QuantLinear], compress: tuple | None, release: bool
-) -> dict[str, str]:
-    """Read the IR once, put the codes of `quantized` in it and compress its float weights with NNCF (`compress`:
-    bits, group size, symmetric, ratio), and save it once. With `release`, each `QuantLinear` drops its codes once
-    they are in the IR. Returns the scale type of each quantized module."""
-    ov = _require("openvino")
-    model = ov.Core().read_model(xml_path)
-    scale_types = _embed_quantized(model, quantized, release) if quantized else {}
-    if compress is not None:
-        nncf = _require("nncf")
-        from optimum.intel import OVWeightQuantizationConfig
+def _release(export_model: nn.Module, quantized: dict[str, QuantLinear], owned: bool) -> Callable[[str], None]:
+    """What `_embed_quantized` calls once a layer's codes are in the IR: the traced float weight of the layer (no
+    longer viewed by the IR) is dropped, and so are the codes when the model was loaded here."""
 
-        bits, group_size, symmetric, ratio = compress
-        config = OVWeightQuantizationConfig(bits=bits, sym=symmetric, group_size=group_size, ratio=ratio)
-        model = nncf.compress_weights(model, **config.to_nncf_dict())
-        model.set_rt_info(nncf.__version__, ["optimum", "nncf_version"])
-        if not quantized:
-            (xml_path.parent / "openvino_config.json").write_text(
-                json.dumps({"dtype": f"int{bits}", "quantization_config": config.to_dict()}, indent=2, default=str)
-            )
+    def release(name: str) -> None:
+        export_model.get_submodule(name).weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        if owned:
+            module = quantized[name]
+            module.qweight = module.scales = module.zeros = None
+
+    return release
+
+
+@contextmanager
+def _before_save(transform: Callable[[Any], Any] | None) -> Iterator[None]:
+    """Run `transform` on the OpenVINO model that optimum-intel's exporter converts, in memory, right before it is
+    saved: the converted constants are still views of the traced torch weights, so codes and NNCF compression take
+    no second float copy of the model and the IR is written once."""
+    if transform is None:
+        yield
+        return
+    from optimum.exporters.openvino import convert
+
+    save, applied = convert.save_model, []
+
+    def save_transformed(model: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name == OV_MODEL_NAME:
+            model = transform(model)
+            applied.append(path)
+        save(model, path, *args, **kwargs)
+
+    convert.save_model = save_transformed
+    try:
+        yield
+    finally:
+        convert.save_model = save
+    if not applied:
+        import optimum.intel
+
+        raise RuntimeError(
+            f"optimum-intel {optimum.intel.__version__} saved {OV_MODEL_NAME} without "
+            "optimum.exporters.openvino.convert.save_model, so its weights could not be compressed or given their "
+            "codes. Install the optimum-intel version of hf-elastic[openvino]."
+        )
+
+
+def _compress_with_nncf(model: Any, bits: int, group_size: int, symmetric: bool, ratio: float) -> tuple[Any, Any]:
+    """NNCF weight-only compression of the float MatMul/Gather weights of an in-memory IR (weights already
+    compressed are left as they are); returns the model and optimum-intel's config of the settings."""
+    nncf = _require("nncf")
+    from optimum.intel import OVWeightQuantizationConfig
+
+    config = OVWeightQuantizationConfig(bits=bits, sym=symmetric, group_size=group_size, ratio=ratio)
+    model = nncf.compress_weights(model, **config.to_nncf_dict())
     _drop_f16_kv_cache_option(model)
-    _save_replacing(ov, model, xml_path)
-    return scale_types
+    model.set_rt_info(nncf.__version__, ["optimum", "nncf_version"])
+    return model, config
 
 
 def _cache_shapes(model: nn.Module) -> list[tuple[int, int]] | None:
@@ -435,6 +467,20 @@ def export_openvino(
         compress = (8, -1, False, 1.0)
     elif weight_format in ("int4", "int8"):
         compress = (4 if weight_format == "int4" else 8, nncf_group_size, symmetric, ratio)
+    compression_config = []
+
+    def transform(ov_model: Any) -> Any:
+        if quantized:
+            scale_types = _embed_quantized(ov_model, quantized, _release(export_model, quantized, owned))
+            logger.info(
+                "export_openvino: exact codes of %d layers, %d with f16 scales (exact in f16), the rest f32.",
+                len(scale_types),
+                sum(t == "f16" for t in scale_types.values()),
+            )
+        if compress is not None:
+            ov_model, config = _compress_with_nncf(ov_model, *compress)
+            compression_config.append(config)
+        return ov_model
 
     training = model.training
     try:
@@ -443,28 +489,23 @@ def export_openvino(
             custom = None
             if shapes is not None and (len(set(shapes)) > 1 or hasattr(export_model.config, "elastic_layer_widths")):
                 custom = _per_layer_cache_export_config(export_model, shapes)
-            exporters.export_from_model(
-                export_model,
-                tmp,
-                task=_TASK,
-                ov_config=ov_config,
-                stateful=True,
-                preprocessors=[],
-                custom_export_configs=custom,
-            )
-            # the traced copy (or the model loaded here) goes before the IR is read back: one float model at a time
-            del export_model, custom
-            if owned:
-                del model  # `quantized` keeps the codes until they are in the IR
-            gc.collect()
-            if quantized or compress is not None:
-                scale_types = _finish_ir(tmp / OV_MODEL_NAME, quantized, compress, release=owned)
-                if quantized:
-                    logger.info(
-                        "export_openvino: exact codes of %d layers, %d with f16 scales (exact in f16), the rest f32.",
-                        len(scale_types),
-                        sum(t == "f16" for t in scale_types.values()),
+            with _before_save(transform if quantized or compress is not None else None):
+                exporters.export_from_model(
+                    export_model,
+                    tmp,
+                    task=_TASK,
+                    ov_config=ov_config,
+                    stateful=True,
+                    preprocessors=[],
+                    custom_export_configs=custom,
+                )
+            if compression_config and not quantized:
+                config = compression_config[0]
+                (tmp / "openvino_config.json").write_text(
+                    json.dumps(
+                        {"dtype": f"int{compress[0]}", "quantization_config": config.to_dict()}, indent=2, default=str
                     )
+                )
             if tokenizer is not None:
                 _export_tokenizer(tokenizer, tmp)
             for file in extra_files:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,23 @@ def _require(module: str) -> Any:
             "Install the "
             "OpenVINO extra: pip install 'hf-elastic[openvino]'"
         ) from error
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Give the pages of freed buffers back to the OS (glibc's `malloc_trim`; nothing elsewhere). Buffers freed
+    between allocations that stay alive otherwise keep counting in the RSS as heap fragments."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _pack_u4(values: np.ndarray) -> np.ndarray:
@@ -100,14 +121,16 @@ def _value_key(array: np.ndarray) -> tuple[tuple[int, ...], str]:
     return tuple(array.shape), hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def _embed_quantized(model: Any, quantized: dict[str, QuantLinear], release: bool = False) -> dict[str, str]:
+def _embed_quantized(
+    model: Any, quantized: dict[str, QuantLinear], done_with: Callable[[str], None] | None = None
+) -> dict[str, str]:
     """Replace the fp32 weight constants of the quantized modules in the OpenVINO `model` by their codes, in place;
     returns the scale type ("f16" where exact, else "f32") of each quantized module.
 
     Constants are matched by name (the PyTorch frontend names them `self.<module>.weight`) or, failing that, by value;
     either way the constant must equal `QuantLinear.dequantize()` exactly. Each module is dequantized when its
-    constant is checked, one at a time. With `release`, a module's codes, scales and zero points are dropped once they
-    are in the IR (the module is then unusable).
+    constant is checked, one at a time. `done_with(name)` is called once a module's codes are in the IR and its float
+    constant is out of it (e.g. to free the float weight that the constant viewed).
     """
     ov = _require("openvino")
 
@@ -117,9 +140,8 @@ def _embed_quantized(model: Any, quantized: dict[str, QuantLinear], release: boo
     by_value: dict[tuple, list[str]] | None = None  # built on the first constant that no name matches
     done: dict[str, str] = {}
     scale_types: dict[str, str] = {}
-    for op in model.get_ordered_ops():
-        if op.get_type_name() != "MatMul":
-            continue
+    matmuls = [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]  # no constant kept alive
+    for op in matmuls:
         const = op.input_value(1).get_node()
         if const.get_type_name() != "Constant" or const.get_element_type() != ov.Type.f32:
             continue
@@ -150,9 +172,9 @@ def _embed_quantized(model: Any, quantized: dict[str, QuantLinear], release: boo
         const.output(0).replace(subgraph.output(0))
         done[name] = ir_name
         del const, array, weight, subgraph
-        if release:
-            module = quantized[name]
-            module.qweight = module.scales = module.zeros = None
+        if done_with is not None:
+            done_with(name)
+        trim_heap()  # else each layer's transient float buffers stay in RSS as heap fragments
     missing = sorted(set(quantized) - set(done))
     if missing:
         raise RuntimeError(
@@ -171,14 +193,6 @@ def _drop_f16_kv_cache_option(model: Any) -> None:
         if options["KV_CACHE_PRECISION"] == "f16":
             options.pop("KV_CACHE_PRECISION")
             model.set_rt_info(options, "runtime_options")
-
-
-def _save_replacing(ov: Any, model: Any, xml_path: Path) -> None:
-    tmp_xml = xml_path.with_name(f".{xml_path.stem}.tmp.xml")
-    ov.save_model(model, tmp_xml, compress_to_fp16=False)
-    del model
-    os.replace(tmp_xml, xml_path)
-    os.replace(tmp_xml.with_suffix(".bin"), xml_path.with_suffix(".bin"))
 
 
 @dataclass
