@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_elastic import ElasticLoraLinear, NLSConfig, QuantizationConfig, load_quantized, quantize, save_quantized
 from hf_elastic.compression.calibration import Hessian, find_target_modules, prepare_calibration
@@ -676,3 +676,42 @@ def test_damaged_int4_folder_gives_a_clear_error(tmp_path, case):
     damage(folder)
     with pytest.raises(error, match=message):
         load_quantized(folder)
+
+
+def test_load_quantized_holds_each_weight_once(tmp_path):
+    """Peak RSS of `load_quantized` in a fresh process stays within 1.2x the folder's size (the file's tensors are
+    assigned to the model, not copied into a second one)."""
+    import subprocess
+    import sys
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=8192,
+            hidden_size=512,
+            intermediate_size=1536,
+            num_hidden_layers=6,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+        )  # fmt: skip
+    )
+    quantize(model, bits=4, group_size=128, keep_residual=True, show_progress=False)
+    folder = save_quantized(model, tmp_path / "int4")
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    code = r"""
+import pathlib, re, sys
+import torch, transformers
+from hf_elastic import load_quantized
+
+def status(field):
+    return int(re.search(field + r":\s+(\d+)", pathlib.Path("/proc/self/status").read_text())[1]) * 1024
+
+pathlib.Path("/proc/self/clear_refs").write_text("5")
+base = status("VmRSS")
+model = load_quantized(sys.argv[1])
+print(status("VmHWM") - base)
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
+    rise = int(out.stdout.split()[-1])
+    print(f"load_quantized: peak RSS rise {rise / 2**20:.1f} MiB, folder {size / 2**20:.1f} MiB")
+    assert size > 40 * 2**20
+    assert rise <= 1.2 * size, f"peak RSS rise {rise / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB folder"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -20,6 +21,9 @@ from conftest import (
     fresh,
     make_config,
     peft_kwargs,
+    pruned,
+    qa_config,
+    quantized,
     record_activations,
     subnets,
     train_steps,
@@ -29,6 +33,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from hf_elastic import ElasticLoraConfig, ElasticLoraLinear, NLSConfig, SuperNetwork, get_supernet, load_super_network
+from hf_elastic.compression.quantization.format import QuantLinear
 from hf_elastic.models.arch import find_width_layers, slice_layer_width, weight_out_in
 from hf_elastic.nas.samplers import register_sampler
 from hf_elastic.nas.trainer import NAS_STATS_NAME, NASTrainer
@@ -160,6 +165,52 @@ def test_elastic_width_extraction(arch, base, tmp_path):
             assert (reloaded(**batch).logits - expected).abs().max().item() <= 1e-5
     else:
         assert sub.config.elastic_layer_widths == {"0": {"ffn": 24, "heads": 2}, "1": {"ffn": 24, "heads": 2}}
+
+
+def _deepcopy_extract(sn, config):
+    """The extraction as it was before it worked layer by layer: a deep copy of the whole peft model, merged."""
+    model = copy.deepcopy(sn.model)
+    sub = get_supernet(model)
+    sub.activate(config)
+    sub.remove_hooks()
+    merged = model.merge_and_unload()
+    for module in merged.modules():
+        if isinstance(module, QuantLinear):
+            module.residual = None
+    if sub.width_layers:
+        _, layers = find_width_layers(merged)
+        for layer in layers:
+            ffn = sub.kept_units(layer, "ffn", config.get(f"{layer.index}.ffn"))
+            slice_layer_width(layer, ffn, sub.kept_units(layer, "heads", config.get(f"{layer.index}.heads")))
+    return merged
+
+
+@pytest.mark.parametrize("kind", ["elastic", "sparse", "qa"])
+def test_layer_by_layer_extraction_equals_the_deepcopy_one_bit_for_bit(arch, base, kind):
+    if kind == "elastic":
+        model = get_peft_model(fresh(base), make_config("elastic", arch, init_lora_weights=False))
+    elif kind == "sparse":
+        model = get_peft_model(pruned(base), make_config("nls", arch, init_lora_weights=False, sparse_adapter=True))
+    else:
+        model = get_peft_model(quantized(base), qa_config(arch, grouped=False))
+    sn = get_supernet(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = sn.space.sample(3)
+    reference = _deepcopy_extract(sn, config).state_dict()
+    batch = arch.batch()
+    for share in (False, True):
+        sub = sn.extract_model(config, share_weights=share)
+        state = sub.state_dict()
+        assert list(state) == list(reference)
+        assert all(torch.equal(state[k], reference[k]) for k in state), "the extracted weights differ"
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the super-network changed"
+        originals = {t.untyped_storage().data_ptr() for t in model.parameters()}
+        embed = sub.get_input_embeddings().weight.untyped_storage().data_ptr()
+        assert (embed in originals) is share
+        if not share:
+            assert not any(t.untyped_storage().data_ptr() in originals for t in [*sub.parameters(), *sub.buffers()])
+        with torch.no_grad():
+            assert torch.equal(sub(**batch).logits, _deepcopy_extract(sn, config)(**batch).logits)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "activation", "gradient"])

@@ -46,7 +46,8 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..compression.quantization.format import QUANT_CONFIG_NAME, QuantLinear, default_group_size, group_size_note
 from ..models.arch import weight_out_in
-from ..models.loading import TOKENIZER_FILES
+from ..models.loading import TOKENIZER_FILES, copy_module
 from ..utils import SUBNET_CONFIG_NAME, atomic_directory, check_output_dir
 from .openvino_ir import (
     OV_MODEL_NAME,
@@ -65,7 +66,6 @@ from .openvino_ir import (
     _drop_f16_kv_cache_option,
     _embed_quantized,
     _require,
-    _save_replacing,
     ir_weight_sparsity,
     ir_weights,
 )
@@ -171,7 +171,7 @@ def _load_folder(path: Path) -> tuple[nn.Module, Any]:
         )
     from .subnetwork import load_exported
 
-    model = load_exported(path)
+    model = load_exported(path, dtype=None if (path / QUANT_CONFIG_NAME).is_file() else torch.float32)
     tokenizer = None
     if any((path / name).is_file() for name in TOKENIZER_FILES):
         from transformers import AutoTokenizer
@@ -180,39 +180,88 @@ def _load_folder(path: Path) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def _dequantized_copy(model: nn.Module) -> tuple[nn.Module, dict[str, QuantLinear]]:
-    """A float32 copy of `model` on CPU with every `QuantLinear` replaced by an `nn.Linear` holding `dequantize()`."""
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    float_model = copy.deepcopy(model).to("cpu", torch.float32)
-    for name, module in quantized.items():
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(module.dequantize(torch.float32))
-            if module.bias is not None:
-                linear.bias.copy_(module.bias.float())
-        parent, _, child = name.rpartition(".")
-        setattr(float_model.get_submodule(parent) if parent else float_model, child, linear)
-    return float_model, quantized
+def _float32_cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to("cpu", torch.float32) if tensor.is_floating_point() else tensor.to("cpu")
 
 
-def _compress_with_nncf(
-    xml_path: Path, bits: int, group_size: int, symmetric: bool, ratio: float, write_config: bool = True
-) -> None:
-    """NNCF weight-only compression of the float MatMul/Gather weights of an IR, in place (already compressed
-    weights are left as they are)."""
-    ov = _require("openvino")
+def _export_copy(model: nn.Module, quantized: dict[str, QuantLinear], owned: bool) -> nn.Module:
+    """The float32 CPU model the exporter traces, holding each weight once: `model` itself when it is one already
+    (or converted in place when it was loaded here), else a copy made tensor by tensor (`copy_module`), in which every
+    `QuantLinear` is an `nn.Linear` holding `dequantize()`; float32 CPU tensors are shared, not copied."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if not quantized and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors if t.is_floating_point()
+    ):
+        return model
+    if not quantized and owned:
+        return model.to("cpu", torch.float32)
+    replace = {}
+    for module in quantized.values():
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(module.dequantize(torch.float32).cpu(), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(_float32_cpu(module.bias.detach()), requires_grad=False)
+        replace[module] = linear
+    return copy_module(model, _float32_cpu, replace)
+
+
+def _release(export_model: nn.Module, quantized: dict[str, QuantLinear], owned: bool) -> Callable[[str], None]:
+    """What `_embed_quantized` calls once a layer's codes are in the IR: the traced float weight of the layer (no
+    longer viewed by the IR) is dropped, and so are the codes when the model was loaded here."""
+
+    def release(name: str) -> None:
+        export_model.get_submodule(name).weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        if owned:
+            module = quantized[name]
+            module.qweight = module.scales = module.zeros = None
+
+    return release
+
+
+@contextmanager
+def _before_save(transform: Callable[[Any], Any] | None) -> Iterator[None]:
+    """Run `transform` on the OpenVINO model that optimum-intel's exporter converts, in memory, right before it is
+    saved: the converted constants are still views of the traced torch weights, so codes and NNCF compression take
+    no second float copy of the model and the IR is written once."""
+    if transform is None:
+        yield
+        return
+    from optimum.exporters.openvino import convert
+
+    save, applied = convert.save_model, []
+
+    def save_transformed(model: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name == OV_MODEL_NAME:
+            model = transform(model)
+            applied.append(path)
+        save(model, path, *args, **kwargs)
+
+    convert.save_model = save_transformed
+    try:
+        yield
+    finally:
+        convert.save_model = save
+    if not applied:
+        import optimum.intel
+
+        raise RuntimeError(
+            f"optimum-intel {optimum.intel.__version__} saved {OV_MODEL_NAME} without "
+            "optimum.exporters.openvino.convert.save_model, so its weights could not be compressed or given their "
+            "codes. Install the optimum-intel version of hf-elastic[openvino]."
+        )
+
+
+def _compress_with_nncf(model: Any, bits: int, group_size: int, symmetric: bool, ratio: float) -> tuple[Any, Any]:
+    """NNCF weight-only compression of the float MatMul/Gather weights of an in-memory IR (weights already
+    compressed are left as they are); returns the model and optimum-intel's config of the settings."""
     nncf = _require("nncf")
     from optimum.intel import OVWeightQuantizationConfig
 
     config = OVWeightQuantizationConfig(bits=bits, sym=symmetric, group_size=group_size, ratio=ratio)
-    model = nncf.compress_weights(ov.Core().read_model(xml_path), **config.to_nncf_dict())
+    model = nncf.compress_weights(model, **config.to_nncf_dict())
     _drop_f16_kv_cache_option(model)
     model.set_rt_info(nncf.__version__, ["optimum", "nncf_version"])
-    _save_replacing(ov, model, xml_path)
-    if write_config:
-        (xml_path.parent / "openvino_config.json").write_text(
-            json.dumps({"dtype": f"int{bits}", "quantization_config": config.to_dict()}, indent=2, default=str)
-        )
+    return model, config
 
 
 def _cache_shapes(model: nn.Module) -> list[tuple[int, int]] | None:
@@ -368,7 +417,8 @@ def export_openvino(
     extra_files = [Path(f) for f in ([extra_files] if isinstance(extra_files, (str, os.PathLike)) else extra_files)]
     if missing := [str(f) for f in extra_files if not f.is_file()]:
         raise FileNotFoundError(f"export_openvino extra_files {missing} do not exist.")
-    if isinstance(model_or_dir, (str, os.PathLike)):
+    owned = isinstance(model_or_dir, (str, os.PathLike))  # loaded here: converted and freed as the export goes
+    if owned:
         model, folder_tokenizer = _load_folder(Path(model_or_dir))
         tokenizer = tokenizer if tokenizer is not None else folder_tokenizer
         subnet = Path(model_or_dir) / SUBNET_CONFIG_NAME
@@ -406,54 +456,63 @@ def export_openvino(
             nncf_group_size = int4_group_size(model)
             logger.info("export_openvino: INT4 %s.", group_size_note(nncf_group_size))
         _check_group_size(model, nncf_group_size)
-    first = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if quantized:
-        export_model, quantized = _dequantized_copy(model)
-    elif first is not None and (first.dtype != torch.float32 or first.device.type != "cpu"):
-        export_model = copy.deepcopy(model).to("cpu", torch.float32)  # the exporter traces float32 on CPU
-    else:
-        export_model = model
+    export_model = _export_copy(model, quantized, owned)
     ov_config = None
     if weight_format == "fp16":
         from optimum.intel import OVConfig
 
         ov_config = OVConfig(dtype="fp16")
+    compress = None
+    if quantized and compress_float_weights:
+        compress = (8, -1, False, 1.0)
+    elif weight_format in ("int4", "int8"):
+        compress = (4 if weight_format == "int4" else 8, nncf_group_size, symmetric, ratio)
+    compression_config = []
 
-    training = export_model.training
+    def transform(ov_model: Any) -> Any:
+        if quantized:
+            scale_types = _embed_quantized(ov_model, quantized, _release(export_model, quantized, owned))
+            logger.info(
+                "export_openvino: exact codes of %d layers, %d with f16 scales (exact in f16), the rest f32.",
+                len(scale_types),
+                sum(t == "f16" for t in scale_types.values()),
+            )
+        if compress is not None:
+            ov_model, config = _compress_with_nncf(ov_model, *compress)
+            compression_config.append(config)
+        return ov_model
+
+    training = model.training
     try:
         with atomic_directory(output_dir, overwrite) as tmp:
             shapes = _cache_shapes(export_model)
             custom = None
             if shapes is not None and (len(set(shapes)) > 1 or hasattr(export_model.config, "elastic_layer_widths")):
                 custom = _per_layer_cache_export_config(export_model, shapes)
-            exporters.export_from_model(
-                export_model,
-                tmp,
-                task=_TASK,
-                ov_config=ov_config,
-                stateful=True,
-                preprocessors=[],
-                custom_export_configs=custom,
-            )
-            xml_path = tmp / OV_MODEL_NAME
-            if quantized:
-                scale_types = _embed_quantized(xml_path, quantized)
-                logger.info(
-                    "export_openvino: exact codes of %d layers, %d with f16 scales (exact in f16), the rest f32.",
-                    len(scale_types),
-                    sum(t == "f16" for t in scale_types.values()),
+            with _before_save(transform if quantized or compress is not None else None):
+                exporters.export_from_model(
+                    export_model,
+                    tmp,
+                    task=_TASK,
+                    ov_config=ov_config,
+                    stateful=True,
+                    preprocessors=[],
+                    custom_export_configs=custom,
                 )
-                if compress_float_weights:
-                    _compress_with_nncf(xml_path, 8, -1, False, 1.0, write_config=False)
-            elif weight_format in ("int4", "int8"):
-                bits = 4 if weight_format == "int4" else 8
-                _compress_with_nncf(xml_path, bits, nncf_group_size, symmetric, ratio)
+            if compression_config and not quantized:
+                config = compression_config[0]
+                (tmp / "openvino_config.json").write_text(
+                    json.dumps(
+                        {"dtype": f"int{compress[0]}", "quantization_config": config.to_dict()}, indent=2, default=str
+                    )
+                )
             if tokenizer is not None:
                 _export_tokenizer(tokenizer, tmp)
             for file in extra_files:
                 shutil.copyfile(file, tmp / file.name)
     finally:
-        export_model.train(training)
+        if not owned:
+            model.train(training)
     return output_dir
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import hashlib
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,23 @@ def _require(module: str) -> Any:
             "Install the "
             "OpenVINO extra: pip install 'hf-elastic[openvino]'"
         ) from error
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Give the pages of freed buffers back to the OS (glibc's `malloc_trim`; nothing elsewhere). Buffers freed
+    between allocations that stay alive otherwise keep counting in the RSS as heap fragments."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def _pack_u4(values: np.ndarray) -> np.ndarray:
@@ -100,24 +121,27 @@ def _value_key(array: np.ndarray) -> tuple[tuple[int, ...], str]:
     return tuple(array.shape), hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def _embed_quantized(xml_path: Path, quantized: dict[str, QuantLinear]) -> dict[str, str]:
-    """Replace the fp32 weight constants of the quantized modules in the IR at `xml_path` by their codes, in place;
+def _embed_quantized(
+    model: Any, quantized: dict[str, QuantLinear], done_with: Callable[[str], None] | None = None
+) -> dict[str, str]:
+    """Replace the fp32 weight constants of the quantized modules in the OpenVINO `model` by their codes, in place;
     returns the scale type ("f16" where exact, else "f32") of each quantized module.
 
     Constants are matched by name (the PyTorch frontend names them `self.<module>.weight`) or, failing that, by value;
-    either way the constant must equal `QuantLinear.dequantize()` exactly.
+    either way the constant must equal `QuantLinear.dequantize()` exactly. Each module is dequantized when its
+    constant is checked, one at a time. `done_with(name)` is called once a module's codes are in the IR and its float
+    constant is out of it (e.g. to free the float weight that the constant viewed).
     """
     ov = _require("openvino")
-    model = ov.Core().read_model(xml_path)
-    dequantized = {name: m.dequantize(torch.float32).cpu().numpy() for name, m in quantized.items()}
-    by_value: dict[tuple, list[str]] = {}
-    for name, weight in dequantized.items():
-        by_value.setdefault(_value_key(weight), []).append(name)
+
+    def dequantized(name: str) -> np.ndarray:
+        return quantized[name].dequantize(torch.float32).cpu().numpy()
+
+    by_value: dict[tuple, list[str]] | None = None  # built on the first constant that no name matches
     done: dict[str, str] = {}
     scale_types: dict[str, str] = {}
-    for op in model.get_ordered_ops():
-        if op.get_type_name() != "MatMul":
-            continue
+    matmuls = [op for op in model.get_ordered_ops() if op.get_type_name() == "MatMul"]  # no constant kept alive
+    for op in matmuls:
         const = op.input_value(1).get_node()
         if const.get_type_name() != "Constant" or const.get_element_type() != ov.Type.f32:
             continue
@@ -126,22 +150,31 @@ def _embed_quantized(xml_path: Path, quantized: dict[str, QuantLinear]) -> dict[
             continue
         stripped = ir_name.removeprefix("self.").removesuffix(".weight")
         array = const.get_data()
-        if stripped in dequantized and stripped not in done:
+        if stripped in quantized and stripped not in done:
             name = stripped
         else:
+            if by_value is None:
+                by_value = {}
+                for key in quantized.keys() - done.keys():
+                    by_value.setdefault(_value_key(dequantized(key)), []).append(key)
             candidates = [n for n in by_value.get(_value_key(array), []) if n not in done]
             if not candidates:
                 continue
             name = candidates[0]
-        if not op.get_attributes()["transpose_b"] or not np.array_equal(array, dequantized[name]):
+        weight = dequantized(name)
+        if not op.get_attributes()["transpose_b"] or not np.array_equal(array, weight):
             raise RuntimeError(
                 f"The IR constant {ir_name!r} does not hold the dequantized weight of {name} in (out, in) layout, so "
                 "the exact INT export cannot place its codes. Report this with the model class and the transformers "
                 "and openvino versions."
             )
-        subgraph, scale_types[name] = _decompression_subgraph(ov, ir_name, quantized[name], dequantized[name])
+        subgraph, scale_types[name] = _decompression_subgraph(ov, ir_name, quantized[name], weight)
         const.output(0).replace(subgraph.output(0))
         done[name] = ir_name
+        del const, array, weight, subgraph
+        if done_with is not None:
+            done_with(name)
+        trim_heap()  # else each layer's transient float buffers stay in RSS as heap fragments
     missing = sorted(set(quantized) - set(done))
     if missing:
         raise RuntimeError(
@@ -150,7 +183,6 @@ def _embed_quantized(xml_path: Path, quantized: dict[str, QuantLinear]) -> dict[
         )
     _drop_f16_kv_cache_option(model)
     model.set_rt_info("hf_elastic.QuantLinear", ["hf_elastic", "weight_compression"])
-    _save_replacing(ov, model, xml_path)
     return scale_types
 
 
@@ -161,14 +193,6 @@ def _drop_f16_kv_cache_option(model: Any) -> None:
         if options["KV_CACHE_PRECISION"] == "f16":
             options.pop("KV_CACHE_PRECISION")
             model.set_rt_info(options, "runtime_options")
-
-
-def _save_replacing(ov: Any, model: Any, xml_path: Path) -> None:
-    tmp_xml = xml_path.with_name(f".{xml_path.stem}.tmp.xml")
-    ov.save_model(model, tmp_xml, compress_to_fp16=False)
-    del model
-    os.replace(tmp_xml, xml_path)
-    os.replace(tmp_xml.with_suffix(".bin"), xml_path.with_suffix(".bin"))
 
 
 @dataclass

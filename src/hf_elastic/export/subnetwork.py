@@ -62,7 +62,7 @@ def export_subnetwork(
             raise ValueError("format='gguf' needs tokenizer=...: llama.cpp reads the vocabulary from the GGUF file.")
     check_output_dir(output_dir, overwrite)
     resolved = supernet.resolve(config)
-    model = supernet.extract_model(resolved)
+    model = supernet.extract_model(resolved, share_weights=True)
     with atomic_directory(output_dir, overwrite) as tmp:
         if format == "compressed-tensors":
             write_compressed_tensors(model, tmp)
@@ -129,8 +129,9 @@ def load_exported(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modu
         raise FileNotFoundError(f"No *.safetensors in {path}.")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        for key, tensor in load_file(file).items():
+            state[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)  # each weight held once
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +190,27 @@ def build_from_config(model_class: Any, path: str | Path, config: Any, dtype: to
     if (Path(path) / "generation_config.json").is_file() and model.can_generate():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model
+
+
+def copy_module(
+    module: torch.nn.Module,
+    convert: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    replace: Mapping[torch.nn.Module, torch.nn.Module] | None = None,
+) -> Any:
+    """A deep copy of `module` that copies no tensor data: each parameter and buffer becomes `convert(tensor)` (by
+    default a new tensor object on the same storage), and each submodule in `replace` becomes its mapped module.
+
+    Tied tensors stay tied. With the default, replacing a tensor of the copy leaves the original as it is, but writing
+    into one in place writes into both. `convert=lambda t: t.to("cpu", torch.float32)` gives a float32 CPU copy that
+    holds each weight once, in float32, with no intermediate copy in the original dtype.
+    """
+    memo: dict[int, Any] = {id(old): new for old, new in (replace or {}).items()}
+    for sub in module.modules():
+        for tensor in [*sub._parameters.values(), *sub._buffers.values()]:
+            if tensor is None or id(tensor) in memo:
+                continue
+            new = tensor.detach() if convert is None else convert(tensor.detach())
+            if isinstance(tensor, torch.nn.Parameter):
+                new = torch.nn.Parameter(new, requires_grad=tensor.requires_grad and new.is_floating_point())
+            memo[id(tensor)] = new
+    return copy.deepcopy(module, memo)

@@ -29,6 +29,9 @@ GiB = 2**30
 CUDA_CONTEXT = 1 * GiB
 FRAGMENTATION = 0.05
 MIN_MICRO_BATCH = 4
+# host RAM that tracing and converting to OpenVINO keep per byte of the exported float32 weights (graph, constants
+# that are not views of the torch weights), fitted by benchmarks/bench_export_memory.py
+OPENVINO_TRACE = 0.25
 _GROUPS = {
     "attn_in": ("q_proj", "k_proj", "v_proj", "qkv_proj"),
     "attn_out": ("o_proj",),
@@ -278,6 +281,24 @@ class _Model:
         per_weight = self.quant_bytes_per_weight(False) if self.m.bits is not None else self.a
         return int(self.base_weights(residual=False) - cut * per_weight)
 
+    def exported_linear_params(self) -> int:
+        """Weights of the exported sub-network's linear layers in the transformer layers (FFN sliced)."""
+        s = self.shape
+        return int(
+            s.layers * sum(i * o * (self.m.export_ffn if g.startswith("mlp") else 1) for _, g, i, o in s.linears)
+        )
+
+    def changed_bytes(self) -> int:
+        """Bytes of the weights the export merges or slices (the others are shared with the super-network)."""
+        s, m = self.shape, self.m
+        per_weight = self.quant_bytes_per_weight(False) if m.bits is not None else self.a
+        changed = 0
+        for name, group, i, o in s.linears:
+            sliced = m.widths and group.startswith("mlp")
+            if self.adapted(name) or sliced:
+                changed += i * o * (m.export_ffn if sliced else 1)
+        return int(s.layers * changed * per_weight)
+
     def max_weight(self) -> int:
         return max(i * o for _, _, i, o in self.shape.linears)
 
@@ -481,18 +502,27 @@ def _export(model: _Model, loaded: int) -> StageMemory:
     base = model.base_weights() + model.adapters()
     if not (m.sparse_adapter or m.widths):  # Shears ships the adapter unmerged: a copy of the adapter only
         return StageMemory("export", int(base + model.adapters()), loaded, "adapter only (extract_adapter)")
-    # extract_model deep-copies the super-network, then merges one layer at a time (float32 delta, mask)
-    merge = model.max_weight() * (4 + 1 + (4 if m.quantization_aware else 0) + 4)
-    return StageMemory("export", int(2 * base + merge), loaded + model.exported(), "deep copy + merge; host: the copy")
+    # extract_model(share_weights=True) shares the unchanged tensors and merges and slices one layer at a time:
+    # the changed weights, plus one layer's full-size merged copy, float32 delta and mask
+    qa = m.quantization_aware
+    per_weight = model.quant_bytes_per_weight(False) if m.bits is not None else model.a
+    merge = model.max_weight() * (per_weight + 4 + 1 + (4 + 2 if qa else 0) + 4)
+    note = "merged layer by layer, unchanged weights shared"
+    return StageMemory("export", int(base + model.changed_bytes() + merge), loaded + model.exported(), note)
 
 
 def _openvino(model: _Model) -> StageMemory:
-    """Host only: the exported model, the float32 copy that optimum traces, and the converted IR's constants."""
+    """Host only, exporting the loaded sub-network: the model, the float32 model optimum traces (the model itself when
+    it is float32; INT4/INT8 layers dequantized), and what tracing and conversion keep per float32 weight."""
     fp32 = 4 * model.exported_params()
-    copy = fp32 if model.a != 4 or model.m.bits is not None else 0  # a float32 model is traced as it is
-    reread = fp32 if model.m.bits is not None else 0  # INT4: the saved float IR is read back to embed the codes
-    note = "CPU only: the model, its fp32 copy, the IR"
-    return StageMemory("openvino", 0, model.exported() + copy + fp32 + reread, note)
+    if model.a != 4:
+        copy = fp32
+    elif model.m.bits is not None:
+        copy = 4 * model.exported_linear_params()  # the float parts are float32 already and shared
+    else:
+        copy = 0  # a float32 model is traced as it is
+    note = "CPU only: the model, its float32 copy, tracing"
+    return StageMemory("openvino", 0, int(model.exported() + copy + OPENVINO_TRACE * fp32), note)
 
 
 def _gib(value: int) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
@@ -14,10 +13,19 @@ import torch
 import torch.nn as nn
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from ..compression.quantization.format import QuantLinear
-from ..models.arch import WidthLayer, base_layer, find_width_layers, slice_layer_width, weight_out_in
+from ..models.arch import (
+    WidthLayer,
+    base_layer,
+    decoder_layers,
+    find_width_layers,
+    slice_layer_width,
+    weight_out_in,
+)
+from ..models.loading import copy_module
 from ..tuners.elastic_lora.config import ElasticLoraConfig
 from ..tuners.elastic_lora.width import WIDTH_KINDS, WidthMasks, check_channel_order, width_choices, width_key
 from ..tuners.nls.config import ADAPTER_CONFIG_NAME, NLSConfig, guard_adapter_config
@@ -342,7 +350,7 @@ class SuperNetwork:
         atomic_write_json(save_directory / SUBNET_CONFIG_NAME, info)
         return save_directory
 
-    def extract_model(self, config: Mapping[str, int] | NamedConfig) -> nn.Module:
+    def extract_model(self, config: Mapping[str, int] | NamedConfig, *, share_weights: bool = False) -> nn.Module:
         """A merged, physically sliced copy of the base model for `config` (the super-network is left untouched).
 
         FFN channels and attention heads that the config drops are removed for real, and quantized layers drop their
@@ -351,26 +359,29 @@ class SuperNetwork:
         BERT's cannot express cut heads), the config is updated so
         that `save_pretrained` gives a stock checkpoint; otherwise the widths are recorded in
         `config.elastic_layer_widths`, and `hf_elastic.export_subnetwork` marks the folder for `load_exported`.
+
+        The copy is built one transformer layer at a time on the super-network's device: the adapted weights of a
+        layer are copied, merged and sliced before the next layer's, and nothing else of the super-network (adapters,
+        other adapters, hooks) is duplicated. With `share_weights=True` the tensors the sub-network keeps unchanged
+        (embeddings, norms, layers without adapter or cut) are the super-network's own rather than copies, so the
+        extraction costs only the merged and sliced layers; the result is then for reading (saving, exporting,
+        inference), not for changing in place.
         """
         config = self.resolve(config)
-        model = copy.deepcopy(self.model)
+        model = copy_module(self.model)  # the modules, not the weights: those are copied layer by layer below
         sub: SuperNetwork = model.__dict__[_CACHE_ATTR][self.adapter_name]
         sub.activate(config)
         for name in list(model.peft_config):
             if name != self.adapter_name:
                 model.delete_adapter(name)
         sub.remove_hooks()
-        merged = model.merge_and_unload()
-        if hasattr(merged.config, "use_cache"):  # `Trainer` switched the KV cache off for training
-            merged.config.use_cache = True
-        for module in merged.modules():
-            if isinstance(module, QuantLinear):
-                module.residual = None  # training-only: a deployable model holds codes, scales and zero points
-        if not self.width_layers:
-            return merged
-        _, layers = find_width_layers(merged)
+        base = model.get_base_model()
+        _, layers = find_width_layers(base) if self.width_layers else (None, [])
         widths = {}
+        for block in [] if layers else _blocks(base):
+            _merge_in(block)  # one layer's merged weights at a time
         for layer in layers:
+            _merge_in(layer.module)  # sliced before the next layer is merged
             ffn_keep = self.kept_units(layer, "ffn", config.get(f"{layer.index}.ffn"))
             kv_keep = self.kept_units(layer, "heads", config.get(f"{layer.index}.heads"))
             slice_layer_width(layer, ffn_keep, kv_keep)
@@ -378,6 +389,17 @@ class SuperNetwork:
                 "ffn": layer.ffn_dim if ffn_keep is None else len(ffn_keep),
                 "heads": layer.num_heads if kv_keep is None else len(kv_keep) * layer.group_size,
             }
+        _merge_in(base, unload=False)  # adapters outside the transformer layers, merged by merge_and_unload
+        merged = model.merge_and_unload()
+        if hasattr(merged.config, "use_cache"):  # `Trainer` switched the KV cache off for training
+            merged.config.use_cache = True
+        for module in merged.modules():
+            if isinstance(module, QuantLinear):
+                module.residual = None  # training-only: a deployable model holds codes, scales and zero points
+        if not share_weights:
+            _own_tensors(merged, self.model)
+        if not layers:
+            return merged
         spec, first = layers[0].spec, layers[0]
         uniform = all(w == widths[first.index] for w in widths.values())
         heads = widths[first.index]["heads"]
@@ -392,6 +414,55 @@ class SuperNetwork:
         else:
             merged.config.elastic_layer_widths = widths
         return merged
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer layers of `model`, or none when it has no list of them (then all merge at once)."""
+    try:
+        return [module for _, module in decoder_layers(model)]
+    except ValueError:
+        return []
+
+
+def _own(module: nn.Module) -> None:
+    """Give `module` its own copy of the tensors it holds directly (before a merge writes into them)."""
+    for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+        if tensor is None:
+            continue
+        own = tensor.detach().clone()
+        setattr(
+            module, name, nn.Parameter(own, requires_grad=tensor.requires_grad) if name in module._parameters else own
+        )
+
+
+def _merge_in(root: nn.Module, unload: bool = True) -> None:
+    """Merge every peft tuner layer under `root` into a copy of its base layer's weights and, if `unload`, put the
+    base layer in its place (as `merge_and_unload` does); without `unload` only the base weights are copied, for
+    `merge_and_unload` to merge."""
+    for path, module in list(root.named_modules()):
+        if not isinstance(module, BaseTunerLayer) or not hasattr(module, "base_layer"):
+            continue
+        _own(module.get_base_layer())
+        if not unload:
+            continue
+        module.merge()
+        parent, _, child = path.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, child, module.get_base_layer())
+
+
+def _own_tensors(model: nn.Module, source: nn.Module) -> None:
+    """Copy every tensor of `model` that shares storage with `source` (tied tensors stay tied)."""
+    shared = {t.untyped_storage().data_ptr() for t in [*source.parameters(), *source.buffers()]}
+    copies: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is None or tensor.untyped_storage().data_ptr() not in shared:
+                continue
+            if id(tensor) not in copies:
+                own = tensor.detach().clone()
+                param = name in module._parameters
+                copies[id(tensor)] = nn.Parameter(own, requires_grad=tensor.requires_grad) if param else own
+            setattr(module, name, copies[id(tensor)])
 
 
 def base_fingerprint(lora_modules: Mapping[str, LoraLayer]) -> str:

@@ -10,9 +10,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...models.arch import weight_out_in
 from ...models.loading import build_from_config, load_config, mark_hf_elastic_only
-from ...utils import atomic_directory, atomic_save_safetensors, atomic_write_json, digest, load_safetensors, read_json
+from ...utils import (
+    atomic_directory,
+    atomic_save_safetensors,
+    atomic_write_json,
+    check_safetensors,
+    digest,
+    load_safetensors,
+    read_json,
+)
 from .format import FORMAT_NAME, FORMAT_VERSION, QUANT_CONFIG_NAME, QUANT_WEIGHTS_NAME, QuantLinear
 from .quantize import QuantizationConfig, _replace
 
@@ -152,22 +159,26 @@ def load_quantized(
             )
     config = load_config(directory)
     dtype = getattr(torch, qc["dtype"])
-    model = build_from_config(model_class, directory, config, dtype)
-    tensors, metadata = load_safetensors(directory / QUANT_WEIGHTS_NAME, _FIX)
+    weights = directory / QUANT_WEIGHTS_NAME
+    metadata = check_safetensors(weights, _FIX)
     saved_id = metadata.get("hf_elastic_save_id")
     if saved_id is not None and qc.get("save_id") not in (None, saved_id):
         raise ValueError(
-            f"{directory / QUANT_WEIGHTS_NAME} and {QUANT_CONFIG_NAME} come from different saves (save ids {saved_id} "
-            f"and {qc['save_id']}), e.g. after an interrupted overwrite; {_FIX}."
+            f"{weights} and {QUANT_CONFIG_NAME} come from different saves (save ids {saved_id} and {qc['save_id']}), "
+            f"e.g. after an interrupted overwrite; {_FIX}."
         )
     if metadata.get("hf_elastic_modules", digest(qc["modules"])) != digest(qc["modules"]):
         raise ValueError(
             f"The module settings in {qc_path} (bits, group size, shapes) differ from those saved with "
             f"{QUANT_WEIGHTS_NAME}: the file was edited after saving. Restore it or {_FIX}."
         )
+    # Built without initialization (its float weights are never written, so they take no memory) and filled by
+    # `assign`: each weight is held once, as read from the file, whatever the model's size.
+    model = build_from_config(model_class, directory, config, dtype)
+    tensors, _ = load_safetensors(weights, _FIX)
     for name, spec in qc["modules"].items():
         try:
-            old = model.get_submodule(name)
+            model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{qc_path} lists module {name!r}, which {model_class.__name__} does not have.") from None
         new = QuantLinear(
@@ -177,6 +188,7 @@ def load_quantized(
             spec["group_size"],
             spec["symmetric"],
             spec["bias"],
+            device="meta",
             dtype=dtype,
         )
         if spec.get("residual", False):
@@ -184,7 +196,7 @@ def load_quantized(
         for buffer in ("qweight", "scales", "zeros") + (("residual",) if new.residual is not None else ()):
             key, expected = f"{name}.{buffer}", getattr(new, buffer)
             if key not in tensors:
-                raise ValueError(f"{directory / QUANT_WEIGHTS_NAME} has no {key!r}; the file is incomplete.")
+                raise ValueError(f"{weights} has no {key!r}; the file is incomplete.")
             saved = tensors[key]
             if saved.shape != expected.shape or saved.dtype != expected.dtype:
                 raise ValueError(
@@ -193,18 +205,20 @@ def load_quantized(
                     f"group_size={spec['group_size']}) needs {expected.dtype} {tuple(expected.shape)}. The two files "
                     "do not belong together: save the model again with save_quantized."
                 )
-        _replace(model, name, new.to(weight_out_in(old).device))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+        _replace(model, name, new)
     tied = qc.get("tied", {})
-    untied = [k for k in missing if tied.get(k) not in tensors]
-    for alias in missing:
-        if alias not in untied:
-            _tie(model, alias, tied[alias])
+    expected_keys = set(model.state_dict())
+    unexpected = sorted(set(tensors) - expected_keys)
+    untied = sorted(k for k in expected_keys - set(tensors) if tied.get(k) not in tensors)
     if untied or unexpected:
         raise ValueError(
-            f"{directory / QUANT_WEIGHTS_NAME} does not match {model_class.__name__}: missing {untied}, unexpected "
-            f"{list(unexpected)}."
+            f"{weights} does not match {model_class.__name__}: missing {untied}, unexpected {unexpected}."
         )
+    model.load_state_dict(tensors, strict=False, assign=True)
+    del tensors
+    for alias, source in tied.items():
+        if alias in expected_keys:
+            _tie(model, alias, source)
     for name in qc["modules"]:
         module = model.get_submodule(name)
         if int(module.qweight.max()) > 2**module.bits - 1:
