@@ -6,7 +6,8 @@ and reports the rise of the peak RSS (VmHWM) over the RSS before the work. Paths
 
 - `load_quantized`: an hf_elastic INT4 folder (RTN, group 128) back into a model;
 - `export_subnetwork`: the median sub-network of a LoNAS super-network (elastic FFN widths 1/0.75/0.5, rank 32 on
-  q/k/v/up/down) merged, sliced and written (the super-network is built before the peak is reset);
+  q/k/v/up/down) merged, sliced and written (the super-network is built, and its weights read once so that the
+  pages `from_pretrained` maps from the file are in memory, before the peak is reset);
 - `openvino_fp32`, `openvino_int8`: `export_openvino` of the float folder (NNCF int8 per channel for int8);
 - `openvino_int4_exact`: `export_openvino` of the INT4 folder (the codes exactly, embedding and LM head int8);
 - `optimum_fp32`, `optimum_int8`, `optimum_int4`: optimum-intel's own export of the float folder, as
@@ -128,6 +129,8 @@ def worker(path: str, root: Path) -> dict:
 
             export_subnetwork(_supernet(warm["float"]), "median", Path(tmp) / "warm-out")
             supernet = _supernet(root / "float")
+            for tensor in [*supernet.model.parameters(), *supernet.model.buffers()]:
+                tensor.sum()  # page in the weights that `from_pretrained` mapped from the file, as after training
             Path("/proc/self/clear_refs").write_text("5")
             base = _status("VmRSS")
             export_subnetwork(supernet, "median", root / f"out-{path}", overwrite=True)

@@ -16,7 +16,7 @@ from conftest import ARCHS, args, dataset, peft_kwargs
 from peft import get_peft_model
 
 from hf_elastic import NASTrainer, NLSConfig, load_quantized, load_super_network, quantize, save_quantized
-from hf_elastic.utils import atomic_directory, check_output_dir, load_safetensors, read_json
+from hf_elastic.utils import atomic_directory, check_output_dir, load_safetensors, read_json, write_safetensors
 
 WORKER = Path(__file__).parent / "kill_worker.py"
 
@@ -229,6 +229,28 @@ def test_full_disk_during_save_model_keeps_the_old_adapter(tmp_path: Path, monke
     )
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "super"]  # the staged files are gone
+
+
+def test_write_safetensors_writes_the_bytes_of_save_file(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    tensors = {
+        "b.weight": torch.randn(5, 3),
+        "a": torch.randn(7).to(torch.bfloat16),
+        "ids": torch.arange(4),
+        "codes": torch.randint(0, 255, (9,), dtype=torch.uint8),
+        "scalar": torch.tensor(2.0),
+        "empty": torch.zeros(0, 3),
+        "strided": torch.randn(4, 6)[:, ::2],
+        "mask": torch.ones(3, dtype=torch.bool),
+        "half": torch.randn(3).half(),
+    }
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "ref.safetensors", {"format": "pt"})
+    write_safetensors(tensors, tmp_path / "new.safetensors", {"format": "pt"})
+    assert (tmp_path / "new.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    loaded = load_file(tmp_path / "new.safetensors")
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
 
 
 def test_readers_name_the_damaged_file(tmp_path: Path) -> None:

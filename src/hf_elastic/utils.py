@@ -13,9 +13,11 @@ import logging
 import os
 import re
 import shutil
+import struct
+import sys
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -101,18 +103,57 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
 
 
+# safetensors' tensor order in a file: by dtype, in this order, then by name
+_SAFETENSORS_DTYPES = {
+    torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.complex64: "C64", torch.float32: "F32",
+    torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint16: "U16",
+    torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+_DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
+
+
+def write_safetensors(
+    tensors: Mapping[str, torch.Tensor], filename: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
+    """`safetensors.torch.save_file` that writes one tensor at a time: the same file (metadata keys aside, whose order
+    safetensors does not fix) without first copying every tensor into one serialized buffer; a tensor off the CPU or
+    not contiguous is copied alone, while it is written."""
+    if sys.byteorder == "big" or any(t.dtype not in _DTYPE_RANK for t in tensors.values()):
+        save_file(dict(tensors), filename, metadata=metadata)
+        return
+    names = sorted(tensors, key=lambda name: (_DTYPE_RANK[tensors[name].dtype], name))
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in names:
+        tensor = tensors[name]
+        if tensor.layout != torch.strided:
+            raise ValueError(f"{name} is a sparse tensor; safetensors holds dense tensors only (call .to_dense()).")
+        size = tensor.numel() * tensor.element_size()
+        entry = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape)}
+        header[name] = entry | {"data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(filename, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name in names:
+            tensor = tensors[name].detach()
+            if tensor.numel():
+                f.write(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
 def atomic_save_safetensors(
     tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
 ) -> None:
-    """`safetensors.torch.save_file` through a temporary file and an atomic rename."""
+    """`write_safetensors` through a temporary file and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
         with explain_full_disk(path, tmp):
-            save_file(tensors, tmp, metadata={"format": "pt"} | (metadata or {}))
+            write_safetensors(tensors, tmp, metadata={"format": "pt"} | (metadata or {}))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

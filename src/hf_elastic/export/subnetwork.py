@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,9 +18,10 @@ from ..compression.sparsity import sparsity_of
 from ..models.arch import find_width_layers, slice_layer_width
 from ..models.loading import build_from_config, load_config, mark_hf_elastic_only
 from ..nas.supernet import NamedConfig, SuperNetwork
-from ..utils import SUBNET_CONFIG_NAME, atomic_directory, atomic_write_json, check_output_dir
+from ..utils import SUBNET_CONFIG_NAME, atomic_directory, atomic_write_json, check_output_dir, write_safetensors
 from .compressed_tensors import import_compressed_tensors, write_compressed_tensors
 from .gguf_file import GGUF_NAME, import_gguf, write_gguf
+from .openvino_ir import trim_heap
 
 WIDTHS_ATTR = "elastic_layer_widths"
 EXPORT_FORMATS = ("hf-elastic", "compressed-tensors", "gguf")
@@ -62,7 +64,11 @@ def export_subnetwork(
             raise ValueError("format='gguf' needs tokenizer=...: llama.cpp reads the vocabulary from the GGUF file.")
     check_output_dir(output_dir, overwrite)
     resolved = supernet.resolve(config)
+    flags = {k: getattr(supernet.config, k) for k in ("sparse_adapter", "quantization_aware")}
+    info = {"method": supernet.config.elastic_method, "config": resolved, **supernet.count(resolved)}
+    info |= {"max": supernet.count("max"), **flags}
     model = supernet.extract_model(resolved, share_weights=True)
+    trim_heap()  # the full-width copies of the merged layers, freed as each was sliced
     with atomic_directory(output_dir, overwrite) as tmp:
         if format == "compressed-tensors":
             write_compressed_tensors(model, tmp)
@@ -71,7 +77,8 @@ def export_subnetwork(
         elif any(isinstance(m, QuantLinear) for m in model.modules()):
             write_quantized(model, tmp)
         else:
-            model.save_pretrained(tmp)
+            with _streamed_safetensors():
+                model.save_pretrained(tmp)
             widths = getattr(model.config, WIDTHS_ATTR, None)
             if widths:
                 uniform = len({json.dumps(w, sort_keys=True) for w in widths.values()}) == 1
@@ -81,12 +88,24 @@ def export_subnetwork(
         report = sparsity_of(model)
         if report.total_sparsity > 0:
             report.save(tmp)
-        flags = {k: getattr(supernet.config, k) for k in ("sparse_adapter", "quantization_aware")}
-        info = {"method": supernet.config.elastic_method, "config": resolved, **supernet.count(resolved)}
-        atomic_write_json(tmp / SUBNET_CONFIG_NAME, info | {"max": supernet.count("max"), **flags})
+        atomic_write_json(tmp / SUBNET_CONFIG_NAME, info)
         if tokenizer is not None and format != "gguf":
             tokenizer.save_pretrained(tmp)
     return Path(output_dir)
+
+
+@contextlib.contextmanager
+def _streamed_safetensors() -> Iterator[None]:
+    """Make `save_pretrained` write its safetensors files with `write_safetensors`, which does not hold a serialized
+    copy of the weights in memory (safetensors' `save_file` does: one more copy of the model at the peak)."""
+    import transformers.modeling_utils as modeling_utils
+
+    save_file = modeling_utils.safe_save_file
+    modeling_utils.safe_save_file = write_safetensors
+    try:
+        yield
+    finally:
+        modeling_utils.safe_save_file = save_file
 
 
 def load_exported(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
