@@ -31,7 +31,7 @@ FRAGMENTATION = 0.05
 MIN_MICRO_BATCH = 4
 # host RAM that tracing and converting to OpenVINO keep per byte of the exported float32 weights (graph, constants
 # that are not views of the torch weights), fitted by benchmarks/bench_export_memory.py
-OPENVINO_TRACE = 0.25
+OPENVINO_TRACE = 0.10
 _GROUPS = {
     "attn_in": ("q_proj", "k_proj", "v_proj", "qkv_proj"),
     "attn_out": ("o_proj",),
@@ -518,7 +518,8 @@ def _openvino(model: _Model) -> StageMemory:
     if model.a != 4:
         copy = fp32
     elif model.m.bits is not None:
-        copy = 4 * model.exported_linear_params()  # the float parts are float32 already and shared
+        # the float32 linear layers traced, and the IR's exact codes beside them until each float weight is released
+        copy = 4 * model.exported_linear_params() + model.exported()
     else:
         copy = 0  # a float32 model is traced as it is
     note = "CPU only: the model, its float32 copy, tracing"
