@@ -446,8 +446,11 @@ def _merge_in(root: nn.Module, unload: bool = True) -> None:
         if not unload:
             continue
         module.merge()
+        base = module.get_base_layer()
+        if isinstance(base, QuantLinear):
+            base.residual = None  # training-only, dropped per layer so that the copies never add up
         parent, _, child = path.rpartition(".")
-        setattr(root.get_submodule(parent) if parent else root, child, module.get_base_layer())
+        setattr(root.get_submodule(parent) if parent else root, child, base)
 
 
 def _own_tensors(model: nn.Module, source: nn.Module) -> None:
