@@ -359,3 +359,22 @@ def test_cli_trains_and_exports_a_gptq_base_with_its_float_model(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(export + ["--output", str(tmp_path / "o2"), "--float-model-tolerance", "0"])
     assert "--float-model-tolerance: 0 must be > 0" in capsys.readouterr().err
+
+
+def test_a_hub_id_of_a_gptq_checkpoint_loads_from_the_cache(tmp_path, monkeypatch, gptq_folder):
+    import shutil
+
+    import huggingface_hub
+
+    folder, base = gptq_folder
+    snapshot = tmp_path / "hub" / "models--me--tiny-gptq" / "snapshots" / ("a" * 40)
+    shutil.copytree(folder, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = load_hub_quantized("me/tiny-gptq", float_model=base)
+    reference = load_hub_quantized(folder, float_model=base)
+    for name, m in quant_layers(model).items():
+        assert torch.equal(m.qweight, reference.get_submodule(name).qweight)
+        assert torch.equal(m.residual, reference.get_submodule(name).residual)

@@ -12,7 +12,9 @@ _SUBNETS = ("max", "min", "median")
 
 
 def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None) -> tuple[Any, Any]:
-    """The model and tokenizer of `source` (default `args.model`): a folder (any hf_elastic export too) or a Hub id."""
+    """The model and tokenizer of `source` (default `args.model`): a folder (any hf_elastic export too) or a Hub id;
+    for train, search, export and extract also a GPTQ or compressed-tensors INT4/INT8 checkpoint, as `QuantLinear`
+    layers (with `--float-model`, with their rounding residual rebuilt)."""
 
     from ..compression.quantization.hub_loading import hub_checkpoint, load_hub_quantized, rebuild_residual
     from ..export.subnetwork import load_exported
@@ -30,7 +32,8 @@ def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None
             raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
         for weights in sorted(Path(source).glob("*.safetensors")):
             check_safetensors(weights, "the model folder is damaged: save or download the model again")
-    quantized = hub_checkpoint(source, args.revision)
+    # the commands that take a base for adapters read GPTQ / compressed-tensors checkpoints into QuantLinear
+    quantized = hub_checkpoint(source, args.revision) if hasattr(args, "float_model") else None
     if quantized is not None:
         model = load_hub_quantized(quantized, dtype=None if dtype == "auto" else dtype)
         if float_model is not None:
