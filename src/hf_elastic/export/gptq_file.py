@@ -4,7 +4,9 @@
 The codes and zero points are written as they are; GPTQ stores scales in float16, which is exact for a base read from
 a GPTQ checkpoint (its scales were float16) and rounds the float32 scales of hf_elastic's own quantizers (a warning
 says by how much). The checkpoint format ("gptq", v1, unless the base came as "gptq_v2") and the other settings of the
-source's quantization config are kept. Loading the result needs what any GPTQ checkpoint needs (transformers with
+source's quantization config are kept. In v1, an asymmetric group with zero point 0 is stored as GPTQModel writes it
+(-1, subtracted from the whole word), which GPTQModel and hf_elastic read back exactly and v1 kernels that add 1 per
+field (vLLM's) do not. Loading the result needs what any GPTQ checkpoint needs (transformers with
 gptqmodel, or vLLM); hf_elastic reads it back with `load_hub_quantized`.
 """
 
