@@ -274,6 +274,22 @@ def qa_quality() -> str:
     return markdown(["variant", "80 steps: eval loss", "accuracy", "40 steps: eval loss", "accuracy"], rows)
 
 
+def qa_hub_bases() -> str:
+    hub = load("amd-epyc-avx512/qa_quality_hub_bases.json")["results"]
+    rtn = load(f"{UNRECORDED}/qa_quality.json")["results"]
+    same = "rebuilt, equal to the kept one bit for bit" if hub["ct_rtn_rebuilt_residual_equals_kept"] else "rebuilt"
+    rows = [
+        ("GPTQ checkpoint, untrained", DASH, hub["gptq_int4_base_untrained"]),
+        ("(c') QA-SparsePEFT on the GPTQ checkpoint, codes only", "none", hub["c_codes_only_gptq_hub"]),
+        ("**(c) the same with `--float-model`**", "rebuilt", hub["c_gptq_hub_residual_rebuilt"]),
+        ("(b') QA-SparsePEFT on the RTN base, codes only", "none", rtn["b_codes_only_qa_sparsepeft_int4"]),
+        ("(b) QA-SparsePEFT on the RTN base; its compressed-tensors checkpoint with `--float-model`", same,
+         rtn["b_qa_sparsepeft_int4"]),
+    ]  # fmt: skip
+    cells = [[label, residual, num(r["eval_loss"], ".3f"), num(r["accuracy"], ".3f")] for label, residual, r in rows]
+    return markdown(["INT4 base (SmolLM2, Wanda 50 %, group 64)", "rounding residual", "eval loss", "accuracy"], cells)
+
+
 def _width_label(entry: Mapping[str, Any], full: Mapping[str, Any]) -> str:
     parts = []
     if entry["ffn_channels"] != full["ffn_channels"]:
@@ -424,6 +440,7 @@ TABLES: dict[str, Callable[[], str]] = {
         openvino_smollm2_avx2,
         openvino_smollm2_settings,
         qa_quality,
+        qa_hub_bases,
         width_latency_smollm2,
         width_latency_random_llama,
         lonas_front,

@@ -148,8 +148,8 @@ def test_compressed_tensors_refusals(tmp_path):
     with pytest.raises(ValueError, match=r"this one has no QuantLinear: quantize the base with hf_elastic.quantize"):
         export_subnetwork(get_supernet(float_model), "max", tmp_path / "f", format="compressed-tensors")
     assert not (tmp_path / "f").exists()
-    with pytest.raises(ValueError, match=r"format='gptq' is unknown; use one of 'hf-elastic', 'compressed-tensors'"):
-        export_subnetwork(get_supernet(float_model), "max", tmp_path / "f", format="gptq")
+    with pytest.raises(ValueError, match=r"format='awq' is unknown; use one of 'hf-elastic', 'compressed-tensors'"):
+        export_subnetwork(get_supernet(float_model), "max", tmp_path / "f", format="awq")
     widths = random_llama(96, hidden_size=64, intermediate_size=128)  # per-layer widths, then quantized
     slice_layer_width(find_width_layers(widths)[1][1], torch.arange(64), None)
     quantize(widths, bits=4, group_size=32, show_progress=False)

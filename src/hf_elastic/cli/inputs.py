@@ -12,8 +12,11 @@ _SUBNETS = ("max", "min", "median")
 
 
 def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None) -> tuple[Any, Any]:
-    """The model and tokenizer of `source` (default `args.model`): a folder (any hf_elastic export too) or a Hub id."""
+    """The model and tokenizer of `source` (default `args.model`): a folder (any hf_elastic export too) or a Hub id;
+    for train, search, export and extract also a GPTQ or compressed-tensors INT4/INT8 checkpoint, as `QuantLinear`
+    layers (with `--float-model`, with their rounding residual rebuilt)."""
 
+    from ..compression.quantization.hub_loading import hub_checkpoint, load_hub_quantized, rebuild_residual
     from ..export.subnetwork import load_exported
     from ..models.loading import load_causal_lm, load_tokenizer, resolve_dtype
     from ..utils import check_safetensors
@@ -21,6 +24,7 @@ def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None
     source = source or args.model
     dtype = resolve_dtype(args.dtype)
     hub = {"revision": args.revision, "trust_remote_code": args.trust_remote_code}
+    float_model = getattr(args, "float_model", None)
     if Path(source).is_dir():
         if args.revision:
             raise ValueError(f"--revision {args.revision} applies to Hub ids; {source} is a local folder.")
@@ -28,6 +32,18 @@ def load_model_and_tokenizer(args: argparse.Namespace, source: str | None = None
             raise FileNotFoundError(f"{source} is not a model folder (no config.json).")
         for weights in sorted(Path(source).glob("*.safetensors")):
             check_safetensors(weights, "the model folder is damaged: save or download the model again")
+    # the commands that take a base for adapters read GPTQ / compressed-tensors checkpoints into QuantLinear
+    quantized = hub_checkpoint(source, args.revision) if hasattr(args, "float_model") else None
+    if quantized is not None:
+        model = load_hub_quantized(quantized, dtype=None if dtype == "auto" else dtype)
+        if float_model is not None:
+            rebuild_residual(model, float_model, args.float_model_tolerance, option="--float-model")
+    elif float_model is not None:
+        raise ValueError(
+            f"--float-model applies to a GPTQ or compressed-tensors INT4/INT8 base; {source} is not one "
+            "(hf_elastic's own INT4 folders keep their residual: hf-elastic quantize --keep-residual)."
+        )
+    elif Path(source).is_dir():
         model = load_exported(source, dtype=None if dtype == "auto" else dtype)
     else:
         model = load_causal_lm(source, dtype=dtype, **hub)

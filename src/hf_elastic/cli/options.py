@@ -7,6 +7,7 @@ import argparse
 from peft import LoraConfig
 from transformers import TrainingArguments
 
+from ..compression.quantization.hub_loading import QuantizedBaseConfig
 from ..compression.quantization.quantize import QuantizationConfig
 from ..compression.sparsity import SparsityConfig
 from ..demo.config import DemoConfig
@@ -73,6 +74,7 @@ QUANTIZE = (
     Option("keep_residual"),
     *_CALIBRATION,
 )
+BASE = (Option("float_model"), Option("float_model_tolerance", type=POSITIVE_FLOAT))
 WIDTH_OPTIONS = ("ffn_width_choices", "head_choices")
 TRAIN_ADAPTER = (
     Option("rank_choices", type=POSITIVE_INT, default=[16, 12, 8]),
@@ -161,7 +163,13 @@ HIDDEN_UPSTREAM: dict[type, str] = {
 COMMAND_CONFIGS: dict[str, tuple[tuple[type, tuple[Option, ...]], ...]] = {
     "sparsify": ((SparsityConfig, SPARSIFY),),
     "quantize": ((QuantizationConfig, QUANTIZE),),
-    "train": ((ElasticLoraConfig, TRAIN_ADAPTER), (NASTrainingArguments, TRAIN_ARGUMENTS)),
-    "search": ((SearchConfig, SEARCH),),
+    "train": (
+        (ElasticLoraConfig, TRAIN_ADAPTER),
+        (NASTrainingArguments, TRAIN_ARGUMENTS),
+        (QuantizedBaseConfig, BASE),
+    ),
+    "search": ((SearchConfig, SEARCH), (QuantizedBaseConfig, BASE)),
+    "export": ((QuantizedBaseConfig, BASE),),
+    "extract": ((QuantizedBaseConfig, BASE),),
     "demo": ((DemoConfig, DEMO),),
 }

@@ -120,7 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_quantize)
 
     p = sub.add_parser("train", help="train an NLS / LoNAS super-network with NASTrainer (causal LM)")
-    p.add_argument("model", help="base model folder or Hub id (dense, sparse or hf_elastic INT4)")
+    p.add_argument(
+        "model", help="base model folder or Hub id (dense, sparse, hf_elastic INT4, GPTQ or compressed-tensors INT4)"
+    )
     p.add_argument("output", help="where to write checkpoints and the super-adapter")
     p.add_argument(
         "--method",
@@ -191,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the output folder's format: hf-elastic (a stock checkpoint where transformers can express the "
         "sub-network, else hf-elastic's own), compressed-tensors (the exact INT4/INT8 codes of a QA sub-network, "
         "for transformers and vLLM; pip install 'hf-elastic[compressed-tensors]') or gguf (model.gguf for "
-        "llama.cpp: INT4 as Q4_1, INT8 as Q8_0; Llama models; pip install 'hf-elastic[gguf]')",
+        "llama.cpp: INT4 as Q4_1, INT8 as Q8_0; Llama models; pip install 'hf-elastic[gguf]') or gptq (the exact "
+        "codes as a GPTQ checkpoint, e.g. for a GPTQ base)",
     )
     p.add_argument("--openvino", action="store_true", help="also write <output>-openvino (OpenVINO IR)")
     p.add_argument(
@@ -214,12 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="--openvino of an INT4/INT8 (QA) sub-network: keep the embedding and LM head fp32 instead of int8",
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    _config_options(p, "export")
     _model_args(p, "base model")
     p.set_defaults(func=commands.cmd_export)
 
     p = sub.add_parser("extract", help="write a sub-network's plain LoRA adapter (elastic ranks only; no merge)")
     _subnet_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _config_options(p, "extract")
     _model_args(p, "base model")
     p.set_defaults(func=commands.cmd_extract)
 

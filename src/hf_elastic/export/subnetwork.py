@@ -21,10 +21,11 @@ from ..nas.supernet import NamedConfig, SuperNetwork
 from ..utils import SUBNET_CONFIG_NAME, atomic_directory, atomic_write_json, check_output_dir, write_safetensors
 from .compressed_tensors import import_compressed_tensors, write_compressed_tensors
 from .gguf_file import GGUF_NAME, import_gguf, write_gguf
+from .gptq_file import write_gptq
 from .openvino_ir import trim_heap
 
 WIDTHS_ATTR = "elastic_layer_widths"
-EXPORT_FORMATS = ("hf-elastic", "compressed-tensors", "gguf")
+EXPORT_FORMATS = ("hf-elastic", "compressed-tensors", "gguf", "gptq")
 
 
 def export_subnetwork(
@@ -52,7 +53,8 @@ def export_subnetwork(
     points as a compressed-tensors `pack-quantized` checkpoint instead, which stock transformers (with
     `compressed-tensors` installed) and vLLM load; see `hf_elastic.export.compressed_tensors`. `format="gguf"` writes
     `model.gguf` for llama.cpp instead (a Llama; INT4 as Q4_1, INT8 as Q8_0, the tokenizer inside; see
-    `hf_elastic.export.gguf_file`).
+    `hf_elastic.export.gguf_file`). `format="gptq"` writes a GPTQ checkpoint (`qweight`, `qzeros`, `scales`, `g_idx`),
+    the format of a GPTQ base read with `load_hub_quantized` (see `hf_elastic.export.gptq_file`).
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format={format!r} is unknown; use one of {', '.join(map(repr, EXPORT_FORMATS))}.")
@@ -74,6 +76,8 @@ def export_subnetwork(
             write_compressed_tensors(model, tmp)
         elif format == "gguf":
             write_gguf(model, tmp / GGUF_NAME, tokenizer)
+        elif format == "gptq":
+            write_gptq(model, tmp)
         elif any(isinstance(m, QuantLinear) for m in model.modules()):
             write_quantized(model, tmp)
         else:
