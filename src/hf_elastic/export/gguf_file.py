@@ -13,8 +13,13 @@ The integer codes are written as they are, in ggml's blocks of 32 weights:
 
 The query and key rows are permuted as llama.cpp's `convert_hf_to_gguf.py` does for Llama (rows move whole, so the
 codes are unchanged). The tokenizer (byte-level BPE: `tokenizer.ggml.model = gpt2`) and its chat template go into the
-file too. Per-layer widths (LoNAS) are refused: llama.cpp's Llama loader accepts per-layer feed-forward and head
-counts in the metadata, but hf-elastic has not checked that llama.cpp runs such files correctly.
+file too.
+
+Per-layer widths (LoNAS): llama.cpp's `llama` graph reads per-layer feed-forward and head counts from the metadata but
+builds every layer with layer 0's, so such a file does not load. Its `deci` architecture (Nemotron-NAS: the same
+tensors, names and rotary layout) builds each layer with its own counts, so a sub-network whose layers differ is
+written as `deci`, with per-layer `feed_forward_length`, `attention.head_count` and `attention.head_count_kv`
+arrays. llama.cpp runs it; transformers' GGUF loader does not read `deci`.
 """
 
 from __future__ import annotations
@@ -81,7 +86,17 @@ def q8_0_blocks(
     return np.concatenate([p.reshape(rows, cols // BLOCK, -1) for p in parts], axis=-1).reshape(rows, -1)
 
 
-def _check_model(model: nn.Module) -> None:
+def head_dim_of(config: Any) -> int:
+    """The attention head size of a Llama config (its `head_dim`, else hidden size / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_widths(model: nn.Module) -> list[tuple[int, int, int]]:
+    """(feed-forward size, query heads, key/value heads) of every layer of a Llama, read from its linear layers.
+
+    Raises a ValueError for the model checks `write_gguf` needs: a Llama with default rotary embeddings, consistent
+    projection shapes in every layer, and INT4/INT8 groups that fill ggml's blocks of 32 weights.
+    """
     config = model.config
     if getattr(config, "model_type", None) != "llama":
         raise ValueError(
@@ -93,23 +108,33 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError(
             f"format='gguf' writes default rotary embeddings only; this model has rope_type={rope['rope_type']!r}."
         )
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    expected = {
-        "self_attn.q_proj": (heads * head_dim, config.hidden_size),
-        "self_attn.k_proj": (kv_heads * head_dim, config.hidden_size),
-        "mlp.down_proj": (config.hidden_size, config.intermediate_size),
-    }
+    head_dim, hidden = head_dim_of(config), config.hidden_size
+    widths = []
     for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        ffn, heads, kv = mlp.down_proj.in_features, attn.q_proj.out_features, attn.k_proj.out_features
+        expected = {
+            "self_attn.q_proj": (heads, hidden),
+            "self_attn.k_proj": (kv, hidden),
+            "self_attn.v_proj": (kv, hidden),
+            "self_attn.o_proj": (hidden, heads),
+            "mlp.gate_proj": (ffn, hidden),
+            "mlp.up_proj": (ffn, hidden),
+            "mlp.down_proj": (hidden, ffn),
+        }
+        if heads % head_dim or kv % head_dim or not kv:
+            raise ValueError(
+                f"format='gguf' cannot describe layer {i}: its query and key projections have {heads} and {kv} rows, "
+                f"not whole heads of {head_dim} with at least one key/value head."
+            )
         for name, shape in expected.items():
             module = layer.get_submodule(name)
             if (module.out_features, module.in_features) != shape:
                 raise ValueError(
-                    f"format='gguf' refuses per-layer widths: layer {i} {name} is {module.out_features}x"
-                    f"{module.in_features}, the config says {shape[0]}x{shape[1]}. llama.cpp's Llama loader reads "
-                    "per-layer feed-forward and head counts, but hf-elastic has not verified that llama.cpp runs "
-                    "them; export a sub-network with the same widths in every layer, or use format='hf-elastic'."
+                    f"format='gguf' cannot describe layer {i}: {name} is {module.out_features}x{module.in_features}, "
+                    f"where the layer's other projections make it {shape[0]}x{shape[1]}."
                 )
+        widths.append((ffn, heads // head_dim, kv // head_dim))
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and module.group_size % BLOCK:
             raise ValueError(
@@ -117,6 +142,7 @@ def _check_model(model: nn.Module) -> None:
                 f"but {name} has group_size={module.group_size}. Quantize with a group size that is a multiple of "
                 f"{BLOCK} (32, 64, 128), or use format='compressed-tensors'."
             )
+    return widths
 
 
 def _pre_tokenizer(tokenizer: Any) -> str:
@@ -172,11 +198,17 @@ def _add_tokenizer(writer: Any, gguf: Any, tokenizer: Any, vocab_size: int) -> N
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _tensors(model: nn.Module, gguf: Any) -> tuple[list[tuple[str, np.ndarray, Any]], dict[str, str]]:
+def _tensors(
+    model: nn.Module, gguf: Any, arch: Any, widths: list[tuple[int, int, int]]
+) -> tuple[list[tuple[str, np.ndarray, Any]], dict[str, str]]:
     """(GGUF name, array, ggml type) of every tensor, and the ggml type written for each linear layer."""
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    heads = {
+        f"model.layers.{i}.self_attn.{proj}.": n
+        for i, (_, q, kv) in enumerate(widths)
+        for proj, n in (("q_proj", q), ("k_proj", kv))
+    }
     out, kinds, seen = [], {}, set()
     quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(f"{n}." for n in quant))}
@@ -193,7 +225,7 @@ def _tensors(model: nn.Module, gguf: Any) -> tuple[list[tuple[str, np.ndarray, A
         if target in seen:
             continue
         seen.add(target)
-        n_head = next((n for proj, n in heads.items() if f".{proj}." in key), None)
+        n_head = next((n for prefix, n in heads.items() if key.startswith(prefix)), None)
         if isinstance(value, QuantLinear):
             q, s, z = value.qweight, value.scales, value.zeros
             if n_head is not None:
@@ -223,30 +255,33 @@ def _tensors(model: nn.Module, gguf: Any) -> tuple[list[tuple[str, np.ndarray, A
 def write_gguf(model: nn.Module, path: str | Path, tokenizer: Any, *, name: str | None = None) -> dict[str, str]:
     """Write `model` (a Llama; `QuantLinear` layers keep their codes) and `tokenizer` to the GGUF file `path`.
 
-    Returns the ggml type written for each linear layer (`Q4_1`, `Q8_0`, `F32`, ...), so that asymmetric INT8 layers
-    written as F32 are visible.
+    Layers of different widths (LoNAS) make a `deci` file (per-layer counts; see the module docstring). Returns the
+    ggml type written for each linear layer (`Q4_1`, `Q8_0`, `F32`, ...), so that asymmetric INT8 layers written as
+    F32 are visible.
     """
     gguf = import_gguf()
     if tokenizer is None:
         raise ValueError("format='gguf' needs the tokenizer: llama.cpp reads the vocabulary from the GGUF file.")
-    _check_model(model)
+    widths = layer_widths(model)
     config = model.config
-    tensors, kinds = _tensors(model, gguf)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    uniform = len(set(widths)) == 1
+    arch = gguf.MODEL_ARCH.LLAMA if uniform else gguf.MODEL_ARCH.DECI
+    tensors, kinds = _tensors(model, gguf, arch, widths)
+    head_dim = head_dim_of(config)
     rope = getattr(config, "rope_parameters", None) or {}
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "hf-elastic-subnetwork")).name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
+    ffn, heads, kv_heads = (list(column) for column in zip(*widths, strict=True))
+    writer.add_feed_forward_length(ffn[0] if uniform else ffn)
+    writer.add_head_count(heads[0] if uniform else heads)
+    writer.add_head_count_kv(kv_heads[0] if uniform else kv_heads)
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:
+    if not uniform or head_dim != config.hidden_size // heads[0]:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
