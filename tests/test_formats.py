@@ -216,7 +216,7 @@ def test_cli_export_format_compressed_tensors(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------- GGUF
 requires_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="needs hf-elastic[gguf]")
 # (bits, group size, symmetric, sparse base, the ggml type expected for the quantized layers)
-GGUF_SCHEMES = [(4, 64, False, True, "Q4_1"), (4, 32, True, True, "Q4_1"), (8, 32, True, False, "Q8_0"),
+GGUF_SCHEMES = [(4, 64, False, True, "Q4_1"), (4, 32, True, True, "Q4_0"), (8, 32, True, False, "Q8_0"),
                 (8, 32, False, False, "F32")]  # fmt: skip
 
 
@@ -268,8 +268,8 @@ def test_gguf_export_reads_back_with_gguf_and_transformers(tmp_path, bits, group
             z = z.repeat_interleave(group_size, 1)
             if ggml_type == "Q4_1":
                 expected = d * q + (-z * d).half().float()  # d = fp16(s), m = fp16(-z d)
-            elif ggml_type == "Q8_0":
-                expected = d * (q - z)
+            elif ggml_type in ("Q8_0", "Q4_0"):
+                expected = d * (q - z)  # Q4_0: z = 8
             else:
                 expected = module.dequantize()
             reference = module.dequantize()

@@ -133,7 +133,7 @@ def test_per_layer_widths_are_written_as_deci(tmp_path):
     model = sn.extract_model(config)
     quantize(model, bits=4, group_size=64, symmetric=True, show_progress=False)
     kinds = write_gguf(model, tmp_path / "model.gguf", tok)
-    assert set(kinds.values()) == {"Q4_1", "F32"} and kinds["model.layers.1.self_attn.o_proj"] == "Q4_1"
+    assert set(kinds.values()) == {"Q4_0", "F32"} and kinds["model.layers.1.self_attn.o_proj"] == "Q4_0"
     reader = GGUFReader(tmp_path / "model.gguf")
     fields = {name: field.contents() for name, field in reader.fields.items()}
     assert fields["general.architecture"] == "deci"
@@ -141,14 +141,14 @@ def test_per_layer_widths_are_written_as_deci(tmp_path):
     assert fields["deci.attention.head_count"] == [4, 2] and fields["deci.attention.head_count_kv"] == [2, 1]
     assert fields["deci.attention.key_length"] == 32 and fields["deci.rope.dimension_count"] == 32
     tensors = {t.name: t for t in reader.tensors}
-    # ggml shapes are (in, out); a Q4_1 row of 128 weights is 4 blocks of 20 bytes (d, m, 16 bytes of nibbles)
+    # ggml shapes are (in, out); a Q4_0 row of 128 weights is 4 blocks of 18 bytes (d, 16 bytes of nibbles)
     assert [int(x) for x in tensors["blk.0.ffn_down.weight"].shape] == [192, 128]
     assert [int(x) for x in tensors["blk.1.attn_q.weight"].shape] == [128, 64]
     assert [int(x) for x in tensors["blk.1.attn_k.weight"].shape] == [128, 32]
     assert [int(x) for x in tensors["blk.1.attn_output.weight"].shape] == [64, 128]
     q = model.model.layers[1].self_attn.q_proj
-    raw = np.asarray(tensors["blk.1.attn_q.weight"].data).reshape(64, 4, 20)
-    codes = np.concatenate([raw[..., 4:] & 15, raw[..., 4:] >> 4], axis=-1).reshape(64, 128)
+    raw = np.asarray(tensors["blk.1.attn_q.weight"].data).reshape(64, 4, 18)
+    codes = np.concatenate([raw[..., 2:] & 15, raw[..., 2:] >> 4], axis=-1).reshape(64, 128)
     assert np.array_equal(codes, permute_rows(q.qweight, 2).numpy())  # permuted with this layer's two heads
 
     # uniform widths stay `llama`, which transformers' GGUF loader also reads
@@ -159,7 +159,7 @@ def test_per_layer_widths_are_written_as_deci(tmp_path):
 
     (tmp_path / "uniform.gguf").unlink()
     card = build_model_card(tmp_path, CardInfo(base_model="me/base", method="lonas"))
-    assert "uses llama.cpp's `deci`\narchitecture" in card.text and "INT4, ggml Q4_1" in card.text
+    assert "uses llama.cpp's `deci`\narchitecture" in card.text and "INT4, ggml Q4_0" in card.text
 
 
 @requires_gguf

@@ -32,6 +32,7 @@ _KIND_TITLES = {
 GGUF_SUFFIX = ".gguf"
 # ggml tensor types of quantized weights: bits, and what a block holds
 _GGML_BLOCKS = {
+    "Q4_0": (4, "ggml `Q4_0` blocks of 32 weights (fp16 scale `d` per block: `w = d * (q - 8)`, symmetric)"),
     "Q4_1": (4, "ggml `Q4_1` blocks of 32 weights (fp16 scale `d` and offset `m` per block: `w = d * q + m`)"),
     "Q8_0": (8, "ggml `Q8_0` blocks of 32 weights (fp16 scale `d` per block: `w = d * q`, `q` in int8)"),
 }

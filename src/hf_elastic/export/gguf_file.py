@@ -4,7 +4,8 @@ The integer codes are written as they are, in ggml's blocks of 32 weights:
 
 - INT4 groups become `Q4_1` blocks, `w = d * q + m` with `d = fp16(s)` and `m = fp16(-z * d)`; a group of 64 or 128
   is split into blocks with the same `d` and `m`. The weights equal hf-elastic's `(q - z) * s` up to the fp16
-  rounding of `d` and `m` (symmetric groups, `z = 8`, keep every zero exact: `-8 * d` is an fp16 value).
+  rounding of `d` and `m`. Symmetric layers (every `z = 8`) become `Q4_0` blocks instead, `w = d * (q - 8)`: equal up
+  to the rounding of `d` alone, every zero exact, 10 % smaller, and llama.cpp's fastest 4-bit kernels.
 - INT8 groups become `Q8_0` blocks, `w = d * (q - z)` with `d = fp16(s)`, where every `q - z` fits in int8 (always
   for symmetric INT8); a layer whose asymmetric codes do not fit is written as F32 `(q - z) * s` instead (exact,
   four times larger), and `write_gguf` returns which layers took that route.
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 GGUF_NAME = "model.gguf"
 INSTALL_HINT = "pip install 'hf-elastic[gguf]'"
-BLOCK = 32  # weights per ggml block (Q4_1, Q8_0)
+BLOCK = 32  # weights per ggml block (Q4_0, Q4_1, Q8_0)
 _FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
@@ -59,6 +60,22 @@ def permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, 2, rows // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
+def _nibbles(qweight: torch.Tensor) -> torch.Tensor:
+    """(rows, in / 32, 16) bytes: weight j of a block in the low nibble of byte j, weight j + 16 in its high nibble."""
+    rows, cols = qweight.shape
+    codes = qweight.reshape(rows, cols // BLOCK, BLOCK)
+    return codes[..., : BLOCK // 2] | (codes[..., BLOCK // 2 :] << 4)
+
+
+def q4_0_blocks(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> np.ndarray:
+    """ggml `Q4_0` bytes (rows, in / 32 * 18) of symmetric INT4 codes (zero point 8): per block fp16 `d` and 16 bytes
+    of nibbles, `w = d * (q - 8)`."""
+    rows, cols = qweight.shape
+    d = scales.float().half().repeat_interleave(group_size // BLOCK, dim=1)
+    parts = [d.numpy().view(np.uint8), _nibbles(qweight).numpy()]
+    return np.concatenate([p.reshape(rows, cols // BLOCK, -1) for p in parts], axis=-1).reshape(rows, -1)
+
+
 def q4_1_blocks(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> np.ndarray:
     """ggml `Q4_1` bytes (rows, in / 32 * 20) of INT4 codes: per block fp16 `d`, fp16 `m`, 16 bytes of nibbles
     (weight j in the low nibble of byte j, weight j + 16 in its high nibble)."""
@@ -66,9 +83,7 @@ def q4_1_blocks(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     reps = group_size // BLOCK
     d = scales.float().half().repeat_interleave(reps, dim=1)
     m = (-zeros.float().repeat_interleave(reps, dim=1) * d.float()).half()
-    codes = qweight.reshape(rows, cols // BLOCK, BLOCK)
-    nibbles = codes[..., : BLOCK // 2] | (codes[..., BLOCK // 2 :] << 4)
-    parts = [d.numpy().view(np.uint8), m.numpy().view(np.uint8), nibbles.numpy()]
+    parts = [d.numpy().view(np.uint8), m.numpy().view(np.uint8), _nibbles(qweight).numpy()]
     return np.concatenate([p.reshape(rows, cols // BLOCK, -1) for p in parts], axis=-1).reshape(rows, -1)
 
 
@@ -230,9 +245,13 @@ def _tensors(
             q, s, z = value.qweight, value.scales, value.zeros
             if n_head is not None:
                 q, s, z = (permute_rows(t, n_head) for t in (q, s, z))
-            blocks = (q4_1_blocks if value.bits == 4 else q8_0_blocks)(q, s, z, value.group_size)
+            if value.bits == 4 and bool((z == 8).all()):
+                blocks, qtype = q4_0_blocks(q, s, value.group_size), gguf.GGMLQuantizationType.Q4_0
+            elif value.bits == 4:
+                blocks, qtype = q4_1_blocks(q, s, z, value.group_size), gguf.GGMLQuantizationType.Q4_1
+            else:
+                blocks, qtype = q8_0_blocks(q, s, z, value.group_size), gguf.GGMLQuantizationType.Q8_0
             if blocks is not None:
-                qtype = gguf.GGMLQuantizationType.Q4_1 if value.bits == 4 else gguf.GGMLQuantizationType.Q8_0
                 out.append((target, blocks, qtype))
                 kinds[key.removesuffix(".weight")] = qtype.name
                 continue
@@ -256,8 +275,8 @@ def write_gguf(model: nn.Module, path: str | Path, tokenizer: Any, *, name: str 
     """Write `model` (a Llama; `QuantLinear` layers keep their codes) and `tokenizer` to the GGUF file `path`.
 
     Layers of different widths (LoNAS) make a `deci` file (per-layer counts; see the module docstring). Returns the
-    ggml type written for each linear layer (`Q4_1`, `Q8_0`, `F32`, ...), so that asymmetric INT8 layers written as
-    F32 are visible.
+    ggml type written for each linear layer (`Q4_0`, `Q4_1`, `Q8_0`, `F32`, ...), so that asymmetric INT8 layers
+    written as F32 are visible.
     """
     gguf = import_gguf()
     if tokenizer is None:
@@ -287,7 +306,16 @@ def write_gguf(model: nn.Module, path: str | Path, tokenizer: Any, *, name: str 
     writer.add_vocab_size(config.vocab_size)
     types = set(kinds.values())
     file_type = next(
-        (t for k, t in (("Q4_1", "MOSTLY_Q4_1"), ("Q8_0", "MOSTLY_Q8_0"), ("F16", "MOSTLY_F16")) if k in types),
+        (
+            t
+            for k, t in (
+                ("Q4_1", "MOSTLY_Q4_1"),
+                ("Q4_0", "MOSTLY_Q4_0"),
+                ("Q8_0", "MOSTLY_Q8_0"),
+                ("F16", "MOSTLY_F16"),
+            )
+            if k in types
+        ),  # fmt: skip
         "ALL_F32",
     )
     writer.add_file_type(gguf.LlamaFileType[file_type])
