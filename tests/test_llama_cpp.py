@@ -3,6 +3,7 @@ llama.cpp's `deci`; and `push` of every export format with the card that runs it
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 
@@ -32,22 +33,43 @@ def tokenizer():
     return byte_level_bpe(WORDS * 10, 300, ["</s>"], eos_token="</s>", pad_token="</s>", bos_token="</s>")
 
 
-def qa_int4_supernet(group_size: int, symmetric: bool, sparse: bool, vocab: int):
-    """A QA-SparsePEFT super-network (two training steps) on a tiny Llama (hidden 128, so groups of 128 fit)."""
-    base = random_llama(vocab, hidden_size=128, intermediate_size=256).eval()
-    if sparse:
-        base = pruned(base)
+def tiny_llama(vocab: int, train_steps: int = 0):
+    """A tiny Llama (hidden 128, so INT4 groups of 128 fit), trained for `train_steps` to continue a fixed cycle of
+    the phrases: its greedy choices then win by top-2 logit margins above 1, which llama.cpp's int8 activations do
+    not flip (a random model's margins go down to 1e-3)."""
+    model = random_llama(vocab, hidden_size=128, intermediate_size=256)
+    if train_steps:
+        stream = tokenizer().encode(", ".join(WORDS * 12))
+        data = torch.tensor([stream[i : i + 24] for i in range(len(stream) - 24)])
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        model.train()
+        for step in range(train_steps):
+            batch = data[torch.randint(0, len(data), (16,), generator=torch.Generator().manual_seed(step))]
+            opt.zero_grad()
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained() -> torch.nn.Module:
+    return tiny_llama(len(tokenizer()), train_steps=150)
+
+
+def qa_int4_supernet(base, group_size: int, symmetric: bool, sparse: bool):
+    """A QA-SparsePEFT super-network (two training steps) on a copy of `base`, quantized with RTN INT4."""
+    base = pruned(base) if sparse else copy.deepcopy(base)
     quantize(base, bits=4, group_size=group_size, symmetric=symmetric, keep_residual=True, show_progress=False)
     model = get_peft_model(base, qa_config(ARCH, grouped=False))
     train_steps(model, ARCH, steps=2)
     return get_supernet(model)
 
 
-def lonas_widths_model(vocab: int):
-    """A LoNAS sub-network with per-layer widths: layer 0 keeps 192 of 256 feed-forward units, layer 1 two of four
-    heads (one of two key/value heads)."""
-    base = random_llama(vocab, hidden_size=128, intermediate_size=256)
-    sn = get_supernet(get_peft_model(base, make_config("elastic", ARCH, init_lora_weights=False)))
+def lonas_widths_model(base):
+    """A LoNAS sub-network of a copy of `base` with per-layer widths: layer 0 keeps 192 of 256 feed-forward units,
+    layer 1 two of four heads (one of two key/value heads)."""
+    peft_config = make_config("elastic", ARCH, init_lora_weights=False)
+    sn = get_supernet(get_peft_model(copy.deepcopy(base), peft_config))
     config = sn.space.max_config() | {"0.ffn": 192, "1.heads": sn.space["1.heads"].choices[-1]}
     return sn, config
 
@@ -100,9 +122,9 @@ INT4_SCHEMES = [(32, False, False), (32, True, True), (64, False, True), (128, T
 
 @requires_llama_cpp
 @pytest.mark.parametrize(("group_size", "symmetric", "sparse"), INT4_SCHEMES)
-def test_llama_cpp_greedy_tokens_equal_hf_elastic_int4(tmp_path, group_size, symmetric, sparse):
+def test_llama_cpp_greedy_tokens_equal_hf_elastic_int4(tmp_path, trained, group_size, symmetric, sparse):
     tok = tokenizer()
-    sn = qa_int4_supernet(group_size, symmetric, sparse, len(tok))
+    sn = qa_int4_supernet(trained, group_size, symmetric, sparse)
     merged = sn.extract_model("min")  # hf-elastic's INT4 forward: QuantLinear layers
     assert isinstance(merged.model.layers[0].mlp.down_proj, QuantLinear)
     out = export_subnetwork(sn, "min", tmp_path / f"g{group_size}", tokenizer=tok, format="gguf")
@@ -110,9 +132,9 @@ def test_llama_cpp_greedy_tokens_equal_hf_elastic_int4(tmp_path, group_size, sym
 
 
 @requires_llama_cpp
-def test_llama_cpp_runs_per_layer_widths(tmp_path):
+def test_llama_cpp_runs_per_layer_widths(tmp_path, trained):
     tok = tokenizer()
-    sn, config = lonas_widths_model(len(tok))
+    sn, config = lonas_widths_model(trained)
     out = export_subnetwork(sn, config, tmp_path / "lonas", tokenizer=tok, format="gguf")  # float: F32
     assert_llama_cpp_matches(out / "model.gguf", sn.extract_model(config), tok)
     int4 = sn.extract_model(config)
@@ -129,7 +151,7 @@ def test_per_layer_widths_are_written_as_deci(tmp_path):
     from hf_elastic.export.gguf_file import permute_rows
 
     tok = tokenizer()
-    sn, config = lonas_widths_model(len(tok))
+    sn, config = lonas_widths_model(tiny_llama(len(tok)))
     model = sn.extract_model(config)
     quantize(model, bits=4, group_size=64, symmetric=True, show_progress=False)
     kinds = write_gguf(model, tmp_path / "model.gguf", tok)
@@ -152,7 +174,7 @@ def test_per_layer_widths_are_written_as_deci(tmp_path):
     assert np.array_equal(codes, permute_rows(q.qweight, 2).numpy())  # permuted with this layer's two heads
 
     # uniform widths stay `llama`, which transformers' GGUF loader also reads
-    uniform = random_llama(len(tok), hidden_size=128, intermediate_size=256)
+    uniform = tiny_llama(len(tok))
     write_gguf(uniform, tmp_path / "uniform.gguf", tok)
     arch = GGUFReader(tmp_path / "uniform.gguf").fields["general.architecture"].contents()
     assert arch == "llama"
@@ -164,7 +186,7 @@ def test_per_layer_widths_are_written_as_deci(tmp_path):
 
 @requires_gguf
 def test_gguf_refuses_an_attention_free_layer(tmp_path):
-    model = random_llama(300, hidden_size=128, intermediate_size=256)
+    model = tiny_llama(300)
     attn = model.model.layers[1].self_attn
     attn.k_proj = torch.nn.Linear(128, 0, bias=False)
     with pytest.raises(ValueError, match=r"cannot describe layer 1: .* have 128 and 0 rows, not whole heads of 32"):
@@ -204,7 +226,7 @@ FORMATS = {
 def exported(tmp_path_factory) -> dict:
     """One sparse INT4 QA sub-network in every format: hf-elastic, compressed-tensors, GGUF and OpenVINO."""
     root, tok = tmp_path_factory.mktemp("formats"), tokenizer()
-    sn = qa_int4_supernet(32, False, True, len(tok))
+    sn = qa_int4_supernet(tiny_llama(len(tok)), 32, False, True)
     folders = {}
     for fmt in ("hf-elastic", "compressed-tensors", "gguf"):
         if fmt != "hf-elastic" and importlib.util.find_spec(fmt.replace("-", "_")) is None:
