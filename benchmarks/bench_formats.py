@@ -129,12 +129,14 @@ class LlamaCpp:
 
     def generate(self, ids: list[int], n: int) -> list[int]:
         import numpy as np
+        from llama_cpp import llama_get_logits_ith
 
         llm, out = self.llm, []
         llm.reset()
         llm.eval(ids)
         for i in range(n):
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            logits = np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            out.append(int(np.argmax(logits)))
             if i + 1 < n:
                 llm.eval([out[-1]])
         return out

@@ -245,7 +245,7 @@ def test_gguf_export_reads_back_with_gguf_and_transformers(tmp_path, bits, group
     assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
     assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
     assert fields["llama.feed_forward_length"] == 128 and fields["tokenizer.ggml.model"] == "gpt2"
-    assert fields["tokenizer.ggml.pre"] == "gpt2" and fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert fields["tokenizer.ggml.pre"] == "gpt-2" and fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
     vocab = tokenizer.get_vocab()
     assert fields["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
     assert len(fields["tokenizer.ggml.merges"]) == len(

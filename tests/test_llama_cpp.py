@@ -35,8 +35,9 @@ def tokenizer():
 
 def tiny_llama(vocab: int, train_steps: int = 0):
     """A tiny Llama (hidden 128, so INT4 groups of 128 fit), trained for `train_steps` to continue a fixed cycle of
-    the phrases: its greedy choices then win by top-2 logit margins above 1, which llama.cpp's int8 activations do
-    not flip (a random model's margins go down to 1e-3)."""
+    the phrases. Its greedy choices then win by top-2 logit margins of 0.06 or more after pruning and INT4, above
+    the 0.14 by which llama.cpp's int8 activations move logits of about 10 only in the worst case measured; a random
+    model's margins go down to 1e-3, where any kernel's rounding flips them."""
     model = random_llama(vocab, hidden_size=128, intermediate_size=256)
     if train_steps:
         stream = tokenizer().encode(", ".join(WORDS * 12))
@@ -74,46 +75,48 @@ def lonas_widths_model(base):
     return sn, config
 
 
-def torch_greedy(model, ids: list[int]) -> list[int]:
-    tokens = list(ids)
+def torch_greedy(model, ids: list[int]) -> tuple[list[int], np.ndarray]:
+    """PyTorch's greedy tokens after `ids`, and the logits each was chosen from."""
+    tokens, rows = list(ids), []
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
-            tokens.append(int(model(input_ids=torch.tensor([tokens])).logits[0, -1].argmax()))
-    return tokens[len(ids) :]
+            rows.append(model(input_ids=torch.tensor([tokens])).logits[0, -1].numpy())
+            tokens.append(int(rows[-1].argmax()))
+    return tokens[len(ids) :], np.stack(rows)
 
 
-def llama_cpp_greedy(path, prompts: list[list[int]]) -> tuple[list[list[int]], float]:
-    """llama.cpp's greedy tokens for each prompt (f32 KV cache, one thread), and the largest top-1 logit seen."""
-    from llama_cpp import Llama
+def llama_cpp_greedy(path, ids: list[int]) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's greedy tokens after `ids` (f32 KV cache, one thread), and the logits each was chosen from."""
+    from llama_cpp import Llama, llama_get_logits_ith
 
     llm = Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, type_k=0, type_v=0, verbose=False)
-    out, top = [], 0.0
-    for ids in prompts:
-        llm.reset()
-        llm.eval(ids)
-        new = []
-        for _ in range(NEW_TOKENS):
-            logits = llm.scores[llm.n_tokens - 1]
-            top = max(top, float(logits.max()))
-            new.append(int(np.argmax(logits)))
-            llm.eval([new[-1]])
-        out.append(new)
+    llm.eval(ids)
+    tokens, rows = [], []
+    for _ in range(NEW_TOKENS):
+        rows.append(np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy())
+        tokens.append(int(rows[-1].argmax()))
+        llm.eval([tokens[-1]])
     llm.close()
-    return out, top
+    return tokens, np.stack(rows)
 
 
-def assert_llama_cpp_matches(path, model, tok) -> None:
+def assert_llama_cpp_matches(path, model, tok, atol: float) -> None:
+    """llama.cpp's greedy tokens equal PyTorch's on every prompt, and its logits are within `atol` (its CPU kernels
+    multiply INT4 blocks by int8-quantized activations, hence the looser bound for INT4)."""
     from llama_cpp import Llama
 
     vocab_only = Llama(model_path=str(path), vocab_only=True, verbose=False)
-    prompts = [tok.encode(p) for p in PROMPTS]
-    assert [vocab_only.tokenize(p.encode(), add_bos=False) for p in PROMPTS] == prompts  # the tokenizer, too
+    assert [vocab_only.tokenize(p.encode(), add_bos=False) for p in PROMPTS] == [tok.encode(p) for p in PROMPTS]
     vocab_only.close()
-    expected = [torch_greedy(model, ids) for ids in prompts]
-    got, top = llama_cpp_greedy(path, prompts)
-    print(f"{path.parent.name}: llama.cpp {got[0]} / PyTorch {expected[0]} (top logit {top:.3f})")
-    assert got == expected
-    assert len({t for tokens in expected for t in tokens}) > 2  # not one repeated token
+    worst, seen = 0.0, set()
+    for prompt in PROMPTS:
+        expected, expected_logits = torch_greedy(model, tok.encode(prompt))
+        got, logits = llama_cpp_greedy(path, tok.encode(prompt))
+        assert got == expected, prompt
+        worst, seen = max(worst, float(np.abs(logits - expected_logits).max())), seen | set(got)
+    print(f"{path.parent.name}: greedy tokens equal on {len(PROMPTS)} prompts; max |logit diff| = {worst:.2e}")
+    assert worst <= atol
+    assert len(seen) > 2  # not one repeated token
 
 
 # (group size, symmetric, 50 %-sparse base)
@@ -128,7 +131,7 @@ def test_llama_cpp_greedy_tokens_equal_hf_elastic_int4(tmp_path, trained, group_
     merged = sn.extract_model("min")  # hf-elastic's INT4 forward: QuantLinear layers
     assert isinstance(merged.model.layers[0].mlp.down_proj, QuantLinear)
     out = export_subnetwork(sn, "min", tmp_path / f"g{group_size}", tokenizer=tok, format="gguf")
-    assert_llama_cpp_matches(out / "model.gguf", merged, tok)
+    assert_llama_cpp_matches(out / "model.gguf", merged, tok, atol=0.25)
 
 
 @requires_llama_cpp
@@ -136,12 +139,12 @@ def test_llama_cpp_runs_per_layer_widths(tmp_path, trained):
     tok = tokenizer()
     sn, config = lonas_widths_model(trained)
     out = export_subnetwork(sn, config, tmp_path / "lonas", tokenizer=tok, format="gguf")  # float: F32
-    assert_llama_cpp_matches(out / "model.gguf", sn.extract_model(config), tok)
+    assert_llama_cpp_matches(out / "model.gguf", sn.extract_model(config), tok, atol=1e-4)
     int4 = sn.extract_model(config)
     quantize(int4, bits=4, group_size=64, show_progress=False)
     (tmp_path / "int4").mkdir()
     write_gguf(int4, tmp_path / "int4" / "model.gguf", tok)
-    assert_llama_cpp_matches(tmp_path / "int4" / "model.gguf", int4, tok)
+    assert_llama_cpp_matches(tmp_path / "int4" / "model.gguf", int4, tok, atol=0.25)
 
 
 @requires_gguf

@@ -166,7 +166,7 @@ def _pre_tokenizer(tokenizer: Any) -> str:
     steps = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
     types = [step.get("type") for step in steps]
     if types == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (convert_hf_to_gguf_update.py); "gpt2" is refused
     if types == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     raise ValueError(
