@@ -35,9 +35,9 @@ def tokenizer():
 
 def tiny_llama(vocab: int, train_steps: int = 0):
     """A tiny Llama (hidden 128, so INT4 groups of 128 fit), trained for `train_steps` to continue a fixed cycle of
-    the phrases. Its greedy choices then win by top-2 logit margins of 0.06 or more after pruning and INT4, above
-    the 0.14 by which llama.cpp's int8 activations move logits of about 10 only in the worst case measured; a random
-    model's margins go down to 1e-3, where any kernel's rounding flips them."""
+    the phrases, so that its greedy choices are clear: the smallest top-2 logit margin of the prompts below is
+    0.06-2 after pruning and INT4 (logits of about 10), where a random model's goes down to 1e-3 and any kernel's
+    rounding flips it. llama.cpp's int8 activations move these logits by up to 0.14."""
     model = random_llama(vocab, hidden_size=128, intermediate_size=256)
     if train_steps:
         stream = tokenizer().encode(", ".join(WORDS * 12))
