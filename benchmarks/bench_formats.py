@@ -12,7 +12,9 @@ INFERENCE_NUM_THREADS): it loads, warms up, then generates greedily (batch 1) `-
 `--speed-prompts` prompts, timing generate(1) and generate(n): decode tokens/s = (n - 1) / (t(n) - t(1)), median over
 the prompts; and `--agree-tokens` greedy tokens from each of the 20 prompts (the first 20 fine-food test reviews,
 cut to 32 tokens), compared with the sub-network in PyTorch (hf-elastic's INT4 forward, fp32 arithmetic) and with the
-dense fp32 model. llama.cpp gets the prompts as token ids (its own tokenizer is checked against the Hugging Face one
+dense fp32 model; where a format first differs from the sub-network, the JSON records the sub-network's own top-2
+logit margin at that step (a near-tie that kernel rounding flips, or a real difference). llama.cpp gets the prompts as
+token ids (its own tokenizer is checked against the Hugging Face one
 on the same 20 prompts) and an f32 KV cache. Prints a table and writes
 benchmarks/results/<machine>/formats_smollm2.json; the CPU is recorded, and whether it has AMX, which OpenVINO's
 sparse-weight decompression needs.
@@ -157,6 +159,17 @@ class HFGenerator:
                                       do_sample=False, pad_token_id=self.pad)  # fmt: skip
         return out[0, len(ids) :].tolist()
 
+    def margins(self, ids: list[int], n: int) -> list[float]:
+        """Top-2 logit margin of each of the `n` greedy choices after `ids`."""
+        import torch
+
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, pad_token_id=self.pad, output_logits=True,
+                                      return_dict_in_generate=True)  # fmt: skip
+        return [float(top[0] - top[1]) for top in (row[0].topk(2).values for row in out.logits)]
+
 
 def run_variant(
     variant: str, work: Path, threads: int, new_tokens: int, agree_tokens: int, speed_prompts: int
@@ -205,6 +218,8 @@ def run_variant(
         t2 = time.perf_counter()
         rates.append((new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
     tokens = [generator.generate(prompt, agree_tokens) for prompt in ids]
+    if runtime == "hf_elastic":  # the reference: how clear each of its greedy choices is
+        extra["margins"] = [generator.margins(prompt, agree_tokens) for prompt in ids]
     return {
         "decode_tokens_per_s": statistics.median(rates),
         "decode_tokens_per_s_each": rates,
@@ -215,17 +230,22 @@ def run_variant(
     }
 
 
-def agreement(tokens: list[list[int]], reference: list[list[int]]) -> dict:
-    """Prompts whose greedy tokens all equal the reference's, and the mean length of the equal prefix."""
+def agreement(tokens: list[list[int]], reference: list[list[int]], margins: list[list[float]] | None) -> dict:
+    """Prompts whose greedy tokens all equal the reference's, the mean length of the equal prefix and, given the
+    reference's top-2 logit margins, the margin of its choice where each prompt first differs."""
     prefixes = [next((i for i, (a, b) in enumerate(zip(t, r, strict=True)) if a != b), len(r))
                 for t, r in zip(tokens, reference, strict=True)]  # fmt: skip
     n = len(reference[0])
-    return {
+    out = {
         "prompts_all_equal": sum(p == n for p in prefixes),
         "prompts": len(prefixes),
         "mean_equal_prefix": statistics.mean(prefixes),
         "tokens_per_prompt": n,
     }
+    if margins is not None:
+        at = [m[p] for m, p in zip(margins, prefixes, strict=True) if p < n]
+        out["reference_margin_at_first_difference"] = {"max": max(at, default=None), "values": at}
+    return out
 
 
 def sparsity_statement(summary: dict, amx: bool) -> str:
@@ -303,7 +323,10 @@ def main() -> None:
             "decode_x_torch_fp32": run["decode_tokens_per_s"] / base,
             "load_s": run["load_s"],
             "model_rss_mb": run["model_rss_mb"],
-            **{f"agreement_{name}": agreement(run["tokens"], runs[ref]["tokens"]) for name, ref in REFERENCES.items()},
+            **{
+                f"agreement_{name}": agreement(run["tokens"], runs[ref]["tokens"], runs[ref].get("margins"))
+                for name, ref in REFERENCES.items()
+            },
             **{k: run[k] for k in ("tokenizer_equal_prompts",) if k in run},
         }
     print(f"\n{'variant':<22}{'size MB':>9}{'decode tok/s':>14}{'x fp32':>8}{'= sub-network':>15}{'= dense fp32':>14}")
@@ -316,6 +339,12 @@ def main() -> None:
     machine = cpu_info()
     dense_pairs = all(f"{fmt}_dense_int4" in summary and fmt in summary for fmt in ("gguf", "openvino"))
     statement = sparsity_statement(summary, bool((machine["cpu_flags"] or {}).get("amx"))) if dense_pairs else None
+    margins = [m for row in runs["hf_elastic"]["margins"] for m in row]
+    print(f"\nthe sub-network's top-2 logit margins: median {statistics.median(margins):.3f}, min {min(margins):.4f}")
+    for variant, s in summary.items():
+        at = s["agreement_sub-network"].get("reference_margin_at_first_difference", {}).get("max")
+        if at is not None:
+            print(f"{variant:<22} first differs where the sub-network's margin is at most {at:.4f}")
     if statement:
         print("\n" + statement)
     from importlib.metadata import version
@@ -347,6 +376,7 @@ def main() -> None:
         },
         "variants": summary,
         "tokens": {variant: run["tokens"] for variant, run in runs.items()},
+        "reference_margins": runs["hf_elastic"]["margins"],
     }
     write_result(args.output, result)
 
