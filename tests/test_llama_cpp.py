@@ -218,6 +218,7 @@ FORMATS = {
             "ollama run hf.co/me/tiny-gguf",
             'Llama.from_pretrained(repo_id="me/tiny-gguf", filename="model.gguf")',
             "4-bit integers in ggml `Q4_1` blocks of 32 weights",
+            "zero weights read back as\nvalues of at most 0.8 % of a quantization step",
         ],
         ["vllm serve", "load_exported", 'from_pretrained("me/tiny-gguf")'],
     ),

@@ -487,6 +487,7 @@ def build_model_card(
         "quantization_file": QUANT_CONFIG_NAME,
         "gguf_file": facts.gguf.get("file"),
         "gguf_arch": facts.gguf.get("arch"),
+        "gguf_block": facts.gguf.get("block"),
         "papers": [PAPERS[p] for p in method.papers],
         "related": [p for key, p in PAPERS.items() if key not in method.papers],
     }
