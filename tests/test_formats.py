@@ -216,7 +216,7 @@ def test_cli_export_format_compressed_tensors(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------- GGUF
 requires_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="needs hf-elastic[gguf]")
 # (bits, group size, symmetric, sparse base, the ggml type expected for the quantized layers)
-GGUF_SCHEMES = [(4, 64, False, True, "Q4_1"), (4, 32, True, True, "Q4_1"), (8, 32, True, False, "Q8_0"),
+GGUF_SCHEMES = [(4, 64, False, True, "Q4_1"), (4, 32, True, True, "Q4_0"), (8, 32, True, False, "Q8_0"),
                 (8, 32, False, False, "F32")]  # fmt: skip
 
 
@@ -245,7 +245,7 @@ def test_gguf_export_reads_back_with_gguf_and_transformers(tmp_path, bits, group
     assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
     assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
     assert fields["llama.feed_forward_length"] == 128 and fields["tokenizer.ggml.model"] == "gpt2"
-    assert fields["tokenizer.ggml.pre"] == "gpt2" and fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+    assert fields["tokenizer.ggml.pre"] == "gpt-2" and fields["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
     vocab = tokenizer.get_vocab()
     assert fields["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
     assert len(fields["tokenizer.ggml.merges"]) == len(
@@ -268,8 +268,8 @@ def test_gguf_export_reads_back_with_gguf_and_transformers(tmp_path, bits, group
             z = z.repeat_interleave(group_size, 1)
             if ggml_type == "Q4_1":
                 expected = d * q + (-z * d).half().float()  # d = fp16(s), m = fp16(-z d)
-            elif ggml_type == "Q8_0":
-                expected = d * (q - z)
+            elif ggml_type in ("Q8_0", "Q4_0"):
+                expected = d * (q - z)  # Q4_0: z = 8
             else:
                 expected = module.dequantize()
             reference = module.dequantize()
@@ -301,10 +301,6 @@ def test_gguf_refusals(tmp_path):
     quantize(model, bits=4, group_size=16, show_progress=False)
     with pytest.raises(ValueError, match=r"blocks of 32 weights with one scale, but model.layers.0.* group_size=16"):
         write_gguf(model, tmp_path / "a.gguf", tokenizer)
-    widths = random_llama(len(tokenizer), hidden_size=64, intermediate_size=128)
-    slice_layer_width(find_width_layers(widths)[1][1], torch.arange(64), None)
-    with pytest.raises(ValueError, match=r"refuses per-layer widths: layer 1 mlp.down_proj is 64x64, the config says"):
-        write_gguf(widths, tmp_path / "b.gguf", tokenizer)
     with pytest.raises(ValueError, match=r"writes Llama-architecture models .* model_type='gpt2'"):
         write_gguf(ARCHS["gpt2"].build(), tmp_path / "c.gguf", tokenizer)
     float_model = get_peft_model(

@@ -228,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p, "base model")
     p.set_defaults(func=commands.cmd_extract)
 
-    p = sub.add_parser("push", help="publish an adapter, merged model or OpenVINO folder with a model card")
-    p.add_argument("folder", help="adapter, merged-model or OpenVINO folder written by hf-elastic")
+    p = sub.add_parser("push", help="publish an adapter, merged model, OpenVINO or GGUF folder with a model card")
+    p.add_argument(
+        "folder", help="adapter, merged-model (any --format), OpenVINO or GGUF folder written by hf-elastic"
+    )
     p.add_argument("repo_id", help="user/name on the Hub")
     p.add_argument(
         "--method",

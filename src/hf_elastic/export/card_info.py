@@ -15,7 +15,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..tuners.methods import METHODS
 
-ArtifactKind = Literal["adapter", "merged", "openvino"]
+ArtifactKind = Literal["adapter", "merged", "openvino", "gguf"]
 
 
 def _help(text: str) -> dict[str, str]:

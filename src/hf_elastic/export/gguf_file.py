@@ -4,7 +4,8 @@ The integer codes are written as they are, in ggml's blocks of 32 weights:
 
 - INT4 groups become `Q4_1` blocks, `w = d * q + m` with `d = fp16(s)` and `m = fp16(-z * d)`; a group of 64 or 128
   is split into blocks with the same `d` and `m`. The weights equal hf-elastic's `(q - z) * s` up to the fp16
-  rounding of `d` and `m` (symmetric groups, `z = 8`, keep every zero exact: `-8 * d` is an fp16 value).
+  rounding of `d` and `m`. Symmetric layers (every `z = 8`) become `Q4_0` blocks instead, `w = d * (q - 8)`: equal up
+  to the rounding of `d` alone, every zero exact, 10 % smaller, and llama.cpp's fastest 4-bit kernels.
 - INT8 groups become `Q8_0` blocks, `w = d * (q - z)` with `d = fp16(s)`, where every `q - z` fits in int8 (always
   for symmetric INT8); a layer whose asymmetric codes do not fit is written as F32 `(q - z) * s` instead (exact,
   four times larger), and `write_gguf` returns which layers took that route.
@@ -13,8 +14,13 @@ The integer codes are written as they are, in ggml's blocks of 32 weights:
 
 The query and key rows are permuted as llama.cpp's `convert_hf_to_gguf.py` does for Llama (rows move whole, so the
 codes are unchanged). The tokenizer (byte-level BPE: `tokenizer.ggml.model = gpt2`) and its chat template go into the
-file too. Per-layer widths (LoNAS) are refused: llama.cpp's Llama loader accepts per-layer feed-forward and head
-counts in the metadata, but hf-elastic has not checked that llama.cpp runs such files correctly.
+file too.
+
+Per-layer widths (LoNAS): llama.cpp's `llama` graph reads per-layer feed-forward and head counts from the metadata but
+builds every layer with layer 0's, so such a file does not load. Its `deci` architecture (Nemotron-NAS: the same
+tensors, names and rotary layout) builds each layer with its own counts, so a sub-network whose layers differ is
+written as `deci`, with per-layer `feed_forward_length`, `attention.head_count` and `attention.head_count_kv`
+arrays. llama.cpp runs it; transformers' GGUF loader does not read `deci`.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 GGUF_NAME = "model.gguf"
 INSTALL_HINT = "pip install 'hf-elastic[gguf]'"
-BLOCK = 32  # weights per ggml block (Q4_1, Q8_0)
+BLOCK = 32  # weights per ggml block (Q4_0, Q4_1, Q8_0)
 _FLOAT_TYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
@@ -54,6 +60,22 @@ def permute_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, 2, rows // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
+def _nibbles(qweight: torch.Tensor) -> torch.Tensor:
+    """(rows, in / 32, 16) bytes: weight j of a block in the low nibble of byte j, weight j + 16 in its high nibble."""
+    rows, cols = qweight.shape
+    codes = qweight.reshape(rows, cols // BLOCK, BLOCK)
+    return codes[..., : BLOCK // 2] | (codes[..., BLOCK // 2 :] << 4)
+
+
+def q4_0_blocks(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> np.ndarray:
+    """ggml `Q4_0` bytes (rows, in / 32 * 18) of symmetric INT4 codes (zero point 8): per block fp16 `d` and 16 bytes
+    of nibbles, `w = d * (q - 8)`."""
+    rows, cols = qweight.shape
+    d = scales.float().half().repeat_interleave(group_size // BLOCK, dim=1)
+    parts = [d.numpy().view(np.uint8), _nibbles(qweight).numpy()]
+    return np.concatenate([p.reshape(rows, cols // BLOCK, -1) for p in parts], axis=-1).reshape(rows, -1)
+
+
 def q4_1_blocks(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> np.ndarray:
     """ggml `Q4_1` bytes (rows, in / 32 * 20) of INT4 codes: per block fp16 `d`, fp16 `m`, 16 bytes of nibbles
     (weight j in the low nibble of byte j, weight j + 16 in its high nibble)."""
@@ -61,9 +83,7 @@ def q4_1_blocks(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     reps = group_size // BLOCK
     d = scales.float().half().repeat_interleave(reps, dim=1)
     m = (-zeros.float().repeat_interleave(reps, dim=1) * d.float()).half()
-    codes = qweight.reshape(rows, cols // BLOCK, BLOCK)
-    nibbles = codes[..., : BLOCK // 2] | (codes[..., BLOCK // 2 :] << 4)
-    parts = [d.numpy().view(np.uint8), m.numpy().view(np.uint8), nibbles.numpy()]
+    parts = [d.numpy().view(np.uint8), m.numpy().view(np.uint8), _nibbles(qweight).numpy()]
     return np.concatenate([p.reshape(rows, cols // BLOCK, -1) for p in parts], axis=-1).reshape(rows, -1)
 
 
@@ -81,7 +101,17 @@ def q8_0_blocks(
     return np.concatenate([p.reshape(rows, cols // BLOCK, -1) for p in parts], axis=-1).reshape(rows, -1)
 
 
-def _check_model(model: nn.Module) -> None:
+def head_dim_of(config: Any) -> int:
+    """The attention head size of a Llama config (its `head_dim`, else hidden size / heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def layer_widths(model: nn.Module) -> list[tuple[int, int, int]]:
+    """(feed-forward size, query heads, key/value heads) of every layer of a Llama, read from its linear layers.
+
+    Raises a ValueError for the model checks `write_gguf` needs: a Llama with default rotary embeddings, consistent
+    projection shapes in every layer, and INT4/INT8 groups that fill ggml's blocks of 32 weights.
+    """
     config = model.config
     if getattr(config, "model_type", None) != "llama":
         raise ValueError(
@@ -93,23 +123,33 @@ def _check_model(model: nn.Module) -> None:
         raise ValueError(
             f"format='gguf' writes default rotary embeddings only; this model has rope_type={rope['rope_type']!r}."
         )
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    expected = {
-        "self_attn.q_proj": (heads * head_dim, config.hidden_size),
-        "self_attn.k_proj": (kv_heads * head_dim, config.hidden_size),
-        "mlp.down_proj": (config.hidden_size, config.intermediate_size),
-    }
+    head_dim, hidden = head_dim_of(config), config.hidden_size
+    widths = []
     for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        ffn, heads, kv = mlp.down_proj.in_features, attn.q_proj.out_features, attn.k_proj.out_features
+        expected = {
+            "self_attn.q_proj": (heads, hidden),
+            "self_attn.k_proj": (kv, hidden),
+            "self_attn.v_proj": (kv, hidden),
+            "self_attn.o_proj": (hidden, heads),
+            "mlp.gate_proj": (ffn, hidden),
+            "mlp.up_proj": (ffn, hidden),
+            "mlp.down_proj": (hidden, ffn),
+        }
+        if heads % head_dim or kv % head_dim or not kv:
+            raise ValueError(
+                f"format='gguf' cannot describe layer {i}: its query and key projections have {heads} and {kv} rows, "
+                f"not whole heads of {head_dim} with at least one key/value head."
+            )
         for name, shape in expected.items():
             module = layer.get_submodule(name)
             if (module.out_features, module.in_features) != shape:
                 raise ValueError(
-                    f"format='gguf' refuses per-layer widths: layer {i} {name} is {module.out_features}x"
-                    f"{module.in_features}, the config says {shape[0]}x{shape[1]}. llama.cpp's Llama loader reads "
-                    "per-layer feed-forward and head counts, but hf-elastic has not verified that llama.cpp runs "
-                    "them; export a sub-network with the same widths in every layer, or use format='hf-elastic'."
+                    f"format='gguf' cannot describe layer {i}: {name} is {module.out_features}x{module.in_features}, "
+                    f"where the layer's other projections make it {shape[0]}x{shape[1]}."
                 )
+        widths.append((ffn, heads // head_dim, kv // head_dim))
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and module.group_size % BLOCK:
             raise ValueError(
@@ -117,6 +157,7 @@ def _check_model(model: nn.Module) -> None:
                 f"but {name} has group_size={module.group_size}. Quantize with a group size that is a multiple of "
                 f"{BLOCK} (32, 64, 128), or use format='compressed-tensors'."
             )
+    return widths
 
 
 def _pre_tokenizer(tokenizer: Any) -> str:
@@ -125,7 +166,7 @@ def _pre_tokenizer(tokenizer: Any) -> str:
     steps = spec.get("pretokenizers", [spec]) if spec.get("type") == "Sequence" else [spec]
     types = [step.get("type") for step in steps]
     if types == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (convert_hf_to_gguf_update.py); "gpt2" is refused
     if types == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     raise ValueError(
@@ -172,11 +213,17 @@ def _add_tokenizer(writer: Any, gguf: Any, tokenizer: Any, vocab_size: int) -> N
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def _tensors(model: nn.Module, gguf: Any) -> tuple[list[tuple[str, np.ndarray, Any]], dict[str, str]]:
+def _tensors(
+    model: nn.Module, gguf: Any, arch: Any, widths: list[tuple[int, int, int]]
+) -> tuple[list[tuple[str, np.ndarray, Any]], dict[str, str]]:
     """(GGUF name, array, ggml type) of every tensor, and the ggml type written for each linear layer."""
     config = model.config
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    heads = {"q_proj": config.num_attention_heads, "k_proj": config.num_key_value_heads}
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    heads = {
+        f"model.layers.{i}.self_attn.{proj}.": n
+        for i, (_, q, kv) in enumerate(widths)
+        for proj, n in (("q_proj", q), ("k_proj", kv))
+    }
     out, kinds, seen = [], {}, set()
     quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     state = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(f"{n}." for n in quant))}
@@ -193,14 +240,18 @@ def _tensors(model: nn.Module, gguf: Any) -> tuple[list[tuple[str, np.ndarray, A
         if target in seen:
             continue
         seen.add(target)
-        n_head = next((n for proj, n in heads.items() if f".{proj}." in key), None)
+        n_head = next((n for prefix, n in heads.items() if key.startswith(prefix)), None)
         if isinstance(value, QuantLinear):
             q, s, z = value.qweight, value.scales, value.zeros
             if n_head is not None:
                 q, s, z = (permute_rows(t, n_head) for t in (q, s, z))
-            blocks = (q4_1_blocks if value.bits == 4 else q8_0_blocks)(q, s, z, value.group_size)
+            if value.bits == 4 and bool((z == 8).all()):
+                blocks, qtype = q4_0_blocks(q, s, value.group_size), gguf.GGMLQuantizationType.Q4_0
+            elif value.bits == 4:
+                blocks, qtype = q4_1_blocks(q, s, z, value.group_size), gguf.GGMLQuantizationType.Q4_1
+            else:
+                blocks, qtype = q8_0_blocks(q, s, z, value.group_size), gguf.GGMLQuantizationType.Q8_0
             if blocks is not None:
-                qtype = gguf.GGMLQuantizationType.Q4_1 if value.bits == 4 else gguf.GGMLQuantizationType.Q8_0
                 out.append((target, blocks, qtype))
                 kinds[key.removesuffix(".weight")] = qtype.name
                 continue
@@ -223,36 +274,48 @@ def _tensors(model: nn.Module, gguf: Any) -> tuple[list[tuple[str, np.ndarray, A
 def write_gguf(model: nn.Module, path: str | Path, tokenizer: Any, *, name: str | None = None) -> dict[str, str]:
     """Write `model` (a Llama; `QuantLinear` layers keep their codes) and `tokenizer` to the GGUF file `path`.
 
-    Returns the ggml type written for each linear layer (`Q4_1`, `Q8_0`, `F32`, ...), so that asymmetric INT8 layers
+    Layers of different widths (LoNAS) make a `deci` file (per-layer counts; see the module docstring). Returns the
+    ggml type written for each linear layer (`Q4_0`, `Q4_1`, `Q8_0`, `F32`, ...), so that asymmetric INT8 layers
     written as F32 are visible.
     """
     gguf = import_gguf()
     if tokenizer is None:
         raise ValueError("format='gguf' needs the tokenizer: llama.cpp reads the vocabulary from the GGUF file.")
-    _check_model(model)
+    widths = layer_widths(model)
     config = model.config
-    tensors, kinds = _tensors(model, gguf)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    uniform = len(set(widths)) == 1
+    arch = gguf.MODEL_ARCH.LLAMA if uniform else gguf.MODEL_ARCH.DECI
+    tensors, kinds = _tensors(model, gguf, arch, widths)
+    head_dim = head_dim_of(config)
     rope = getattr(config, "rope_parameters", None) or {}
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "hf-elastic-subnetwork")).name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
+    ffn, heads, kv_heads = (list(column) for column in zip(*widths, strict=True))
+    writer.add_feed_forward_length(ffn[0] if uniform else ffn)
+    writer.add_head_count(heads[0] if uniform else heads)
+    writer.add_head_count_kv(kv_heads[0] if uniform else kv_heads)
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:
+    if not uniform or head_dim != config.hidden_size // heads[0]:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
     types = set(kinds.values())
     file_type = next(
-        (t for k, t in (("Q4_1", "MOSTLY_Q4_1"), ("Q8_0", "MOSTLY_Q8_0"), ("F16", "MOSTLY_F16")) if k in types),
+        (
+            t
+            for k, t in (
+                ("Q4_1", "MOSTLY_Q4_1"),
+                ("Q4_0", "MOSTLY_Q4_0"),
+                ("Q8_0", "MOSTLY_Q8_0"),
+                ("F16", "MOSTLY_F16"),
+            )
+            if k in types
+        ),  # fmt: skip
         "ALL_F32",
     )
     writer.add_file_type(gguf.LlamaFileType[file_type])

@@ -75,7 +75,17 @@ def _normalize_extra_files(
 
 # What an upload may hold, by artefact part: weights, configs and reports, tokenizer, card and plots. Pickles
 # (training_args.bin holds the Hub token; optimizer.pt, rng_state.pth), checkpoints and logs stay behind.
-_UPLOAD_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".tiktoken", ".jinja", ".md", ".csv") + _PLOT_SUFFIXES
+_UPLOAD_SUFFIXES = (
+    ".safetensors",
+    ".gguf",
+    ".json",
+    ".model",
+    ".txt",
+    ".tiktoken",
+    ".jinja",
+    ".md",
+    ".csv",
+) + _PLOT_SUFFIXES
 _OPENVINO_FILE = re.compile(r"^openvino_[\w-]*\.(xml|bin)$")
 _CHECKPOINT_PART = re.compile(r"^(checkpoint-\d+|runs|wandb)$")
 _TEXT_SUFFIXES = (".json", ".md", ".txt", ".csv", ".xml", ".svg", ".jinja")
@@ -178,7 +188,8 @@ def prepare_upload_folder(
 ) -> Path:
     """Write the exact folder `push_to_hub` uploads: the artefact, its model card (`README.md`) and extra files.
 
-    The artefact kind (LoRA adapter, merged checkpoint or OpenVINO IR) is detected from the files of `source_dir`;
+    The artefact kind (LoRA adapter, merged checkpoint in any `export_subnetwork` format, OpenVINO IR or GGUF file) is
+    detected from the files of `source_dir`, and the card's "How to load" matches it;
     hidden files and an existing `README.md` are left out. `pareto_csv` and `pareto_plot` are copied next to the card
     and shown in it. `extra_files` is a list of paths (placed at the root) or a `{path_in_repo: local_path}` dict.
     The folder is built beside `out_dir` and renamed into place, so `out_dir` is either complete or untouched.

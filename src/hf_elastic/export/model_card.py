@@ -26,6 +26,7 @@ from ..tuners.methods import METHODS, PAPERS
 from ..tuners.methods import infer_method as method_of_config
 from ..tuners.nls.config import is_stock_load_guard
 from ..utils import ELASTIC_CONFIG_NAME, SUBNET_CONFIG_NAME
+from .artifact import _KIND_TITLES, detect_artifact_kind, gguf_facts, gguf_file, openvino_int4_facts
 from .card_info import ArtifactKind, CardInfo, _check_bits, _int_dict, _is_repo_id
 from .compressed_tensors import describe_quantization
 from .subnetwork import WIDTHS_ATTR
@@ -57,20 +58,6 @@ _SEARCH_STEMS = ("search", "search_progression")  # hf_elastic.search writes sea
 _MAX_PARETO_ROWS = 30
 # Hub `base_model_relation` values (https://huggingface.co/docs/hub/model-cards#specifying-a-base-model).
 _BASE_MODEL_RELATIONS = ("adapter", "merge", "quantized", "finetune")
-# Files each artefact kind must hold; a tuple inside means "one of these".
-_REQUIRED_FILES: dict[str, tuple[str | tuple[str, ...], ...]] = {
-    "adapter": ("adapter_config.json", ("adapter_model.safetensors", "adapter_model.bin")),
-    "merged": (
-        "config.json",
-        ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"),
-    ),
-    "openvino": ("openvino_model.xml", "openvino_model.bin", "config.json"),
-}
-_KIND_TITLES = {
-    "adapter": "LoRA adapter (peft)",
-    "merged": "merged transformers checkpoint",
-    "openvino": "OpenVINO IR model (optimum-intel)",
-}
 _AUTO_CLASSES = {
     "text-generation": "AutoModelForCausalLM",
     "text-classification": "AutoModelForSequenceClassification",
@@ -80,55 +67,6 @@ _AUTO_CLASSES = {
     "text2text-generation": "AutoModelForSeq2SeqLM",
     "feature-extraction": "AutoModel",
 }
-
-
-# ---------------------------------------------------------------------------------------------------- artefact
-
-
-def detect_artifact_kind(source_dir: str | os.PathLike) -> ArtifactKind:
-    """Tell which kind of sub-network artefact a folder holds: `"adapter"`, `"merged"` or `"openvino"`.
-
-    Raises `FileNotFoundError` when the folder or a file the kind needs is missing, and `ValueError` when the folder
-    holds no known artefact.
-    """
-    source = Path(source_dir)
-    if not source.is_dir():
-        raise FileNotFoundError(f"Sub-network folder {str(source)!r} does not exist or is not a directory.")
-    names = {p.name for p in source.iterdir() if p.is_file()}
-    if "openvino_model.xml" in names or "openvino_model.bin" in names:
-        kind = "openvino"
-    elif "adapter_config.json" in names or any(n.startswith("adapter_model.") for n in names):
-        kind = "adapter"
-    elif "config.json" in names:
-        kind = "merged"
-    else:
-        expected = "; ".join(f"{k}: {_describe(req)}" for k, req in _REQUIRED_FILES.items())
-        raise ValueError(
-            f"{str(source)!r} holds no sub-network artefact (files: {sorted(names) or 'none'}). Expected one of "
-            f"{expected}. Write one with SuperNetwork.extract_adapter, extract_model(...).save_pretrained or the "
-            "OpenVINO export."
-        )
-    missing = [_describe((req,)) for req in _REQUIRED_FILES[kind] if not _has(names, req)]
-    if missing:
-        raise FileNotFoundError(
-            f"{str(source)!r} looks like a {_KIND_TITLES[kind]} but lacks {', '.join(missing)} "
-            f"(needs {_describe(_REQUIRED_FILES[kind])})."
-        )
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if kind == "merged" and index_name in names:
-            shards = set(json.loads((source / index_name).read_text()).get("weight_map", {}).values())
-            lost = sorted(s for s in shards if not (source / s).is_file())
-            if lost:
-                raise FileNotFoundError(f"{str(source)!r}: {index_name} lists missing weight shards {lost}.")
-    return kind
-
-
-def _has(names: set[str], req: str | tuple[str, ...]) -> bool:
-    return any(r in names for r in req) if isinstance(req, tuple) else req in names
-
-
-def _describe(reqs: tuple[str | tuple[str, ...], ...]) -> str:
-    return " + ".join(" or ".join(r) if isinstance(r, tuple) else r for r in reqs)
 
 
 @dataclass
@@ -151,6 +89,7 @@ class _Facts:
     target_modules: list[str] | str | None = None
     stock_guarded: bool = False  # adapter_config.json's target_modules make stock peft refuse the adapter
     hf_elastic_only: str | None = None  # why stock transformers cannot load the merged folder
+    gguf: dict[str, Any] = field(default_factory=dict)  # file name and header facts of a GGUF artefact
 
 
 def _read_json(path: Path) -> Any:
@@ -172,6 +111,10 @@ def _collect_facts(source: Path, kind: ArtifactKind) -> _Facts:
         facts.stock_guarded = is_stock_load_guard(adapter_config.get("target_modules"))
     elif (source / "config.json").is_file():
         facts.base_model_hint = _read_json(source / "config.json").get("_name_or_path")
+    if kind == "gguf":
+        facts.gguf = {"file": gguf_file(source), **gguf_facts(source / gguf_file(source))}
+        facts.bits, facts.group_size = facts.gguf.get("bits"), facts.gguf.get("group_size")
+        facts.quantization = {"format": f"gguf/{facts.gguf['block']}"} if "block" in facts.gguf else {}
 
     if (source / SUBNET_CONFIG_NAME).is_file():
         data = _read_json(source / SUBNET_CONFIG_NAME)
@@ -204,6 +147,10 @@ def _collect_facts(source: Path, kind: ArtifactKind) -> _Facts:
             facts.bits, facts.group_size = data.get("bits"), data.get("group_size")
             facts.quantization = {k: data[k] for k in ("format", "method", "symmetric", "sym") if k in data}
             break
+    if kind == "openvino" and facts.bits is None:
+        ov_int4 = openvino_int4_facts(source / "openvino_model.xml")
+        facts.bits, facts.group_size = ov_int4.get("bits"), ov_int4.get("group_size")
+        facts.quantization = {"symmetric": ov_int4["symmetric"]} if ov_int4 else {}
     _check_bits(facts.bits, facts.group_size, f"the quantization config in {str(source)!r}")
 
     report = source / SPARSITY_REPORT_NAME
@@ -455,7 +402,8 @@ def build_model_card(
         raise FileNotFoundError(f"Pareto plot {str(plot_path)!r} does not exist.")
 
     quantized = bits is not None and bits < 16
-    tags = ["hf-elastic", "nas", *method.tags, *{"adapter": ["lora"], "openvino": ["openvino"]}.get(kind, [])]
+    kind_tags = {"adapter": ["lora"], "openvino": ["openvino"], "gguf": ["gguf", "llama.cpp"]}.get(kind, [])
+    tags = ["hf-elastic", "nas", *method.tags, *kind_tags]
     tags += (["sparse"] if sparsity else []) + ([f"int{bits}"] if quantized else []) + info.tags
     card_data = ModelCardData(
         base_model=base_model,
@@ -479,6 +427,9 @@ def build_model_card(
         summary += f" It has {params_row['sub']} parameters"
         summary += f" ({params_row['ratio']} of the maximal sub-network)." if params_row["ratio"] else "."
     bits_text, bits_detail = _bits_texts(bits, group_size, facts.quantization)
+    if kind == "gguf" and info.bits is None and "block_text" in facts.gguf:
+        bits_text = f"INT{bits}, ggml {facts.gguf['block']}"
+        bits_detail = f"Weights are stored as {bits}-bit integers in {facts.gguf['block_text']}."
     auto_class = _AUTO_CLASSES.get(info.pipeline_tag, "AutoModel")
     kwargs = {
         "model_name": model_name,
@@ -534,6 +485,9 @@ def build_model_card(
         "target_modules": json.dumps(facts.target_modules) if facts.target_modules is not None else None,
         "stock_guarded": facts.stock_guarded,
         "quantization_file": QUANT_CONFIG_NAME,
+        "gguf_file": facts.gguf.get("file"),
+        "gguf_arch": facts.gguf.get("arch"),
+        "gguf_block": facts.gguf.get("block"),
         "papers": [PAPERS[p] for p in method.papers],
         "related": [p for key, p in PAPERS.items() if key not in method.papers],
     }
