@@ -22,8 +22,8 @@ from peft import get_peft_model
 from transformers import TrainerCallback
 
 from hf_elastic import NASTrainer, NLSConfig, QuantizationConfig, QuantLinear, quantize
+from hf_elastic.devices import full_tensor, local_tensor
 from hf_elastic.nas.supernet import base_fingerprint
-from hf_elastic.utils import full_tensor, local_tensor
 
 PLANT_STEP = 2
 

@@ -13,7 +13,7 @@ import recipe
 from dist_launch import CPUFSDPTrainer
 
 from hf_elastic import QuantLinear
-from hf_elastic.utils import local_tensor
+from hf_elastic.devices import local_tensor
 
 held: dict = {}
 

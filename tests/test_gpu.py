@@ -33,9 +33,9 @@ from hf_elastic import (
 )
 from hf_elastic.compression.quantization import expand_groups
 from hf_elastic.compression.sparsity import weight_masks
+from hf_elastic.devices import ieee_fp32_matmul
 from hf_elastic.models.arch import weight_out_in
 from hf_elastic.tuners.nls.layer import ElasticLoraLinear, _effective_weight
-from hf_elastic.utils import ieee_fp32_matmul
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU: torch.cuda.is_available() is False")

@@ -15,7 +15,20 @@ from hf_elastic._compat import MOVED_MODULES
 
 PACKAGE = Path(hf_elastic.__file__).parent
 # Each stage may import from the stages before it only.
-PIPELINE = ["utils", "version", "data", "models", "compression", "tuners", "nas", "search", "export", "demo", "cli"]
+PIPELINE = [
+    "utils",
+    "devices",
+    "version",
+    "data",
+    "models",
+    "compression",
+    "tuners",
+    "nas",
+    "search",
+    "export",
+    "demo",
+    "cli",
+]
 
 
 def _modules() -> list[tuple[str, Path]]:

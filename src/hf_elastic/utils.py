@@ -355,55 +355,6 @@ def recover_files(path: str | os.PathLike, last: str = ELASTIC_CONFIG_NAME) -> N
         warnings.warn(f"Finished the interrupted save of {path} (its new files were complete).", stacklevel=3)
 
 
-def synchronize(device: torch.device | str) -> None:
-    """Wait until the work queued on an accelerator has finished (nothing to wait for on CPU), e.g. before reading a
-    clock."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type != "cpu" and hasattr(getattr(torch, device.type, None), "synchronize"):
-        getattr(torch, device.type).synchronize()
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a tensor that FSDP2 shards (a DTensor, sharing its storage), or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole of a tensor that FSDP2 shards (a DTensor: an all-gather that every rank must call), or the tensor."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-def any_rank(flags: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """Element-wise OR of the boolean `flags` over all ranks, with one all-reduce on `device` (the backend's device,
-    e.g. `TrainingArguments.device`); `flags` as they are without a process group. Every rank must call it."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return flags
-    votes = flags.to(device or flags.device, torch.int32)
-    torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX)
-    return votes.to(flags.device).bool()
-
-
-@contextmanager
-def ieee_fp32_matmul() -> Iterator[None]:
-    """Float32 matmuls on CUDA in full precision inside the block, also where TF32 is enabled (GPTQ's Hessian and
-    its inverse lose too much in TF32's 10-bit mantissa). The setting is restored on exit."""
-    matmul = torch.backends.cuda.matmul
-    try:
-        name, full, previous = "allow_tf32", False, matmul.allow_tf32
-    except RuntimeError:  # TF32 was set with the fp32_precision API, which the legacy flag refuses to read
-        name, full, previous = "fp32_precision", "ieee", matmul.fp32_precision
-    if previous in (False, "ieee", "none"):
-        yield
-        return
-    setattr(matmul, name, full)
-    try:
-        yield
-    finally:
-        setattr(matmul, name, previous)
-
-
 def split_layer_key(key: str) -> tuple[str, str]:
     """Split a module key into (layer index, path inside the layer).
 
@@ -526,14 +477,6 @@ def config_from_kwargs(cls: type, config: Any, kwargs: dict[str, Any], caller: s
     if unknown:
         raise TypeError(f"{caller}() got unknown arguments {unknown}; {cls.__name__} has the fields {sorted(known)}.")
     return cls(**kwargs)
-
-
-def module_device(model: Any) -> torch.device:
-    """The device of a model's first parameter, else its `device` attribute (optimum-intel models), else the CPU."""
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device(getattr(model, "device", "cpu"))
 
 
 @contextmanager

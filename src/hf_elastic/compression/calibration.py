@@ -21,8 +21,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from ..devices import ieee_fp32_matmul
 from ..models.arch import decoder_layers
-from ..utils import ieee_fp32_matmul, matches_module
+from ..utils import matches_module
 
 CalibrationData = Any
 """A `datasets.Dataset` (an `input_ids` column, or a `text` column with a tokenizer), a list of texts (with a

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..devices import full_tensor
 from ..models.arch import weight_out_in
-from ..utils import atomic_write_json, full_tensor, rows_by_name, typed_fields
+from ..utils import atomic_write_json, rows_by_name, typed_fields
 from .calibration import (
     CalibrationData,
     CalibrationSettings,

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
+from ..devices import module_device
 from ..search.tasks import LabelWordEvaluator
-from ..utils import module_device
 
 
 def latency_ms(model: Any, evaluator: LabelWordEvaluator, repeats: int = 3) -> float:

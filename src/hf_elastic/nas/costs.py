@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 
 from ..compression.quantization.format import QuantLinear
+from ..devices import full_tensor
 from ..models.arch import base_layer, weight_out_in
-from ..utils import full_tensor
 from .geometry import SubnetGeometry
 
 COMPRESSION_COSTS = ("nonzero_params", "bytes")

@@ -16,7 +16,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..utils import any_rank, local_tensor
+from ..devices import any_rank, local_tensor
 from .search_space import Dimension, SearchSpace, SubnetConfig
 from .supernet import SuperNetwork
 

@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
 from ..compression.quantization.format import QuantLinear
+from ..devices import full_tensor
 from ..models.arch import (
     WidthLayer,
     base_layer,
@@ -30,14 +31,7 @@ from ..tuners.elastic_lora.config import ElasticLoraConfig
 from ..tuners.elastic_lora.width import WIDTH_KINDS, WidthMasks, check_channel_order, width_choices, width_key
 from ..tuners.nls.config import ADAPTER_CONFIG_NAME, NLSConfig, guard_adapter_config
 from ..tuners.nls.layer import ElasticLoraLinear
-from ..utils import (
-    SUBNET_CONFIG_NAME,
-    atomic_save_safetensors,
-    atomic_write_json,
-    full_tensor,
-    matches_module,
-    split_layer_key,
-)
+from ..utils import SUBNET_CONFIG_NAME, atomic_save_safetensors, atomic_write_json, matches_module, split_layer_key
 from .costs import COMPRESSION_COSTS, CompressionCosts
 from .geometry import SubnetGeometry, linear_sizes
 from .importance import IMPORTANCE_METHODS

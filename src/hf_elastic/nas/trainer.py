@@ -20,13 +20,12 @@ from peft import PeftConfig, get_peft_model
 from transformers import Trainer, TrainingArguments, set_seed
 
 from ..data import check_token_rows
+from ..devices import any_rank, local_tensor
 from ..utils import (
     ELASTIC_CONFIG_NAME,
-    any_rank,
     atomic_write_json,
     commit_files,
     explain_full_disk,
-    local_tensor,
     recover_files,
     staging_folder,
     typed_fields,

@@ -14,9 +14,9 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from ..devices import synchronize
 from ..nas.search_space import SubnetConfig
 from ..nas.supernet import SuperNetwork
-from ..utils import synchronize
 
 Direction = Literal["minimize", "maximize"]
 COUNT_OBJECTIVES = ("params", "base_params", "adapter_params", "macs", "nonzero_params", "bytes")

@@ -24,10 +24,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..devices import synchronize
 from ..models.arch import find_width_layers
 from ..nas.search_space import SubnetConfig
 from ..nas.supernet import NamedConfig, SuperNetwork
-from ..utils import atomic_write_json, read_json, synchronize
+from ..utils import atomic_write_json, read_json
 from .evaluators import Evaluator, LatencyEvaluator
 from .result import SearchResult
 

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from ..data import InstructionFormat, encode_text, prompts_and_answers
+from ..devices import module_device
 from ..nas.search_space import SubnetConfig
 from ..nas.supernet import SuperNetwork
-from ..utils import module_device
 from .evaluators import Evaluator
 
 GSM8K_ANSWER = r"####\s*(-?[\d,]*\.?\d+)"

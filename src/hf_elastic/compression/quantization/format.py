@@ -45,8 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
+from ...devices import full_tensor
 from ...models.arch import weight_out_in
-from ...utils import full_tensor
 from .rtn import _grouped, compute_qparams, quantize_codes, residual_codes
 
 QUANT_CONFIG_NAME = "quantization_config.json"

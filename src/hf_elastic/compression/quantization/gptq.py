@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...utils import ieee_fp32_matmul
+from ...devices import ieee_fp32_matmul
 from .format import _check_bits, resolve_group_size
 from .rtn import compute_qparams, residual_codes, round_codes
 

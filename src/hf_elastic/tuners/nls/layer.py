@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ...compression.quantization.format import QuantLinear
 from ...compression.quantization.rtn import RESIDUAL_STEPS
-from ...utils import full_tensor, local_tensor
+from ...devices import full_tensor, local_tensor
 
 # codes (out, in), scales and zero points (out, groups, 1), top code, residual (out, in) int8 or None
 _Grid = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None]
