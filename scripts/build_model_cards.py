@@ -131,7 +131,7 @@ def build_card(method: str, results_path: str) -> ModelCard:
         license="apache-2.0",
         language="en",
         pipeline_tag="text-generation",
-        tags=list(dict.fromkeys(["hf-elastic", "nas", "demo", *tags])),
+        tags=list(dict.fromkeys(["hf-elastic", "nas", "demo", method, *tags])),
         model_name=model_name,
         eval_results=[
             EvalResult(
