@@ -21,13 +21,14 @@ compressed-tensors `pack-quantized`: `name.weight_packed` int32 (out, in * bits 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ...utils import read_json
 
 GPTQ = "gptq"
 COMPRESSED_TENSORS = "compressed-tensors"
@@ -38,13 +39,7 @@ _BITS = (4, 8)
 
 
 def _read(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON ({err}); download the checkpoint again.") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object; download the checkpoint again.")
-    return data
+    return read_json(path, fix="download the checkpoint again")
 
 
 def hub_quantization(folder: str | Path) -> tuple[str, dict[str, Any], Path] | None:
