@@ -13,20 +13,19 @@ the modes. Writes benchmarks/results/<machine>/search_scoring.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, write_result
+from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, checkout, commit_of, write_result
 
 MODES = ("unmerged", "merged")
 BASELINE_REF = "ea2ffe2^"  # main before "Fewer bytes per step": unmerged scoring as issue 22 found it
-REPO = Path(__file__).resolve().parent.parent
 
 
 def build(seed: int = 0):
@@ -114,20 +113,9 @@ def main() -> None:
         worker(tuple(int(n) for n in args.worker.split("x")), args.batches, args.budget, args.seed)
         return
     shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
-        checkout = None
-        if args.baseline_ref:
-            checkout = Path(tmp) / "baseline"
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "add", "--detach", str(checkout), args.baseline_ref],
-                check=True,
-                capture_output=True,
-            )
-        try:
-            results = measure(args, shapes, checkout)
-        finally:
-            if checkout is not None:
-                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(checkout)], check=False)
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(checkout(args.baseline_ref)) if args.baseline_ref else None
+        results = measure(args, shapes, source)
     modes = list(next(iter(results.values()))["seconds_per_candidate"])
     print(f"\n{'eval batch':<12}" + "".join(f"{m + ' ms':>14}" for m in modes) + f"{'max |dloss|':>13}")
     for shape, r in results.items():
@@ -145,22 +133,15 @@ def main() -> None:
             "candidates_per_search": args.budget,
             "rounds": args.rounds,
             "baseline_ref": args.baseline_ref or None,
-            "baseline_commit": resolve(args.baseline_ref),
+            "baseline_commit": commit_of(args.baseline_ref) if args.baseline_ref else None,
             "by_eval_batch": results,
         },
     )
 
 
-def resolve(ref: str) -> str | None:
-    if not ref:
-        return None
-    out = subprocess.run(["git", "-C", str(REPO), "rev-parse", ref], capture_output=True, text=True, check=True)
-    return out.stdout.strip()
-
-
-def measure(args: argparse.Namespace, shapes: list[tuple[int, int]], checkout: Path | None) -> dict:
+def measure(args: argparse.Namespace, shapes: list[tuple[int, int]], source: Path | None) -> dict:
     """Seconds per candidate of each mode, interleaved per round, for every eval batch shape."""
-    modes = list(MODES) + (["baseline"] if checkout is not None else [])
+    modes = list(MODES) + (["baseline"] if source is not None else [])
     supernet = build()
     results = {}
     for shape in shapes:
@@ -171,7 +152,7 @@ def measure(args: argparse.Namespace, shapes: list[tuple[int, int]], checkout: P
         for r in range(args.rounds):
             for mode in modes:
                 if mode == "baseline":
-                    seconds, values = run_baseline(checkout / "src", shape, args.batches, args.budget, r)
+                    seconds, values = run_baseline(source / "src", shape, args.batches, args.budget, r)
                 else:
                     seconds, values = score(supernet, batches, args.budget, seed=r, merge=mode == "merged")
                 runs[mode].append(seconds / args.budget)

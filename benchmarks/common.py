@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -11,8 +12,9 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,20 +62,53 @@ def time_training(
     return {"step_s": statistics.median(times), "peak_rss_mb": peak, "train_rss_mb": peak - rss_before}
 
 
-def run_interleaved(script: str, variants: tuple[str, ...], rounds: int, extra: list[str]) -> dict[str, list[dict]]:
-    """Run `script --worker VARIANT *extra` in a fresh process per (round, variant); each prints one JSON line."""
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
+def run_interleaved(
+    script: str, variants: tuple[str, ...], rounds: int, extra: list[str], sources: Mapping[str, Path] | None = None
+) -> dict[str, list[dict]]:
+    """Run `script --worker VARIANT *extra` in a fresh process per (round, variant); each prints one JSON line.
+
+    `sources` maps a label to another checkout's `src` folder: every variant also runs with that checkout's
+    hf_elastic first on the path, as `VARIANT@label`, in the same rounds."""
+    sources = dict(sources or {})
+    runs: dict[str, list[dict]] = {f"{v}@{label}" if label else v: [] for label in ["", *sources] for v in variants}
     for r in range(rounds):
-        for variant in variants:
+        for key in runs:
+            variant, _, label = key.partition("@")
+            env = None
+            if label:
+                env = os.environ | {"PYTHONPATH": os.pathsep.join([str(sources[label]), str(Path(script).parent)])}
             cmd = [sys.executable, script, "--worker", variant, *extra]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]
-            runs[variant].append(json.loads(out))
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.splitlines()[-1]
+            result = json.loads(out)
+            if label and not result.pop("hf_elastic", "").startswith(str(sources[label])):
+                raise RuntimeError(f"the {key} worker did not import hf_elastic from {sources[label]}")
+            runs[key].append(result)
             print(
-                f"round {r + 1}/{rounds} {variant:<14} step {runs[variant][-1]['step_s'] * 1000:7.1f} ms  "
-                f"peak RSS {runs[variant][-1]['peak_rss_mb']:7.1f} MB",
+                f"round {r + 1}/{rounds} {key:<14} step {runs[key][-1]['step_s'] * 1000:7.1f} ms  "
+                f"peak RSS {runs[key][-1]['peak_rss_mb']:7.1f} MB",
                 flush=True,
             )
     return runs
+
+
+@contextlib.contextmanager
+def checkout(ref: str) -> Iterator[Path]:
+    """A temporary git worktree of this repository at `ref` (removed afterwards); yields its folder."""
+    repo = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "checkout"
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(folder), ref], check=True,
+                       capture_output=True)  # fmt: skip
+        try:
+            yield folder
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(folder)], check=False)
+
+
+def commit_of(ref: str) -> str:
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["git", "-C", str(repo), "rev-parse", ref], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
 
 
 def _median(values) -> float | None:
@@ -265,14 +300,28 @@ def step_benchmark_main(
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--output", default=str(Path(script).parent / "results" / output_name))
     parser.add_argument("--worker", choices=variants, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--baseline-ref", default="", help="a git commit whose hf_elastic also runs every variant, in the same rounds"
+    )
     args = parser.parse_args()
     sizes = {"steps": args.steps, "warmup": args.warmup, "seq_len": args.seq_len, "batch_size": args.batch_size}
     if args.worker:
-        print(json.dumps(run_variant(args.worker, **sizes)))
+        import hf_elastic
+
+        print(json.dumps(run_variant(args.worker, **sizes) | {"hf_elastic": hf_elastic.__file__}))
         return
     extra = [f"--{k.replace('_', '-')}={v}" for k, v in sizes.items()]
-    runs = run_interleaved(script, variants, args.rounds, extra)
+    with contextlib.ExitStack() as stack:
+        sources = {"baseline": stack.enter_context(checkout(args.baseline_ref)) / "src"} if args.baseline_ref else {}
+        runs = run_interleaved(script, variants, args.rounds, extra, sources)
     summary, ratios = summarize(runs, baseline)
+    if args.baseline_ref:
+        base = summary[f"{baseline}@baseline"]
+        for key in [k for k in summary if k.endswith("@baseline")]:
+            ratios[key] = {
+                "step_time": _ratio(summary[key]["step_s"], base["step_s"]),
+                "peak_rss": _ratio(summary[key]["peak_rss_mb"], base["peak_rss_mb"]),
+            }
     result = {
         "benchmark": Path(output_name).stem,
         "model": MODEL_TEXT,
@@ -280,6 +329,8 @@ def step_benchmark_main(
         **info,
         "rounds": args.rounds,
         "steps_per_round": args.steps,
+        "baseline_ref": args.baseline_ref or None,
+        "baseline_commit": commit_of(args.baseline_ref) if args.baseline_ref else None,
         "median": summary,
         f"ratio_vs_{baseline}": ratios,
         "runs": runs,
