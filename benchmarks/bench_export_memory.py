@@ -171,6 +171,11 @@ def model_sizes(config: dict) -> dict[str, int]:
             "int4_folder_bytes": int(linear * (1 + 5 / GROUP_SIZE) + 4 * (params - linear))}  # fmt: skip
 
 
+def _commit(src: Path) -> str | None:
+    out = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Least-squares slope and intercept of ys over xs."""
     n = len(xs)
@@ -236,6 +241,7 @@ def main() -> None:
         "llama3_8b": {**model_sizes(LLAMA3_8B), "note": "slope x the 8B reference size + intercept; reference sizes "
                       "as the measured models': float32 weights, INT4 codes one per byte, LoRA rank 32"},
         "before": str(args.before) if args.before else None,
+        "before_commit": _commit(args.before) if args.before else None,
         "rows": rows,
         "slopes": slopes,
     }  # fmt: skip

@@ -46,8 +46,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +67,7 @@ from .openvino_ir import (
     _require,
     ir_weight_sparsity,
     ir_weights,
+    trim_heap,
 )
 
 logger = logging.getLogger(__name__)
@@ -205,50 +205,21 @@ def _export_copy(model: nn.Module, quantized: dict[str, QuantLinear], owned: boo
     return copy_module(model, _float32_cpu, replace)
 
 
-def _release(export_model: nn.Module, quantized: dict[str, QuantLinear], owned: bool) -> Callable[[str], None]:
-    """What `_embed_quantized` calls once a layer's codes are in the IR: the traced float weight of the layer (no
-    longer viewed by the IR) is dropped, and so are the codes when the model was loaded here."""
-
-    def release(name: str) -> None:
-        export_model.get_submodule(name).weight = nn.Parameter(torch.empty(0), requires_grad=False)
-        if owned:
-            module = quantized[name]
-            module.qweight = module.scales = module.zeros = None
-
-    return release
-
-
-@contextmanager
-def _before_save(transform: Callable[[Any], Any] | None) -> Iterator[None]:
-    """Run `transform` on the OpenVINO model that optimum-intel's exporter converts, in memory, right before it is
-    saved: the converted constants are still views of the traced torch weights, so codes and NNCF compression take
-    no second float copy of the model and the IR is written once."""
-    if transform is None:
-        yield
-        return
-    from optimum.exporters.openvino import convert
-
-    save, applied = convert.save_model, []
-
-    def save_transformed(model: Any, path: Any, *args: Any, **kwargs: Any) -> None:
-        if Path(path).name == OV_MODEL_NAME:
-            model = transform(model)
-            applied.append(path)
-        save(model, path, *args, **kwargs)
-
-    convert.save_model = save_transformed
-    try:
-        yield
-    finally:
-        convert.save_model = save
-    if not applied:
-        import optimum.intel
-
-        raise RuntimeError(
-            f"optimum-intel {optimum.intel.__version__} saved {OV_MODEL_NAME} without "
-            "optimum.exporters.openvino.convert.save_model, so its weights could not be compressed or given their "
-            "codes. Install the optimum-intel version of hf-elastic[openvino]."
-        )
+def _rewrite_ir(directory: Path, transform: Callable[[Any], Any]) -> None:
+    """Read the IR saved in `directory` back, with its weights mapped from the .bin file rather than loaded, apply
+    `transform` to it and write the result in place of the IR: the torch model it was traced from is gone by then,
+    and the float weights that `transform` replaces are never read into memory (as optimum-intel's own export
+    compresses weights)."""
+    ov = _require("openvino")
+    staged = directory / ".compressed"
+    staged.mkdir()
+    model = transform(ov.Core().read_model(directory / OV_MODEL_NAME))
+    ov.save_model(model, staged / OV_MODEL_NAME, compress_to_fp16=False)
+    del model
+    trim_heap()
+    for file in staged.iterdir():
+        os.replace(file, directory / file.name)
+    staged.rmdir()
 
 
 def _compress_with_nncf(model: Any, bits: int, group_size: int, symmetric: bool, ratio: float) -> tuple[Any, Any]:
@@ -471,7 +442,7 @@ def export_openvino(
 
     def transform(ov_model: Any) -> Any:
         if quantized:
-            scale_types = _embed_quantized(ov_model, quantized, _release(export_model, quantized, owned))
+            scale_types = _embed_quantized(ov_model, quantized)
             logger.info(
                 "export_openvino: exact codes of %d layers, %d with f16 scales (exact in f16), the rest f32.",
                 len(scale_types),
@@ -489,16 +460,21 @@ def export_openvino(
             custom = None
             if shapes is not None and (len(set(shapes)) > 1 or hasattr(export_model.config, "elastic_layer_widths")):
                 custom = _per_layer_cache_export_config(export_model, shapes)
-            with _before_save(transform if quantized or compress is not None else None):
-                exporters.export_from_model(
-                    export_model,
-                    tmp,
-                    task=_TASK,
-                    ov_config=ov_config,
-                    stateful=True,
-                    preprocessors=[],
-                    custom_export_configs=custom,
-                )
+            exporters.export_from_model(
+                export_model,
+                tmp,
+                task=_TASK,
+                ov_config=ov_config,
+                stateful=True,
+                preprocessors=[],
+                custom_export_configs=custom,
+            )
+            if quantized or compress is not None:
+                if owned:  # loaded here: only the IR on disk (and `quantized`, the codes) need its weights now
+                    model = None
+                del export_model
+                trim_heap()
+                _rewrite_ir(tmp, transform)
             if compression_config and not quantized:
                 config = compression_config[0]
                 (tmp / "openvino_config.json").write_text(

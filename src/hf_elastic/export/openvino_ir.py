@@ -8,7 +8,6 @@ import functools
 import hashlib
 import importlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,20 +116,24 @@ def _decompression_subgraph(ov: Any, name: str, module: QuantLinear, dequantized
     return ops.reshape(weight, shape, special_zero=False), "f32" if half is None else "f16"
 
 
+def _rows(array: np.ndarray) -> np.ndarray:
+    """The first and last rows of a 2-D weight: what the IR's constant is checked against, read without touching
+    the rest of a constant mapped from the .bin file."""
+    return np.stack([array[0], array[-1]])
+
+
 def _value_key(array: np.ndarray) -> tuple[tuple[int, ...], str]:
-    return tuple(array.shape), hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+    return tuple(array.shape), hashlib.sha1(np.ascontiguousarray(_rows(array)).tobytes()).hexdigest()
 
 
-def _embed_quantized(
-    model: Any, quantized: dict[str, QuantLinear], done_with: Callable[[str], None] | None = None
-) -> dict[str, str]:
+def _embed_quantized(model: Any, quantized: dict[str, QuantLinear]) -> dict[str, str]:
     """Replace the fp32 weight constants of the quantized modules in the OpenVINO `model` by their codes, in place;
     returns the scale type ("f16" where exact, else "f32") of each quantized module.
 
-    Constants are matched by name (the PyTorch frontend names them `self.<module>.weight`) or, failing that, by value;
-    either way the constant must equal `QuantLinear.dequantize()` exactly. Each module is dequantized when its
-    constant is checked, one at a time. `done_with(name)` is called once a module's codes are in the IR and its float
-    constant is out of it (e.g. to free the float weight that the constant viewed).
+    Constants are matched by name (the PyTorch frontend names them `self.<module>.weight`) or, failing that, by the
+    value of their first and last rows; either way the constant must have the (out, in) shape of the module and
+    those rows must equal `QuantLinear.dequantize()`'s exactly. Only those rows of a constant are read, so an IR
+    read back with its weights mapped from the .bin file keeps them on disk. Modules are dequantized one at a time.
     """
     ov = _require("openvino")
 
@@ -153,6 +156,8 @@ def _embed_quantized(
         if stripped in quantized and stripped not in done:
             name = stripped
         else:
+            if array.ndim != 2:
+                continue
             if by_value is None:
                 by_value = {}
                 for key in quantized.keys() - done.keys():
@@ -162,7 +167,11 @@ def _embed_quantized(
                 continue
             name = candidates[0]
         weight = dequantized(name)
-        if not op.get_attributes()["transpose_b"] or not np.array_equal(array, weight):
+        if (
+            not op.get_attributes()["transpose_b"]
+            or array.shape != weight.shape
+            or not np.array_equal(_rows(array), _rows(weight))
+        ):
             raise RuntimeError(
                 f"The IR constant {ir_name!r} does not hold the dequantized weight of {name} in (out, in) layout, so "
                 "the exact INT export cannot place its codes. Report this with the model class and the transformers "
@@ -172,8 +181,6 @@ def _embed_quantized(
         const.output(0).replace(subgraph.output(0))
         done[name] = ir_name
         del const, array, weight, subgraph
-        if done_with is not None:
-            done_with(name)
         trim_heap()  # else each layer's transient float buffers stay in RSS as heap fragments
     missing = sorted(set(quantized) - set(done))
     if missing:

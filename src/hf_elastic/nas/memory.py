@@ -29,9 +29,11 @@ GiB = 2**30
 CUDA_CONTEXT = 1 * GiB
 FRAGMENTATION = 0.05
 MIN_MICRO_BATCH = 4
-# host RAM that tracing and converting to OpenVINO keep per byte of the exported float32 weights (graph, constants
-# that are not views of the torch weights), fitted by benchmarks/bench_export_memory.py
-OPENVINO_TRACE = 0.10
+# host RAM that tracing and converting to OpenVINO take beyond the weights, measured on random Llamas of 2-16 layers:
+# a float32 copy of the embedding table (the only weight the converter does not view), the graph of each transformer
+# layer, and the rest of the graph
+OPENVINO_LAYER = 6 * 2**20
+OPENVINO_FIXED = 5 * 2**20
 _GROUPS = {
     "attn_in": ("q_proj", "k_proj", "v_proj", "qkv_proj"),
     "attn_out": ("o_proj",),
@@ -513,17 +515,18 @@ def _export(model: _Model, loaded: int) -> StageMemory:
 
 def _openvino(model: _Model) -> StageMemory:
     """Host only, exporting the loaded sub-network: the model, the float32 model optimum traces (the model itself when
-    it is float32; INT4/INT8 layers dequantized), and what tracing and conversion keep per float32 weight."""
-    fp32 = 4 * model.exported_params()
+    it is float32; INT4/INT8 layers dequantized) and the converter's own working set. Codes and NNCF compression go
+    into the IR read back from disk once the float32 model is gone, which needs less."""
     if model.a != 4:
-        copy = fp32
+        copy = 4 * model.exported_params()
     elif model.m.bits is not None:
-        # the float32 linear layers traced, and the IR's exact codes beside them until each float weight is released
-        copy = 4 * model.exported_linear_params() + model.exported()
+        copy = 4 * model.exported_linear_params()  # the float32 linear layers traced
     else:
         copy = 0  # a float32 model is traced as it is
-    note = "CPU only: the model, its float32 copy, tracing"
-    return StageMemory("openvino", 0, int(model.exported() + copy + OPENVINO_TRACE * fp32), note)
+    note = "CPU only: the model, its float32 copy, the converter"
+    shape = model.shape
+    converter = 4 * shape.vocab * shape.hidden + shape.layers * OPENVINO_LAYER + OPENVINO_FIXED
+    return StageMemory("openvino", 0, int(model.exported() + copy + converter), note)
 
 
 def _gib(value: int) -> str:

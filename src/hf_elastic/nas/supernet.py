@@ -440,6 +440,8 @@ def _merge_in(root: nn.Module, unload: bool = True) -> None:
         if not unload:
             continue
         module.merge()
+        if isinstance(module, ElasticLoraLinear):
+            module.forget_unmerge()  # the layer is discarded, but the super-network copy still references it
         base = module.get_base_layer()
         if isinstance(base, QuantLinear):
             base.residual = None  # training-only, dropped per layer so that the copies never add up

@@ -331,6 +331,11 @@ class ElasticLoraLinear(LoraLinear):
                 super().merge(safe_merge, [name])
                 self._mask_cache = None  # peft writes the weight through `.data`, which its version does not see
 
+    def forget_unmerge(self) -> None:
+        """Drop what `unmerge` would restore (the unmerged codes, rounding residual and base masks), for a merged layer
+        that is being discarded, as `extract_model` does one layer at a time."""
+        self._merged_state = {}
+
     def unmerge(self) -> None:
         """Undo `merge`; quantization-aware merges restore the saved base codes exactly."""
         mask = None
