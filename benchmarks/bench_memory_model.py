@@ -9,9 +9,9 @@ live tensor bytes of each stage is counted by a `TorchDispatchMode` that follows
 is freed (what `torch.cuda.max_memory_allocated` counts on a GPU); the OpenVINO export, which leaves torch, is
 measured as the rise of the process's peak RSS (VmHWM) over its RSS before loading the exported folder (after a
 warm-up export of a one-layer model, INT4 for SQFT-QA, has loaded the converter's libraries, and the peak is
-reset). Each is compared with the planner's prediction for the same settings (`dtype=float32`). Writes benchmarks/results/<machine>/memory_model.json
-with the relative errors and the plans of Llama-3-8B, Mistral-7B-v0.3 and Phi-3-mini (config.json fixtures in
-tests/fixtures/).
+reset). Each is compared with the planner's prediction for the same settings (`dtype=float32`). Writes
+benchmarks/results/<machine>/memory_model.json with the relative errors and the plans of Llama-3-8B, Mistral-7B-v0.3
+and Phi-3-mini (config.json fixtures in tests/fixtures/).
 """
 
 from __future__ import annotations
