@@ -6,17 +6,20 @@ heads; 50 % FFN with 6 heads, the min). Zero-shot (LoRA B is zero, so this is th
 every channel order: none / magnitude / activation / gradient. Trained, for `--variants` and each of `--seeds`: the
 same rows and compute per variant (`lonas_trainer`: `uniform` runs `--steps` steps of one sub-network, `sandwich`
 half as many of max and min, `progressive` `--steps / 1.75`; in-place distillation adds no forward pass), then the
-mean and standard deviation over the seeds per width. Writes benchmarks/results/<machine>/lonas_training_smollm2.json.
+mean and standard deviation over the seeds per width. Seeds run in turn over all variants, and `--resume` keeps the
+runs already in the output file, so a long ablation can stop and go on. Writes
+benchmarks/results/<machine>/lonas_training_smollm2.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
 
-from common import write_result
+from common import this_machine_path, write_result
 
 # variant: (sampling, channel order, distillation)
 VARIANTS = {
@@ -61,6 +64,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every variant")
     parser.add_argument("--zero-shot-orders", nargs="*", default=list(ORDERS), choices=ORDERS)
     parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "lonas_training_smollm2.json"))
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the runs already in the output file and measure only the others"
+    )
     args = parser.parse_args()
 
     import tempfile
@@ -81,6 +87,8 @@ def main() -> None:
     test = fit_rows(data["test"].select(range(rows)), tokenizer, 128, FINE_FOODS_FORMAT)
     scorer = LabelWordEvaluator.from_rows(test, FINE_FOODS_ANSWERS, tokenizer, FINE_FOODS_FORMAT, batch_size=16)
     results: dict[str, dict] = {"zero_shot": {}, "trained": {}}
+    if args.resume and this_machine_path(args.output).is_file():
+        results = json.loads(this_machine_path(args.output).read_text())["results"]
 
     def build(sampling: str, reorder: str, distillation: str, tmp: str, seed: int = 0):
         cfg = DemoConfig(
@@ -111,7 +119,7 @@ def main() -> None:
                 "task": f"fine-food great/other, accuracy on {rows} held-out test rows",
                 "compute": f"uniform: {args.steps} steps x 1 sub-network; sandwich: {args.steps // 2} x 2 (max, "
                 f"min); progressive: {round(args.steps / 1.75)} steps, x 1 for the first quarter, x 2 after",
-                "seeds": args.seeds,
+                "seeds": sorted({int(k) for e in results["trained"].values() for k in e["runs"]}),
                 "results": results,
             },
         )
@@ -122,9 +130,11 @@ def main() -> None:
             narrow = {k: v for k, v in subnets.items() if k != "ffn_100"}
             results["zero_shot"][reorder] = score(trainer.supernet, narrow, scorer)
             print(f"zero-shot {reorder:<12} {results['zero_shot'][reorder]}", flush=True)
-        for name in args.variants:
-            runs = results["trained"].setdefault(name, {"runs": {}})
-            for seed in args.seeds:
+        for seed in args.seeds:  # every variant's seed before the next seed: a stopped run stays balanced
+            for name in args.variants:
+                runs = results["trained"].setdefault(name, {"runs": {}})
+                if str(seed) in runs["runs"]:
+                    continue
                 trainer, subnets = build(*VARIANTS[name], tmp, seed)
                 start = time.perf_counter()
                 trainer.train()
