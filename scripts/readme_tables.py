@@ -139,7 +139,23 @@ def sparse_peft() -> str:
         "qa_sparsepeft": "QA-SparsePEFT (INT4 base + residual, g32)",
         "lora_dequant": "peft LoRA on the dequantized INT4 base",
     }
-    return step_table(f"{AMD}/sparse_peft.json", "lora", labels)
+    data = load(f"{AMD}/sparse_peft.json")
+    median, ratio = data["median"], data["ratio_vs_lora"]
+    rows = [
+        [
+            label,
+            num(median[key]["step_s"] * 1000, ".1f"),
+            num(ratio[key]["step_time"], ".3f"),
+            num(median[f"{key}@baseline"]["step_s"] * 1000, ".1f"),
+            num(ratio[f"{key}@baseline"]["step_time"], ".3f"),
+            num(median[key]["step_s"] / median[f"{key}@baseline"]["step_s"], ".3f"),
+            num(median[key]["peak_rss_mb"], ".0f"),
+            num(ratio[key]["peak_rss"], ".3f"),
+        ]
+        for key, label in labels.items()
+    ]
+    header = ["variant", "step (ms)", "× LoRA", "step, issue-22 code (ms)", "× LoRA", "now / then", "peak RSS (MB)"]
+    return markdown(header + ["× LoRA"], rows)
 
 
 def peers() -> str:
