@@ -16,7 +16,14 @@ from conftest import ARCHS, args, dataset, peft_kwargs
 from peft import get_peft_model
 
 from hf_elastic import NASTrainer, NLSConfig, load_quantized, load_super_network, quantize, save_quantized
-from hf_elastic.utils import atomic_directory, check_output_dir, load_safetensors, read_json, write_safetensors
+from hf_elastic.utils import (
+    atomic_directory,
+    check_output_dir,
+    load_safetensors,
+    read_json,
+    read_safetensors_tensor,
+    write_safetensors,
+)
 
 WORKER = Path(__file__).parent / "kill_worker.py"
 
@@ -251,6 +258,9 @@ def test_write_safetensors_writes_the_bytes_of_save_file(tmp_path: Path) -> None
     assert (tmp_path / "new.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     loaded = load_file(tmp_path / "new.safetensors")
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    for name, tensor in tensors.items():
+        read = read_safetensors_tensor(tmp_path / "new.safetensors", name)
+        assert read.dtype == tensor.dtype and torch.equal(read, tensor), name
 
 
 def test_readers_name_the_damaged_file(tmp_path: Path) -> None:

@@ -41,6 +41,7 @@ fp32 results that match PyTorch.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import logging
 import os
@@ -54,10 +55,19 @@ import torch
 import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
-from ..compression.quantization.format import QUANT_CONFIG_NAME, QuantLinear, default_group_size, group_size_note
+from ..compression.quantization.format import (
+    GRID_TENSORS,
+    QUANT_CONFIG_NAME,
+    QUANT_WEIGHTS_NAME,
+    QuantLinear,
+    default_group_size,
+    dequantize_codes,
+    group_size_note,
+)
+from ..compression.quantization.serialization import load_quantized
 from ..models.arch import weight_out_in
 from ..models.loading import TOKENIZER_FILES, copy_module
-from ..utils import SUBNET_CONFIG_NAME, atomic_directory, check_output_dir
+from ..utils import SUBNET_CONFIG_NAME, atomic_directory, check_output_dir, read_safetensors_tensor
 from .openvino_ir import (
     OV_MODEL_NAME,
     SPARSE_WEIGHTS_PROPERTY,
@@ -184,25 +194,38 @@ def _float32_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to("cpu", torch.float32) if tensor.is_floating_point() else tensor.to("cpu")
 
 
-def _export_copy(model: nn.Module, quantized: dict[str, QuantLinear], owned: bool) -> nn.Module:
+def _export_copy(model: nn.Module, quantized: dict[str, QuantLinear], folder: Path | None) -> nn.Module:
     """The float32 CPU model the exporter traces, holding each weight once: `model` itself when it is one already
-    (or converted in place when it was loaded here), else a copy made tensor by tensor (`copy_module`), in which every
-    `QuantLinear` is an `nn.Linear` holding `dequantize()`; float32 CPU tensors are shared, not copied."""
+    (or converted in place when it was loaded here from `folder`), else a copy made tensor by tensor (`copy_module`),
+    in which every `QuantLinear` is an `nn.Linear` holding `dequantize()`. Float32 CPU tensors are shared with
+    `model`, except when it was loaded from `folder`: then the copy owns them all, so that `model` and the file it maps
+    can be let go, and the codes are read from the file one layer at a time, never mapped."""
     tensors = [*model.parameters(), *model.buffers()]
     if not quantized and all(
         t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors if t.is_floating_point()
     ):
         return model
-    if not quantized and owned:
+    if not quantized and folder is not None:
         return model.to("cpu", torch.float32)
     replace = {}
-    for module in quantized.values():
+    for name, module in quantized.items():
+        if folder is None:
+            weight = module.dequantize(torch.float32).cpu()
+        else:
+            grid = (read_safetensors_tensor(folder / QUANT_WEIGHTS_NAME, f"{name}.{t}") for t in GRID_TENSORS)
+            weight = dequantize_codes(*grid, module.group_size)
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        linear.weight = nn.Parameter(module.dequantize(torch.float32).cpu(), requires_grad=False)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
         if module.bias is not None:
             linear.bias = nn.Parameter(_float32_cpu(module.bias.detach()), requires_grad=False)
         replace[module] = linear
-    return copy_module(model, _float32_cpu, replace)
+        trim_heap()
+    convert = _float32_cpu if folder is None else (lambda t: _float32_cpu(t).clone())
+    return copy_module(model, convert, replace)
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def _rewrite_ir(directory: Path, transform: Callable[[Any], Any]) -> None:
@@ -405,7 +428,7 @@ def export_openvino(
         raise ValueError(
             f"export_openvino exports causal language models (with a generate method); got {type(model).__name__}."
         )
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quantized = _quantized_modules(model)
     if quantized and weight_format != "fp32":
         first = next(iter(quantized.values()))
         raise ValueError(
@@ -427,20 +450,24 @@ def export_openvino(
             nncf_group_size = int4_group_size(model)
             logger.info("export_openvino: INT4 %s.", group_size_note(nncf_group_size))
         _check_group_size(model, nncf_group_size)
-    export_model = _export_copy(model, quantized, owned)
+    export_model = _export_copy(model, quantized, Path(model_or_dir) if owned else None)
+    training, has_codes = model.training, bool(quantized)
+    if owned:  # loaded here: the traced copy holds what the export needs; the codes are read again after tracing
+        model = quantized = None
+        gc.collect()  # transformers models hold reference cycles
     ov_config = None
     if weight_format == "fp16":
         from optimum.intel import OVConfig
 
         ov_config = OVConfig(dtype="fp16")
     compress = None
-    if quantized and compress_float_weights:
+    if has_codes and compress_float_weights:
         compress = (8, -1, False, 1.0)
     elif weight_format in ("int4", "int8"):
         compress = (4 if weight_format == "int4" else 8, nncf_group_size, symmetric, ratio)
     compression_config = []
 
-    def transform(ov_model: Any) -> Any:
+    def transform(ov_model: Any, quantized: dict[str, QuantLinear]) -> Any:
         if quantized:
             scale_types = _embed_quantized(ov_model, quantized)
             logger.info(
@@ -453,7 +480,6 @@ def export_openvino(
             compression_config.append(config)
         return ov_model
 
-    training = model.training
     try:
         with atomic_directory(output_dir, overwrite) as tmp:
             shapes = _cache_shapes(export_model)
@@ -469,13 +495,14 @@ def export_openvino(
                 preprocessors=[],
                 custom_export_configs=custom,
             )
-            if quantized or compress is not None:
-                if owned:  # loaded here: only the IR on disk (and `quantized`, the codes) need its weights now
-                    model = None
+            if has_codes or compress is not None:
                 del export_model
+                gc.collect()  # transformers models hold reference cycles
                 trim_heap()
-                _rewrite_ir(tmp, transform)
-            if compression_config and not quantized:
+                if owned and has_codes:
+                    quantized = _quantized_modules(load_quantized(Path(model_or_dir)))
+                _rewrite_ir(tmp, lambda ov_model: transform(ov_model, quantized))
+            if compression_config and not has_codes:
                 config = compression_config[0]
                 (tmp / "openvino_config.json").write_text(
                     json.dumps(

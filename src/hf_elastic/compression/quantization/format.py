@@ -51,6 +51,8 @@ from .rtn import _grouped, compute_qparams, quantize_codes, residual_codes
 
 QUANT_CONFIG_NAME = "quantization_config.json"
 QUANT_WEIGHTS_NAME = "model.safetensors"
+# the tensors of a `QuantLinear` that `dequantize_codes` reads: codes, per-group scales and zero points
+GRID_TENSORS = ("qweight", "scales", "zeros")
 QUANT_REPORT_NAME = "quantization_report.json"
 FORMAT_NAME = "hf_elastic.QuantLinear"
 FORMAT_VERSION = 2  # 2 added the optional `residual`

@@ -20,7 +20,7 @@ from ...utils import (
     load_safetensors,
     read_json,
 )
-from .format import FORMAT_NAME, FORMAT_VERSION, QUANT_CONFIG_NAME, QUANT_WEIGHTS_NAME, QuantLinear
+from .format import FORMAT_NAME, FORMAT_VERSION, GRID_TENSORS, QUANT_CONFIG_NAME, QUANT_WEIGHTS_NAME, QuantLinear
 from .quantize import QuantizationConfig, _replace
 
 
@@ -193,7 +193,7 @@ def load_quantized(
         )
         if spec.get("residual", False):
             new.residual = torch.zeros_like(new.qweight, dtype=torch.int8)
-        for buffer in ("qweight", "scales", "zeros") + (("residual",) if new.residual is not None else ()):
+        for buffer in GRID_TENSORS + (("residual",) if new.residual is not None else ()):
             key, expected = f"{name}.{buffer}", getattr(new, buffer)
             if key not in tensors:
                 raise ValueError(f"{weights} has no {key!r}; the file is incomplete.")
