@@ -715,3 +715,25 @@ print(status("VmHWM") - base)
     print(f"load_quantized: peak RSS rise {rise / 2**20:.1f} MiB, folder {size / 2**20:.1f} MiB")
     assert size > 40 * 2**20
     assert rise <= 1.2 * size, f"peak RSS rise {rise / 2**20:.1f} MiB for a {size / 2**20:.1f} MiB folder"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_load_dequantized_holds_the_dequantized_weights(tmp_path, arch):
+    """`load_dequantized` (what the exact OpenVINO export traces) gives `nn.Linear` layers with `dequantize()`'s
+    weights bit for bit, the other tensors as saved and ties kept: the same logits as `load_quantized`'s model."""
+    from hf_elastic.compression.quantization.serialization import load_dequantized
+
+    model = ARCHS[arch].build()
+    run_quantize(model)
+    folder = save_quantized(model, tmp_path / "int4")
+    quantized, dense = load_quantized(folder), load_dequantized(folder)
+    for name, module in quantized.named_modules():
+        if isinstance(module, QuantLinear):
+            linear = dense.get_submodule(name)
+            assert type(linear) is not QuantLinear
+            assert torch.equal(weight_out_in(linear), module.dequantize(torch.float32)), name
+    ids = torch.randint(0, quantized.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, quantized(ids).logits, rtol=0, atol=1e-5)
+    embeddings = dense.get_input_embeddings().weight
+    assert dense.config.tie_word_embeddings is False or dense.get_output_embeddings().weight is embeddings

@@ -1,7 +1,11 @@
-"""Devices and ranks: where a model lives, waiting for an accelerator, FSDP2 shards and agreement between ranks."""
+"""Devices and ranks: where a model lives, waiting for an accelerator, FSDP2 shards, agreement between ranks, and
+giving freed host memory back."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -64,3 +68,20 @@ def module_device(model: Any) -> torch.device:
         return next(model.parameters()).device
     except (AttributeError, StopIteration, TypeError):
         return torch.device(getattr(model, "device", "cpu"))
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def trim_heap() -> None:
+    """Give the pages of freed buffers back to the OS (glibc's `malloc_trim`; nothing elsewhere). Buffers freed
+    between allocations that stay alive otherwise keep counting in the RSS as heap fragments."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

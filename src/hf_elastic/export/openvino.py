@@ -56,18 +56,16 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from ..compression.quantization.format import (
-    GRID_TENSORS,
     QUANT_CONFIG_NAME,
-    QUANT_WEIGHTS_NAME,
     QuantLinear,
     default_group_size,
-    dequantize_codes,
     group_size_note,
 )
-from ..compression.quantization.serialization import load_quantized
+from ..compression.quantization.serialization import load_dequantized, load_quantized
+from ..devices import trim_heap
 from ..models.arch import weight_out_in
 from ..models.loading import TOKENIZER_FILES, copy_module
-from ..utils import SUBNET_CONFIG_NAME, atomic_directory, check_output_dir, read_safetensors_tensor
+from ..utils import SUBNET_CONFIG_NAME, atomic_directory, check_output_dir
 from .openvino_ir import (
     OV_MODEL_NAME,
     SPARSE_WEIGHTS_PROPERTY,
@@ -77,7 +75,6 @@ from .openvino_ir import (
     _require,
     ir_weight_sparsity,
     ir_weights,
-    trim_heap,
 )
 
 logger = logging.getLogger(__name__)
@@ -194,34 +191,26 @@ def _float32_cpu(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to("cpu", torch.float32) if tensor.is_floating_point() else tensor.to("cpu")
 
 
-def _export_copy(model: nn.Module, quantized: dict[str, QuantLinear], folder: Path | None) -> nn.Module:
+def _export_copy(model: nn.Module, quantized: dict[str, QuantLinear], owned: bool) -> nn.Module:
     """The float32 CPU model the exporter traces, holding each weight once: `model` itself when it is one already
-    (or converted in place when it was loaded here from `folder`), else a copy made tensor by tensor (`copy_module`),
-    in which every `QuantLinear` is an `nn.Linear` holding `dequantize()`. Float32 CPU tensors are shared with
-    `model`, except when it was loaded from `folder`: then the copy owns them all, so that `model` and the file it maps
-    can be let go, and the codes are read from the file one layer at a time, never mapped."""
+    (or converted in place when it was loaded here), else a copy made tensor by tensor (`copy_module`), in which every
+    `QuantLinear` is an `nn.Linear` holding `dequantize()`; float32 CPU tensors are shared, not copied."""
     tensors = [*model.parameters(), *model.buffers()]
     if not quantized and all(
         t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors if t.is_floating_point()
     ):
         return model
-    if not quantized and folder is not None:
+    if not quantized and owned:
         return model.to("cpu", torch.float32)
     replace = {}
-    for name, module in quantized.items():
-        if folder is None:
-            weight = module.dequantize(torch.float32).cpu()
-        else:
-            grid = (read_safetensors_tensor(folder / QUANT_WEIGHTS_NAME, f"{name}.{t}") for t in GRID_TENSORS)
-            weight = dequantize_codes(*grid, module.group_size)
+    for module in quantized.values():
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        linear.weight = nn.Parameter(weight, requires_grad=False)
+        linear.weight = nn.Parameter(module.dequantize(torch.float32).cpu(), requires_grad=False)
         if module.bias is not None:
             linear.bias = nn.Parameter(_float32_cpu(module.bias.detach()), requires_grad=False)
         replace[module] = linear
         trim_heap()
-    convert = _float32_cpu if folder is None else (lambda t: _float32_cpu(t).clone())
-    return copy_module(model, convert, replace)
+    return copy_module(model, _float32_cpu, replace)
 
 
 def _quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
@@ -450,11 +439,15 @@ def export_openvino(
             nncf_group_size = int4_group_size(model)
             logger.info("export_openvino: INT4 %s.", group_size_note(nncf_group_size))
         _check_group_size(model, nncf_group_size)
-    export_model = _export_copy(model, quantized, Path(model_or_dir) if owned else None)
     training, has_codes = model.training, bool(quantized)
-    if owned:  # loaded here: the traced copy holds what the export needs; the codes are read again after tracing
+    if owned and has_codes:  # the checked folder is read again, as float32, with nothing of it mapped
         model = quantized = None
         gc.collect()  # transformers models hold reference cycles
+        export_model = load_dequantized(Path(model_or_dir))
+    else:
+        export_model = _export_copy(model, quantized, owned)
+        if owned:
+            model = None
     ov_config = None
     if weight_format == "fp16":
         from optimum.intel import OVConfig

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import hashlib
 import importlib
 import os
@@ -16,6 +13,7 @@ import numpy as np
 import torch
 
 from ..compression.quantization.format import QuantLinear
+from ..devices import trim_heap
 
 OV_MODEL_NAME = "openvino_model.xml"
 SPARSE_WEIGHTS_PROPERTY = "CPU_SPARSE_WEIGHTS_DECOMPRESSION_RATE"
@@ -31,23 +29,6 @@ def _require(module: str) -> Any:
             "Install the "
             "OpenVINO extra: pip install 'hf-elastic[openvino]'"
         ) from error
-
-
-@functools.cache
-def _libc() -> Any:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def trim_heap() -> None:
-    """Give the pages of freed buffers back to the OS (glibc's `malloc_trim`; nothing elsewhere). Buffers freed
-    between allocations that stay alive otherwise keep counting in the RSS as heap fragments."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def _pack_u4(values: np.ndarray) -> np.ndarray:

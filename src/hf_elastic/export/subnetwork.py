@@ -15,6 +15,7 @@ import torch.nn as nn
 from ..compression.quantization.format import QUANT_CONFIG_NAME, QuantLinear
 from ..compression.quantization.serialization import load_quantized, write_quantized
 from ..compression.sparsity import sparsity_of
+from ..devices import trim_heap
 from ..models.arch import find_width_layers, slice_layer_width
 from ..models.loading import build_from_config, load_config, mark_hf_elastic_only
 from ..nas.supernet import NamedConfig, SuperNetwork
@@ -22,7 +23,6 @@ from ..utils import SUBNET_CONFIG_NAME, atomic_directory, atomic_write_json, che
 from .compressed_tensors import import_compressed_tensors, write_compressed_tensors
 from .gguf_file import GGUF_NAME, import_gguf, write_gguf
 from .gptq_file import write_gptq
-from .openvino_ir import trim_heap
 
 WIDTHS_ATTR = "elastic_layer_widths"
 EXPORT_FORMATS = ("hf-elastic", "compressed-tensors", "gguf", "gptq")

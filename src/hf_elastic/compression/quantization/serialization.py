@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ...devices import trim_heap
 from ...models.loading import build_from_config, load_config, mark_hf_elastic_only
 from ...utils import (
     atomic_directory,
@@ -19,8 +20,17 @@ from ...utils import (
     digest,
     load_safetensors,
     read_json,
+    read_safetensors_tensor,
 )
-from .format import FORMAT_NAME, FORMAT_VERSION, GRID_TENSORS, QUANT_CONFIG_NAME, QUANT_WEIGHTS_NAME, QuantLinear
+from .format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    GRID_TENSORS,
+    QUANT_CONFIG_NAME,
+    QUANT_WEIGHTS_NAME,
+    QuantLinear,
+    dequantize_codes,
+)
 from .quantize import QuantizationConfig, _replace
 
 
@@ -118,13 +128,9 @@ def _tie(model: nn.Module, alias: str, source: str) -> None:
     setattr(model.get_submodule(owner), attr, getattr(model.get_submodule(src_owner), src_attr))
 
 
-def load_quantized(
-    directory: str | Path, model_class: type[nn.Module] | None = None, device: torch.device | str | None = None
-) -> nn.Module:
-    """Rebuild a model written by `save_quantized`: from its config, with `QuantLinear` modules, bit for bit.
-
-    `model_class` defaults to the transformers class named in `quantization_config.json`.
-    """
+def _read_folder(directory: Path, model_class: type[nn.Module] | None) -> tuple[dict, type[nn.Module], Any, Path]:
+    """The checked quantization config, model class, model config and weights file of a `save_quantized` folder
+    (headers only: no weight is read)."""
     import transformers
 
     directory = Path(directory)
@@ -158,7 +164,6 @@ def load_quantized(
                 "model_class=<the model's class> to load_quantized."
             )
     config = load_config(directory)
-    dtype = getattr(torch, qc["dtype"])
     weights = directory / QUANT_WEIGHTS_NAME
     metadata = check_safetensors(weights, _FIX)
     saved_id = metadata.get("hf_elastic_save_id")
@@ -172,6 +177,19 @@ def load_quantized(
             f"The module settings in {qc_path} (bits, group size, shapes) differ from those saved with "
             f"{QUANT_WEIGHTS_NAME}: the file was edited after saving. Restore it or {_FIX}."
         )
+    return qc, model_class, config, weights
+
+
+def load_quantized(
+    directory: str | Path, model_class: type[nn.Module] | None = None, device: torch.device | str | None = None
+) -> nn.Module:
+    """Rebuild a model written by `save_quantized`: from its config, with `QuantLinear` modules, bit for bit.
+
+    `model_class` defaults to the transformers class named in `quantization_config.json`.
+    """
+    directory = Path(directory)
+    qc, model_class, config, weights = _read_folder(directory, model_class)
+    qc_path, dtype = directory / QUANT_CONFIG_NAME, getattr(torch, qc["dtype"])
     # Built without initialization (its float weights are never written, so they take no memory) and filled by
     # `assign`: each weight is held once, as read from the file, whatever the model's size.
     model = build_from_config(model_class, directory, config, dtype)
@@ -231,4 +249,39 @@ def load_quantized(
             raise ValueError(f"{qc_path} has damaged 'settings' ({error}); save the model again.") from None
     if device is not None:
         model.to(device)
+    return model.eval()
+
+
+def load_dequantized(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model of a `save_quantized` folder in `dtype`, with `nn.Linear` layers holding the dequantized weights in
+    place of the `QuantLinear` ones: what an export that writes the codes again traces.
+
+    The file is read one tensor at a time with plain reads, never memory-mapped, so the model is held once and only
+    the dequantization of one layer at a time comes on top. Call `load_quantized` first to check the codes.
+    """
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    qc, model_class, config, weights = _read_folder(directory, None)
+    model = build_from_config(model_class, directory, config, dtype)  # uninitialized: no page is touched
+    with safe_open(str(weights), "pt") as f:
+        keys = list(f.keys())
+    for name, spec in qc["modules"].items():  # as nn.Linear, (out, in), also where the model has a Conv1D
+        linear = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], device="meta")
+        grid = [read_safetensors_tensor(weights, f"{name}.{t}") for t in GRID_TENSORS]
+        linear.weight = nn.Parameter(dequantize_codes(*grid, spec["group_size"], dtype), requires_grad=False)
+        _replace(model, name, linear)
+        trim_heap()
+    skip = {f"{name}.{t}" for name in qc["modules"] for t in (*GRID_TENSORS, "residual")}
+    for key in (k for k in keys if k not in skip):
+        tensor = read_safetensors_tensor(weights, key)
+        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        owner, _, attr = key.rpartition(".")
+        module = model.get_submodule(owner)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[attr] = tensor
+    for alias, source in qc.get("tied", {}).items():
+        _tie(model, alias, source)
     return model.eval()
