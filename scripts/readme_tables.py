@@ -441,6 +441,30 @@ def memory_errors() -> str:
     return markdown(["stage", *(f"{size}: worst error" for size in sizes)], rows)
 
 
+def export_memory() -> str:
+    """Peak RSS slopes of each export path, before and after issue 23, with optimum-intel's own export beside."""
+    slopes = load(f"{AMD}/export_memory.json")["slopes"]
+    paths = {
+        "load_quantized": ("`load_quantized`", "INT4 folder", None),
+        "export_subnetwork": ("`export_subnetwork` (LoNAS median)", "super-network", None),
+        "openvino_fp32": ("OpenVINO fp32", "fp32 model", "optimum_fp32"),
+        "openvino_int8": ("OpenVINO INT8 (NNCF)", "fp32 model", "optimum_int8"),
+        "openvino_int4_exact": ("OpenVINO exact INT4", "fp32 model", "optimum_int4"),
+    }
+    rows = []
+    for path, (label, reference, optimum) in paths.items():
+        after = slopes[f"{path}/after"]
+        peer = DASH if optimum is None else f"{slopes[f'{optimum}/after']['slope_per_reference_byte']:.2f}×"
+        if optimum == "optimum_int4":
+            peer += " (NNCF INT4)"
+        rows.append([
+            label, reference, f"{slopes[f'{path}/before']['slope_per_reference_byte']:.2f}×",
+            f"**{after['slope_per_reference_byte']:.2f}×**", f"{after['llama3_8b_gib']:.1f} GiB", peer,
+        ])  # fmt: skip
+    header = ["path", "reference", "slope before", "slope after", "Llama-3-8B after", "optimum-intel"]
+    return markdown(header, rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     f.__name__: f
     for f in (
@@ -449,6 +473,7 @@ TABLES: dict[str, Callable[[], str]] = {
         nls_step,
         nas_trainer,
         sparse_peft,
+        export_memory,
         peers,
         nncf_quality,
         openvino_random_llama,

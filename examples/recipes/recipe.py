@@ -6,8 +6,8 @@ On a GPU machine with the Hub they run as they are (GSM8K from the Hub, lm-eval 
 sub-network). `--tiny` swaps in a tiny random Llama and synthetic GSM8K-style rows, offline, in seconds: the test suite
 runs it so the scripts cannot rot.
 
-Under several processes (`accelerate launch`, DDP or FSDP2) rank 0 compresses the base once and saves it to
-`<output-dir>/base`, which every rank then loads; after training, rank 0 alone evaluates and exports from the saved
+Under several processes (`accelerate launch`, DDP or FSDP2) rank 0 loads the model, compresses the base once and
+saves it to `<output-dir>/base`, which the other ranks load instead of the original model; after training, rank 0 alone evaluates and exports from the saved
 super-adapter on a reloaded base (the sharded training model is never copied) while the other ranks exit.
 """
 
@@ -179,14 +179,13 @@ def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
     else:
         train_rows = load_rows(args.data, config=args.data_config, split="train")
         test_rows = None
-        model = load_causal_lm(args.model, dtype=torch.bfloat16 if cuda else torch.float32)
-        model.to("cuda" if cuda else "cpu")
+        model = None  # loaded below, once the ranks are known: with a compressed base only rank 0 needs it
         tokenizer = load_tokenizer(args.model)
         group_size, epochs = 128, recipe.epochs
         batch, accumulation, warmup = recipe.batch_size, recipe.gradient_accumulation, recipe.warmup_steps
         if cuda:
             memory = args.gpu_memory or torch.cuda.get_device_properties(0).total_memory / 2**30
-            plan = plan_memory(model.config, method.demo_name, seq_len=args.seq_len, gpu_memory=memory)
+            plan = plan_memory(args.model, method.demo_name, seq_len=args.seq_len, gpu_memory=memory)
             if plan.chosen is None:
                 raise SystemExit(f"{method.name} does not fit {memory} GiB at any setting:\n{plan}")
             batch, accumulation = plan.chosen.micro_batch, plan.chosen.accumulation
@@ -216,7 +215,9 @@ def run(method: Method, argv: list[str] | None = None) -> dict[str, Any]:
         "model": "tiny" if args.tiny else args.model,
     }
     saved_base = out / "base" if method.base_sparsity or method.base_bits or args.tiny else None
-    device, dtype = model.device, model.dtype
+    device, dtype = training.device, torch.bfloat16 if cuda else torch.float32
+    if model is None and (training.process_index == 0 or saved_base is None or training.world_size == 1):
+        model = load_causal_lm(args.model, dtype=dtype).to(device)
 
     def load_base() -> Any:
         if saved_base is None:
