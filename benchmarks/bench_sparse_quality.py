@@ -34,10 +34,10 @@ def train_and_score(variant: str, seed: int, steps: int, task, scorer, tmp: str)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from hf_elastic import NASTrainer, NASTrainingArguments, NLSConfig, sparsify
+    from hf_elastic import NASTrainer, sparsify
     from hf_elastic.data import FINE_FOODS_FORMAT, prompts_and_answers
     from hf_elastic.demo import DemoConfig
-    from hf_elastic.demo.lonas import RANK_GROUPS, TARGETS
+    from hf_elastic.demo.run import nls_setup
 
     cfg = DemoConfig(method="sqft", seed=seed, train_steps=steps)
     torch.manual_seed(seed)
@@ -51,27 +51,8 @@ def train_and_score(variant: str, seed: int, steps: int, task, scorer, tmp: str)
     teacher = None
     if variant == "sparsepeft+teacher":
         teacher = AutoModelForCausalLM.from_pretrained(task.model_dir, dtype=torch.float32)
-    config = NLSConfig(
-        rank_choices=cfg.rank_choices,
-        target_modules=TARGETS,
-        rank_groups=RANK_GROUPS,
-        lora_alpha=2 * cfg.rank_choices[0],
-        sparse_adapter=sparse,
-        task_type="CAUSAL_LM",
-    )
-    args = NASTrainingArguments(
-        output_dir=tmp,
-        max_steps=cfg.train_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        logging_steps=max(1, cfg.train_steps // 10),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=seed,
-        distillation="teacher" if teacher is not None else "none",
-        disable_tqdm=True,
-    )
+    distillation = "teacher" if teacher is not None else "none"
+    config, args = nls_setup(cfg, tmp, sparse, False, distillation=distillation, disable_tqdm=True)
     trainer = NASTrainer(model=model, args=args, peft_config=config, train_dataset=task.features,
                          data_collator=task.collator, teacher_model=teacher)  # fmt: skip
     start = time.perf_counter()

@@ -167,9 +167,42 @@ def _run_demo(cfg: DemoConfig) -> dict[str, Any]:
     return summary
 
 
+def nls_setup(
+    cfg: DemoConfig, output_dir: str | Path, sparse_adapter: bool, quantization_aware: bool, **training: Any
+) -> tuple[Any, Any]:
+    """The `NLSConfig` and `NASTrainingArguments` of the demo's Shears / SQFT training (`training` overrides
+    arguments, e.g. `distillation="teacher"`)."""
+    from .. import NASTrainingArguments, NLSConfig
+    from .lonas import RANK_GROUPS, TARGETS
+
+    peft_config = NLSConfig(
+        rank_choices=cfg.rank_choices,
+        target_modules=TARGETS,
+        rank_groups=RANK_GROUPS,
+        lora_alpha=2 * cfg.rank_choices[0],
+        lora_dropout=0.0,
+        sparse_adapter=sparse_adapter,
+        quantization_aware=quantization_aware,
+        task_type="CAUSAL_LM",
+    )
+    args = NASTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=cfg.train_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        logging_steps=max(1, cfg.train_steps // 10),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=cfg.seed,
+        **training,
+    )
+    return peft_config, args
+
+
 def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
     """Shears / SQFT / SQFT-QA: Wanda (+ INT4), NLS training, search on parameters, one merged sub-network."""
-    from .. import NASTrainer, NASTrainingArguments, NLSConfig
+    from .. import NASTrainer
     from ..compression.quantization.quantize import QuantizationConfig, quantize
     from ..compression.sparsity import sparsify, sparsity_of, weight_masks
     from ..data import completion_collator, prompts_and_answers, tokenize_rows
@@ -177,7 +210,6 @@ def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
     from ..export.openvino_ir import ir_weight_sparsity
     from ..export.subnetwork import export_subnetwork, load_exported
     from ..search.searcher import SearchConfig, search_subnetworks
-    from .lonas import RANK_GROUPS, TARGETS
 
     cfg, model, tokenizer, out, rows = ctx.cfg, ctx.model, ctx.tokenizer, ctx.out, ctx.rows
     calibration_rows = ctx.train.select(range(min(4 * cfg.calibration_samples, len(ctx.train))))
@@ -202,27 +234,7 @@ def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
     }
     ctx.lap("wanda" + (" + int4" if cfg.quantization_aware else ""))
 
-    peft_config = NLSConfig(
-        rank_choices=cfg.rank_choices,
-        target_modules=TARGETS,
-        rank_groups=RANK_GROUPS,
-        lora_alpha=2 * cfg.rank_choices[0],
-        lora_dropout=0.0,
-        sparse_adapter=cfg.method_info.sparse_adapter,
-        quantization_aware=cfg.quantization_aware,
-        task_type="CAUSAL_LM",
-    )
-    args = NASTrainingArguments(
-        output_dir=str(out / "train"),
-        max_steps=cfg.train_steps,
-        per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        logging_steps=max(1, cfg.train_steps // 10),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=cfg.seed,
-    )
+    peft_config, args = nls_setup(cfg, out / "train", cfg.method_info.sparse_adapter, cfg.quantization_aware)
     features = tokenize_rows(ctx.train, tokenizer, cfg.max_length, FINE_FOODS_FORMAT)
     trainer = NASTrainer(
         model=model,
