@@ -10,7 +10,8 @@ Weights
   `"int4"`: group-wise, the optimum-intel `OVWeightQuantizationConfig` settings).
 - Models quantized by `hf_elastic.quantize` (`QuantLinear`, e.g. a merged QA-SparsePEFT sub-network) are not
   quantized again. The dequantized model is exported to an fp32 IR; in the IR read back from disk every quantized
-  weight constant is then replaced by the decompression subgraph that the OpenVINO CPU plugin fuses into a weight-compressed FullyConnected:
+  weight constant is then replaced by the decompression subgraph that the OpenVINO CPU plugin fuses into a
+  weight-compressed FullyConnected:
 
       Constant(u4|u8 codes [out, groups, group_size]) -> Convert(f32)
         -> Subtract(Convert(f32) <- Constant(u4|u8 zero points [out, groups, 1]))
