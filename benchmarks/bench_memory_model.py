@@ -11,7 +11,8 @@ measured as the rise of the process's peak RSS (VmHWM) over its RSS before loadi
 warm-up export of a one-layer model, INT4 for SQFT-QA, has loaded the converter's libraries, and the peak is
 reset). Each is compared with the planner's prediction for the same settings (`dtype=float32`). Writes
 benchmarks/results/<machine>/memory_model.json with the relative errors and the plans of Llama-3-8B, Mistral-7B-v0.3
-and Phi-3-mini (config.json fixtures in tests/fixtures/).
+and Phi-3-mini (config.json fixtures in tests/fixtures/). `--replan` measures nothing: it compares the planner as it
+is now with the peaks already measured in that file.
 """
 
 from __future__ import annotations
@@ -263,9 +264,9 @@ def run_one(size: str, method: str, openvino: bool) -> dict[str, int]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compare(size: str, method: str, openvino: bool = False) -> list[dict]:
-    measured, plan = run_one(size, method, openvino), predicted(size, method)
-    rows = []
+def compare(size: str, method: str, measured: dict[str, int]) -> list[dict]:
+    """One row per stage: the planner's prediction for `size` and `method` against the `measured` peak."""
+    plan, rows = predicted(size, method), []
     for stage, value in measured.items():
         error = (plan[stage] - value) / value
         rows.append({"size": size, "method": method, "stage": stage, "predicted_bytes": plan[stage],
@@ -308,14 +309,25 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["lonas", "shears", "sqft", "sqft-qa"])
     parser.add_argument("--no-openvino", action="store_true")
     parser.add_argument("--output", default=str(HERE / "results" / "memory_model.json"))
+    parser.add_argument(
+        "--replan",
+        action="store_true",
+        help="measure nothing: compare the planner as it is now with the measured peaks already in the output file",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
-    from common import write_result
+    from common import this_machine_path, write_result
 
-    rows = []
+    rows, measured = [], {}
+    if args.replan:
+        for row in json.loads(this_machine_path(args.output).read_text())["rows"]:
+            measured.setdefault((row["size"], row["method"]), {})[row["stage"]] = row["measured_bytes"]
     for size in args.sizes:
         for method in args.methods:
-            new = compare(size, method, not args.no_openvino)
+            if args.replan and (size, method) not in measured:
+                continue
+            found = measured.get((size, method)) or run_one(size, method, not args.no_openvino)
+            new = compare(size, method, found)
             for r in new:
                 mib = r["predicted_bytes"] / 2**20, r["measured_bytes"] / 2**20
                 print(f"{size:<13} {method:<8} {r['stage']:<11} predicted {mib[0]:9.1f} MiB  "
