@@ -113,6 +113,28 @@ def lonas_order_trained() -> str:
     return markdown(header, rows)
 
 
+def lonas_ablation() -> str:
+    """Sampling and distillation at equal compute: test accuracy per width, mean ± std over the seeds run so far."""
+    trained = load(f"{AMD}/lonas_training_ablation.json")["results"]["trained"]
+    labels = {
+        "uniform": "uniform (the demo's)",
+        "sandwich": "sandwich (max + min)",
+        "sandwich+inplace": "sandwich + in-place distillation",
+        "progressive": "progressive shrinking",
+        "progressive+inplace": "progressive + in-place distillation",
+    }
+    columns = ("ffn_100", "ffn_75", "ffn_50", "ffn_50_heads_6")
+    rows = []
+    for key, label in labels.items():
+        if key not in trained:
+            continue
+        summary, seeds = trained[key]["summary"], len(trained[key]["runs"])
+        cells = [f"{summary[c]['mean']:.3f}" + (f" ± {summary[c]['std']:.3f}" if seeds > 1 else "") for c in columns]
+        rows.append([label, str(seeds), *cells])
+    header = ["sampling", "seeds", "max (100 %)", "FFN 75 %", "FFN 50 %", "FFN 50 % + 6 of 9 heads"]
+    return markdown(header, rows)
+
+
 def nls_step() -> str:
     labels = {
         "lora": "peft LoRA r=32",
@@ -470,6 +492,7 @@ TABLES: dict[str, Callable[[], str]] = {
     for f in (
         lonas_order_zero_shot,
         lonas_order_trained,
+        lonas_ablation,
         nls_step,
         nas_trainer,
         sparse_peft,
