@@ -6,9 +6,10 @@ On a GPU machine with the Hub they run as they are (GSM8K from the Hub, lm-eval 
 sub-network). `--tiny` swaps in a tiny random Llama and synthetic GSM8K-style rows, offline, in seconds: the test suite
 runs it so the scripts cannot rot.
 
-Under several processes (`accelerate launch`, DDP or FSDP2) rank 0 loads the model, compresses the base once and
-saves it to `<output-dir>/base`, which the other ranks load instead of the original model; after training, rank 0 alone evaluates and exports from the saved
-super-adapter on a reloaded base (the sharded training model is never copied) while the other ranks exit.
+Under several processes (`accelerate launch`, DDP or FSDP2) rank 0 loads the model, compresses the base once and saves
+it to `<output-dir>/base`, which the other ranks load instead of the original model; after training, rank 0 alone
+evaluates and exports from the saved super-adapter on a reloaded base (the sharded training model is never copied)
+while the other ranks exit.
 """
 
 from __future__ import annotations
