@@ -17,11 +17,11 @@ from peft import get_peft_model
 
 from hf_elastic import NASTrainer, NLSConfig, load_quantized, load_super_network, quantize, save_quantized
 from hf_elastic.utils import (
+    SafetensorsReader,
     atomic_directory,
     check_output_dir,
     load_safetensors,
     read_json,
-    read_safetensors_tensor,
     write_safetensors,
 )
 
@@ -258,8 +258,10 @@ def test_write_safetensors_writes_the_bytes_of_save_file(tmp_path: Path) -> None
     assert (tmp_path / "new.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     loaded = load_file(tmp_path / "new.safetensors")
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    reader = SafetensorsReader(tmp_path / "new.safetensors")
+    assert sorted(reader) == sorted(tensors)
     for name, tensor in tensors.items():
-        read = read_safetensors_tensor(tmp_path / "new.safetensors", name)
+        read = reader[name]
         assert read.dtype == tensor.dtype and torch.equal(read, tensor), name
 
 

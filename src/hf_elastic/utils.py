@@ -143,19 +143,32 @@ def write_safetensors(
                 f.write(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
-def read_safetensors_tensor(path: str | os.PathLike, name: str) -> torch.Tensor:
-    """One tensor of a safetensors file, read with plain file reads: unlike the memory map of `safetensors`, whose
-    pages stay resident until the whole file is let go, the tensor's memory is freed when the tensor is dropped."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        entry = json.loads(f.read(length))[name]
+class SafetensorsReader:
+    """The tensors of a safetensors file, each read with plain file reads when asked for (the header once): unlike the
+    memory map of `safetensors`, whose pages stay resident until the whole file is let go, a tensor's memory is freed
+    when the tensor is dropped."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        self._entries, self._data_start = header, 8 + length
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        entry = self._entries[name]
         begin, end = entry["data_offsets"]
-        f.seek(8 + length + begin)
-        data = bytearray(f.read(end - begin))
-    dtype = next(d for d, code in _SAFETENSORS_DTYPES.items() if code == entry["dtype"])
-    if not data:
-        return torch.empty(entry["shape"], dtype=dtype)
-    return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(entry["shape"])
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            data = bytearray(f.read(end - begin))
+        dtype = next(d for d, code in _SAFETENSORS_DTYPES.items() if code == entry["dtype"])
+        if not data:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(entry["shape"])
 
 
 def atomic_save_safetensors(

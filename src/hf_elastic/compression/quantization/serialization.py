@@ -13,6 +13,7 @@ import torch.nn as nn
 from ...devices import trim_heap
 from ...models.loading import build_from_config, load_config, mark_hf_elastic_only
 from ...utils import (
+    SafetensorsReader,
     atomic_directory,
     atomic_save_safetensors,
     atomic_write_json,
@@ -20,7 +21,6 @@ from ...utils import (
     digest,
     load_safetensors,
     read_json,
-    read_safetensors_tensor,
 )
 from .format import (
     FORMAT_NAME,
@@ -259,22 +259,19 @@ def load_dequantized(directory: str | Path, dtype: torch.dtype = torch.float32) 
     The file is read one tensor at a time with plain reads, never memory-mapped, so the model is held once and only
     the dequantization of one layer at a time comes on top. Call `load_quantized` first to check the codes.
     """
-    from safetensors import safe_open
-
     directory = Path(directory)
     qc, model_class, config, weights = _read_folder(directory, None)
     model = build_from_config(model_class, directory, config, dtype)  # uninitialized: no page is touched
-    with safe_open(str(weights), "pt") as f:
-        keys = list(f.keys())
+    file = SafetensorsReader(weights)
     for name, spec in qc["modules"].items():  # as nn.Linear, (out, in), also where the model has a Conv1D
         linear = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], device="meta")
-        grid = [read_safetensors_tensor(weights, f"{name}.{t}") for t in GRID_TENSORS]
+        grid = [file[f"{name}.{t}"] for t in GRID_TENSORS]
         linear.weight = nn.Parameter(dequantize_codes(*grid, spec["group_size"], dtype), requires_grad=False)
         _replace(model, name, linear)
         trim_heap()
     skip = {f"{name}.{t}" for name in qc["modules"] for t in (*GRID_TENSORS, "residual")}
-    for key in (k for k in keys if k not in skip):
-        tensor = read_safetensors_tensor(weights, key)
+    for key in (k for k in file if k not in skip):
+        tensor = file[key]
         tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
         owner, _, attr = key.rpartition(".")
         module = model.get_submodule(owner)
