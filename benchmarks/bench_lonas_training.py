@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
-from common import this_machine_path, write_result
+from common import accuracy_over_seeds, this_machine_path, write_result
 
 # variant: (sampling, channel order, distillation)
 VARIANTS = {
@@ -44,16 +43,6 @@ def score(supernet, configs: dict[str, dict], scorer) -> dict[str, float]:
         scores[key] = scorer(supernet, config)
     supernet.activate("max")
     return scores
-
-
-def summarize(runs: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Mean, standard deviation (0 for one seed) and standard error of each width's accuracy over the seeds."""
-    summary = {}
-    for width in next(iter(runs.values()))["accuracy"]:
-        values = [r["accuracy"][width] for r in runs.values()]
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        summary[width] = {"mean": statistics.fmean(values), "std": std, "sem": std / len(values) ** 0.5}
-    return summary
 
 
 def main() -> None:
@@ -144,7 +133,7 @@ def main() -> None:
                     "accuracy": score(trainer.supernet, subnets, scorer),
                 }
                 print(f"{name:<20} seed {seed} {runs['runs'][str(seed)]}", flush=True)
-                runs["summary"] = summarize(runs["runs"])
+                runs["summary"] = accuracy_over_seeds(runs["runs"])
                 save()
 
     full = scorer.accuracy(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32))

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import this_machine_path, write_result
+from common import accuracy_over_seeds, this_machine_path, write_result
 
 VARIANTS = ("lora", "sparsepeft", "sparsepeft+teacher")
 SUBNETS = ("max", "median", "min")
@@ -63,15 +62,6 @@ def train_and_score(variant: str, seed: int, steps: int, task, scorer, tmp: str)
         supernet.activate(name)
         accuracy[name] = scorer.accuracy(supernet.model)
     return {"steps": trainer.args.max_steps, "train_s": seconds, "accuracy": accuracy}
-
-
-def summarize(runs: dict[str, dict]) -> dict[str, dict[str, float]]:
-    """Mean and standard deviation (0 for one seed) of each sub-network's accuracy over the seeds."""
-    out = {}
-    for name in SUBNETS:
-        values = [r["accuracy"][name] for r in runs.values()]
-        out[name] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
-    return out
 
 
 def main() -> None:
@@ -123,7 +113,7 @@ def main() -> None:
                 if str(seed) in entry["runs"]:
                     continue
                 entry["runs"][str(seed)] = train_and_score(variant, seed, args.steps, task, scorer, tmp)
-                entry["summary"] = summarize(entry["runs"])
+                entry["summary"] = accuracy_over_seeds(entry["runs"])
                 print(f"{variant:<20} seed {seed} {entry['runs'][str(seed)]['accuracy']}", flush=True)
                 save()
     for variant, entry in results.items():

@@ -149,6 +149,17 @@ def summarize(
     return summary, ratios
 
 
+def accuracy_over_seeds(runs: Mapping[str, dict]) -> dict[str, dict[str, float]]:
+    """Mean, standard deviation (0 for one seed) and standard error over the seeds (`runs`, keyed by seed) of each
+    entry of the runs' `accuracy`."""
+    summary = {}
+    for key in next(iter(runs.values()))["accuracy"]:
+        values = [r["accuracy"][key] for r in runs.values()]
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary[key] = {"mean": statistics.fmean(values), "std": std, "sem": std / len(values) ** 0.5}
+    return summary
+
+
 def cpu_info() -> dict:
     """The CPU model and whether it has AVX2, AVX-512F and AMX, from /proc/cpuinfo (None where it is unreadable)."""
     try:
