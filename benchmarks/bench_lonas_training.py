@@ -47,7 +47,7 @@ def score(supernet, configs: dict[str, dict], scorer) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=80, help="optimizer steps of uniform sampling (the demo's)")
+    parser.add_argument("--steps", type=int, default=80, help="compute, in steps of one sub-network (the demo's)")
     parser.add_argument("--test-rows", type=int, default=400, help="held-out rows scored (the test split has 400)")
     parser.add_argument("--variants", nargs="*", default=ABLATION, choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every variant")

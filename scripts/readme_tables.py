@@ -113,26 +113,53 @@ def lonas_order_trained() -> str:
     return markdown(header, rows)
 
 
+def _seed_rows(results: Mapping[str, Any], labels: Mapping[str, str], columns: Sequence[str], base: str,
+               gain_of: str) -> list[list[str]]:  # fmt: skip
+    """A row per labelled entry of `results` (runs keyed by seed with their `summary`): the mean ± std of `columns`
+    over the seeds, then the gain in points of `gain_of` over entry `base`, with its standard error."""
+    reference = results[base]["summary"][gain_of] if base in results else None
+    rows = []
+    for key, label in labels.items():
+        if key not in results:
+            continue
+        summary, seeds = results[key]["summary"], len(results[key]["runs"])
+        cells = [f"{summary[c]['mean']:.3f}" + (f" ± {summary[c]['std']:.3f}" if seeds > 1 else "") for c in columns]
+        gain = "–"
+        if key != base and reference is not None:
+            value = 100 * (summary[gain_of]["mean"] - reference["mean"])
+            sem = 100 * (summary[gain_of]["sem"] ** 2 + reference["sem"] ** 2) ** 0.5
+            gain = f"{value:+.1f}" + (f" (SE {sem:.1f})" if sem else "")
+        rows.append([label, str(seeds), *cells, gain])
+    return rows
+
+
 def lonas_ablation() -> str:
-    """Sampling and distillation at equal compute: test accuracy per width, mean ± std over the seeds run so far."""
+    """Sampling and distillation at equal compute: test accuracy per width, mean ± std over the seeds run so far, and
+    each variant's gain over uniform sampling at 50 % FFN with its standard error."""
     trained = load(f"{AMD}/lonas_training_ablation.json")["results"]["trained"]
     labels = {
-        "uniform": "uniform (the demo's)",
-        "sandwich": "sandwich (max + min)",
+        "uniform": "uniform",
+        "sandwich": "sandwich (max + min; the demo's)",
         "sandwich+inplace": "sandwich + in-place distillation",
         "progressive": "progressive shrinking",
         "progressive+inplace": "progressive + in-place distillation",
     }
     columns = ("ffn_100", "ffn_75", "ffn_50", "ffn_50_heads_6")
-    rows = []
-    for key, label in labels.items():
-        if key not in trained:
-            continue
-        summary, seeds = trained[key]["summary"], len(trained[key]["runs"])
-        cells = [f"{summary[c]['mean']:.3f}" + (f" ± {summary[c]['std']:.3f}" if seeds > 1 else "") for c in columns]
-        rows.append([label, str(seeds), *cells])
+    rows = _seed_rows(trained, labels, columns, "uniform", "ffn_50")
     header = ["sampling", "seeds", "max (100 %)", "FFN 75 %", "FFN 50 %", "FFN 50 % + 6 of 9 heads"]
-    return markdown(header, rows)
+    return markdown([*header, "FFN 50 % over uniform (points)"], rows)
+
+
+def sparse_quality() -> str:
+    """SparsePEFT on Wanda 50 % against dense LoRA, same steps and data: test accuracy, mean ± std over the seeds."""
+    results = load(f"{AMD}/sparse_quality.json")["results"]
+    labels = {
+        "lora": "LoRA + NLS on the dense base",
+        "sparsepeft": "SparsePEFT + NLS on Wanda 50 %",
+        "sparsepeft+teacher": "the same, dense base as teacher",
+    }
+    rows = _seed_rows(results, labels, ("max", "median", "min"), "lora", "median")
+    return markdown(["super-network", "seeds", "max", "median", "min", "median vs LoRA (points)"], rows)
 
 
 def nls_step() -> str:
@@ -493,6 +520,7 @@ TABLES: dict[str, Callable[[], str]] = {
         lonas_order_zero_shot,
         lonas_order_trained,
         lonas_ablation,
+        sparse_quality,
         nls_step,
         nas_trainer,
         sparse_peft,
