@@ -111,6 +111,7 @@ _SAFETENSORS_DTYPES = {
     torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
 _DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
+_TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(
@@ -165,7 +166,7 @@ class SafetensorsReader:
         with open(self.path, "rb") as f:
             f.seek(self._data_start + begin)
             data = bytearray(f.read(end - begin))
-        dtype = next(d for d, code in _SAFETENSORS_DTYPES.items() if code == entry["dtype"])
+        dtype = _TORCH_DTYPES[entry["dtype"]]
         if not data:
             return torch.empty(entry["shape"], dtype=dtype)
         return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(entry["shape"])
