@@ -62,8 +62,8 @@ class DemoConfig:
             "help": "'lonas': NASTrainer sampling at equal compute: 'sandwich' (the max and min sub-networks each "
             "step, half the steps), 'progressive' (max alone first, then the max and min of the choices opened so "
             "far: ranks, FFN widths, heads) or 'uniform' (one random sub-network per step). Over 3 seeds, sandwich "
-            "was at or above uniform's mean at every width and kept 50 % FFN at 0.65-0.67 on every seed, where "
-            "uniform left it at chance on two of three (README, benchmarks/bench_lonas_training.py).",
+            "was at or above uniform's mean at max, 75 % and 50 % FFN and kept 50 % FFN at 0.65-0.67 on every "
+            "seed, where uniform left it at chance on two of three (README, benchmarks/bench_lonas_training.py).",
             "choices": tuple(SAMPLERS),
         },
     )
