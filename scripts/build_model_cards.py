@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CARDS = ROOT / "model_cards"
 TEMPLATE = CARDS / "templates" / "demo_run_card.md"
-# demo method -> its run under benchmarks/results/ (the LoNAS run predates machine records in demo results)
+# demo method -> its run under benchmarks/results/
 RUNS = {
-    "lonas": "unrecorded-cpu/demo_lonas_uniform.json",
+    "lonas": "amd-epyc-avx512/demo_lonas.json",
     "shears": "amd-epyc-avx512/demo_shears.json",
     "sqft": "amd-epyc-avx512/demo_sqft.json",
     "sqft-qa": "amd-epyc-avx512/demo_sqft_qa.json",

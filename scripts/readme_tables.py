@@ -11,44 +11,27 @@ when a table differs from what its JSON gives (the tests run it).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
-from functools import cache
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from build_model_cards import RUNS, headline
+from build_model_cards import RUNS, headline  # noqa: F401  (read from here by the tests)
+from readme_tables_lonas import (
+    demo_runs,
+    lonas_ablation,
+    lonas_demo_repeat,
+    lonas_front,
+    lonas_order_trained,
+    lonas_order_zero_shot,
+    lonas_ranks,
+)
+from table_helpers import AMD, DASH, RESULTS, ROOT, UNRECORDED, load, markdown, num, pct, seed_rows  # noqa: F401
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 MARKER = re.compile(r"(<!-- table:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
-DASH = "–"
 
 # --------------------------------------------------------------------------------------------------- helpers
-
-
-@cache
-def load(path: str) -> dict[str, Any]:
-    """A result JSON, by its path under `benchmarks/results/`."""
-    file = RESULTS / path
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} does not exist; a README table reads it (see scripts/readme_tables.py).")
-    return json.loads(file.read_text())
-
-
-def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
-
-
-def num(value: float | None, spec: str) -> str:
-    return DASH if value is None else format(value, spec)
-
-
-def pct(fraction: float) -> str:
-    return f"{fraction * 100:.0f} %"
 
 
 def step_table(path: str, baseline: str, labels: Mapping[str, str]) -> str:
@@ -70,85 +53,6 @@ def step_table(path: str, baseline: str, labels: Mapping[str, str]) -> str:
 
 # --------------------------------------------------------------------------------------------------- tables
 
-AMD = "amd-epyc-avx512"
-UNRECORDED = "unrecorded-cpu"
-
-
-def _order_table(accuracy: Mapping[str, Mapping[str, float]], labels: Mapping[str, str], columns: Sequence[str],
-                 bold: Sequence[str]) -> list[list[str]]:  # fmt: skip
-    """Accuracy per channel order (rows) and width (columns); the best of each column in `bold` is bold."""
-    best = {c: max(accuracy[k][c] for k in labels) for c in bold}
-    rows = []
-    for key, label in labels.items():
-        cells = [(f"**{accuracy[key][c]:.3f}**" if best.get(c) == accuracy[key][c] else f"{accuracy[key][c]:.3f}")
-                 for c in columns]  # fmt: skip
-        rows.append([label, *cells])
-    return rows
-
-
-def lonas_order_zero_shot() -> str:
-    accuracy = load(f"{AMD}/lonas_training_smollm2.json")["results"]["zero_shot"]
-    labels = {
-        "none": "none (original order)",
-        "magnitude": "magnitude",
-        "gradient": "gradient (4 batches of 8)",
-        "activation": "**activation** (the same 4 batches)",
-    }
-    rows = _order_table(accuracy, labels, ("ffn_75", "ffn_50", "ffn_50_heads_6"), bold=("ffn_75", "ffn_50"))
-    return markdown(["order", "FFN 75 %", "FFN 50 %", "FFN 50 % + 6 of 9 heads"], rows)
-
-
-def lonas_order_trained() -> str:
-    trained = load(f"{AMD}/lonas_training_smollm2_trained.json")["results"]["trained"]
-    accuracy = {k.removeprefix("uniform+"): v["accuracy"] for k, v in trained.items()}
-    labels = {
-        "none": "none",
-        "magnitude": "magnitude",
-        "gradient": "gradient",
-        "activation": "activation (the demo's)",
-    }
-    columns = ("ffn_100", "ffn_75", "ffn_50", "ffn_50_heads_6")
-    rows = _order_table(accuracy, labels, columns, bold=("ffn_100", "ffn_75"))
-    header = ["order before training", "max (100 %)", "FFN 75 %", "FFN 50 %", "FFN 50 % + 6 of 9 heads"]
-    return markdown(header, rows)
-
-
-def _seed_rows(results: Mapping[str, Any], labels: Mapping[str, str], columns: Sequence[str], base: str,
-               gain_of: str) -> list[list[str]]:  # fmt: skip
-    """A row per labelled entry of `results` (runs keyed by seed with their `summary`): the mean ± std of `columns`
-    over the seeds, then the gain in points of `gain_of` over entry `base`, with its standard error."""
-    reference = results[base]["summary"][gain_of] if base in results else None
-    rows = []
-    for key, label in labels.items():
-        if key not in results:
-            continue
-        summary, seeds = results[key]["summary"], len(results[key]["runs"])
-        cells = [f"{summary[c]['mean']:.3f}" + (f" ± {summary[c]['std']:.3f}" if seeds > 1 else "") for c in columns]
-        gain = "–"
-        if key != base and reference is not None:
-            value = 100 * (summary[gain_of]["mean"] - reference["mean"])
-            sem = 100 * (summary[gain_of]["sem"] ** 2 + reference["sem"] ** 2) ** 0.5
-            gain = f"{value:+.1f}" + (f" (SE {sem:.1f})" if sem else "")
-        rows.append([label, str(seeds), *cells, gain])
-    return rows
-
-
-def lonas_ablation() -> str:
-    """Sampling and distillation at equal compute: test accuracy per width, mean ± std over the seeds run so far, and
-    each variant's gain over uniform sampling at 50 % FFN with its standard error."""
-    trained = load(f"{AMD}/lonas_training_ablation.json")["results"]["trained"]
-    labels = {
-        "uniform": "uniform",
-        "sandwich": "sandwich (max + min; the demo's)",
-        "sandwich+inplace": "sandwich + in-place distillation",
-        "progressive": "progressive shrinking",
-        "progressive+inplace": "progressive + in-place distillation",
-    }
-    columns = ("ffn_100", "ffn_75", "ffn_50", "ffn_50_heads_6")
-    rows = _seed_rows(trained, labels, columns, "uniform", "ffn_50")
-    header = ["sampling", "seeds", "max (100 %)", "FFN 75 %", "FFN 50 %", "FFN 50 % + 6 of 9 heads"]
-    return markdown([*header, "FFN 50 % over uniform (points)"], rows)
-
 
 def sparse_quality() -> str:
     """SparsePEFT on Wanda 50 % against dense LoRA, same steps and data: test accuracy, mean ± std over the seeds."""
@@ -158,7 +62,7 @@ def sparse_quality() -> str:
         "sparsepeft": "SparsePEFT + NLS on Wanda 50 %",
         "sparsepeft+teacher": "the same, dense base as teacher",
     }
-    rows = _seed_rows(results, labels, ("max", "median", "min"), "lora", "median")
+    rows = seed_rows(results, labels, ("max", "median", "min"), "lora", "median")
     return markdown(["super-network", "seeds", "max", "median", "min", "median vs LoRA (points)"], rows)
 
 
@@ -407,54 +311,6 @@ def width_latency_random_llama() -> str:
     return markdown(["sub-network", *WIDTH_HEADER], rows)
 
 
-def lonas_front() -> str:
-    data = load(f"{UNRECORDED}/demo_lonas_uniform.json")
-    rows, subnets = data["rows"], data["subnets"]
-    labels = {
-        "max": "max",
-        "smallest useful": '"smallest useful": the median, 75 % FFN everywhere (none was within 2 points, so the '
-        "most accurate faster one)",
-        "next faster": '"next faster": an NSGA-II point with per-layer widths',
-    }
-    dense = rows["dense (zero-shot)"]
-    out = [
-        ["dense, zero-shot", "100 %", "100 %", f"{dense['params_m']:.1f} M", f"{dense['accuracy']:.3f} / {DASH}"]
-        + [f"{dense['latency_ms']:.0f}", DASH, f"{dense['decode_tok_s']:.1f}", DASH, DASH, DASH]
-        + [f"{dense['size_mb']:.0f} MB / {DASH}"]
-    ]
-    ir = next(k.split("(")[1].rstrip(")") for k in rows if k.startswith("max (") and "PyTorch" not in k)
-    for name, label in labels.items():
-        pt, ov, widths = rows[f"{name} (PyTorch)"], rows[f"{name} ({ir})"], subnets[name]["widths"]
-        out.append(
-            [label, pct(widths["ffn_fraction"]), pct(widths["heads_fraction"]), f"{pt['params_m']:.1f} M"]
-            + [f"{pt['accuracy']:.3f} / {ov['accuracy']:.3f}", f"{pt['latency_ms']:.0f}"]
-            + [f"{pt.get('speedup', 1.0):.2f}", f"{pt['decode_tok_s']:.1f}", f"{ov['latency_ms']:.0f}"]
-            + [f"{ov.get('speedup', 1.0):.2f}", f"{ov['decode_tok_s']:.1f}"]
-            + [f"{pt['size_mb']:.0f} / {ov['size_mb']:.0f} MB"]
-        )
-    header = ["sub-network", "FFN kept", "heads kept", "params", "test accuracy PyTorch / IR", "PyTorch ms/batch"]
-    header += ["× faster", "tok/s", "OpenVINO ms/batch", "× faster", "tok/s", "size PyTorch / IR"]
-    return markdown(header, out)
-
-
-def demo_runs() -> str:
-    """One row per `hf-elastic demo --method` run on file (`build_model_cards.RUNS`): its published sub-network
-    against its reference."""
-    rows = []
-    for method, path in RUNS.items():
-        if not (RESULTS / path).is_file():
-            continue  # as build_model_cards.py: no run, no card and no row
-        h = headline(load(path))
-        rows.append(
-            [f"`{method}`", h["name"], h["reference"], f"{h['accuracy']:.3f} / {h['reference_accuracy']:.3f}"]
-            + [f"{h['speedup']:.2f}", f"{h['decode_speedup']:.2f}"]
-            + [f"{h['size_mb']:.0f} / {h['reference_size_mb']:.0f} MB", f"{h['total_seconds']:.0f} s"]
-            + [f"[card](model_cards/{method}.md), [JSON](benchmarks/results/{path})"]
-        )
-    header = ["`--method`", "published sub-network", "against", "test accuracy", "× faster (batch)"]
-    return markdown([*header, "× faster (decode)", "size", "run time", "files"], rows)
-
-
 MEMORY = "amd-epyc-avx512/memory_model.json"
 
 
@@ -537,6 +393,8 @@ TABLES: dict[str, Callable[[], str]] = {
         width_latency_random_llama,
         lonas_front,
         demo_runs,
+        lonas_demo_repeat,
+        lonas_ranks,
         memory_plans,
         memory_errors,
     )
