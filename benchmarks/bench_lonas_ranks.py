@@ -50,6 +50,7 @@ def main() -> None:
         return LabelWordEvaluator.from_rows(rows, FINE_FOODS_ANSWERS, tokenizer, FINE_FOODS_FORMAT, batch_size=16)
 
     first, rest = evaluator(0, demo_rows), evaluator(demo_rows, len(data["test"]))
+    n_a, n_b = len(first.prompts), len(rest.prompts)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     supernet = get_supernet(load_super_network(model, adapter, strict=True))
 
@@ -65,7 +66,6 @@ def main() -> None:
                 start, c = time.perf_counter(), config(ffn, rank)
                 supernet.activate(c)
                 a, b = first(supernet, c), rest(supernet, c)
-                n_a, n_b = len(first.prompts), len(rest.prompts)
                 key = f"r{rank}_ffn{round(100 * ffn)}"
                 scores[key] = {
                     "rank": rank,
@@ -84,7 +84,7 @@ def main() -> None:
         {
             "benchmark": "lonas_ranks",
             "run": {k: demo["config"][k] for k in ("sampling", "distillation", "seed", "train_steps", "reorder")},
-            "rows": {"demo": len(first.prompts), "all": len(first.prompts) + len(rest.prompts)},
+            "rows": {"demo": n_a, "all": n_a + n_b},
             "scores": scores,
         },
     )

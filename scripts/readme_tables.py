@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from build_model_cards import ROOT
 from readme_tables_lonas import (
     demo_runs,
     lonas_ablation,
@@ -26,7 +27,7 @@ from readme_tables_lonas import (
     lonas_order_zero_shot,
     lonas_ranks,
 )
-from table_helpers import AMD, DASH, ROOT, UNRECORDED, load, markdown, num, pct, seed_rows
+from table_helpers import AMD, DASH, UNRECORDED, load, markdown, num, pct, seed_rows
 
 MARKER = re.compile(r"(<!-- table:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.S)
 

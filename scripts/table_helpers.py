@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from functools import cache
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from build_model_cards import RESULTS
+
 DASH = "–"
 AMD = "amd-epyc-avx512"
 UNRECORDED = "unrecorded-cpu"
