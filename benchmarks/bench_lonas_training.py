@@ -20,16 +20,18 @@ from pathlib import Path
 
 from common import accuracy_over_seeds, this_machine_path, write_result
 
-# variant: (sampling, channel order, distillation)
-VARIANTS = {
-    "uniform": ("uniform", "activation", "none"),
-    "sandwich": ("sandwich", "activation", "none"),
-    "sandwich+inplace": ("sandwich", "activation", "inplace"),
-    "progressive": ("progressive", "activation", "none"),
-    "progressive+inplace": ("progressive", "activation", "inplace"),
-    "uniform+magnitude": ("uniform", "magnitude", "none"),
-    "uniform+gradient": ("uniform", "gradient", "none"),
-    "uniform+none": ("uniform", "none", "none"),
+# variant: the DemoConfig fields it sets (the channel order is "activation" and distillation "none" unless given)
+VARIANTS: dict[str, dict] = {
+    "uniform": {"sampling": "uniform"},
+    "sandwich": {"sampling": "sandwich"},
+    "sandwich+inplace": {"sampling": "sandwich", "distillation": "inplace"},
+    "progressive": {"sampling": "progressive"},
+    "progressive+inplace": {"sampling": "progressive", "distillation": "inplace"},
+    "uniform+magnitude": {"sampling": "uniform", "reorder": "magnitude"},
+    "uniform+gradient": {"sampling": "uniform", "reorder": "gradient"},
+    "uniform+none": {"sampling": "uniform", "reorder": "none"},
+    # rank 16 only and all 9 heads: the sandwich's min is then 50 % FFN, not 50 % FFN with 6 heads at rank 8
+    "sandwich+ffn-only": {"sampling": "sandwich", "rank_choices": [16], "head_choices": [1.0]},
 }
 ABLATION = ["uniform", "sandwich", "sandwich+inplace", "progressive", "progressive+inplace"]
 ORDERS = ("none", "magnitude", "activation", "gradient")
@@ -79,9 +81,9 @@ def main() -> None:
     if args.resume and this_machine_path(args.output).is_file():
         results = json.loads(this_machine_path(args.output).read_text())["results"]
 
-    def build(sampling: str, reorder: str, distillation: str, tmp: str, seed: int = 0):
+    def build(variant: dict, tmp: str, seed: int = 0):
         cfg = DemoConfig(
-            sampling=sampling, reorder=reorder, distillation=distillation, train_steps=args.steps, seed=seed
+            **{"reorder": "activation", "distillation": "none"} | variant, train_steps=args.steps, seed=seed
         )
         train = fit_rows(
             data["train"].select(range(cfg.train_steps * cfg.batch_size)), tokenizer, 128, FINE_FOODS_FORMAT
@@ -91,12 +93,9 @@ def main() -> None:
         trainer = lonas_trainer(cfg, model, tokenizer, train, tmp)
         supernet = trainer.supernet
         heads = sorted({c for d in supernet.space if d.kind == "heads" for c in d.choices})
-        subnets = {
-            "ffn_100": uniform_width_config(supernet, 1.0),
-            "ffn_75": uniform_width_config(supernet, 0.75),
-            "ffn_50": uniform_width_config(supernet, 0.5),
-            f"ffn_50_heads_{heads[0]}": uniform_width_config(supernet, 0.5, heads[0]),
-        }
+        subnets = {f"ffn_{f}": uniform_width_config(supernet, f / 100) for f in (100, 75, 50)}
+        if len(heads) > 1:
+            subnets[f"ffn_50_heads_{heads[0]}"] = uniform_width_config(supernet, 0.5, heads[0])
         return trainer, subnets
 
     def save() -> None:  # after every variant, so a stopped run keeps what it measured
@@ -115,7 +114,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         for reorder in args.zero_shot_orders:
-            trainer, subnets = build("uniform", reorder, "none", tmp)
+            trainer, subnets = build({"sampling": "uniform", "reorder": reorder}, tmp)
             narrow = {k: v for k, v in subnets.items() if k != "ffn_100"}
             results["zero_shot"][reorder] = score(trainer.supernet, narrow, scorer)
             print(f"zero-shot {reorder:<12} {results['zero_shot'][reorder]}", flush=True)
@@ -124,7 +123,7 @@ def main() -> None:
                 runs = results["trained"].setdefault(name, {"runs": {}})
                 if str(seed) in runs["runs"]:
                     continue
-                trainer, subnets = build(*VARIANTS[name], tmp, seed)
+                trainer, subnets = build(VARIANTS[name], tmp, seed)
                 start = time.perf_counter()
                 trainer.train()
                 runs["runs"][str(seed)] = {

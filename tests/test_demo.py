@@ -114,6 +114,8 @@ def test_demo_lonas_mode_searches_width_against_latency(tiny_model_dir: Path, tm
     table = json.loads((tmp_path / "latency_table.json").read_text())
     assert set(table["layers"]) == {"0.ffn", "0.heads", "1.ffn", "1.heads"}
     assert list(subnets)[0] == "max" and len(subnets) >= 2
+    ranks = [v for sub in subnets.values() for k, v in sub["config"].items() if ".rank." in k]
+    assert ranks and set(ranks) == {cfg.rank_choices[0]}  # merged picks: the search holds the ranks at the max
     assert "latency_ms" not in rows["dense (zero-shot)"]  # the max sub-network has its architecture and is timed
     for name, sub in subnets.items():
         pytorch, openvino = rows[f"{name} (PyTorch)"], rows[f"{name} (OpenVINO INT8)"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import sys
@@ -632,6 +633,22 @@ def test_search_from_trainer_uses_eval_set_and_stats(llama, tmp_path):
     assert len(act.evaluations) == 1
 
 
+@pytest.mark.parametrize("strategy", ["nsga2", "predictor", "random"])
+def test_fixed_kinds_hold_ranks_at_max_and_search_the_widths(supernet, strategy):
+    params = CountEvaluator("params")
+    config = SearchConfig(strategy=strategy, objectives=("params", "macs"), budget=12, population=4, **QUIET)
+    result = search_subnetworks(supernet, [params], dataclasses.replace(config, fixed_kinds=("rank",)))
+    ranks = [d for d in supernet.space if d.kind == "rank"]
+    assert len(result.evaluations) == 12
+    assert all(e.config[d.name] == d.choices[0] for e in result.evaluations for d in ranks)
+    widths = {tuple(e.config[d.name] for d in supernet.space if d.kind != "rank") for e in result.evaluations}
+    assert len(widths) == 12  # the budget went to distinct widths
+    assert result.by_source("min")[0].config == supernet.space.min_config() | {d.name: d.choices[0] for d in ranks}
+    assert [len(d.choices) for d in result.space if d.kind == "rank"] == [1] * len(ranks)
+    unfixed = search_subnetworks(supernet, [params], config)
+    assert any(e.config[d.name] != d.choices[0] for e in unfixed.evaluations for d in ranks)
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 def test_bad_input_gives_clear_errors(supernet, batches):
     score = FunctionEvaluator(lambda c: 1.0)
@@ -639,6 +656,15 @@ def test_bad_input_gives_clear_errors(supernet, batches):
         search_subnetworks(SearchSpace([]), score, **QUIET)
     with pytest.raises(ValueError, match="single choice"):
         search_subnetworks(SearchSpace([Dimension("a", "rank", (4,)), Dimension("b", "rank", (8,))]), score, **QUIET)
+    one_width = SearchSpace([Dimension("a.rank", "rank", (8, 4)), Dimension("b.ffn", "ffn", (16,))])
+    with pytest.raises(
+        ValueError, match=r"single choice.*or fix fewer kinds than SearchConfig.fixed_kinds=\['rank'\]"
+    ):
+        search_subnetworks(one_width, score, fixed_kinds=("rank",), **QUIET)
+    with pytest.raises(
+        ValueError, match=r"fixed_kinds=\('width',\) names an unknown kind.*\['rank', 'ffn', 'heads'\]"
+    ):
+        SearchConfig(fixed_kinds=("width",))
     with pytest.raises(ValueError, match=r"budget=10 leaves 7 evaluations to NSGA-II.*at least 23.*reference_subnets"):
         search_subnetworks(supernet, LossEvaluator(batches), budget=10, population=20)
     with pytest.raises(ValueError, match=r"budget=2 is smaller than the 3 reference sub-networks"):

@@ -24,6 +24,20 @@ def latency_ms(model: Any, evaluator: LabelWordEvaluator, repeats: int = 3) -> f
     return 1000 * statistics.median(times)
 
 
+def interleaved_latency_ms(models: dict[str, Any], evaluator: LabelWordEvaluator, rounds: int = 5) -> dict[str, float]:
+    """`latency_ms` of each model, timed in turn round after round: a slow spell of the machine then falls on every
+    model alike, so the ratios between them (the speed-ups the goal is judged on) hold from run to run."""
+    for model in models.values():
+        evaluator.logits(model)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            evaluator.logits(model)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+
+
 def decode_tokens_per_s(model: Any, tokenizer: Any, new_tokens: int = 32, repeats: int = 3) -> float:
     """Greedy decoding speed for one prompt: median of `repeats` runs after an untimed one."""
     inputs = tokenizer("The best snack I ever bought was", return_tensors="pt").to(module_device(model))

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 SubnetConfig = dict[str, int]
 """A sub-network: one chosen value (a rank, a channel count or a head count) per dimension name."""
 
 DimensionKind = Literal["rank", "ffn", "heads"]
+DIMENSION_KINDS: tuple[str, ...] = get_args(DimensionKind)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class SearchSpace:
 
     def median_config(self) -> SubnetConfig:
         return {d.name: d.median for d in self}
+
+    def fixed(self, kinds: Iterable[str]) -> SearchSpace:
+        """This space with the dimensions of `kinds` (e.g. `["rank"]`) held at their largest choice."""
+        kinds = set(kinds)
+        return SearchSpace([Dimension(d.name, d.kind, d.choices[:1]) if d.kind in kinds else d for d in self])
 
     def sample(self, rng: random.Random | int | None = None) -> SubnetConfig:
         """A uniformly random sub-network; pass a seed or a `random.Random` for reproducibility."""

@@ -18,7 +18,7 @@ import torch.nn as nn
 from peft import PeftModel
 
 from ..nas.loading import load_super_network
-from ..nas.search_space import SearchSpace, SubnetConfig
+from ..nas.search_space import DIMENSION_KINDS, SearchSpace, SubnetConfig
 from ..nas.supernet import SuperNetwork, get_supernet
 from ..nas.trainer import NAS_STATS_NAME, NASTrainerMixin
 from ..utils import config_from_kwargs, read_json, typed_fields
@@ -84,6 +84,14 @@ class SearchConfig:
             "They count against the budget of 'nsga2' and 'random'."
         },
     )
+    fixed_kinds: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": f"Dimension kinds held at their largest choice, among {list(DIMENSION_KINDS)}: e.g. ('rank',) "
+            "when the sub-network is merged for deployment, where its LoRA rank costs nothing and a lower one only "
+            "loses accuracy. The budget then goes to the widths."
+        },
+    )
     predictor_candidates: int = field(
         default=1000,
         metadata={"help": "predictor: sub-networks NSGA-II scores with the predictor in each round (no model run)."},
@@ -136,6 +144,12 @@ class SearchConfig:
         if bad:
             raise ValueError(
                 f"SearchConfig.reference_subnets holds {bad}; use names among {list(HEURISTICS)} or an empty tuple."
+            )
+        self.fixed_kinds = (self.fixed_kinds,) if isinstance(self.fixed_kinds, str) else tuple(self.fixed_kinds)
+        if not set(self.fixed_kinds) <= set(DIMENSION_KINDS):
+            raise ValueError(
+                f"SearchConfig.fixed_kinds={self.fixed_kinds!r} names an unknown kind; use kinds among "
+                f"{list(DIMENSION_KINDS)}, e.g. ('rank',), or ()."
             )
         references = len(set(self.reference_subnets))
         if self.strategy == "random" and self.budget < references:
@@ -244,13 +258,15 @@ class SubnetSearch:
                 f"Cannot search {type(target).__name__}; pass a SuperNetwork, an elastic PeftModel, a NASTrainer, "
                 "a super-adapter directory or a SearchSpace."
             )
-        self.space = target if self.supernet is None else self.supernet.space
+        self.space = (target if self.supernet is None else self.supernet.space).fixed(self.config.fixed_kinds)
         if len(self.space) == 0:
             raise ValueError("The search space has no dimensions: there is nothing to search.")
         if self.space.num_configs == 1:
+            fixed = self.config.fixed_kinds
             raise ValueError(
                 "Every dimension of the search space has a single choice, so there is only one sub-network and "
-                "nothing to search. Give some dimension two or more choices."
+                "nothing to search. Give some dimension two or more choices"
+                + (f", or fix fewer kinds than SearchConfig.fixed_kinds={list(fixed)}." if fixed else ".")
             )
         self.trainer = trainer
         self._stats_source = (nas_stats, trainer, directory)
