@@ -22,6 +22,7 @@ from readme_tables_lonas import (
     demo_runs,
     lonas_ablation,
     lonas_demo_repeat,
+    lonas_demo_searches,
     lonas_front,
     lonas_order_trained,
     lonas_order_zero_shot,
@@ -395,6 +396,7 @@ TABLES: dict[str, Callable[[], str]] = {
         demo_runs,
         lonas_demo_repeat,
         lonas_ranks,
+        lonas_demo_searches,
         memory_plans,
         memory_errors,
     )

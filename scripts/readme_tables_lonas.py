@@ -57,6 +57,7 @@ def lonas_ablation() -> str:
         "sandwich+inplace": "sandwich + in-place distillation",
         "progressive": "progressive shrinking",
         "progressive+inplace": "progressive + in-place distillation",
+        "sandwich+ffn-only": "sandwich, FFN width alone elastic (rank 16, 9 heads)",
     }
     columns = ("ffn_100", "ffn_75", "ffn_50", "ffn_50_heads_6")
     rows = seed_rows(trained, labels, columns, "uniform", "ffn_50")
@@ -120,7 +121,7 @@ def _mean_rank(config: Mapping[str, int]) -> str:
 def lonas_demo_repeat() -> str:
     """The default demo (sandwich) run twice with one seed: the picks, their accuracy and speed in each run, next to
     the pick of the same name in the earlier uniform-sampling run."""
-    runs = [load(RUNS["lonas"]), load(f"{AMD}/demo_lonas_repeat.json")]
+    runs = [load(f"{AMD}/demo_lonas_rank_search.json"), load(f"{AMD}/demo_lonas_repeat.json")]
     uniform = load(f"{UNRECORDED}/demo_lonas_uniform.json")
     rows = []
     for name, pick in runs[0]["subnets"].items():
@@ -138,6 +139,28 @@ def lonas_demo_repeat() -> str:
     header = ["pick", "same in both runs", "FFN kept", "heads kept", "mean LoRA rank", "validation accuracy"]
     header += ["test accuracy", "× faster (PyTorch batch)", "uniform run's pick: test accuracy, × faster"]
     return markdown(header, rows)
+
+
+def lonas_demo_searches() -> str:
+    """The demo with seed 0 three ways: its search over ranks and widths, over widths with the ranks held at the max
+    (the same super-network), and trained and searched with FFN width alone elastic (the default since): each run's
+    picks with their accuracy and speed-ups."""
+    runs = {
+        "ranks and widths searched": load(f"{AMD}/demo_lonas_rank_search.json"),
+        "ranks held at the max": load(f"{AMD}/demo_lonas_fixed_ranks.json"),
+        "FFN width alone elastic (rank 16, 9 heads)": load(RUNS["lonas"]),
+    }
+    rows = []
+    for label, run in runs.items():
+        for name, pick in run["subnets"].items():
+            speed = [run["rows"][f"{name} ({rt})"].get("speedup", 1.0) for rt in ("PyTorch", "OpenVINO INT8")]
+            rows.append(
+                [label, name, pct(pick["widths"]["ffn_fraction"]), pct(pick["widths"]["heads_fraction"])]
+                + [_mean_rank(pick["config"]), f"{pick['val_accuracy']:.3f}"]
+                + [f"{run['rows'][f'{name} (PyTorch)']['accuracy']:.3f}", *(f"{x:.2f}" for x in speed)]
+            )
+    header = ["demo run", "pick", "FFN kept", "heads kept", "mean LoRA rank", "validation accuracy", "test accuracy"]
+    return markdown([*header, "× faster (PyTorch batch)", "× faster (OpenVINO INT8 batch)"], rows)
 
 
 def lonas_ranks() -> str:

@@ -46,7 +46,10 @@ def seed_rows(results: Mapping[str, Any], labels: Mapping[str, str], columns: Se
         if key not in results:
             continue
         summary, seeds = results[key]["summary"], len(results[key]["runs"])
-        cells = [f"{summary[c]['mean']:.3f}" + (f" ± {summary[c]['std']:.3f}" if seeds > 1 else "") for c in columns]
+        cells = [
+            DASH if c not in summary else f"{summary[c]['mean']:.3f}" + (f" ± {summary[c]['std']:.3f}" * (seeds > 1))
+            for c in columns
+        ]
         gain = "–"
         if key != base and reference is not None:
             value = 100 * (summary[gain_of]["mean"] - reference["mean"])

@@ -100,16 +100,28 @@ def test_quiet_library_output_hides_library_noise_only_and_restores() -> None:
     assert transformers_logger.level == level
 
 
-def test_demo_lonas_mode_searches_width_against_latency(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """The default mode on a tiny random Llama (4 heads in 2 groups): widths, latency table, front, three exports."""
+@pytest.mark.parametrize(
+    ("choices", "heads"),
+    [
+        ({}, [4]),
+        ({"rank_choices": [16, 12, 8], "head_choices": [1.0, 0.5]}, [4, 2]),
+    ],
+)
+def test_demo_lonas_mode_searches_width_against_latency(
+    tiny_model_dir: Path, tmp_path: Path, choices: dict, heads: list[int]
+) -> None:
+    """The default mode on a tiny random Llama (4 heads in 2 groups): widths, latency table, front, three exports;
+    with the defaults (FFN width alone elastic) and with elastic ranks and heads."""
     cfg = DemoConfig(
-        output_dir=str(tmp_path), model_dir=str(tiny_model_dir), quick=True, search_budget=8, accuracy_floor_margin=-1
-    )
+        output_dir=str(tmp_path), model_dir=str(tiny_model_dir), quick=True, search_budget=8, accuracy_floor_margin=-1,
+        **choices,
+    )  # fmt: skip
     assert cfg.method == "lonas"
     summary = run_demo(cfg)
     rows, subnets = summary["rows"], summary["subnets"]
     elastic = json.loads((tmp_path / "super-adapter" / "elastic_config.json").read_text())
-    assert elastic["ffn_width_choices"] == [1.0, 0.75, 0.5] and elastic["head_choices"] == [4, 2]
+    assert elastic["ffn_width_choices"] == [1.0, 0.75, 0.5] and elastic["head_choices"] == heads
+    assert elastic["rank_choices"] == cfg.rank_choices
     assert sorted(elastic["channel_order"]) == ["0.ffn", "0.heads", "1.ffn", "1.heads"]  # activation order
     table = json.loads((tmp_path / "latency_table.json").read_text())
     assert set(table["layers"]) == {"0.ffn", "0.heads", "1.ffn", "1.heads"}
@@ -132,6 +144,13 @@ def test_demo_lonas_mode_searches_width_against_latency(tiny_model_dir: Path, tm
     assert summary["latency_model"]["front_size"] == summary["search"]["front"]
     assert (tmp_path / "search-measured" / "search.png").is_file()
     assert (Path(summary["hub_folder"]) / "README.md").is_file()
+
+
+def test_demo_rank_choices_default_per_method() -> None:
+    """LoNAS merges its picks, so it trains rank 16 alone; the NLS methods search ranks."""
+    assert DemoConfig().rank_choices == [16] and DemoConfig().head_choices == [1.0]
+    assert DemoConfig(method="sqft").rank_choices == DemoConfig(method="shears").rank_choices == [16, 12, 8]
+    assert DemoConfig(rank_choices=[8, 4]).rank_choices == [8, 4]
 
 
 @pytest.mark.parametrize(

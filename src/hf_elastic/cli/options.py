@@ -12,6 +12,7 @@ from ..compression.quantization.quantize import QuantizationConfig
 from ..compression.sparsity import SparsityConfig
 from ..demo.config import DemoConfig
 from ..nas.samplers import SAMPLERS
+from ..nas.search_space import DIMENSION_KINDS
 from ..nas.trainer import NASTrainingArguments
 from ..search.heuristics import HEURISTICS
 from ..search.searcher import STRATEGIES, SearchConfig
@@ -123,6 +124,7 @@ SEARCH = (
     Option("population", type=POSITIVE_INT),
     Option("seed"),
     Option("reference_subnets", choices=HEURISTICS),
+    Option("fixed_kinds", choices=DIMENSION_KINDS),
     Option("predictor_candidates", type=POSITIVE_INT),
     Option("predictor_alpha", type=POSITIVE_FLOAT),
     Option("crossover_prob"),
