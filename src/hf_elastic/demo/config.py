@@ -20,9 +20,10 @@ class DemoConfig:
     method: str = field(
         default="lonas",
         metadata={
-            "help": "'lonas': elastic FFN width and attention heads plus ranks on the dense model, searched for "
-            "accuracy against measured latency. 'shears': Wanda 50 % + NLS (the merge fills the zeros). 'sqft': "
-            "Wanda + NLS + SparsePEFT (the merge keeps the zeros). 'sqft-qa': QA-SparsePEFT on a Wanda + INT4 base.",
+            "help": "'lonas': elastic FFN width (and, with rank_choices / head_choices, ranks and heads) on the dense "
+            "model, searched for accuracy against measured latency. 'shears': Wanda 50 % + NLS (the merge fills the "
+            "zeros). 'sqft': Wanda + NLS + SparsePEFT (the merge keeps the zeros). 'sqft-qa': QA-SparsePEFT on a "
+            "Wanda + INT4 base.",
             "choices": tuple(DEMO_METHODS),
         },
     )

@@ -1,4 +1,5 @@
-"""The demo's LoNAS mode: elastic FFN width and heads, trained once, searched for accuracy against latency.
+"""The demo's LoNAS mode: elastic FFN width (heads and ranks on request), trained once, searched for accuracy against
+latency.
 
 Importance reordering → `NASTrainer` → a per-layer latency table (PyTorch) → NSGA-II over the widths (ranks held at
 the max) on validation accuracy against predicted latency → the front re-measured → three of its sub-networks

@@ -1,10 +1,10 @@
 """The offline end-to-end demo: SmolLM2-135M-Instruct on Amazon fine-food reviews, through the whole pipeline.
 
-`method="lonas"` (the default; `hf_elastic.demo.lonas`): elastic FFN width and heads, NSGA-II on accuracy against
-latency, and the front's sub-networks sliced and measured in PyTorch and OpenVINO. `"shears"`, `"sqft"`, `"sqft-qa"`:
-Wanda 50 % → NLS (+ SparsePEFT, or QA-SparsePEFT on an INT4 base) with `NASTrainer` → NSGA-II → merged sparse (INT4)
-sub-network → OpenVINO IR. Every mode ends with a dry-run Hub folder (model card, Pareto plot). Run it with
-`hf-elastic demo`.
+`method="lonas"` (the default; `hf_elastic.demo.lonas`): elastic FFN width (heads and ranks on request), NSGA-II on
+accuracy against latency, and the front's sub-networks sliced and measured in PyTorch and OpenVINO. `"shears"`,
+`"sqft"`, `"sqft-qa"`: Wanda 50 % → NLS (+ SparsePEFT, or QA-SparsePEFT on an INT4 base) with `NASTrainer` →
+NSGA-II → merged sparse (INT4) sub-network → OpenVINO IR. Every mode ends with a dry-run Hub folder (model card,
+Pareto plot). Run it with `hf-elastic demo`.
 """
 
 from __future__ import annotations
