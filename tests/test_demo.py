@@ -211,6 +211,21 @@ def test_pick_front_never_picks_below_the_accuracy_floor() -> None:
     assert list(pick_front([full, ev("chance", 0.52, 60.0)], full, 0.02, floor)) == ["max"]
 
 
+def test_goal_line_names_the_fastest_subnetwork_within_the_tolerance() -> None:
+    from hf_elastic.demo.lonas import goal
+
+    useful, fast = {"speedup_batch": 1.23, "accuracy_change": 0.055}, {"speedup_batch": 1.29, "accuracy_change": -0.14}
+    missed = goal({"useful (PyTorch)": useful, "fast (PyTorch)": fast}, 0.02)
+    assert not missed["met"] and missed["text"] == (
+        "goal missed: the fastest sub-network within 2 points of max, useful (PyTorch), is 1.23x faster at +5.5 "
+        "accuracy points; the goal is 1.3x within 2 points"
+    )
+    assert goal({"fast": fast}, 0.02)["text"].startswith("goal missed: none is within 2 points; the fastest, fast, is")
+    met = goal({"fast": fast, "ok": {"speedup_batch": 1.31, "accuracy_change": -0.02}}, 0.02)
+    assert met["met"] and met["text"].startswith("goal met: ok is 1.31x faster than the max sub-network at -2.0")
+    assert goal({}, 0.02)["text"].startswith("goal not checked")
+
+
 def test_demo_lonas_picks_the_same_subnetworks_twice_despite_timing_noise(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
