@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from build_model_cards import RUNS, headline
 from table_helpers import AMD, DASH, RESULTS, UNRECORDED, load, markdown, pct, seed_rows
@@ -113,9 +114,11 @@ def demo_runs() -> str:
     return markdown([*header, "× faster (decode)", "size", "run time", "files"], rows)
 
 
-def _mean_rank(config: Mapping[str, int]) -> str:
-    ranks = [v for k, v in config.items() if ".rank." in k]
-    return f"{sum(ranks) / len(ranks):.3g}"
+def _pick_shape(pick: Mapping[str, Any]) -> list[str]:
+    """A demo pick's FFN and heads kept and its mean LoRA rank, as table cells."""
+    ranks = [v for k, v in pick["config"].items() if ".rank." in k]
+    widths = pick["widths"]
+    return [pct(widths["ffn_fraction"]), pct(widths["heads_fraction"]), f"{sum(ranks) / len(ranks):.3g}"]
 
 
 def lonas_demo_repeat() -> str:
@@ -129,8 +132,7 @@ def lonas_demo_repeat() -> str:
         test = [r["rows"][f"{name} (PyTorch)"] for r in runs]
         old = uniform["rows"].get(f"{name} (PyTorch)")
         rows.append(
-            [name, "yes" if all(same) else "**no**", pct(pick["widths"]["ffn_fraction"])]
-            + [pct(pick["widths"]["heads_fraction"]), _mean_rank(pick["config"])]
+            [name, "yes" if all(same) else "**no**", *_pick_shape(pick)]
             + [" / ".join(f"{r['subnets'][name]['val_accuracy']:.3f}" for r in runs)]
             + [" / ".join(f"{t['accuracy']:.3f}" for t in test)]
             + [" / ".join(f"{t.get('speedup', 1.0):.2f}" for t in test)]
@@ -156,8 +158,7 @@ def lonas_demo_searches() -> str:
         for name, pick in run["subnets"].items():
             speed = [run["rows"][f"{name} ({rt})"].get("speedup", 1.0) for rt in ("PyTorch", "OpenVINO INT8")]
             rows.append(
-                [label, name, pct(pick["widths"]["ffn_fraction"]), pct(pick["widths"]["heads_fraction"])]
-                + [_mean_rank(pick["config"]), f"{pick['val_accuracy']:.3f}"]
+                [label, name, *_pick_shape(pick), f"{pick['val_accuracy']:.3f}"]
                 + [f"{run['rows'][f'{name} (PyTorch)']['accuracy']:.3f}", *(f"{x:.2f}" for x in speed)]
             )
     header = ["demo run", "pick", "FFN kept", "heads kept", "mean LoRA rank", "validation accuracy", "test accuracy"]

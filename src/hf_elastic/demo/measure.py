@@ -14,19 +14,14 @@ from ..search.tasks import LabelWordEvaluator
 
 
 def latency_ms(model: Any, evaluator: LabelWordEvaluator, repeats: int = 3) -> float:
-    """Median time to score the evaluator's prompts, one batch of 16 in the demo (one untimed run first)."""
-    evaluator.logits(model)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        evaluator.logits(model)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    """`interleaved_latency_ms` of one model: one batch of 16 prompts in the demo."""
+    return interleaved_latency_ms({"model": model}, evaluator, rounds=repeats)["model"]
 
 
 def interleaved_latency_ms(models: dict[str, Any], evaluator: LabelWordEvaluator, rounds: int = 5) -> dict[str, float]:
-    """`latency_ms` of each model, timed in turn round after round: a slow spell of the machine then falls on every
-    model alike, so the ratios between them (the speed-ups the goal is judged on) hold from run to run."""
+    """Median time for each model to score the evaluator's prompts (one untimed run each first), timed in turn round
+    after round: a slow spell of the machine then falls on every model alike, so the ratios between them (the
+    speed-ups the goal is judged on) hold from run to run."""
     for model in models.values():
         evaluator.logits(model)
     times: dict[str, list[float]] = {name: [] for name in models}
