@@ -64,6 +64,7 @@ def test_demo_runs_the_whole_pipeline_quietly(tiny_model_dir: Path, tmp_path: Pa
     assert "Warning" not in run.stderr and "warn" not in run.stderr.lower(), run.stderr[-3000:]
     assert "INFO:nncf" not in run.stdout and "Statistics of the bitwidth" not in run.stdout, run.stdout
     assert "[demo] OpenVINO export:" in run.stdout and "sub-network (OpenVINO INT4)" in run.stdout  # its own lines
+    assert "{'loss'" not in run.stdout + run.stderr and "loss=" in run.stderr  # the loss in the bar, not a line a log
     summary = json.loads((tmp_path / "demo_results.json").read_text())
     rows = summary["rows"]
     assert list(rows) == ["dense (zero-shot)", "sparse base (zero-shot)", "sub-network (PyTorch)",
@@ -120,7 +121,7 @@ def test_demo_lonas_mode_searches_width_against_latency(
     summary = run_demo(cfg)
     rows, subnets = summary["rows"], summary["subnets"]
     elastic = json.loads((tmp_path / "super-adapter" / "elastic_config.json").read_text())
-    assert elastic["ffn_width_choices"] == [1.0, 0.75, 0.5] and elastic["head_choices"] == heads
+    assert elastic["ffn_width_choices"] == [1.0, 0.75, 0.625, 0.5] and elastic["head_choices"] == heads
     assert elastic["rank_choices"] == cfg.rank_choices
     assert sorted(elastic["channel_order"]) == ["0.ffn", "0.heads", "1.ffn", "1.heads"]  # activation order
     table = json.loads((tmp_path / "latency_table.json").read_text())

@@ -19,6 +19,7 @@ from ..models.arch import find_width_layers
 from ..tuners.elastic_lora.config import ElasticLoraConfig
 from .config import DemoConfig
 from .measure import decode_tokens_per_s, interleaved_latency_ms
+from .progress import quiet_progress
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 RANK_GROUPS = [["q_proj", "k_proj", "v_proj"], ["up_proj"], ["down_proj"]]
@@ -87,7 +88,7 @@ def lonas_trainer(cfg: DemoConfig, model: Any, tokenizer: Any, train: Any, outpu
         size, rows = cfg.batch_size, min(4 * cfg.batch_size, len(features))
         batches = [collator([features[i] for i in range(j, min(j + size, rows))]) for j in range(0, rows, size)]
         trainer.supernet.reorder_channels(cfg.reorder, None if cfg.reorder == "magnitude" else batches)
-    return trainer
+    return quiet_progress(trainer)
 
 
 def uniform_width_config(supernet: Any, ffn: float | None = None, heads: int | None = None) -> dict[str, int]:

@@ -25,6 +25,7 @@ from ..search.tasks import LabelWordEvaluator
 from ..utils import atomic_open, quiet_library_output
 from .config import DemoConfig
 from .measure import decode_tokens_per_s, latency_ms, layer_sparsity, print_table, size_mb, zeros_kept
+from .progress import quiet_progress
 
 
 @dataclass
@@ -243,7 +244,7 @@ def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
         train_dataset=features,
         data_collator=completion_collator(tokenizer),
     )
-    trainer.train()
+    quiet_progress(trainer).train()
     trainer.save_model(str(out / "super-adapter"))
     supernet = trainer.supernet
     ctx.lap("NAS training")
