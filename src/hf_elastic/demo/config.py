@@ -48,8 +48,8 @@ class DemoConfig:
     ffn_width_choices: list[float] = field(
         default_factory=lambda: [1.0, 0.75, 0.625, 0.5],
         metadata={
-            "help": "'lonas': FFN widths, fractions of the full one. With 0.625 added to 1.0 0.75 0.5, two runs "
-            "(seed 0) picked a sub-network 1.28-1.31x faster than max at +3 test points, against 1.19-1.23x."
+            "help": "'lonas': FFN widths, fractions of the full one. With 0.625 added to 1.0 0.75 0.5, three runs "
+            "(seed 0) picked a sub-network 1.28-1.38x faster than max at +3 test points, against 1.19-1.23x."
         },
     )
     head_choices: list[float] = field(
