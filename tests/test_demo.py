@@ -64,7 +64,7 @@ def test_demo_runs_the_whole_pipeline_quietly(tiny_model_dir: Path, tmp_path: Pa
     assert "Warning" not in run.stderr and "warn" not in run.stderr.lower(), run.stderr[-3000:]
     assert "INFO:nncf" not in run.stdout and "Statistics of the bitwidth" not in run.stdout, run.stdout
     assert "[demo] OpenVINO export:" in run.stdout and "sub-network (OpenVINO INT4)" in run.stdout  # its own lines
-    assert "{'loss'" not in run.stdout + run.stderr and "loss=" in run.stderr  # the loss in the bar, not a line a log
+    assert "{'loss'" not in run.stdout + run.stderr and "loss=" in run.stderr  # the loss shows in the bar
     summary = json.loads((tmp_path / "demo_results.json").read_text())
     rows = summary["rows"]
     assert list(rows) == ["dense (zero-shot)", "sparse base (zero-shot)", "sub-network (PyTorch)",

@@ -229,6 +229,11 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
     ov_name = f"OpenVINO {cfg.openvino_weight_format.upper()}"
     picked: dict[str, Any] = {}
     timed: dict[str, dict[str, Any]] = {"PyTorch": {}, ov_name: {}}  # runtime -> row -> model, timed at the end
+
+    def pick_row(model: Any, folder: Path, params: int) -> dict[str, float]:  # batch latency: timed with the others
+        row = ctx.measure(model, folder, timed=False)
+        return row | {"decode_tok_s": decode_tokens_per_s(model, tokenizer), "params_m": params / 1e6}
+
     for name, evaluation in picks.items():
         slug = name.replace(" ", "-")
         sub_dir = export_subnetwork(
@@ -236,10 +241,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
         )
         sub = timed["PyTorch"][f"{name} (PyTorch)"] = load_exported(sub_dir)
         params = sum(p.numel() for p in sub.parameters())
-        rows[f"{name} (PyTorch)"] = ctx.measure(sub, sub_dir, timed=False) | {
-            "decode_tok_s": decode_tokens_per_s(sub, tokenizer),
-            "params_m": params / 1e6,
-        }
+        rows[f"{name} (PyTorch)"] = pick_row(sub, sub_dir, params)
         ov_dir = export_openvino(
             sub,
             out / f"openvino-{slug}",
@@ -249,10 +251,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
             **({"group_size": cfg.group_size} if cfg.openvino_weight_format == "int4" else {}),
         )
         ov = timed[ov_name][f"{name} ({ov_name})"] = load_openvino(ov_dir)
-        rows[f"{name} ({ov_name})"] = ctx.measure(ov, ov_dir, timed=False) | {
-            "decode_tok_s": decode_tokens_per_s(ov, tokenizer),
-            "params_m": params / 1e6,
-        }
+        rows[f"{name} ({ov_name})"] = pick_row(ov, ov_dir, params)
         picked[name] = {
             "config": evaluation.config,
             "val_accuracy": evaluation.values["accuracy"],
