@@ -36,6 +36,13 @@ def pct(fraction: float) -> str:
     return f"{fraction * 100:.0f} %"
 
 
+def _seed_cell(stats: Mapping[str, float] | None, seeds: int) -> str:
+    """Mean (± std over more than one seed); a dash where the entry has no such column (e.g. no head choices)."""
+    if stats is None:
+        return DASH
+    return f"{stats['mean']:.3f} ± {stats['std']:.3f}" if seeds > 1 else f"{stats['mean']:.3f}"
+
+
 def seed_rows(results: Mapping[str, Any], labels: Mapping[str, str], columns: Sequence[str], base: str,
                gain_of: str) -> list[list[str]]:  # fmt: skip
     """A row per labelled entry of `results` (runs keyed by seed with their `summary`): the mean ± std of `columns`
@@ -46,10 +53,7 @@ def seed_rows(results: Mapping[str, Any], labels: Mapping[str, str], columns: Se
         if key not in results:
             continue
         summary, seeds = results[key]["summary"], len(results[key]["runs"])
-        cells = [
-            DASH if c not in summary else f"{summary[c]['mean']:.3f}" + (f" ± {summary[c]['std']:.3f}" * (seeds > 1))
-            for c in columns
-        ]
+        cells = [_seed_cell(summary.get(c), seeds) for c in columns]
         gain = "–"
         if key != base and reference is not None:
             value = 100 * (summary[gain_of]["mean"] - reference["mean"])
