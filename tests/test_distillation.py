@@ -139,6 +139,65 @@ def test_teacher_runs_one_extra_forward_per_micro_batch(llama, tmp_path):
     assert max_difference(adapter_weights(kd.model), adapter_weights(plain.model)) > 1e-4
 
 
+def completion_batch(n: int = 4) -> dict[str, torch.Tensor]:
+    """`completion_dataset` rows with completions of different lengths (2 to 5 tokens), so rows differ in what they
+    supervise."""
+    rows = completion_dataset(n)[:n]
+    labels = torch.tensor(rows["labels"])
+    for i in range(n):
+        labels[i, : 7 + i % 4] = -100
+    return {"input_ids": torch.tensor(rows["input_ids"]), "labels": labels}
+
+
+CAUSAL = [name for name in ARCHS if name != "bert"]
+
+
+@pytest.mark.parametrize("distillation", ["none", "inplace", "teacher"])
+@pytest.mark.parametrize("arch", CAUSAL)
+def test_logits_at_completion_tokens_only_give_the_same_loss_and_gradients(arch, distillation, tmp_path):
+    base = ARCHS[arch].build()
+    batch, heads, results = completion_batch(), [], {}
+    for only in (True, False):
+        torch.manual_seed(0)
+        config = ElasticLoraConfig(**peft_kwargs(ARCHS[arch], init_lora_weights=False, rank_choices=[8, 4]))
+        teacher = fresh(base) if distillation == "teacher" else None
+        trainer = NASTrainer(
+            model=get_peft_model(fresh(base), config),
+            args=args(tmp_path / str(only), sampling="sandwich", sandwich_k=0, distillation=distillation),
+            teacher_model=teacher,
+        )
+        assert trainer.completion_logits_only
+        trainer.completion_logits_only = only
+        if teacher is not None:
+            assert trainer.teacher.keeps_logits
+            trainer.teacher.keeps_logits = only
+        lengths = []
+        for model in [trainer.model.get_base_model()] + ([teacher] if teacher is not None else []):
+            head = model.get_output_embeddings()
+            heads.append(head.register_forward_hook(lambda m, a, out, seen=lengths: seen.append(out.shape[1])))
+        trainer.current_gradient_accumulation_steps = 1
+        loss = trainer.training_step(trainer.model, dict(batch))
+        results[only] = loss.item(), grads(trainer.model), lengths
+        for handle in heads:
+            handle.remove()
+    (kept, kept_grads, kept_lengths), (full, full_grads, full_lengths) = results[True], results[False]
+    assert set(kept_lengths) == {5} and set(full_lengths) == {12}  # positions 6-10 predict a label in some row
+    assert kept == pytest.approx(full, abs=1e-6)
+    assert kept_grads.keys() == full_grads.keys() and len(kept_grads) > 0
+    assert max_difference(kept_grads, full_grads) <= 1e-6
+
+
+def test_logits_at_every_position_where_the_loss_reads_them(llama, tmp_path):
+    assert trainer_for(llama, tmp_path).completion_logits_only
+    assert not trainer_for(llama, tmp_path, label_smoothing_factor=0.1).completion_logits_only
+    plain = NASTrainer(
+        model=get_peft_model(fresh(llama), elastic()),
+        args=args(tmp_path),
+        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum(),
+    )
+    assert not plain.completion_logits_only
+
+
 def test_distillation_errors(llama, tmp_path):
     with pytest.raises(ValueError, match=r"distillation='inplace' needs the max sub-network .* sampling='uniform'"):
         NASTrainingArguments(output_dir=str(tmp_path), distillation="inplace")

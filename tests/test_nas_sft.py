@@ -73,6 +73,7 @@ def test_sft_trainer_samples_like_nastrainer(llama, tokenizer, tmp_path):
         eval_dataset=data.select(range(8)),
         processing_class=tokenizer,
     )
+    assert nas.completion_logits_only and not trainer.completion_logits_only  # trl's loss reads every logit
     seen = record_activations(trainer)
     trainer.train()
     del trainer.supernet.activate  # back to the method

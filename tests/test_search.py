@@ -719,9 +719,9 @@ def test_label_word_logits_batched_match_one_by_one_on_any_model(tiny_tokenizer)
     model = llama_for(tiny_tokenizer).train()
     texts = ["Great.", "Not worth the money, stale and bland and old.", "I love it, tea is great."]
     rows = Dataset.from_dict({"text": texts, "answer": [" positive", " negative", " positive"]})
-    evaluator = LabelWordEvaluator.from_rows(rows, FINE_FOODS_ANSWERS, tiny_tokenizer, FINE_FOODS_FORMAT, batch_size=3)
+    evaluator = LabelWordEvaluator.from_rows(rows, FINE_FOODS_ANSWERS, tiny_tokenizer, FINE_FOODS_FORMAT, batch_size=2)
     assert evaluator.prompts[0] == "Review: Great.\nSentiment:" and evaluator.labels == [1, 0, 1]
-    batched = evaluator.logits(model)
+    batched = evaluator.logits(model)  # batched by length (rows 0 and 2, then 1), returned in the prompts' order
     assert batched.shape == (3, 2) and model.training  # scored in eval mode, the mode restored
     single = LabelWordEvaluator(evaluator.prompts, evaluator.labels, FINE_FOODS_ANSWERS, tiny_tokenizer, batch_size=1)
     torch.testing.assert_close(batched, single.logits(model), atol=1e-4, rtol=1e-4)
@@ -732,15 +732,16 @@ def test_label_word_logits_batched_match_one_by_one_on_any_model(tiny_tokenizer)
 
 
 class _Scripted(torch.nn.Module):
-    """`generate` appends fixed texts to the prompts, to test the answer matching exactly."""
+    """`generate` appends each prompt's fixed text, to test the answer matching exactly."""
 
-    def __init__(self, tokenizer, outputs: list[str]) -> None:
+    def __init__(self, tokenizer, outputs: dict[str, str]) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.tokenizer, self.outputs = tokenizer, outputs
 
     def generate(self, input_ids, attention_mask, **kwargs):
-        rows = [self.tokenizer.encode(self.outputs.pop(0), add_special_tokens=False) for _ in range(len(input_ids))]
+        prompts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        rows = [self.tokenizer.encode(self.outputs[p.strip()], add_special_tokens=False) for p in prompts]
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         return torch.cat([input_ids, torch.tensor([r + [pad] * (width - len(r)) for r in rows])], dim=1)
@@ -750,8 +751,9 @@ def test_exact_match_extracts_final_answers(tiny_tokenizer) -> None:
     assert extract_answer("so 1,234 apples. #### 1,234.", r"####\s*(-?[\d,]*\.?\d+)") == "1234"
     assert extract_answer("no answer here", r"####\s*(\d+)") is None
     references = ["12 + 30 = 42 #### 42", "#### 7", "plain"]
-    outputs = ["I think #### 42", "#### 8", "plain"]
-    evaluator = ExactMatchEvaluator(["q1", "q2", "q3"], references, tiny_tokenizer, batch_size=2, max_new_tokens=4)
+    prompts = ["a longer question one", "q2", "q3"]  # batched by length: q2 and q3 first
+    outputs = dict(zip(prompts, ["I think #### 42", "#### 8", "plain"], strict=True))
+    evaluator = ExactMatchEvaluator(prompts, references, tiny_tokenizer, batch_size=2, max_new_tokens=4)
     assert evaluator.answers == ["42", "7", "plain"]
     score = evaluator(SimpleNamespace(model=_Scripted(tiny_tokenizer, outputs)), {})
     assert score == pytest.approx(1 / 3)  # "plain" has no #### in the generation either, so only 42 matches

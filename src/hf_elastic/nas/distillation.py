@@ -1,4 +1,5 @@
-"""Distillation losses of `NASTrainer`: a sub-network's logits against a target's, on the completion tokens."""
+"""The completion tokens of `NASTrainer`'s losses: where a causal LM's logits are needed, and the distillation loss
+of a sub-network's logits against a target's there."""
 
 from __future__ import annotations
 
@@ -11,10 +12,26 @@ import torch.nn.functional as F
 DISTILLATIONS = ("none", "inplace", "teacher")
 
 
-def completion_logits(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-    """The rows of `logits` that predict a label (labels != -100), shifted by one token for a causal LM."""
+def completion_only(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`logits_to_keep` (the positions of a `(batch, length)` batch whose next token is a label in some row) and
+    `shift_labels` (the label each kept position predicts, -100 for none) for a transformers causal LM.
+
+    Given them, the model computes its LM head and loss at those positions only: the same loss and gradients as over
+    every position, without the `(batch, length, vocab)` logits.
+    """
+    positions = (labels[:, 1:] != -100).any(0).nonzero().flatten()
+    return {"logits_to_keep": positions, "shift_labels": labels[:, positions + 1]}
+
+
+def completion_logits(
+    logits: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The rows of `logits` that predict a label (labels != -100), shifted by one token for a causal LM; with
+    `shift_labels` (the logits were computed at the positions of `completion_only`), those whose label is not -100."""
     if labels is None:
         raise ValueError("Distillation needs `labels` in the batch to find the completion tokens (labels != -100).")
+    if shift_labels is not None:
+        return logits[shift_labels != -100]
     if logits.dim() == 3 and labels.dim() == 2:
         logits, labels = logits[:, :-1], labels[:, 1:]
     return logits[labels != -100]
@@ -40,9 +57,14 @@ class Teacher:
         accepted = inspect.signature(model.forward).parameters
         any_key = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
         self.keys = None if any_key else set(accepted) - {"labels"}
+        self.keeps_logits = "logits_to_keep" in accepted
 
     def __call__(self, inputs: dict[str, Any]) -> torch.Tensor:
         feed = {k: v for k, v in inputs.items() if k != "labels" and (self.keys is None or k in self.keys)}
+        labels, shift_labels = inputs.get("labels"), None
+        if self.keeps_logits and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+            kept = completion_only(labels)
+            feed["logits_to_keep"], shift_labels = kept["logits_to_keep"], kept["shift_labels"]
         with torch.no_grad():
             logits = self.model(**feed).logits
-        return completion_logits(logits, inputs.get("labels")).detach()
+        return completion_logits(logits, labels, shift_labels).detach()

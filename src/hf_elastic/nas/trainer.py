@@ -30,7 +30,7 @@ from ..utils import (
     staging_folder,
     typed_fields,
 )
-from .distillation import DISTILLATIONS, Teacher, completion_logits, distillation_kl
+from .distillation import DISTILLATIONS, Teacher, completion_logits, completion_only, distillation_kl
 from .samplers import SAMPLERS, SubnetSampler
 from .supernet import SuperNetwork, get_supernet
 
@@ -212,6 +212,7 @@ class NASTrainerMixin:
             ) from error
         self._setup_sampler()
         self._setup_distillation(teacher_model)
+        self.completion_logits_only = self._loss_reads_completion_logits_only()
 
     def _setup_distillation(self, teacher: torch.nn.Module | None) -> None:
         self.distillation = getattr(self.args, "distillation", "none")
@@ -229,6 +230,22 @@ class NASTrainerMixin:
             )
         self.teacher = Teacher(teacher, self.args.device) if teacher is not None else None
         self._distill_target: torch.Tensor | None = None
+
+    def _loss_reads_completion_logits_only(self) -> bool:
+        """Whether training may compute the logits at the completion tokens only (`completion_only`): the loss is
+        the model's own causal-LM loss (no label smoother or `compute_loss_func`, and no `compute_loss` of the trainer
+        under the mixin, e.g. trl's, which reads every position's logits), and the model takes `logits_to_keep` and
+        `shift_labels`."""
+        mro = type(self).__mro__
+        owner = next(c for c in mro[mro.index(NASTrainerMixin) + 1 :] if "compute_loss" in vars(c))
+        model = self.supernet.model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if owner is not Trainer or self.label_smoother is not None or self.compute_loss_func is not None:
+            return False
+        if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+            return False
+        loss_function = getattr(base, "loss_function", None)  # read only now: it warns on a model without a loss type
+        return callable(loss_function) and "shift_labels" in inspect.signature(loss_function).parameters
 
     def _setup_sampler(self) -> None:
         self.supernet = get_supernet(self.model)
@@ -273,6 +290,9 @@ class NASTrainerMixin:
             self._distill_target = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if model.training and self.completion_logits_only and isinstance(labels, torch.Tensor) and labels.dim() == 2:
+            inputs = inputs | completion_only(labels)
         if self.distillation != "none" and model.training:
             loss, outputs = self._distillation_loss(model, inputs, num_items_in_batch)
         else:
@@ -294,7 +314,7 @@ class NASTrainerMixin:
         label_loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
         self.sampler.record_loss(self._subnet, label_loss)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[1]
-        student = completion_logits(logits, labels)
+        student = completion_logits(logits, labels, inputs.get("shift_labels"))
         if self.distillation == "inplace" and self._distill_target is None:
             if self._subnet == self.supernet.space.max_config():  # the target of the step's other sub-networks
                 self._distill_target = student.detach()
