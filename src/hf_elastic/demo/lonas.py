@@ -203,6 +203,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
             budget=cfg.search_budget,
             population=cfg.population,
             seed=cfg.seed,
+            strategy=cfg.search_strategy,
             fixed_kinds=("rank",),  # the picks are merged: a lower rank would cost accuracy and save nothing
         ),
         output_dir=out / "search",

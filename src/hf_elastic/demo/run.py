@@ -253,7 +253,11 @@ def _run_sparse(ctx: DemoContext) -> dict[str, Any]:
         supernet,
         ctx.evaluator(ctx.val),
         SearchConfig(
-            objectives=("accuracy", "params"), budget=cfg.search_budget, population=cfg.population, seed=cfg.seed
+            objectives=("accuracy", "params"),
+            budget=cfg.search_budget,
+            population=cfg.population,
+            seed=cfg.seed,
+            strategy=cfg.search_strategy,
         ),
         nas_stats=trainer.sampler.stats(),
         output_dir=out / "search",
