@@ -97,14 +97,13 @@ class DemoConfig:
     search_budget: int = field(
         default=10, metadata={"help": "Sub-networks the search evaluates, max/min/median included."}
     )
-    search_strategy: str | None = field(
-        default=None,
+    search_strategy: str = field(
+        default="nsga2",
         metadata={
-            "help": "How the search chooses what to evaluate after max, min and median: 'predictor' (each round a "
-            "ridge model of validation accuracy, fitted on the evaluations so far, proposes its predicted front; "
-            "the first round is random) or 'nsga2' (NSGA-II on the measured accuracy). Default: 'predictor' for "
-            "'lonas', 'nsga2' for the others.",
-            "choices": ("predictor", "nsga2"),
+            "help": "How the search chooses what to evaluate after max, min and median: 'nsga2' (NSGA-II on the "
+            "measured accuracy) or 'predictor' (each round a ridge model of validation accuracy, fitted on the "
+            "evaluations so far, proposes its predicted front; the first round is random).",
+            "choices": ("nsga2", "predictor"),
         },
     )
     population: int = field(
@@ -135,8 +134,6 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.rank_choices is None:
             self.rank_choices = [16] if self.method == "lonas" else [16, 12, 8]
-        if self.search_strategy is None:
-            self.search_strategy = "predictor" if self.method == "lonas" else "nsga2"
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
