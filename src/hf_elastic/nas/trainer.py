@@ -164,10 +164,14 @@ class NASTrainerMixin:
     The NAS settings are read from `args` (fields of `NASArgumentsMixin`; plain arguments get its defaults).
     `peft_config` is applied with `get_peft_model` here, or handed to the trainer when its `__init__` takes one
     (trl's trainers do). `teacher_model` is the frozen teacher of `distillation="teacher"`.
+
+    Where the loss is the causal LM's own, training computes the logits at the completion tokens only
+    (`completion_logits_only`; the loss and gradients are unchanged).
     """
 
     supernet: SuperNetwork
     sampler: SubnetSampler
+    completion_logits_only: bool
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -238,10 +242,10 @@ class NASTrainerMixin:
         `shift_labels`."""
         mro = type(self).__mro__
         owner = next(c for c in mro[mro.index(NASTrainerMixin) + 1 :] if "compute_loss" in vars(c))
-        model = self.supernet.model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if owner is not Trainer or self.label_smoother is not None or self.compute_loss_func is not None:
             return False
+        model = self.supernet.model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if "logits_to_keep" not in inspect.signature(base.forward).parameters:
             return False
         loss_function = getattr(base, "loss_function", None)  # read only now: it warns on a model without a loss type
