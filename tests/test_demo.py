@@ -105,14 +105,14 @@ def test_quiet_library_output_hides_library_noise_only_and_restores() -> None:
     ("choices", "heads"),
     [
         ({}, [4]),
-        ({"rank_choices": [16, 12, 8], "head_choices": [1.0, 0.5]}, [4, 2]),
+        ({"rank_choices": [16, 12, 8], "head_choices": [1.0, 0.5], "search_strategy": "predictor"}, [4, 2]),
     ],
 )
 def test_demo_lonas_mode_searches_width_against_latency(
     tiny_model_dir: Path, tmp_path: Path, choices: dict, heads: list[int]
 ) -> None:
     """The default mode on a tiny random Llama (4 heads in 2 groups): widths, latency table, front, three exports;
-    with the defaults (FFN width alone elastic) and with elastic ranks and heads."""
+    with the defaults (FFN width alone elastic) and with elastic ranks and heads, searched by the predictor."""
     cfg = DemoConfig(
         output_dir=str(tmp_path), model_dir=str(tiny_model_dir), quick=True, search_budget=8, accuracy_floor_margin=-1,
         **choices,
@@ -144,6 +144,7 @@ def test_demo_lonas_mode_searches_width_against_latency(
                                                                       "max (OpenVINO INT8)")}  # fmt: skip
     assert summary["goal"]["text"].startswith(("goal met", "goal missed"))
     assert summary["latency_model"]["front_size"] == summary["search"]["front"]
+    assert json.loads((tmp_path / "search" / "search.json").read_text())["strategy"] == cfg.search_strategy
     assert (tmp_path / "search-measured" / "search.png").is_file()
     assert (Path(summary["hub_folder"]) / "README.md").is_file()
 
@@ -165,6 +166,7 @@ def test_demo_rank_choices_default_per_method() -> None:
         ({"accuracy_tolerance": 1.5}, r"DemoConfig.accuracy_tolerance=1.5 must be in \[0, 1\)"),
         ({"head_choices": [1.5]}, r"DemoConfig.head_choices=\[1.5\] must be fractions in \(0, 1\]"),
         ({"sparsity": 1.0}, r"DemoConfig.sparsity=1.0 must be in \[0, 1\)"),
+        ({"search_strategy": "random"}, r"DemoConfig.search_strategy='random' is unknown; use one of \['nsga2', 'pr"),
     ],
 )
 def test_demo_config_errors_name_the_field(kwargs: dict, match: str) -> None:
