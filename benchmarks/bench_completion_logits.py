@@ -8,7 +8,7 @@ the variants, figures are medians. Writes benchmarks/results/<machine>/completio
 
 from __future__ import annotations
 
-from common import DemoTask, step_benchmark_main
+from common import DemoTask, step_benchmark_main, step_timer
 
 VARIANTS = ("all_logits", "completion_logits")
 
@@ -17,23 +17,12 @@ def run_variant(variant: str, steps: int, warmup: int, seq_len: int, batch_size:
     import resource
     import statistics
     import tempfile
-    import time
 
     import torch
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
 
     from hf_elastic.demo.config import DemoConfig
     from hf_elastic.demo.lonas import lonas_trainer
-
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
 
     total = warmup + steps
     task = DemoTask.load(train_rows=total * batch_size, test_rows=1, seq_len=seq_len)
@@ -44,7 +33,7 @@ def run_variant(variant: str, steps: int, warmup: int, seq_len: int, batch_size:
     if not trainer.completion_logits_only:
         raise RuntimeError("NASTrainer does not compute the completion logits alone on SmolLM2: nothing to compare")
     trainer.completion_logits_only = variant == "completion_logits"
-    timer = Timer()
+    timer = step_timer()
     trainer.add_callback(timer)
     trainer.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -11,10 +11,9 @@ import json
 import resource
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, run_interleaved, summarize, write_result
+from common import MODEL_KWARGS, MODEL_TEXT, TARGETS, run_interleaved, step_timer, summarize, write_result
 
 VARIANTS = ("trainer_lora", "nas_uniform", "nas_sandwich2")
 
@@ -23,19 +22,9 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     from hf_elastic import NASTrainer, NASTrainingArguments, NLSConfig
-
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
 
     torch.manual_seed(0)
     config = LlamaConfig(**MODEL_KWARGS)
@@ -52,7 +41,7 @@ def run_variant(variant: str, steps: int, warmup: int) -> dict:
         "disable_tqdm": True,
         "logging_steps": 1000,
     }
-    timer = Timer()
+    timer = step_timer()
     if variant == "trainer_lora":
         model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules=TARGETS))
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, callbacks=[timer])

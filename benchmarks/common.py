@@ -62,6 +62,23 @@ def time_training(
     return {"step_s": statistics.median(times), "peak_rss_mb": peak, "train_rss_mb": peak - rss_before}
 
 
+def step_timer() -> Any:
+    """A `TrainerCallback` that records the wall time of each optimizer step in its `times` list."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    return StepTimer()
+
+
 def run_interleaved(
     script: str, variants: tuple[str, ...], rounds: int, extra: list[str], sources: Mapping[str, Path] | None = None
 ) -> dict[str, list[dict]]:
