@@ -10,6 +10,7 @@ read from its JSON, and the template is `model_cards/templates/demo_run_card.md`
 
 `--add-run DIR` copies `DIR/demo_results.json` to `benchmarks/results/<this machine>/demo_<method>.json` with the
 machine's record added (the demo's results file has none), and the run's own card, `DIR/hub/README.md`, next to it.
+With `--name NAME` it files `demo_<method>_<NAME>.json` instead: a run beside the card's, which stays as it is.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 from collections.abc import Mapping
@@ -194,8 +196,11 @@ def build_card(method: str, results_path: str) -> ModelCard:
     )
 
 
-def add_run(output_dir: Path, results: Path = RESULTS) -> Path:
-    """File the demo run in `output_dir` under this machine's folder of `results`; returns its path."""
+def add_run(output_dir: Path, results: Path = RESULTS, name: str | None = None) -> Path:
+    """File the demo run in `output_dir` under this machine's folder of `results` as `demo_<method>.json`, or with
+    `name` as `demo_<method>_<name>.json` (a run beside the card's, which it then leaves alone); returns its path."""
+    if name is not None and not re.fullmatch(r"[a-z0-9_]+", name):
+        raise ValueError(f"--name {name!r} must be lowercase letters, digits and underscores, e.g. seed1_repeat.")
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import cpu_info, machine_slug
 
@@ -207,7 +212,8 @@ def add_run(output_dir: Path, results: Path = RESULTS) -> Path:
     if data["config"].get("quick") or data["config"].get("model_dir"):
         raise ValueError(f"{source} is a --quick or --model-dir run; a card needs a run at the default sizes.")
     data["machine"] = cpu_info() | {"cpu_count": os.cpu_count(), "platform": platform.platform()}
-    target = results / machine_slug(data) / f"demo_{method.replace('-', '_')}.json"
+    stem = f"demo_{method.replace('-', '_')}" + (f"_{name}" if name else "")
+    target = results / machine_slug(data) / f"{stem}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(data, indent=2) + "\n")
     hub_card = output_dir / "hub" / "README.md"
@@ -222,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a card is stale or missing")
     parser.add_argument("--add-run", type=Path, metavar="DIR", help="file the demo run in DIR first (see above)")
+    parser.add_argument("--name", help="with --add-run: file it as demo_<method>_<NAME>.json, beside the card's run")
     args = parser.parse_args(argv)
+    if args.name and not args.add_run:
+        parser.error("--name names the file of --add-run DIR; pass both")
     if args.add_run:
-        print(f"filed {add_run(args.add_run)}")
+        print(f"filed {add_run(args.add_run, name=args.name)}")
     stale = []
     for method, results_path in RUNS.items():
         if not (RESULTS / results_path).is_file():

@@ -155,6 +155,11 @@ def test_add_run_files_a_run_under_this_machine_with_its_record(tmp_path):
     filed = json.loads(target.read_text())
     assert filed["rows"] == run["rows"] and filed["machine"]["cpu_model"] == common.cpu_info()["cpu_model"]
     assert (target.parent / "demo_lonas_hub_card.md").read_text().endswith("card\n")
+    beside = cards.add_run(out, results=tmp_path / "results", name="seed1")
+    assert beside == target.with_name("demo_lonas_seed1.json") and target.is_file()
+    assert (target.parent / "demo_lonas_seed1_hub_card.md").is_file()
+    with pytest.raises(ValueError, match=r"--name 'Seed 1' must be lowercase letters, digits and underscores"):
+        cards.add_run(out, results=tmp_path / "results", name="Seed 1")
     run["config"]["quick"] = True
     (out / "demo_results.json").write_text(json.dumps(run))
     with pytest.raises(ValueError, match=r"is a --quick or --model-dir run; a card needs a run at the default sizes"):
