@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -204,6 +203,8 @@ def add_run(output_dir: Path, results: Path = RESULTS, name: str | None = None) 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import cpu_info, machine_slug
 
+    from hf_elastic.utils import atomic_open
+
     source = output_dir / "demo_results.json"
     if not source.is_file():
         raise FileNotFoundError(f"{source} does not exist; pass the --output folder of a finished demo run.")
@@ -214,11 +215,12 @@ def add_run(output_dir: Path, results: Path = RESULTS, name: str | None = None) 
     data["machine"] = cpu_info() | {"cpu_count": os.cpu_count(), "platform": platform.platform()}
     stem = f"demo_{method.replace('-', '_')}" + (f"_{name}" if name else "")
     target = results / machine_slug(data) / f"{stem}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(data, indent=2) + "\n")
+    with atomic_open(target) as f:  # a crash never leaves half a results file in place of the last one
+        f.write(json.dumps(data, indent=2) + "\n")
     hub_card = output_dir / "hub" / "README.md"
     if hub_card.is_file():
-        shutil.copyfile(hub_card, target.with_name(target.stem + "_hub_card.md"))
+        with atomic_open(target.with_name(target.stem + "_hub_card.md"), "wb") as f:
+            f.write(hub_card.read_bytes())
     if target.relative_to(results).as_posix() != RUNS[method]:
         print(f"filed {target}; set RUNS[{method!r}] to it to card this run instead of {RUNS[method]}")
     return target

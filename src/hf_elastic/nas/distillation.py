@@ -12,13 +12,16 @@ import torch.nn.functional as F
 DISTILLATIONS = ("none", "inplace", "teacher")
 
 
-def completion_only(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def completion_only(labels: Any) -> dict[str, torch.Tensor]:
     """`logits_to_keep` (the positions of a `(batch, length)` batch whose next token is a label in some row) and
-    `shift_labels` (the label each kept position predicts, -100 for none) for a transformers causal LM.
+    `shift_labels` (the label each kept position predicts, -100 for none) for a transformers causal LM; empty unless
+    `labels` is a `(batch, length)` tensor.
 
     Given them, the model computes its LM head and loss at those positions only: the same loss and gradients as over
     every position, without the `(batch, length, vocab)` logits.
     """
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        return {}
     positions = (labels[:, 1:] != -100).any(0).nonzero().flatten()
     return {"logits_to_keep": positions, "shift_labels": labels[:, positions + 1]}
 
@@ -61,10 +64,10 @@ class Teacher:
 
     def __call__(self, inputs: dict[str, Any]) -> torch.Tensor:
         feed = {k: v for k, v in inputs.items() if k != "labels" and (self.keys is None or k in self.keys)}
-        labels, shift_labels = inputs.get("labels"), None
-        if self.keeps_logits and isinstance(labels, torch.Tensor) and labels.dim() == 2:
-            kept = completion_only(labels)
-            feed["logits_to_keep"], shift_labels = kept["logits_to_keep"], kept["shift_labels"]
+        labels = inputs.get("labels")
+        kept = completion_only(labels) if self.keeps_logits else {}
+        if kept:
+            feed["logits_to_keep"] = kept["logits_to_keep"]
         with torch.no_grad():
             logits = self.model(**feed).logits
-        return completion_logits(logits, labels, shift_labels).detach()
+        return completion_logits(logits, labels, kept.get("shift_labels")).detach()

@@ -294,9 +294,8 @@ class NASTrainerMixin:
             self._distill_target = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.get("labels")
-        if model.training and self.completion_logits_only and isinstance(labels, torch.Tensor) and labels.dim() == 2:
-            inputs = inputs | completion_only(labels)
+        if model.training and self.completion_logits_only:
+            inputs = inputs | completion_only(inputs.get("labels"))
         if self.distillation != "none" and model.training:
             loss, outputs = self._distillation_loss(model, inputs, num_items_in_batch)
         else:
