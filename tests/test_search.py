@@ -112,7 +112,9 @@ def test_every_strategy_returns_valid_configs(supernet, batches, strategy):
         **QUIET,
     )
     assert result.objectives == ["loss", "params"] and result.directions == ["minimize", "minimize"]
-    expected = {"nsga2": 6, "random": 6, "predictor": 6}.get(strategy, 1)
+    expected = {"nsga2": 6, "random": 6, "predictor": 6, "uniform": len(supernet.space.uniform_configs())}.get(
+        strategy, 1
+    )
     assert len(result.evaluations) == expected
     for e in result.evaluations:
         assert supernet.space.validate(e.config) == e.config
@@ -121,6 +123,8 @@ def test_every_strategy_returns_valid_configs(supernet, batches, strategy):
         assert math.isfinite(e.values["loss"]) and e.values["loss"] > 0
     if strategy in ("max", "min", "median"):
         assert result.evaluations[0].config == getattr(supernet.space, f"{strategy}_config")()
+    if strategy == "uniform":
+        assert [e.config for e in result.evaluations] == supernet.space.uniform_configs()
     assert supernet.active_config == supernet.space.max_config()  # restored
 
 
@@ -212,6 +216,41 @@ def test_budget_counts_the_reference_subnetworks():
     assert len(calls) == len(result.evaluations) == 7
     assert [e.sources[0] for e in result.evaluations[:3]] == ["max", "min", "median"]
     assert len(result.by_source("nsga2")) == 4
+
+
+def test_uniform_ladder_steps_every_dimension_together():
+    space = SearchSpace(
+        [Dimension("0.ffn", "ffn", (1536, 1152, 960, 768)), Dimension("0.rank.x", "rank", (16, 12, 8)),
+         Dimension("1.heads", "heads", (9, 6)), Dimension("1.rank.x", "rank", (16,))]
+    )  # fmt: skip
+    ladder = space.uniform_configs()
+    assert [list(c.values()) for c in ladder] == [
+        [1536, 16, 9, 16],
+        [1152, 12, 9, 16],
+        [960, 12, 6, 16],
+        [768, 8, 6, 16],
+    ]
+    assert ladder[0] == space.max_config() and ladder[-1] == space.min_config()
+    assert synthetic_space(3, (8, 4)).uniform_configs() == [{f"{i}.rank.x": c for i in range(3)} for c in (8, 4)]
+    fixed = SearchSpace([Dimension("a", "rank", (8,))])
+    assert fixed.uniform_configs() == [{"a": 8}]
+
+
+def test_uniform_reference_adds_the_ladder_once():
+    space = synthetic_space(4, (16, 12, 8, 4))  # ladder: max, 12 (the median), 8, min
+    calls = []
+
+    def score(config):
+        calls.append(config)
+        return float(sum(config.values()))
+
+    refs = ("max", "min", "median", "uniform")
+    result = search_subnetworks(space, FunctionEvaluator(score), "random", budget=6, reference_subnets=refs, **QUIET)
+    assert len(calls) == 6 == len(result.evaluations)  # 4 distinct references (max, min and median are rungs) + 2
+    sources = [["max", "uniform"], ["min", "uniform"], ["median", "uniform"], ["uniform"]]
+    assert [e.sources for e in result.evaluations[:4]] == sources
+    assert result.evaluations[3].config == {f"{i}.rank.x": 8 for i in range(4)}
+    assert len(result.by_source("random")) == 2
 
 
 # ---------------------------------------------------------------------------------------------------- heuristics

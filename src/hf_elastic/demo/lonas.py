@@ -52,16 +52,17 @@ def lonas_trainer(cfg: DemoConfig, model: Any, tokenizer: Any, train: Any, outpu
 
     `train` holds fine-food rows that fit `cfg.max_length` (`hf_elastic.data.fit_rows`).
 
-    `sampling="sandwich"` trains the max and min sub-networks every step, so it runs half of `cfg.train_steps` for
-    the same compute as `"uniform"`; `"progressive"` trains max alone for its first quarter and two sub-networks
-    after, so it runs `cfg.train_steps / 1.75`. In-place distillation adds no forward pass.
+    `sampling="sandwich"` trains the max and min sub-networks and `cfg.sandwich_k` random ones every step, so it runs
+    `cfg.train_steps / (2 + k)` steps for the same compute as `"uniform"`; `"progressive"` trains max alone for its
+    first quarter and `2 + k` sub-networks after. In-place distillation adds no forward pass.
     """
     from .. import NASTrainer, NASTrainingArguments
     from ..data import FINE_FOODS_FORMAT, completion_collator, tokenize_rows
 
     features = tokenize_rows(train, tokenizer, cfg.max_length, FINE_FOODS_FORMAT)
     collator = completion_collator(tokenizer)
-    per_step = {"sandwich": 2.0, "progressive": 1.75}.get(cfg.sampling, 1.0)  # forward-backward passes per step
+    drawn = 2 + cfg.sandwich_k  # forward-backward passes per step
+    per_step = {"sandwich": drawn, "progressive": 0.25 + 0.75 * drawn}.get(cfg.sampling, 1.0)
     steps = max(1, round(cfg.train_steps / per_step))
     args = NASTrainingArguments(
         output_dir=str(output_dir),
@@ -74,7 +75,7 @@ def lonas_trainer(cfg: DemoConfig, model: Any, tokenizer: Any, train: Any, outpu
         use_cpu=True,
         seed=cfg.seed,
         sampling=cfg.sampling,
-        sandwich_k=0,
+        sandwich_k=cfg.sandwich_k,
         distillation=cfg.distillation,
     )
     trainer = NASTrainer(
@@ -205,6 +206,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
             seed=cfg.seed,
             strategy=cfg.search_strategy,
             fixed_kinds=("rank",),  # the picks are merged: a lower rank would cost accuracy and save nothing
+            reference_subnets=("max", "min", "median", "uniform"),
         ),
         output_dir=out / "search",
     )

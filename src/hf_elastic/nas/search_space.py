@@ -71,6 +71,19 @@ class SearchSpace:
     def median_config(self) -> SubnetConfig:
         return {d.name: d.median for d in self}
 
+    def uniform_configs(self) -> list[SubnetConfig]:
+        """The uniform-width ladder from the max sub-network to the min one: step `i` puts every dimension at the same
+        relative position `i / (n - 1)` among its choices (rounded to the nearest one), `n` being the most choices a
+        dimension has. With FFN widths 100/75/62.5/50 %, every layer at 100, then 75, 62.5 and 50 %."""
+        steps = max((len(d.choices) for d in self), default=1)
+        ladder: list[SubnetConfig] = []
+        for i in range(steps):
+            position = i / (steps - 1) if steps > 1 else 0.0
+            config = {d.name: d.choices[round(position * (len(d.choices) - 1))] for d in self}
+            if config not in ladder:
+                ladder.append(config)
+        return ladder
+
     def fixed(self, kinds: Iterable[str]) -> SearchSpace:
         """This space with the dimensions of `kinds` (e.g. `["rank"]`) held at their largest choice."""
         kinds = set(kinds)

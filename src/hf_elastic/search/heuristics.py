@@ -17,7 +17,8 @@ from ..nas.search_space import SearchSpace, SubnetConfig
 from ..nas.supernet import SuperNetwork
 from ..tuners.nls.layer import ElasticLoraLinear
 
-HEURISTICS = ("max", "min", "median", "loss_based", "activation_based")
+HEURISTICS = ("max", "min", "median", "uniform", "loss_based", "activation_based")
+"""Sub-networks chosen without a search; 'uniform' is a ladder (`SearchSpace.uniform_configs`), the others one each."""
 
 
 def _marginal_losses(space: SearchSpace, nas_stats: Mapping[str, Any], source: str) -> dict[str, dict[int, float]]:

@@ -35,7 +35,7 @@ from .heuristics import HEURISTICS, activation_based_config, activation_importan
 from .predictor import predictor_search
 from .result import Evaluation, SearchResult
 
-STRATEGIES = ("nsga2", "predictor", "random", "max", "min", "median", "loss_based", "activation_based")
+STRATEGIES = ("nsga2", "predictor", "random", *HEURISTICS)
 SEARCHED = ("nsga2", "predictor", "random")  # the strategies that spend `budget`
 
 
@@ -81,7 +81,9 @@ class SearchConfig:
         default=("max", "min", "median"),
         metadata={
             "help": f"Heuristic sub-networks evaluated as well, for comparison and plots; among {list(HEURISTICS)}. "
-            "They count against the budget of 'nsga2' and 'random'."
+            "'uniform' is the uniform-width ladder: one sub-network per choice of the dimension with the most "
+            "(every layer at 100, 75, 62.5 and 50 % FFN for four widths), max and min included. They count "
+            "against the budget of 'nsga2', 'predictor' and 'random'."
         },
     )
     fixed_kinds: tuple[str, ...] = field(
@@ -285,7 +287,7 @@ class SubnetSearch:
                 self.calibration_data = trainer.get_eval_dataloader()
         self.records: dict[str, Evaluation] = {}
         self.cache_hits = 0
-        self._heuristics: dict[str, SubnetConfig] = {}
+        self._heuristics: dict[str, list[SubnetConfig]] = {}
         self.predictor_info: dict[str, Any] = {}
         self._stats_name = "nas_stats"
 
@@ -407,15 +409,18 @@ class SubnetSearch:
             )
         return record, True
 
-    def heuristic_config(self, name: str) -> SubnetConfig:
-        """The sub-network a heuristic strategy picks (computed once per search)."""
+    def heuristic_configs(self, name: str) -> list[SubnetConfig]:
+        """The sub-networks a heuristic strategy picks (computed once per search): one, or the ladder of 'uniform'."""
         if name not in self._heuristics:
-            self._heuristics[name] = self._heuristic_config(name)
-        return dict(self._heuristics[name])
+            found = self._heuristic_configs(name)
+            self._heuristics[name] = found if isinstance(found, list) else [found]
+        return [dict(config) for config in self._heuristics[name]]
 
-    def _heuristic_config(self, name: str) -> SubnetConfig:
+    def _heuristic_configs(self, name: str) -> SubnetConfig | list[SubnetConfig]:
         if name in ("max", "min", "median"):
             return getattr(self.space, f"{name}_config")()
+        if name == "uniform":
+            return self.space.uniform_configs()
         if name == "loss_based":
             if self.nas_stats is None:
                 raise ValueError(
@@ -455,14 +460,17 @@ class SubnetSearch:
         was_training = model.training if model is not None else False
         start, trials = time.perf_counter(), 0
         searched = cfg.strategy in SEARCHED
-        total = cfg.budget if searched else len(set(cfg.reference_subnets)) + 1
-        bar = tqdm(total=total, desc=f"search ({cfg.strategy})", disable=not cfg.progress)
         if model is not None:
             model.eval()
+        bar = tqdm(total=cfg.budget if searched else None, desc=f"search ({cfg.strategy})", disable=not cfg.progress)
         try:
+            if not searched:
+                names = (*cfg.reference_subnets, cfg.strategy)
+                bar.reset(total=len({self.key(c) for name in names for c in self.heuristic_configs(name)}))
             for name in cfg.reference_subnets:
-                if self.evaluate(self.heuristic_config(name), name)[1]:
-                    bar.update(1)
+                for config in self.heuristic_configs(name):
+                    if self.evaluate(config, name)[1]:
+                        bar.update(1)
             if cfg.strategy == "nsga2":
                 trials = self._nsga2(bar)
             elif cfg.strategy == "predictor":
@@ -470,9 +478,10 @@ class SubnetSearch:
             elif cfg.strategy == "random":
                 trials = self._random(bar)
             else:
-                self.evaluate(self.heuristic_config(cfg.strategy), cfg.strategy)
-                trials = 1
-                bar.update(1)
+                for config in self.heuristic_configs(cfg.strategy):
+                    trials += 1
+                    if self.evaluate(config, cfg.strategy)[1]:
+                        bar.update(1)
         finally:
             bar.close()
             if self.supernet is not None:
