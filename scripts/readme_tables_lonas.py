@@ -147,7 +147,9 @@ def lonas_demo_searches() -> str:
     """The demo with seed 0 four ways: its search over ranks and widths, over widths with the ranks held at the max
     (the same super-network), trained and searched with FFN width alone elastic at three widths and at four, run twice
     and three times; then with seed 1; then seeds 0 (twice) and 1 with faster training and scoring, and searched
-    by the predictor with seeds 0 and 1: each run's picks with their accuracy and speed-ups."""
+    by the predictor with seeds 0 and 1; then trained with one random sub-network per step besides max and min and
+    searched from the uniform-width ladder, seeds 0 (twice) and 1: each run's picks with their accuracy and
+    speed-ups."""
     runs = {
         "ranks and widths searched": load(f"{AMD}/demo_lonas_rank_search.json"),
         "ranks held at the max": load(f"{AMD}/demo_lonas_fixed_ranks.json"),
@@ -158,10 +160,15 @@ def lonas_demo_searches() -> str:
         "the same, a third run": load(f"{AMD}/demo_lonas_ffn4_repeat.json"),
         "the same defaults, seed 1": load(f"{AMD}/demo_lonas_seed1.json"),
         "seed 0, faster training and scoring": load(f"{AMD}/demo_lonas_nsga2_faster.json"),
-        "seed 0, faster, run again": load(RUNS["lonas"]),
+        "seed 0, faster, run again": load(f"{AMD}/demo_lonas_nsga2_faster_repeat.json"),
         "seed 1, faster": load(f"{AMD}/demo_lonas_seed1_faster.json"),
         "seed 0, predictor-guided search": load(f"{AMD}/demo_lonas_predictor.json"),
         "seed 1, predictor-guided search": load(f"{AMD}/demo_lonas_predictor_seed1.json"),
+        "seed 0, sandwich_k=1 (one random sub-network per step) and the uniform ladder (the defaults now)": load(
+            RUNS["lonas"]
+        ),
+        "seed 0, sandwich_k=1 and the ladder, run again": load(f"{AMD}/demo_lonas_k1_repeat.json"),
+        "seed 1, sandwich_k=1 and the ladder": load(f"{AMD}/demo_lonas_k1_seed1.json"),
     }
     rows = []
     for label, run in runs.items():

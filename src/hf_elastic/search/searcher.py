@@ -412,13 +412,12 @@ class SubnetSearch:
     def heuristic_configs(self, name: str) -> list[SubnetConfig]:
         """The sub-networks a heuristic strategy picks (computed once per search): one, or the ladder of 'uniform'."""
         if name not in self._heuristics:
-            found = self._heuristic_configs(name)
-            self._heuristics[name] = found if isinstance(found, list) else [found]
+            self._heuristics[name] = self._heuristic_configs(name)
         return [dict(config) for config in self._heuristics[name]]
 
-    def _heuristic_configs(self, name: str) -> SubnetConfig | list[SubnetConfig]:
+    def _heuristic_configs(self, name: str) -> list[SubnetConfig]:
         if name in ("max", "min", "median"):
-            return getattr(self.space, f"{name}_config")()
+            return [getattr(self.space, f"{name}_config")()]
         if name == "uniform":
             return self.space.uniform_configs()
         if name == "loss_based":
@@ -428,7 +427,7 @@ class SubnetSearch:
                     "search a NASTrainer, or a super-adapter directory holding nas_stats.json."
                 )
             stats = self.nas_stats
-            return loss_based_config(self.space, stats, self.config.loss_tolerance, source=self._stats_name)
+            return [loss_based_config(self.space, stats, self.config.loss_tolerance, source=self._stats_name)]
         if name == "activation_based":
             if self.supernet is None:
                 raise ValueError("strategy 'activation_based' needs a super-network, not a bare SearchSpace.")
@@ -439,7 +438,7 @@ class SubnetSearch:
                 )
             batches = itertools.islice(self.calibration_data, self.config.calibration_batches)
             fractions = activation_importance(self.supernet, batches)
-            return activation_based_config(fractions, self.config.activation_threshold)
+            return [activation_based_config(fractions, self.config.activation_threshold)]
         raise ValueError(f"Unknown heuristic {name!r}; use one of {list(HEURISTICS)}.")
 
     def _best_text(self) -> str:
