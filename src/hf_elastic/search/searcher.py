@@ -80,10 +80,8 @@ class SearchConfig:
     reference_subnets: tuple[str, ...] = field(
         default=("max", "min", "median"),
         metadata={
-            "help": f"Heuristic sub-networks evaluated as well, for comparison and plots; among {list(HEURISTICS)}. "
-            "'uniform' is the uniform-width ladder: one sub-network per choice of the dimension with the most "
-            "(every layer at 100, 75, 62.5 and 50 % FFN for four widths), max and min included. They count "
-            "against the budget of 'nsga2', 'predictor' and 'random'."
+            "help": f"Heuristic sub-networks evaluated first, among {list(HEURISTICS)} ('uniform': every layer at "
+            "each width in turn, max to min). They count against the budget of 'nsga2', 'predictor' and 'random'."
         },
     )
     fixed_kinds: tuple[str, ...] = field(
@@ -463,9 +461,6 @@ class SubnetSearch:
             model.eval()
         bar = tqdm(total=cfg.budget if searched else None, desc=f"search ({cfg.strategy})", disable=not cfg.progress)
         try:
-            if not searched:
-                names = (*cfg.reference_subnets, cfg.strategy)
-                bar.reset(total=len({self.key(c) for name in names for c in self.heuristic_configs(name)}))
             for name in cfg.reference_subnets:
                 for config in self.heuristic_configs(name):
                     if self.evaluate(config, name)[1]:
