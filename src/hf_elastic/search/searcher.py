@@ -424,8 +424,7 @@ class SubnetSearch:
                     "strategy 'loss_based' needs training statistics: pass nas_stats= (nas_stats.json or its dict), "
                     "search a NASTrainer, or a super-adapter directory holding nas_stats.json."
                 )
-            stats = self.nas_stats
-            return [loss_based_config(self.space, stats, self.config.loss_tolerance, source=self._stats_name)]
+            return [loss_based_config(self.space, self.nas_stats, self.config.loss_tolerance, source=self._stats_name)]
         if name == "activation_based":
             if self.supernet is None:
                 raise ValueError("strategy 'activation_based' needs a super-network, not a bare SearchSpace.")
@@ -462,9 +461,7 @@ class SubnetSearch:
         bar = tqdm(total=cfg.budget if searched else None, desc=f"search ({cfg.strategy})", disable=not cfg.progress)
         try:
             for name in cfg.reference_subnets:
-                for config in self.heuristic_configs(name):
-                    if self.evaluate(config, name)[1]:
-                        bar.update(1)
+                self._heuristic(name, bar)
             if cfg.strategy == "nsga2":
                 trials = self._nsga2(bar)
             elif cfg.strategy == "predictor":
@@ -472,10 +469,7 @@ class SubnetSearch:
             elif cfg.strategy == "random":
                 trials = self._random(bar)
             else:
-                for config in self.heuristic_configs(cfg.strategy):
-                    trials += 1
-                    if self.evaluate(config, cfg.strategy)[1]:
-                        bar.update(1)
+                trials = self._heuristic(cfg.strategy, bar)
         finally:
             bar.close()
             if self.supernet is not None:
@@ -499,6 +493,13 @@ class SubnetSearch:
     def _budget_left(self) -> bool:
         """Whether another distinct sub-network may be evaluated: the budget includes the reference sub-networks."""
         return len(self.records) < min(self.config.budget, self.space.num_configs)
+
+    def _heuristic(self, name: str, bar: Any) -> int:
+        """Evaluate the sub-networks of heuristic `name` (a reference or the strategy); returns how many it has."""
+        for config in (configs := self.heuristic_configs(name)):
+            if self.evaluate(config, name)[1]:
+                bar.update(1)
+        return len(configs)
 
     def _random(self, bar: Any) -> int:
         rng, trials = random.Random(self.config.seed), 0
