@@ -14,7 +14,8 @@ from transformers import TrainerCallback
 from hf_elastic import LossEvaluator, NASTrainer, NLSConfig, SearchConfig, get_supernet
 from hf_elastic.cli import main
 from hf_elastic.cli.inputs import resolve_device
-from hf_elastic.search.searcher import SubnetSearch, merged_subnetwork
+from hf_elastic.search.scoring import merged_subnetwork
+from hf_elastic.search.searcher import SubnetSearch
 
 LLAMA = ARCHS["llama"]
 

@@ -619,6 +619,33 @@ def test_custom_evaluator_subclass_sees_active_subnet(supernet):
     supernet.activate("max")
 
 
+def test_score_extracted_scores_the_sliced_copy_with_the_same_values(supernet, batches):
+    widths = []
+
+    class FfnWidth(Evaluator):  # reads only the model, as scores_merged promises
+        name, scores_merged = "ffn_width", True
+
+        def __call__(self, supernet, config):
+            up = next(m for n, m in supernet.model.named_modules() if n.endswith("layers.0.mlp.up_proj"))
+            widths.append(up.out_features)
+            return float(widths[-1])
+
+    common = {"strategy": "random", "budget": 4, "seed": 2, "reference_subnets": ("max", "min"), "progress": False}
+    evaluators = [LossEvaluator(batches), FfnWidth()]
+    masked = search_subnetworks(supernet, evaluators, SearchConfig(objectives=("loss", "ffn_width"), **common))
+    masked_widths, widths[:] = list(widths), []
+    extracted = search_subnetworks(
+        supernet, evaluators, SearchConfig(objectives=("loss", "ffn_width"), score_extracted=True, **common)
+    )
+    assert [e.config for e in masked.evaluations] == [e.config for e in extracted.evaluations]
+    for a, b in zip(masked.evaluations, extracted.evaluations, strict=True):
+        assert b.values["loss"] == pytest.approx(a.values["loss"], abs=1e-5)
+    full = supernet.space.max_config()["0.ffn"]
+    assert masked_widths == [full] * 4  # the masked super-network keeps every channel ...
+    assert widths == [e.config["0.ffn"] for e in extracted.evaluations] and min(widths) < full  # ... the copy not
+    assert supernet.active_config == supernet.space.max_config()
+
+
 # ---------------------------------------------------------------------------------------------------- entry points
 def test_search_from_saved_directory(llama, batches, tmp_path):
     model = nls_model(llama)

@@ -132,6 +132,7 @@ SEARCH = (
     Option("loss_tolerance"),
     Option("activation_threshold"),
     Option("calibration_batches", type=POSITIVE_INT),
+    Option("score_extracted"),
     Option("progress"),
 )
 DEMO = tuple(

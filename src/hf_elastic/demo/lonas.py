@@ -2,9 +2,9 @@
 latency.
 
 Importance reordering → `NASTrainer` → a per-layer latency table (PyTorch) → NSGA-II over the widths (ranks held at
-the max) on validation accuracy against predicted latency → the front re-measured → three of its sub-networks
-(`pick_front`) merged, sliced and measured in PyTorch and OpenVINO, their batch latency timed in interleaved rounds
-(per runtime).
+the max) on validation accuracy (each candidate scored on its sliced copy) against predicted latency → the front
+re-measured → three of its sub-networks (`pick_front`) merged, sliced and measured in PyTorch and OpenVINO, their
+batch latency timed in interleaved rounds (per runtime).
 """
 
 from __future__ import annotations
@@ -207,6 +207,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
             strategy=cfg.search_strategy,
             fixed_kinds=("rank",),  # the picks are merged: a lower rank would cost accuracy and save nothing
             reference_subnets=("max", "min", "median", "uniform"),
+            score_extracted=True,  # each candidate scored at its own widths, not masked at the max's cost
         ),
         output_dir=out / "search",
     )

@@ -28,8 +28,10 @@ class Evaluator(ABC):
     `name` is the objective name used in results, `direction` says whether lower (`"minimize"`) or higher
     (`"maximize"`) is better. When `needs_model` is True the search activates the sub-network on the super-network
     before calling the evaluator, so `supernet.model` runs it. When `scores_merged` is True the evaluator only scores
-    the function the model computes, so the search may run it on the sub-network merged into the base where that is
-    exact and cheaper (quantization-aware adapters: new integer codes in place of the adapter's per-call grid maths).
+    the function `supernet.model` computes, so the search may run it on a cheaper copy of the same sub-network: merged
+    into the base where that is exact (quantization-aware adapters: new integer codes in place of the adapter's
+    per-call grid maths), or extracted and physically sliced (`SearchConfig.score_extracted`; `supernet.model` is
+    then the extracted model).
     """
 
     name: str = "score"

@@ -9,7 +9,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from .evaluators import (
 from .heuristics import HEURISTICS, activation_based_config, activation_importance, loss_based_config
 from .predictor import predictor_search
 from .result import Evaluation, SearchResult
+from .scoring import extracted_subnetwork, merged_subnetwork
 
 STRATEGIES = ("nsga2", "predictor", "random", *HEURISTICS)
 SEARCHED = ("nsga2", "predictor", "random")  # the strategies that spend `budget`
@@ -116,6 +117,15 @@ class SearchConfig:
     calibration_batches: int = field(
         default=4, metadata={"help": "activation_based: number of calibration batches to run."}
     )
+    score_extracted: bool = field(
+        default=False,
+        metadata={
+            "help": "Score each sub-network on its extracted copy (SuperNetwork.extract_model: adapters merged, cut "
+            "FFN channels and heads removed) rather than on the masked super-network: the same function at the cost "
+            "of the widths kept (about 1.5x faster at 62.5 % FFN on SmolLM2-135M), for the evaluators that only read "
+            "the model (scores_merged). Holds a merged copy of the adapted layers while each sub-network is scored."
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar with the current best."})
 
     @typed_fields()
@@ -180,31 +190,6 @@ class SearchConfig:
 
 
 SearchTarget = SuperNetwork | PeftModel | NASTrainerMixin | SearchSpace | str | os.PathLike
-
-
-@contextlib.contextmanager
-def merged_subnetwork(supernet: SuperNetwork, cache_weights: bool = True) -> Iterator[None]:
-    """Merge the active sub-network's quantization-aware adapters into the base's codes for the block, and restore
-    the codes (and rounding residuals) bit for bit after it.
-
-    The merged layers compute the same function as the unmerged ones (the same codes, dequantized the same way), but
-    a forward then costs a plain INT4 layer's, not the adapter's grid maths per call; with `cache_weights` each
-    merged layer dequantizes once for the block (`QuantLinear.cached_weight`: a float copy of the adapted weights
-    while the block runs) and every batch after the first costs a float layer's.
-    """
-    modules = [m for m in supernet.lora_modules.values() if supernet.adapter_name not in m.merged_adapters]
-    with contextlib.ExitStack() as stack:
-        try:
-            for module in modules:
-                module.merge(adapter_names=[supernet.adapter_name])
-                if cache_weights:
-                    stack.enter_context(module.get_base_layer().cached_weight())
-            yield
-        finally:
-            stack.close()
-            for module in modules:
-                if module.merged_adapters:
-                    module.unmerge()
 
 
 class SubnetSearch:
@@ -278,6 +263,7 @@ class SubnetSearch:
         self.directions = [e.direction for e in self.evaluators]
         # quantization-aware adapters merge exactly (new codes, restored bit for bit), so quality is scored merged
         self._merge = self.supernet is not None and bool(self.supernet.config.quantization_aware)
+        self._extract = self.supernet is not None and self.config.score_extracted
         self.calibration_data = calibration_data
         if calibration_data is None:
             self.calibration_data = next((e.batches for e in self.evaluators if hasattr(e, "batches")), None)
@@ -389,11 +375,14 @@ class SubnetSearch:
             self.supernet.activate(config)
         values = {}
         pairs = list(zip(self.objectives, self.evaluators, strict=True))
+        cheaper = self._merge or self._extract  # a cheaper copy of the same function exists
         for merged in (False, True):
-            todo = [(n, e) for n, e in pairs if (e.needs_model and e.scores_merged and self._merge) == merged]
-            with merged_subnetwork(self.supernet) if merged and todo else contextlib.nullcontext():
+            todo = [(n, e) for n, e in pairs if (e.needs_model and e.scores_merged and cheaper) == merged]
+            if not todo:
+                continue
+            with self._scoring(config) if merged else contextlib.nullcontext(self.supernet) as target:
                 for name, evaluator in todo:
-                    value = evaluator(self.supernet, config)
+                    value = evaluator(target, config)
                     try:
                         values[name] = float(value)
                     except (TypeError, ValueError) as e:
@@ -406,6 +395,12 @@ class SubnetSearch:
                 f"Sub-network {key} got non-finite objectives {values}; it is kept out of the front.", stacklevel=2
             )
         return record, True
+
+    def _scoring(self, config: SubnetConfig) -> contextlib.AbstractContextManager[Any]:
+        """The copy of `config` that the `scores_merged` evaluators score (see `hf_elastic.search.scoring`)."""
+        if self._extract:
+            return extracted_subnetwork(self.supernet, config)
+        return merged_subnetwork(self.supernet)
 
     def heuristic_configs(self, name: str) -> list[SubnetConfig]:
         """The sub-networks a heuristic strategy picks (computed once per search): one, or the ladder of 'uniform'."""

@@ -70,7 +70,7 @@ class LabelWordEvaluator(Evaluator):
         batch_size: prompts per forward pass.
     """
 
-    name, direction = "accuracy", "maximize"
+    name, direction, scores_merged = "accuracy", "maximize", True
 
     def __init__(
         self,
@@ -176,7 +176,7 @@ class ExactMatchEvaluator(Evaluator):
         batch_size: prompts per `generate` call.
     """
 
-    name, direction = "exact_match", "maximize"
+    name, direction, scores_merged = "exact_match", "maximize", True
 
     def __init__(
         self,
