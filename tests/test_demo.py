@@ -134,7 +134,7 @@ def test_demo_lonas_mode_searches_width_against_latency(
         pytorch, openvino = rows[f"{name} (PyTorch)"], rows[f"{name} (OpenVINO INT8)"]
         assert pytorch["params_m"] == openvino["params_m"] > 0
         assert 0.0 <= pytorch["accuracy"] <= 1.0 and pytorch["latency_ms"] > 0 and openvino["decode_tok_s"] > 0
-        assert openvino["latency_ms"] > 0  # timed with the other IRs, in interleaved rounds
+        assert openvino["latency_ms"] > 0 and 0.0 <= openvino["accuracy"] <= 1.0  # scored with the other IRs in turn
         exported = json.loads((Path(sub["folder"]) / "elastic_subnet.json").read_text())
         assert exported["config"] == sub["config"]
     small = rows[f"{list(subnets)[-1]} (PyTorch)"]
@@ -143,6 +143,7 @@ def test_demo_lonas_mode_searches_width_against_latency(
     assert set(summary["speedups"]) == {n for n in rows if n not in ("dense (zero-shot)", "max (PyTorch)",
                                                                       "max (OpenVINO INT8)")}  # fmt: skip
     assert summary["goal"]["text"].startswith(("goal met", "goal missed"))
+    assert "test rows scored, interleaved" in summary["seconds"]
     assert summary["latency_model"]["front_size"] == summary["search"]["front"]
     assert json.loads((tmp_path / "search" / "search.json").read_text())["strategy"] == cfg.search_strategy
     assert (tmp_path / "search-measured" / "search.png").is_file()

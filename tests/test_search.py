@@ -797,6 +797,27 @@ def test_label_word_logits_batched_match_one_by_one_on_any_model(tiny_tokenizer)
         LabelWordEvaluator(evaluator.prompts, evaluator.labels, FINE_FOODS_ANSWERS, tiny_tokenizer, batch_size=0)
 
 
+def test_label_word_split_and_interleaved_scoring_add_up_to_the_whole(tiny_tokenizer) -> None:
+    from hf_elastic.demo.measure import interleaved_scoring
+
+    prompts = [f"Review: {'tea ' * n}is great\nSentiment:" for n in (5, 1, 3, 8, 2)]
+    evaluator = LabelWordEvaluator(prompts, [1, 0, 1, 0, 0], [" negative", " positive"], tiny_tokenizer, batch_size=2)
+    parts = evaluator.split()
+    assert [len(p.labels) for p in parts] == [2, 2, 1]
+    assert sorted(q for p in parts for q in p.prompts) == sorted(prompts)
+    assert [len(r) for p in parts for r in p._rows] == sorted(len(r) for r in evaluator._rows)  # shortest first
+    models = {"a": llama_for(tiny_tokenizer).eval(), "b": llama_for(tiny_tokenizer, intermediate_size=64).eval()}
+    for model in models.values():
+        assert sum(p.correct(model) for p in parts) == evaluator.correct(model)
+        whole = evaluator.logits(model)
+        for part in parts:
+            rows = [evaluator.prompts.index(q) for q in part.prompts]
+            torch.testing.assert_close(part.logits(model), whole[rows])
+    figures = interleaved_scoring(models, evaluator)
+    for name, model in models.items():
+        assert figures[name]["accuracy"] == evaluator.accuracy(model) and figures[name]["latency_ms"] > 0
+
+
 class _Scripted(torch.nn.Module):
     """`generate` appends each prompt's fixed text, to test the answer matching exactly."""
 

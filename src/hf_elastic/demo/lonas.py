@@ -3,8 +3,8 @@ latency.
 
 Importance reordering → `NASTrainer` → a per-layer latency table (PyTorch) → NSGA-II over the widths (ranks held at
 the max) on validation accuracy (each candidate scored on its sliced copy) against predicted latency → the front
-re-measured → three of its sub-networks (`pick_front`) merged, sliced and measured in PyTorch and OpenVINO, their
-batch latency timed in interleaved rounds (per runtime).
+re-measured → three of its sub-networks (`pick_front`) merged, sliced and exported to OpenVINO, then the test rows
+scored by every pick of a runtime in turn, batch by batch: test accuracy and batch latency in one pass.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 from ..models.arch import find_width_layers
 from ..tuners.elastic_lora.config import ElasticLoraConfig
 from .config import DemoConfig
-from .measure import decode_tokens_per_s, interleaved_latency_ms
+from .measure import decode_tokens_per_s, interleaved_scoring, size_mb
 from .progress import quiet_progress
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
@@ -232,18 +232,21 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
 
     ov_name = f"OpenVINO {cfg.openvino_weight_format.upper()}"
     picked: dict[str, Any] = {}
-    timed: dict[str, dict[str, Any]] = {"PyTorch": {}, ov_name: {}}  # runtime -> row -> model, timed at the end
+    scored: dict[str, dict[str, Any]] = {"PyTorch": {}, ov_name: {}}  # runtime -> row -> model, scored at the end
 
-    def pick_row(model: Any, folder: Path, params: int) -> dict[str, float]:  # batch latency: timed with the others
-        row = ctx.measure(model, folder, timed=False)
-        return row | {"decode_tok_s": decode_tokens_per_s(model, tokenizer), "params_m": params / 1e6}
+    def pick_row(model: Any, folder: Path, params: int) -> dict[str, float]:  # accuracy and latency: scored at the end
+        return {
+            "size_mb": size_mb(folder),
+            "decode_tok_s": decode_tokens_per_s(model, tokenizer),
+            "params_m": params / 1e6,
+        }
 
     for name, evaluation in picks.items():
         slug = name.replace(" ", "-")
         sub_dir = export_subnetwork(
             supernet, evaluation.config, out / f"subnet-{slug}", tokenizer=tokenizer, overwrite=True
         )
-        sub = timed["PyTorch"][f"{name} (PyTorch)"] = load_exported(sub_dir)
+        sub = scored["PyTorch"][f"{name} (PyTorch)"] = load_exported(sub_dir)
         params = sum(p.numel() for p in sub.parameters())
         rows[f"{name} (PyTorch)"] = pick_row(sub, sub_dir, params)
         ov_dir = export_openvino(
@@ -254,7 +257,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
             weight_format=cfg.openvino_weight_format,
             **({"group_size": cfg.group_size} if cfg.openvino_weight_format == "int4" else {}),
         )
-        ov = timed[ov_name][f"{name} ({ov_name})"] = load_openvino(ov_dir)
+        ov = scored[ov_name][f"{name} ({ov_name})"] = load_openvino(ov_dir)
         rows[f"{name} ({ov_name})"] = pick_row(ov, ov_dir, params)
         picked[name] = {
             "config": evaluation.config,
@@ -266,11 +269,11 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
             "openvino_folder": str(ov_dir),
         }
         ctx.lap(f"export and measure {name}")
-    for models in timed.values():  # one runtime at a time: one's idle threads never overlap the other's timing
-        for row, ms in interleaved_latency_ms(models, ctx.timed_eval, rounds=3 if cfg.quick else 7).items():
-            rows[row]["latency_ms"] = ms
-    del timed, sub, ov
-    ctx.lap("batch latency, interleaved")
+    for models in scored.values():  # one runtime at a time: one's idle threads never overlap the other's timing
+        for row, figures in interleaved_scoring(models, ctx.test_eval).items():
+            rows[row] |= figures
+    del scored, sub, ov
+    ctx.lap("test rows scored, interleaved")
     speedups = _speedups(rows, ov_name)
     for name, s in speedups.items():
         rows[name]["speedup"] = s["speedup_batch"]

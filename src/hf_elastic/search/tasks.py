@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from collections.abc import Iterator, Sequence
@@ -144,9 +145,24 @@ class LabelWordEvaluator(Evaluator):
                 model.train(training)
         return out
 
+    def split(self) -> list[LabelWordEvaluator]:
+        """One evaluator per batch that `logits` runs (the same prompts, padding and order), e.g. to time several
+        models batch by batch in turn; their correct answers add up to this evaluator's."""
+        parts = []
+        for part in _length_batches(self._rows, self.batch_size):
+            one = copy.copy(self)
+            one.prompts, one.labels = [self.prompts[i] for i in part], [self.labels[i] for i in part]
+            one._rows = [self._rows[i] for i in part]
+            parts.append(one)
+        return parts
+
+    def correct(self, model: Any) -> int:
+        """How many prompts' highest-scoring label word is the right one."""
+        return int((self.logits(model).argmax(-1) == torch.tensor(self.labels)).sum())
+
     def accuracy(self, model: Any) -> float:
         """The share of prompts whose highest-scoring label word is the right one."""
-        return int((self.logits(model).argmax(-1) == torch.tensor(self.labels)).sum()) / len(self.labels)
+        return self.correct(model) / len(self.labels)
 
     def __call__(self, supernet: SuperNetwork, config: SubnetConfig) -> float:
         return self.accuracy(supernet.model)
