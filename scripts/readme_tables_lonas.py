@@ -148,7 +148,8 @@ def lonas_demo_searches() -> str:
     (the same super-network), trained and searched with FFN width alone elastic at three widths and at four, run twice
     and three times; then with seed 1; then seeds 0 (twice) and 1 with faster training and scoring, and searched
     by the predictor with seeds 0 and 1; then trained with one random sub-network per step besides max and min and
-    searched from the uniform-width ladder, seeds 0 (twice) and 1: each run's picks with their accuracy and
+    searched from the uniform-width ladder, seeds 0 (twice) and 1; then seed 0 searched on sliced copies, timed as
+    before and with the test rows scored by the picks in turn (twice): each run's picks with their accuracy and
     speed-ups."""
     runs = {
         "ranks and widths searched": load(f"{AMD}/demo_lonas_rank_search.json"),
@@ -164,11 +165,14 @@ def lonas_demo_searches() -> str:
         "seed 1, faster": load(f"{AMD}/demo_lonas_seed1_faster.json"),
         "seed 0, predictor-guided search": load(f"{AMD}/demo_lonas_predictor.json"),
         "seed 1, predictor-guided search": load(f"{AMD}/demo_lonas_predictor_seed1.json"),
-        "seed 0, sandwich_k=1 (one random sub-network per step) and the uniform ladder (the defaults now)": load(
-            RUNS["lonas"]
+        "seed 0, sandwich_k=1 (one random sub-network per step) and the uniform ladder": load(
+            f"{AMD}/demo_lonas_k1.json"
         ),
         "seed 0, sandwich_k=1 and the ladder, run again": load(f"{AMD}/demo_lonas_k1_repeat.json"),
         "seed 1, sandwich_k=1 and the ladder": load(f"{AMD}/demo_lonas_k1_seed1.json"),
+        "seed 0, searched on sliced copies (timed as before)": load(f"{AMD}/demo_lonas_sliced_search.json"),
+        "seed 0, sliced search, test rows scored in turn (the defaults now)": load(RUNS["lonas"]),
+        "seed 0, the defaults now, run again": load(f"{AMD}/demo_lonas_sliced_repeat.json"),
     }
     rows = []
     for label, run in runs.items():
