@@ -27,6 +27,7 @@ from readme_tables_lonas import (
     lonas_order_trained,
     lonas_order_zero_shot,
     lonas_ranks,
+    lonas_sandwich_k,
 )
 from table_helpers import AMD, DASH, UNRECORDED, load, markdown, num, pct, seed_rows
 
@@ -377,6 +378,7 @@ TABLES: dict[str, Callable[[], str]] = {
         lonas_order_zero_shot,
         lonas_order_trained,
         lonas_ablation,
+        lonas_sandwich_k,
         sparse_quality,
         nls_step,
         nas_trainer,

@@ -66,6 +66,20 @@ def lonas_ablation() -> str:
     return markdown([*header, "FFN 50 % over uniform (points)"], rows)
 
 
+def lonas_sandwich_k() -> str:
+    """Sandwich sampling with 0 or 1 random sub-network per step besides max and min, at equal compute: test accuracy
+    per uniform FFN width, mean ± std over the seeds, and the gain at 62.5 % FFN with its standard error."""
+    trained = load(f"{AMD}/lonas_training_sandwich_k.json")["results"]["trained"]
+    labels = {
+        "sandwich+ffn4": "sandwich_k=0: max + min, 40 steps",
+        "sandwich+ffn4+k1": "sandwich_k=1: max + min + one random, 27 steps (the demo's)",
+    }
+    columns = ("ffn_100", "ffn_75", "ffn_62.5", "ffn_50")
+    rows = seed_rows(trained, labels, columns, "sandwich+ffn4", "ffn_62.5")
+    header = ["sampling", "seeds", "max (100 %)", "FFN 75 %", "FFN 62.5 %", "FFN 50 %"]
+    return markdown([*header, "FFN 62.5 % over sandwich_k=0 (points)"], rows)
+
+
 def lonas_front() -> str:
     data = load(f"{UNRECORDED}/demo_lonas_uniform.json")
     rows, subnets = data["rows"], data["subnets"]
