@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +14,20 @@ from ..devices import module_device
 from ..search.tasks import LabelWordEvaluator
 
 
-def latency_ms(model: Any, evaluator: LabelWordEvaluator, repeats: int = 3) -> float:
-    """Median time for `model` to score the evaluator's prompts after one untimed run (one batch of 16 in the demo)."""
-    evaluator.logits(model)
+def _median_seconds(run: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of `repeats` calls of `run`, after one untimed call."""
+    run()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        evaluator.logits(model)
+        run()
         times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return statistics.median(times)
+
+
+def latency_ms(model: Any, evaluator: LabelWordEvaluator, repeats: int = 3) -> float:
+    """Median time for `model` to score the evaluator's prompts after one untimed run (one batch of 16 in the demo)."""
+    return 1000 * _median_seconds(lambda: evaluator.logits(model), repeats)
 
 
 def interleaved_scoring(models: dict[str, Any], evaluator: LabelWordEvaluator) -> dict[str, dict[str, float]]:
@@ -47,13 +53,7 @@ def decode_tokens_per_s(model: Any, tokenizer: Any, new_tokens: int = 32, repeat
     """Greedy decoding speed for one prompt: median of `repeats` runs after an untimed one."""
     inputs = tokenizer("The best snack I ever bought was", return_tensors="pt").to(module_device(model))
     kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
-    model.generate(**inputs, **kwargs)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(**inputs, **kwargs)
-        times.append(time.perf_counter() - start)
-    return new_tokens / statistics.median(times)
+    return new_tokens / _median_seconds(lambda: model.generate(**inputs, **kwargs), repeats)
 
 
 def size_mb(folder: Path) -> float:
