@@ -47,7 +47,6 @@ class ExtractedSubnetwork:
     physically sliced copy; everything else (`space`, `count`, ...) is read from `supernet`."""
 
     model: nn.Module
-    config: SubnetConfig
     supernet: SuperNetwork
 
     def __getattr__(self, name: str) -> Any:
@@ -61,7 +60,7 @@ def extracted_subnetwork(supernet: SuperNetwork, config: SubnetConfig) -> Iterat
     merged layers is freed after the block."""
     model = supernet.extract_model(config, share_weights=True).eval()
     try:
-        yield ExtractedSubnetwork(model, config, supernet)
+        yield ExtractedSubnetwork(model, supernet)
     finally:
         del model
         trim_heap()
