@@ -113,6 +113,11 @@ def test_generated_options_build_the_configs(tmp_path):
 
     search_args = build_parser().parse_args(["search", "a", "--base", "b", "--output", "o", "--reference-subnets"])
     assert search_args.reference_subnets == [] and search_args.budget == 40 and search_args.progress is True
+    assert search_args.score_extracted == "auto"
+    for flag, value in (("--score-extracted", True), ("--no-score-extracted", False)):
+        assert (
+            build_parser().parse_args(["search", "a", "--base", "b", "--output", "o", flag]).score_extracted is value
+        )
     demo = build_parser().parse_args(["demo", "--output", "x", "--train-steps", "12", "--rank-choices", "8", "4"])
     assert (demo.output_dir, demo.train_steps, demo.rank_choices, demo.method) == ("x", 12, [8, 4], "lonas")
     assert build_parser().parse_args(["--verbose", "demo"]).verbose is True

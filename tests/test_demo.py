@@ -143,6 +143,7 @@ def test_demo_lonas_mode_searches_width_against_latency(
     assert set(summary["speedups"]) == {n for n in rows if n not in ("dense (zero-shot)", "max (PyTorch)",
                                                                       "max (OpenVINO INT8)")}  # fmt: skip
     assert summary["goal"]["text"].startswith(("goal met", "goal missed"))
+    assert "(PyTorch)" in summary["goal"]["text"] and "OpenVINO" not in summary["goal"]["text"]  # judged in PyTorch
     assert "test rows scored, interleaved" in summary["seconds"]
     assert summary["latency_model"]["front_size"] == summary["search"]["front"]
     assert json.loads((tmp_path / "search" / "search.json").read_text())["strategy"] == cfg.search_strategy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -34,6 +35,7 @@ from hf_elastic import (
     get_supernet,
 )
 from hf_elastic.data import encode_text
+from hf_elastic.devices import free_memory
 from hf_elastic.search import (
     STRATEGIES,
     ExactMatchEvaluator,
@@ -47,6 +49,7 @@ from hf_elastic.search import (
     pareto_front,
     search_subnetworks,
 )
+from hf_elastic.search.scoring import extraction_bytes, scores_extracted
 
 LLAMA = ARCHS["llama"]
 QUIET = {"progress": False}
@@ -632,7 +635,9 @@ def test_score_extracted_scores_the_sliced_copy_with_the_same_values(supernet, b
 
     common = {"strategy": "random", "budget": 4, "seed": 2, "reference_subnets": ("max", "min"), "progress": False}
     evaluators = [LossEvaluator(batches), FfnWidth()]
-    masked = search_subnetworks(supernet, evaluators, SearchConfig(objectives=("loss", "ffn_width"), **common))
+    masked = search_subnetworks(
+        supernet, evaluators, SearchConfig(objectives=("loss", "ffn_width"), score_extracted=False, **common)
+    )
     masked_widths, widths[:] = list(widths), []
     extracted = search_subnetworks(
         supernet, evaluators, SearchConfig(objectives=("loss", "ffn_width"), score_extracted=True, **common)
@@ -644,6 +649,46 @@ def test_score_extracted_scores_the_sliced_copy_with_the_same_values(supernet, b
     assert masked_widths == [full] * 4  # the masked super-network keeps every channel ...
     assert widths == [e.config["0.ffn"] for e in extracted.evaluations] and min(widths) < full  # ... the copy not
     assert supernet.active_config == supernet.space.max_config()
+    assert (masked.info["score_extracted"], extracted.info["score_extracted"]) == (False, True)
+
+
+def test_extraction_bytes_bounds_what_an_extracted_copy_adds(supernet):
+    def tensors(model):
+        return itertools.chain(model.parameters(), model.buffers())
+
+    shared = {t.untyped_storage().data_ptr() for t in tensors(supernet.model)}
+    bound = extraction_bytes(supernet)
+    for name in ("max", "median", "min"):
+        model = supernet.extract_model(name, share_weights=True)
+        added = sum(
+            t.numel() * t.element_size() for t in tensors(model) if t.untyped_storage().data_ptr() not in shared
+        )
+        assert 0 < added <= bound, name
+    base = supernet.base
+    total = sum(p.numel() * p.element_size() for n, p in base.named_parameters() if "lora_" not in n)
+    assert bound < total  # the embeddings, norms and LM head are shared, never counted
+
+
+def test_score_extracted_auto_follows_the_free_memory(supernet, monkeypatch):
+    import hf_elastic.search.scoring as scoring
+
+    assert scores_extracted(supernet, True) and not scores_extracted(supernet, False)
+    need = extraction_bytes(supernet)
+    monkeypatch.setattr(scoring, "free_memory", lambda device: 2 * need)
+    assert scores_extracted(supernet, "auto")
+    monkeypatch.setattr(scoring, "free_memory", lambda device: 2 * need - 1)
+    assert not scores_extracted(supernet, "auto")
+    monkeypatch.setattr(scoring, "free_memory", lambda device: None)  # a device whose free memory is unknown
+    assert not scores_extracted(supernet, "auto")
+    assert free_memory("cpu") > 0
+    monkeypatch.setattr(scoring, "free_memory", lambda device: 2 * need)
+    ranks_only = SimpleNamespace(space=supernet.space.fixed(["ffn", "heads"]))  # NLS: nothing to slice
+    assert not scores_extracted(ranks_only, "auto")
+
+
+def test_score_extracted_takes_a_bool_or_auto():
+    with pytest.raises(ValueError, match=r"SearchConfig.score_extracted='yes' must be of type"):
+        SearchConfig(score_extracted="yes")
 
 
 # ---------------------------------------------------------------------------------------------------- entry points

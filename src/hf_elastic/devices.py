@@ -70,6 +70,19 @@ def module_device(model: Any) -> torch.device:
         return torch.device(getattr(model, "device", "cpu"))
 
 
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes that can still be allocated on `device`: free GPU memory (`torch.cuda.mem_get_info`), or the host's
+    available RAM for the CPU; `None` where it cannot be told (other devices)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        import psutil  # an accelerate dependency
+
+        return psutil.virtual_memory().available
+    return None
+
+
 @functools.cache
 def _libc() -> Any:
     try:

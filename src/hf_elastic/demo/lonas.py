@@ -281,7 +281,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
     return {
         "subnets": picked,
         "speedups": speedups,
-        "goal": goal(speedups, cfg.accuracy_tolerance),
+        "goal": goal({n: s for n, s in speedups.items() if n.endswith("(PyTorch)")}, cfg.accuracy_tolerance),
         "latency_model": latency_model,
         "search": {"evaluated": len(result.evaluations), "front": len(result.front), "accuracy_floor": floor},
         "search_dir": out / "search-measured",
@@ -317,7 +317,8 @@ def _speedups(rows: dict[str, dict[str, Any]], ov_name: str) -> dict[str, dict[s
 
 def goal(speedups: dict[str, dict[str, float]], tolerance: float) -> dict[str, Any]:
     """Whether some sub-network is at least 1.3x faster than the max one (same runtime) within `tolerance`; the text
-    names the fastest one within `tolerance` (or, if none is, the fastest one)."""
+    names the fastest one within `tolerance` (or, if none is, the fastest one). The demo passes the PyTorch rows:
+    the goal is set on PyTorch batch scoring, and the OpenVINO speed-ups are reported beside it."""
     within = {name: s for name, s in speedups.items() if round(s["accuracy_change"], 9) >= -tolerance}  # float noise
     met = {name: s for name, s in within.items() if s["speedup_batch"] >= 1.3}
     fastest = lambda group: max(group.items(), key=lambda kv: kv[1]["speedup_batch"])  # noqa: E731

@@ -291,15 +291,17 @@ class _Model:
             s.layers * sum(i * o * (self.m.export_ffn if g.startswith("mlp") else 1) for _, g, i, o in s.linears)
         )
 
-    def changed_bytes(self) -> int:
-        """Bytes of the weights the export merges or slices (the others are shared with the super-network)."""
+    def changed_bytes(self, ffn: float | None = None) -> int:
+        """Bytes of the weights the export merges or slices (the others are shared with the super-network), the FFN
+        at fraction `ffn` of its width (default: `export_ffn`); at 1.0, the most a search's extracted copy adds."""
         s, m = self.shape, self.m
+        ffn = m.export_ffn if ffn is None else ffn
         per_weight = self.quant_bytes_per_weight(False) if m.bits is not None else self.a
         changed = 0
         for name, group, i, o in s.linears:
             sliced = m.widths and group.startswith("mlp")
             if self.adapted(name) or sliced:
-                changed += i * o * (m.export_ffn if sliced else 1)
+                changed += i * o * (ffn if sliced else 1)
         return int(s.layers * changed * per_weight)
 
     def max_weight(self) -> int:
@@ -474,7 +476,8 @@ def plan_memory(
         + model.adapters()
         + max(model.logits_eval(eval_tokens), model.forward_transient(eval_tokens))
     )
-    stages.append(StageMemory("search", int(search), loaded, "unmerged super-network, loss on one batch"))
+    copy = f"+{_gib(model.changed_bytes(ffn=1.0))} GiB to score extracted copies (score_extracted)"
+    stages.append(StageMemory("search", int(search), loaded, f"unmerged super-network, loss on one batch; {copy}"))
     stages.append(_export(model, loaded))
     stages.append(_openvino(model))
     return MemoryPlan(

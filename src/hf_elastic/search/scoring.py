@@ -5,15 +5,22 @@ physically sliced model (`extracted_subnetwork`, `SearchConfig.score_extracted`)
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
+import torch
 import torch.nn as nn
 
-from ..devices import trim_heap
+from ..devices import free_memory, module_device, trim_heap
+from ..models.arch import base_layer
 from ..nas.search_space import SubnetConfig
 from ..nas.supernet import SuperNetwork
+
+EXTRACT_SHARE = 0.5
+"""`score_extracted="auto"` scores on extracted copies when the largest copy takes at most this share of the free
+memory: the rest is left to the scored batches' activations."""
 
 
 @contextlib.contextmanager
@@ -64,3 +71,35 @@ def extracted_subnetwork(supernet: SuperNetwork, config: SubnetConfig) -> Iterat
     finally:
         del model
         trim_heap()
+
+
+def extraction_bytes(supernet: SuperNetwork) -> int:
+    """The most memory `extracted_subnetwork` adds for any sub-network of `supernet`: the full-size weights of every
+    module that extraction merges (an adapter) or slices (a width layer's projections with an elastic width)."""
+    modules = {id(m): m for m in (base_layer(lora) for lora in supernet.lora_modules.values())}
+    for layer in supernet.width_layers:
+        rels: list[str] = []
+        for kind, slices in (("ffn", layer.ffn_slices), ("heads", layer.head_slices)):
+            dim = supernet.space.dimensions.get(f"{layer.index}.{kind}")
+            if dim is not None and len(dim.choices) > 1:
+                units = layer.ffn_dim if kind == "ffn" else layer.num_kv_heads
+                rels += slices(torch.arange(units))
+        for rel in rels:
+            module = base_layer(supernet.base.get_submodule(layer.path(rel)))
+            modules[id(module)] = module
+    tensors = itertools.chain.from_iterable(
+        itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)) for m in modules.values()
+    )
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def scores_extracted(supernet: SuperNetwork, setting: bool | Literal["auto"]) -> bool:
+    """Whether a search with `SearchConfig.score_extracted=setting` scores on extracted copies: `"auto"` does when
+    some FFN width or head count is elastic (with ranks alone the copy computes what the super-network does) and
+    `extraction_bytes` is at most `EXTRACT_SHARE` of the free memory of the super-network's device."""
+    if setting != "auto":
+        return setting
+    if not any(d.kind in ("ffn", "heads") and len(d.choices) > 1 for d in supernet.space):
+        return False
+    free = free_memory(module_device(supernet.model))
+    return free is not None and extraction_bytes(supernet) <= EXTRACT_SHARE * free

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch.nn as nn
 from peft import PeftModel
@@ -34,7 +34,7 @@ from .evaluators import (
 from .heuristics import HEURISTICS, activation_based_config, activation_importance, loss_based_config
 from .predictor import predictor_search
 from .result import Evaluation, SearchResult
-from .scoring import extracted_subnetwork, merged_subnetwork
+from .scoring import extracted_subnetwork, merged_subnetwork, scores_extracted
 
 STRATEGIES = ("nsga2", "predictor", "random", *HEURISTICS)
 SEARCHED = ("nsga2", "predictor", "random")  # the strategies that spend `budget`
@@ -117,13 +117,15 @@ class SearchConfig:
     calibration_batches: int = field(
         default=4, metadata={"help": "activation_based: number of calibration batches to run."}
     )
-    score_extracted: bool = field(
-        default=False,
+    score_extracted: bool | Literal["auto"] = field(
+        default="auto",
         metadata={
             "help": "Score each sub-network on its extracted copy (SuperNetwork.extract_model: adapters merged, cut "
             "FFN channels and heads removed) rather than on the masked super-network: the same function at the cost "
             "of the widths kept (about 1.5x faster at 62.5 % FFN on SmolLM2-135M), for the evaluators that only read "
-            "the model (scores_merged). Holds a merged copy of the adapted layers while each sub-network is scored."
+            "the model (scores_merged). Holds a merged copy of the adapted and sliced layers while each sub-network "
+            "is scored; 'auto' does so when some width is elastic and that copy takes at most half the device's "
+            "free memory."
         },
     )
     progress: bool = field(default=True, metadata={"help": "Show a tqdm progress bar with the current best."})
@@ -263,7 +265,7 @@ class SubnetSearch:
         self.directions = [e.direction for e in self.evaluators]
         # quantization-aware adapters merge exactly (new codes, restored bit for bit), so quality is scored merged
         self._merge = self.supernet is not None and bool(self.supernet.config.quantization_aware)
-        self._extract = self.supernet is not None and self.config.score_extracted
+        self._extract = self.supernet is not None and scores_extracted(self.supernet, self.config.score_extracted)
         self.calibration_data = calibration_data
         if calibration_data is None:
             self.calibration_data = next((e.batches for e in self.evaluators if hasattr(e, "batches")), None)
@@ -479,6 +481,7 @@ class SubnetSearch:
             "cache_hits": self.cache_hits,
             "wall_time_s": time.perf_counter() - start,
             "reference_subnets": list(cfg.reference_subnets),
+            "score_extracted": self._extract,
         } | ({"predictor": self.predictor_info} if cfg.strategy == "predictor" else {})
         return SearchResult(self.space, self.objectives, self.directions, evaluations, cfg.strategy, cfg.seed, info)
 
