@@ -81,6 +81,7 @@ def test_relations_that_must_hold(llama3):
     assert plan_memory(llama3, "sqft", seq_len=1024).stage("search").device > sqft.stage("search").device
     # an extracted copy at full width: q, k, v adapted; gate, up, down sliced (6.44e9 weights in bf16)
     assert "+12.0 GiB to score extracted copies" in lonas.stage("search").note
+    assert "extracted" not in sqft.stage("search").note  # ranks alone: nothing to slice, never extracted
     two = plan_memory(llama3, "sqft", seq_len=512, gpus=2)
     assert max(o.micro_batch * o.accumulation for o in two.train_options) == 8
 

@@ -672,18 +672,18 @@ def test_extraction_bytes_bounds_what_an_extracted_copy_adds(supernet):
 def test_score_extracted_auto_follows_the_free_memory(supernet, monkeypatch):
     import hf_elastic.search.scoring as scoring
 
-    assert scores_extracted(supernet, True) and not scores_extracted(supernet, False)
+    space = supernet.space
+    assert scores_extracted(supernet, space, True) and not scores_extracted(supernet, space, False)
     need = extraction_bytes(supernet)
     monkeypatch.setattr(scoring, "free_memory", lambda device: 2 * need)
-    assert scores_extracted(supernet, "auto")
+    assert scores_extracted(supernet, space, "auto")
     monkeypatch.setattr(scoring, "free_memory", lambda device: 2 * need - 1)
-    assert not scores_extracted(supernet, "auto")
+    assert not scores_extracted(supernet, space, "auto")
     monkeypatch.setattr(scoring, "free_memory", lambda device: None)  # a device whose free memory is unknown
-    assert not scores_extracted(supernet, "auto")
+    assert not scores_extracted(supernet, space, "auto")
     assert free_memory("cpu") > 0
     monkeypatch.setattr(scoring, "free_memory", lambda device: 2 * need)
-    ranks_only = SimpleNamespace(space=supernet.space.fixed(["ffn", "heads"]))  # NLS: nothing to slice
-    assert not scores_extracted(ranks_only, "auto")
+    assert not scores_extracted(supernet, space.fixed(["ffn", "heads"]), "auto")  # ranks alone: nothing to slice
 
 
 def test_score_extracted_takes_a_bool_or_auto():

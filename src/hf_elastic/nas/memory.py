@@ -476,8 +476,10 @@ def plan_memory(
         + model.adapters()
         + max(model.logits_eval(eval_tokens), model.forward_transient(eval_tokens))
     )
-    copy = f"+{_gib(model.changed_bytes(ffn=1.0))} GiB to score extracted copies (score_extracted)"
-    stages.append(StageMemory("search", int(search), loaded, f"unmerged super-network, loss on one batch; {copy}"))
+    note = "unmerged super-network, loss on one batch"
+    if method.widths:  # with ranks alone, score_extracted="auto" keeps to the super-network
+        note += f"; +{_gib(model.changed_bytes(ffn=1.0))} GiB to score extracted copies (score_extracted)"
+    stages.append(StageMemory("search", int(search), loaded, note))
     stages.append(_export(model, loaded))
     stages.append(_openvino(model))
     return MemoryPlan(

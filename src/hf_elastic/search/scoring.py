@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from ..devices import free_memory, module_device, trim_heap
 from ..models.arch import base_layer
-from ..nas.search_space import SubnetConfig
+from ..nas.search_space import SearchSpace, SubnetConfig
 from ..nas.supernet import SuperNetwork
 
 EXTRACT_SHARE = 0.5
@@ -93,13 +93,14 @@ def extraction_bytes(supernet: SuperNetwork) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def scores_extracted(supernet: SuperNetwork, setting: bool | Literal["auto"]) -> bool:
-    """Whether a search with `SearchConfig.score_extracted=setting` scores on extracted copies: `"auto"` does when
-    some FFN width or head count is elastic (with ranks alone the copy computes what the super-network does) and
-    `extraction_bytes` is at most `EXTRACT_SHARE` of the free memory of the super-network's device."""
+def scores_extracted(supernet: SuperNetwork, space: SearchSpace, setting: bool | Literal["auto"]) -> bool:
+    """Whether a search of `space` with `SearchConfig.score_extracted=setting` scores on extracted copies: `"auto"`
+    does when some FFN width or head count in `space` is elastic (with ranks alone the copy computes what the
+    super-network does) and `extraction_bytes` is at most `EXTRACT_SHARE` of the free memory of the super-network's
+    device."""
     if setting != "auto":
         return setting
-    if not any(d.kind in ("ffn", "heads") and len(d.choices) > 1 for d in supernet.space):
+    if not any(d.kind in ("ffn", "heads") and len(d.choices) > 1 for d in space):
         return False
     free = free_memory(module_device(supernet.model))
     return free is not None and extraction_bytes(supernet) <= EXTRACT_SHARE * free

@@ -265,7 +265,9 @@ class SubnetSearch:
         self.directions = [e.direction for e in self.evaluators]
         # quantization-aware adapters merge exactly (new codes, restored bit for bit), so quality is scored merged
         self._merge = self.supernet is not None and bool(self.supernet.config.quantization_aware)
-        self._extract = self.supernet is not None and scores_extracted(self.supernet, self.config.score_extracted)
+        self._extract = self.supernet is not None and scores_extracted(
+            self.supernet, self.space, self.config.score_extracted
+        )
         self.calibration_data = calibration_data
         if calibration_data is None:
             self.calibration_data = next((e.batches for e in self.evaluators if hasattr(e, "batches")), None)
