@@ -95,3 +95,21 @@ def test_search_uses_the_predictor_and_remeasures_the_front(supernet, table):
     assert [e.key for e in again.evaluations] == [e.key for e in result.front]
     assert again.info["predicted"] == {e.key: e.values["latency"] for e in result.front}
     assert all(e.values["latency"] > 0 for e in again.evaluations) and supernet.active_config == active
+
+
+def test_remeasure_interleaved_times_the_front_in_turns(supernet, table, monkeypatch):
+    quality = FunctionEvaluator(lambda c: float(c["0.ffn"] + c["1.ffn"] + c["0.heads"]), "accuracy", "maximize")
+    config = SearchConfig(strategy="random", objectives=("accuracy", "latency"), budget=6, seed=0, progress=False)
+    result = search_subnetworks(supernet, [quality, PredictedLatencyEvaluator(table)], config)
+    front, active = result.front, supernet.active_config
+    timer = LatencyEvaluator(batch_size=1, seq_len=16, warmup=1, repeats=2)
+    again = remeasure(result, supernet, timer, interleaved=True)  # sliced copies, held together
+    assert [e.key for e in again.evaluations] == [e.key for e in front] and len(front) > 1
+    assert all(e.values["latency"] > 0 for e in again.evaluations) and supernet.active_config == active
+    order = []
+    activate = type(supernet).activate
+    monkeypatch.setattr(type(supernet), "activate", lambda self, c: (order.append(c), activate(self, c))[1])
+    masked = LatencyEvaluator(batch_size=1, seq_len=16, warmup=1, repeats=2, extract=False)
+    remeasure(result, supernet, masked, interleaved=True)
+    configs = [e.config for e in front]
+    assert order == configs * 3 + [active]  # one warm-up and two timed rounds, each over the whole front in turn

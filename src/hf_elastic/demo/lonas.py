@@ -214,7 +214,7 @@ def run_lonas(ctx: Any) -> dict[str, Any]:
     ctx.lap("search")
 
     timer = LatencyEvaluator(batch_size=4, seq_len=cfg.max_length, repeats=3 if cfg.quick else 5)
-    measured = remeasure(result, supernet, timer)
+    measured = remeasure(result, supernet, timer, interleaved=True)
     measured.save(out / "search-measured")
     predicted = [measured.info["predicted"][e.key] for e in measured.evaluations]
     actual = [e.values["latency"] for e in measured.evaluations]

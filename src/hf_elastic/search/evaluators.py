@@ -376,19 +376,37 @@ class LatencyEvaluator(Evaluator):
         return {"input_ids": torch.randint(0, vocab, (self.batch_size, self.seq_len), generator=g)}
 
     def __call__(self, supernet: SuperNetwork | None, config: SubnetConfig) -> float:
-        model = supernet.extract_model(config).eval() if self.extract else supernet.model
-        device = _device_of(model, None)
-        inputs = {k: v.to(device) for k, v in self._inputs(model).items()}
-        times = []
-        with torch.no_grad():
-            synchronize(device)  # the extraction's copies and merges may still be queued
-            for i in range(self.warmup + self.repeats):
-                start = time.perf_counter()
-                model(**inputs)
-                synchronize(device)
-                if i >= self.warmup:
-                    times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1000.0
+        return self.interleaved(supernet, {"": config})[""]
+
+    def interleaved(self, supernet: SuperNetwork, configs: Mapping[str, SubnetConfig]) -> dict[str, float]:
+        """The latency of each of `configs` (by key), timed in turns: each round runs every sub-network once, so a
+        slow spell of the machine falls on all of them alike rather than on whichever was timed then. With `extract`
+        every sub-network's sliced copy is held at once (`extract_model(share_weights=True)`: the merged and sliced
+        layers); otherwise the super-network switches between them."""
+        if self.extract:
+            models = {k: supernet.extract_model(c, share_weights=True).eval() for k, c in configs.items()}
+        else:
+            models, active = dict.fromkeys(configs, supernet.model), supernet.active_config
+        first = next(iter(models.values()), supernet.model)
+        device = _device_of(first, None)
+        inputs = {k: v.to(device) for k, v in self._inputs(first).items()}
+        times: dict[str, list[float]] = {k: [] for k in configs}
+        try:
+            with torch.no_grad():
+                synchronize(device)  # the extraction's copies and merges may still be queued
+                for i in range(self.warmup + self.repeats):
+                    for key, config in configs.items():
+                        if not self.extract:
+                            supernet.activate(config)
+                        start = time.perf_counter()
+                        models[key](**inputs)
+                        synchronize(device)
+                        if i >= self.warmup:
+                            times[key].append(time.perf_counter() - start)
+        finally:
+            if not self.extract:
+                supernet.activate(active)
+        return {key: statistics.median(t) * 1000.0 for key, t in times.items()}
 
 
 def _check_direction(direction: str) -> None:

@@ -309,26 +309,35 @@ def remeasure(
     evaluator: Evaluator | None = None,
     objective: str = "latency",
     front_only: bool = True,
+    interleaved: bool = False,
 ) -> SearchResult:
     """Measure `objective` again for the front (or every evaluation) of `result` with a real evaluator.
 
     Returns a new `SearchResult` of those evaluations with the measured values (default evaluator:
-    `LatencyEvaluator()`); `info["predicted"]` keeps the values the search used, by key.
+    `LatencyEvaluator()`); `info["predicted"]` keeps the values the search used, by key. With `interleaved` a
+    `LatencyEvaluator` times them in turns (`LatencyEvaluator.interleaved`: steadier ranks, but every sliced copy is
+    held at once); otherwise one after the other.
     """
     result._check_objective(objective)
     evaluator = evaluator or LatencyEvaluator()
     chosen = result.front if front_only else result.valid
-    evaluations, predicted, active = [], {}, supernet.active_config
-    try:
-        for e in chosen:
-            new = copy.deepcopy(e)
-            predicted[e.key] = e.values[objective]
-            if evaluator.needs_model:
-                supernet.activate(e.config)
-            new.values[objective] = float(evaluator(supernet, e.config))
-            evaluations.append(new)
-    finally:
-        supernet.activate(active)
+    predicted = {e.key: e.values[objective] for e in chosen}
+    if interleaved and isinstance(evaluator, LatencyEvaluator):
+        measured = evaluator.interleaved(supernet, {e.key: e.config for e in chosen})
+    else:
+        measured, active = {}, supernet.active_config
+        try:
+            for e in chosen:
+                if evaluator.needs_model:
+                    supernet.activate(e.config)
+                measured[e.key] = float(evaluator(supernet, e.config))
+        finally:
+            supernet.activate(active)
+    evaluations = []
+    for e in chosen:
+        new = copy.deepcopy(e)
+        new.values[objective] = measured[e.key]
+        evaluations.append(new)
     info = dict(result.info) | {"predicted": predicted, "remeasured": objective}
     return SearchResult(
         result.space, list(result.objectives), list(result.directions), evaluations, result.strategy, result.seed, info
