@@ -163,7 +163,7 @@ def lonas_demo_searches() -> str:
     and three times; then with seed 1; then seeds 0 (twice) and 1 with faster training and scoring, and searched
     by the predictor with seeds 0 and 1; then trained with one random sub-network per step besides max and min and
     searched from the uniform-width ladder, seeds 0 (twice) and 1; then seed 0 searched on sliced copies, timed as
-    before and with the test rows scored by the picks in turn (twice, then three times more at the next stop):
+    before and with the test rows scored by the picks in turn (twice, then four times more at the next stop):
     each run's picks with their accuracy and speed-ups."""
     runs = {
         "ranks and widths searched": load(f"{AMD}/demo_lonas_rank_search.json"),
@@ -191,6 +191,9 @@ def lonas_demo_searches() -> str:
         "seed 0, the defaults now, a fourth run (next stop)": load(f"{AMD}/demo_lonas_defaults_run4.json"),
         "seed 0, a fifth run, the goal judged in PyTorch only (next stop)": load(
             f"{AMD}/demo_lonas_defaults_run5.json"
+        ),
+        "seed 0, a sixth run, the front re-measured in turns (next stop)": load(
+            f"{AMD}/demo_lonas_defaults_run6.json"
         ),
     }
     rows = []
