@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 import torch.nn as nn
 
 from ..devices import free_memory, module_device, trim_heap
 from ..models.arch import base_layer
 from ..nas.search_space import SearchSpace, SubnetConfig
 from ..nas.supernet import SuperNetwork
+from ..tuners.elastic_lora.width import WIDTH_KINDS
 
 EXTRACT_SHARE = 0.5
 """`score_extracted="auto"` scores on extracted copies when the largest copy takes at most this share of the free
@@ -75,20 +75,13 @@ def extracted_subnetwork(supernet: SuperNetwork, config: SubnetConfig) -> Iterat
 
 def extraction_bytes(supernet: SuperNetwork) -> int:
     """The most memory `extracted_subnetwork` adds for any sub-network of `supernet`: the full-size weights of every
-    module that extraction merges (an adapter) or slices (a width layer's projections with an elastic width)."""
-    modules = {id(m): m for m in (base_layer(lora) for lora in supernet.lora_modules.values())}
-    for layer in supernet.width_layers:
-        rels: list[str] = []
-        for kind, slices in (("ffn", layer.ffn_slices), ("heads", layer.head_slices)):
-            dim = supernet.space.dimensions.get(f"{layer.index}.{kind}")
-            if dim is not None and len(dim.choices) > 1:
-                units = layer.ffn_dim if kind == "ffn" else layer.num_kv_heads
-                rels += slices(torch.arange(units))
-        for rel in rels:
-            module = base_layer(supernet.base.get_submodule(layer.path(rel)))
-            modules[id(module)] = module
+    module that extraction merges (an adapter) or slices (one that the narrowest sub-network cuts)."""
+    sliced = supernet.geometry.kept_indices(supernet.space.min_config())
+    modules = [base_layer(m) for m in supernet.lora_modules.values()]
+    modules += [base_layer(supernet.base.get_submodule(path)) for path in sliced]
+    unique = {id(m): m for m in modules}.values()
     tensors = itertools.chain.from_iterable(
-        itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)) for m in modules.values()
+        itertools.chain(m.parameters(recurse=False), m.buffers(recurse=False)) for m in unique
     )
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -100,7 +93,7 @@ def scores_extracted(supernet: SuperNetwork, space: SearchSpace, setting: bool |
     device."""
     if setting != "auto":
         return setting
-    if not any(d.kind in ("ffn", "heads") and len(d.choices) > 1 for d in space):
+    if not any(d.kind in WIDTH_KINDS and len(d.choices) > 1 for d in space):
         return False
     free = free_memory(module_device(supernet.model))
     return free is not None and extraction_bytes(supernet) <= EXTRACT_SHARE * free
