@@ -33,7 +33,7 @@ CARDS = ROOT / "model_cards"
 TEMPLATE = CARDS / "templates" / "demo_run_card.md"
 # demo method -> its run under benchmarks/results/
 RUNS = {
-    "lonas": "amd-epyc-avx512/demo_lonas.json",
+    "lonas": "amd-epyc-avx512/demo_lonas_ffn5.json",
     "shears": "amd-epyc-avx512/demo_shears.json",
     "sqft": "amd-epyc-avx512/demo_sqft.json",
     "sqft-qa": "amd-epyc-avx512/demo_sqft_qa.json",

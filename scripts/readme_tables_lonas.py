@@ -67,16 +67,18 @@ def lonas_ablation() -> str:
 
 
 def lonas_sandwich_k() -> str:
-    """Sandwich sampling with 0 or 1 random sub-network per step besides max and min, at equal compute: test accuracy
-    per uniform FFN width, mean ± std over the seeds, and the gain at 62.5 % FFN with its standard error."""
+    """Sandwich sampling with 0 or 1 random sub-network per step besides max and min (and with 56.25 % FFN added), at
+    equal compute: test accuracy per uniform FFN width, mean ± std over the seeds, and the gain at 62.5 % FFN with
+    its standard error."""
     trained = load(f"{AMD}/lonas_training_sandwich_k.json")["results"]["trained"]
     labels = {
         "sandwich+ffn4": "sandwich_k=0: max + min, 40 steps",
-        "sandwich+ffn4+k1": "sandwich_k=1: max + min + one random, 27 steps (the demo's)",
+        "sandwich+ffn4+k1": "sandwich_k=1: max + min + one random, 27 steps",
+        "sandwich+ffn5+k1": "sandwich_k=1 with 56.25 % FFN added (the demo's)",
     }
-    columns = ("ffn_100", "ffn_75", "ffn_62.5", "ffn_50")
+    columns = ("ffn_100", "ffn_75", "ffn_62.5", "ffn_56.25", "ffn_50")
     rows = seed_rows(trained, labels, columns, "sandwich+ffn4", "ffn_62.5")
-    header = ["sampling", "seeds", "max (100 %)", "FFN 75 %", "FFN 62.5 %", "FFN 50 %"]
+    header = ["sampling", "seeds", "max (100 %)", "FFN 75 %", "FFN 62.5 %", "FFN 56.25 %", "FFN 50 %"]
     return markdown([*header, "FFN 62.5 % over sandwich_k=0 (points)"], rows)
 
 
@@ -163,8 +165,8 @@ def lonas_demo_searches() -> str:
     and three times; then with seed 1; then seeds 0 (twice) and 1 with faster training and scoring, and searched
     by the predictor with seeds 0 and 1; then trained with one random sub-network per step besides max and min and
     searched from the uniform-width ladder, seeds 0 (twice) and 1; then seed 0 searched on sliced copies, timed as
-    before and with the test rows scored by the picks in turn (twice, then four times more at the next stop):
-    each run's picks with their accuracy and speed-ups."""
+    before and with the test rows scored by the picks in turn (twice, then four times more at the next stop); then
+    with a fifth FFN width, 56.25 %, seed 0 twice and seed 1: each run's picks with their accuracy and speed-ups."""
     runs = {
         "ranks and widths searched": load(f"{AMD}/demo_lonas_rank_search.json"),
         "ranks held at the max": load(f"{AMD}/demo_lonas_fixed_ranks.json"),
@@ -185,16 +187,19 @@ def lonas_demo_searches() -> str:
         "seed 0, sandwich_k=1 and the ladder, run again": load(f"{AMD}/demo_lonas_k1_repeat.json"),
         "seed 1, sandwich_k=1 and the ladder": load(f"{AMD}/demo_lonas_k1_seed1.json"),
         "seed 0, searched on sliced copies (timed as before)": load(f"{AMD}/demo_lonas_sliced_search.json"),
-        "seed 0, sliced search, test rows scored in turn (the defaults now)": load(RUNS["lonas"]),
-        "seed 0, the defaults now, run again": load(f"{AMD}/demo_lonas_sliced_repeat.json"),
-        "seed 0, the defaults now, a third run (next stop)": load(f"{AMD}/demo_lonas_defaults_run3.json"),
-        "seed 0, the defaults now, a fourth run (next stop)": load(f"{AMD}/demo_lonas_defaults_run4.json"),
+        "seed 0, sliced search, test rows scored in turn": load(f"{AMD}/demo_lonas.json"),
+        "seed 0, the same, run again": load(f"{AMD}/demo_lonas_sliced_repeat.json"),
+        "seed 0, the same, a third run (next stop)": load(f"{AMD}/demo_lonas_defaults_run3.json"),
+        "seed 0, the same, a fourth run (next stop)": load(f"{AMD}/demo_lonas_defaults_run4.json"),
         "seed 0, a fifth run, the goal judged in PyTorch only (next stop)": load(
             f"{AMD}/demo_lonas_defaults_run5.json"
         ),
         "seed 0, a sixth run, the front re-measured in turns (next stop)": load(
             f"{AMD}/demo_lonas_defaults_run6.json"
         ),
+        "seed 0, FFN 56.25 % added (the defaults now)": load(RUNS["lonas"]),
+        "seed 0, the defaults now, run again": load(f"{AMD}/demo_lonas_ffn5_repeat.json"),
+        "seed 1, the defaults now": load(f"{AMD}/demo_lonas_ffn5_seed1.json"),
     }
     rows = []
     for label, run in runs.items():

@@ -121,7 +121,7 @@ def test_demo_lonas_mode_searches_width_against_latency(
     summary = run_demo(cfg)
     rows, subnets = summary["rows"], summary["subnets"]
     elastic = json.loads((tmp_path / "super-adapter" / "elastic_config.json").read_text())
-    assert elastic["ffn_width_choices"] == [1.0, 0.75, 0.625, 0.5] and elastic["head_choices"] == heads
+    assert elastic["ffn_width_choices"] == [1.0, 0.75, 0.625, 0.5625, 0.5] and elastic["head_choices"] == heads
     assert elastic["rank_choices"] == cfg.rank_choices
     assert sorted(elastic["channel_order"]) == ["0.ffn", "0.heads", "1.ffn", "1.heads"]  # activation order
     table = json.loads((tmp_path / "latency_table.json").read_text())

@@ -139,7 +139,7 @@ def test_a_sparse_run_gets_a_card_with_its_figures(tmp_path, method):
 
 
 def test_build_card_refuses_a_run_of_another_method():
-    with pytest.raises(ValueError, match=r"amd-epyc-avx512/demo_lonas.json is a run of --method lonas, not sqft"):
+    with pytest.raises(ValueError, match=r"amd-epyc-avx512/demo_lonas_ffn5.json is a run of --method lonas, not sqft"):
         cards.build_card("sqft", cards.RUNS["lonas"])
 
 

@@ -63,7 +63,7 @@ def test_predictor_matches_nsga2_hypervolume_with_half_the_evaluations(seed):
         hv[strategy] = hypervolume_2d([[e.values["error"], e.values["cost"]] for e in result.valid], reference)
     assert hv["predictor"] >= hv["nsga2"] > 0
     info = result.info["predictor"]
-    assert info["held_out"] == 20 - 3 - 3  # references and the random first round are not held-out predictions
+    assert info["held_out"] == 20 - 3  # the 3 references make a population: no random round, the rest is predicted
     assert info["rounds"] >= 4 and info["spearman_held_out"] > 0.5
     assert result.info["population"] == 3 and len(result.by_source("predictor")) == 20 - 3
 
@@ -81,7 +81,9 @@ def test_predictor_errors():
 def test_predictor_on_a_super_network_with_the_params_cost():
     model = get_peft_model(LLAMA.build(), NLSConfig(**peft_kwargs(LLAMA, rank_choices=[8, 6, 4])))
     score = lambda config: sum(config.values())  # noqa: E731  (more rank, lower "loss" would be the real case)
-    result = search_subnetworks(model, score, strategy="predictor", budget=10, population=2, predictor_candidates=40,
-                                progress=False)  # fmt: skip
+    result = search_subnetworks(model, score, strategy="predictor", budget=10, population=3, predictor_candidates=40,
+                                reference_subnets=("max",), progress=False)  # fmt: skip
     assert result.objectives == ["score", "params"] and len(result.evaluations) == 10
-    assert result.info["predictor"]["held_out"] == 10 - 3 - 2
+    assert len(result.by_source("max")) == 1
+    # one reference, so 2 random sub-networks make the first population; the other 7 are predicted
+    assert result.info["predictor"]["held_out"] == 10 - 1 - 2

@@ -125,10 +125,9 @@ def predictor_search(search: SubnetSearch, bar: Any) -> int:
             if predicted is not None and record.valid:
                 held_out.append((predicted, record.values[quality]))
 
-    start = len(search.records)
-    while len(search.records) < start + cfg.population and search._budget_left() and trials < search._max_trials():
+    while len(search.records) < cfg.population and search._budget_left() and trials < search._max_trials():
         trials += 1
-        evaluate(space.sample(rng), None)  # the first round: random sub-networks to fit on
+        evaluate(space.sample(rng), None)  # the first round: random sub-networks to fit on, after the references
     rounds = 0
     while search._budget_left() and trials < search._max_trials():
         valid = [r for r in search.records.values() if r.valid]

@@ -74,7 +74,7 @@ class SearchConfig:
         metadata={
             "help": "NSGA-II population size (sub-networks per generation); budget / population generations run. "
             "About budget / 10 worked best in benchmarks/bench_search.py. 'predictor': sub-networks evaluated per "
-            "round (the first round is random)."
+            "round; the first is the reference sub-networks, topped up with random ones to a population."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random and NSGA-II strategies."})
