@@ -166,7 +166,8 @@ def lonas_demo_searches() -> str:
     by the predictor with seeds 0 and 1; then trained with one random sub-network per step besides max and min and
     searched from the uniform-width ladder, seeds 0 (twice) and 1; then seed 0 searched on sliced copies, timed as
     before and with the test rows scored by the picks in turn (twice, then four times more at the next stop); then
-    with a fifth FFN width, 56.25 %, seed 0 twice and seed 1: each run's picks with their accuracy and speed-ups."""
+    with a fifth FFN width, 56.25 %, seed 0 twice, seed 1, and seed 0 searched by the predictor: each run's picks with
+    their accuracy and speed-ups."""
     runs = {
         "ranks and widths searched": load(f"{AMD}/demo_lonas_rank_search.json"),
         "ranks held at the max": load(f"{AMD}/demo_lonas_fixed_ranks.json"),
@@ -200,6 +201,7 @@ def lonas_demo_searches() -> str:
         "seed 0, FFN 56.25 % added (the defaults now)": load(RUNS["lonas"]),
         "seed 0, the defaults now, run again": load(f"{AMD}/demo_lonas_ffn5_repeat.json"),
         "seed 1, the defaults now": load(f"{AMD}/demo_lonas_ffn5_seed1.json"),
+        "seed 0, the defaults now, predictor-guided search": load(f"{AMD}/demo_lonas_ffn5_predictor.json"),
     }
     rows = []
     for label, run in runs.items():

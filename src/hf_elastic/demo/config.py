@@ -49,8 +49,9 @@ class DemoConfig:
         default_factory=lambda: [1.0, 0.75, 0.625, 0.5625, 0.5],
         metadata={
             "help": "'lonas': FFN widths, fractions of the full one. 0.625 and 0.5625 give the search uniform widths "
-            "between 75 and 50 %: with seed 0 the demo picked 56.25 % FFN everywhere, 1.40x faster than max at +0.0 "
-            "test points, where with 1.0 0.75 0.625 0.5 its 62.5 % pick timed 1.28-1.36x (README, 'The LoNAS front')."
+            "between 75 and 50 %: with seed 0 the demo picked 56.25 % FFN everywhere, 1.40-1.43x faster than max at "
+            "+0.0 test points (a max 5 points under the one trained with 1.0 0.75 0.625 0.5, whose 62.5 % pick timed "
+            "1.28-1.36x; README, 'The LoNAS front')."
         },
     )
     head_choices: list[float] = field(
