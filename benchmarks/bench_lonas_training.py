@@ -1,17 +1,18 @@
 """LoNAS training choices on SmolLM2-135M-Instruct and fine-food reviews: channel order, sampling, distillation.
 
-The demo's LoNAS super-network as it was (`hf_elastic.demo.lonas.lonas_trainer` with `BASE`: ranks 16/12/8, FFN
-widths 100/75/50 %, 9 or 6 heads per layer) is scored on the held-out test rows through uniform-width sub-networks
-(100/75/50 % FFN with all heads; 50 % FFN with 6 heads, the min). Zero-shot (LoRA B is zero, so this is the base
-model cut by the order) for every channel order: none / magnitude / activation / gradient. Trained, for `--variants`
-and each of `--seeds`: the same rows and compute per variant (`lonas_trainer`: `uniform` runs `--steps` steps of one
-sub-network, `sandwich` half as many of max and min, `progressive` `--steps / 1.75`; in-place distillation adds no
-forward pass), then the mean and standard deviation over the seeds per width. Seeds run in turn over all variants,
-and `--resume` keeps the runs already in the output file, so a long ablation can stop and go on.
-`sandwich+ffn-only`, the demo's default since, keeps rank 16 and all heads, so the sandwich's min is 50 % FFN at
-rank 16. `sandwich+ffn4` adds 62.5 % FFN (scored too), `sandwich+ffn4+k1` trains one random sub-network per step
-besides max and min (`sandwich_k=1`, a third fewer steps), and `sandwich+ffn5+k1` adds 56.25 % FFN to that: the
-demo's recipe now.
+The demo's LoNAS super-network as it was (`hf_elastic.demo.lonas.lonas_trainer` with `BASE`: ranks 16/12/8, FFN widths
+100/75/50 %, 9 or 6 heads per layer) is scored on the held-out test rows through uniform-width sub-networks (100/75/50
+% FFN with all heads; 50 % FFN with 6 heads, the min) and `ffn_58_mix`, all heads with every third layer at 75 % FFN
+and the others at 50 % (58.3 % on average, about where 1.3x needs the FFN cut to). Zero-shot (LoRA B is zero, so this
+is the base model cut by the order) for every channel order: none / magnitude / activation / gradient. Trained, for
+`--variants` and each of `--seeds`: the same rows and compute per variant (`lonas_trainer`: `uniform` runs `--steps`
+steps of one sub-network, `sandwich` half as many of max and min, `progressive` `--steps / 1.75`; in-place distillation
+adds no forward pass), then the mean and standard deviation over the seeds per width. Seeds run in turn over all
+variants, and `--resume` keeps the runs already in the output file, so a long ablation can stop and go on; `--extend`
+trains them again, scores the sub-networks they lack and the max one as a check, and records the check beside the run.
+`sandwich+ffn-only`, the demo's default since, keeps rank 16 and all heads, so the sandwich's min is 50 % FFN at rank
+16. `sandwich+ffn4` adds 62.5 % FFN (scored too), `sandwich+ffn4+k1` trains one random sub-network per step besides max
+and min (`sandwich_k=1`, a third fewer steps), and `sandwich+ffn5+k1` adds 56.25 % FFN to that: the demo's recipe now.
 Writes benchmarks/results/<machine>/lonas_training_smollm2.json.
 """
 
@@ -66,6 +67,16 @@ def score(supernet, configs: dict[str, dict], scorer) -> dict[str, float]:
     return scores
 
 
+def mixed_width_config(supernet, wide: float, narrow: float, every: int = 3) -> dict[str, int]:
+    """Every `every`-th layer's FFN (from the first) at fraction `wide` of its width, the others at `narrow`."""
+    from hf_elastic.demo.lonas import uniform_width_config
+
+    config = uniform_width_config(supernet, narrow)
+    for d in [d for d in supernet.space if d.kind == "ffn"][::every]:
+        config[d.name] = min(d.choices, key=lambda c: abs(c - wide * max(d.choices)))
+    return config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=80, help="compute, in steps of one sub-network (the demo's)")
@@ -77,7 +88,15 @@ def main() -> None:
     parser.add_argument(
         "--resume", action="store_true", help="keep the runs already in the output file and measure only the others"
     )
+    parser.add_argument(
+        "--extend",
+        action="store_true",
+        help="with --resume: train the stored runs again and score the sub-networks they lack, with the max one as "
+        "a check that the training reproduced (stored as 'rerun')",
+    )
     args = parser.parse_args()
+    if args.extend and not args.resume:
+        parser.error("--extend adds to the runs of the output file: pass --resume too")
 
     import tempfile
 
@@ -112,6 +131,8 @@ def main() -> None:
         heads = sorted({c for d in supernet.space if d.kind == "heads" for c in d.choices})
         ffn = sorted({c / max(d.choices) for d in supernet.space if d.kind == "ffn" for c in d.choices}, reverse=True)
         subnets = {f"ffn_{100 * f:g}": uniform_width_config(supernet, f) for f in ffn}
+        if {0.75, 0.5} <= set(ffn):
+            subnets["ffn_58_mix"] = mixed_width_config(supernet, 0.75, 0.5)
         if len(heads) > 1:
             subnets[f"ffn_50_heads_{heads[0]}"] = uniform_width_config(supernet, 0.5, heads[0])
         return trainer, subnets
@@ -140,17 +161,22 @@ def main() -> None:
         for seed in args.seeds:  # every variant's seed before the next seed: a stopped run stays balanced
             for name in args.variants:
                 runs = results["trained"].setdefault(name, {"runs": {}})
-                if str(seed) in runs["runs"]:
+                stored = runs["runs"].get(str(seed))
+                if stored is not None and (not args.extend or "rerun" in stored):
                     continue
                 trainer, subnets = build(VARIANTS[name], tmp, seed)
+                if stored is not None:
+                    subnets = {k: v for k, v in subnets.items() if k == "ffn_100" or k not in stored["accuracy"]}
                 start = time.perf_counter()
                 trainer.train()
-                runs["runs"][str(seed)] = {
-                    "steps": trainer.args.max_steps,
-                    "train_s": time.perf_counter() - start,
-                    "accuracy": score(trainer.supernet, subnets, scorer),
-                }
-                print(f"{name:<20} seed {seed} {runs['runs'][str(seed)]}", flush=True)
+                run = {"steps": trainer.args.max_steps, "train_s": time.perf_counter() - start}
+                run["accuracy"] = score(trainer.supernet, subnets, scorer)
+                if stored is not None:  # the new widths join the stored run; the rerun's max shows if it reproduced
+                    stored["accuracy"] |= {k: v for k, v in run["accuracy"].items() if k not in stored["accuracy"]}
+                    stored["rerun"] = run
+                    run = stored
+                runs["runs"][str(seed)] = run
+                print(f"{name:<20} seed {seed} {run}", flush=True)
                 runs["summary"] = accuracy_over_seeds(runs["runs"])
                 save()
 

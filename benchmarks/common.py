@@ -168,9 +168,10 @@ def summarize(
 
 def accuracy_over_seeds(runs: Mapping[str, dict]) -> dict[str, dict[str, float]]:
     """Mean, standard deviation (0 for one seed) and standard error over the seeds (`runs`, keyed by seed) of each
-    entry of the runs' `accuracy`."""
+    entry that every run's `accuracy` has."""
     summary = {}
-    for key in next(iter(runs.values()))["accuracy"]:
+    common = set.intersection(*(set(r["accuracy"]) for r in runs.values()))
+    for key in [k for k in next(iter(runs.values()))["accuracy"] if k in common]:
         values = [r["accuracy"][key] for r in runs.values()]
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         summary[key] = {"mean": statistics.fmean(values), "std": std, "sem": std / len(values) ** 0.5}
