@@ -64,7 +64,7 @@ def sparse_quality() -> str:
         "sparsepeft": "SparsePEFT + NLS on Wanda 50 %",
         "sparsepeft+teacher": "the same, dense base as teacher",
     }
-    rows = seed_rows(results, labels, ("max", "median", "min"), "lora", "median")
+    rows = seed_rows(results, labels, ("max", "median", "min"), "lora", ("median",))
     return markdown(["super-network", "seeds", "max", "median", "min", "median vs LoRA (points)"], rows)
 
 

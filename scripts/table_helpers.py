@@ -44,20 +44,23 @@ def _seed_cell(stats: Mapping[str, float] | None, seeds: int) -> str:
 
 
 def seed_rows(results: Mapping[str, Any], labels: Mapping[str, str], columns: Sequence[str], base: str,
-               gain_of: str) -> list[list[str]]:  # fmt: skip
+              gains: Sequence[str]) -> list[list[str]]:  # fmt: skip
     """A row per labelled entry of `results` (runs keyed by seed with their `summary`): the mean ± std of `columns`
-    over the seeds, then the gain in points of `gain_of` over entry `base`, with its standard error."""
-    reference = results[base]["summary"][gain_of] if base in results else None
+    over the seeds, then for each column in `gains` the gain in points over entry `base`, with its standard error (a
+    dash where either entry lacks the column)."""
+    reference = results[base]["summary"] if base in results else {}
     rows = []
     for key, label in labels.items():
         if key not in results:
             continue
         summary, seeds = results[key]["summary"], len(results[key]["runs"])
         cells = [_seed_cell(summary.get(c), seeds) for c in columns]
-        gain = "–"
-        if key != base and reference is not None:
-            value = 100 * (summary[gain_of]["mean"] - reference["mean"])
-            sem = 100 * (summary[gain_of]["sem"] ** 2 + reference["sem"] ** 2) ** 0.5
-            gain = f"{value:+.1f}" + (f" (SE {sem:.1f})" if sem else "")
-        rows.append([label, str(seeds), *cells, gain])
+        for column in gains:
+            ours, ref = summary.get(column), reference.get(column)
+            if key == base or ours is None or ref is None:
+                cells.append(DASH)
+                continue
+            sem = 100 * (ours["sem"] ** 2 + ref["sem"] ** 2) ** 0.5
+            cells.append(f"{100 * (ours['mean'] - ref['mean']):+.1f}" + (f" (SE {sem:.1f})" if sem else ""))
+        rows.append([label, str(seeds), *cells])
     return rows

@@ -69,3 +69,15 @@ def test_every_result_json_sits_in_the_folder_of_its_machine():
         assert path.parent.parent == common.RESULTS_DIR, path
         if slug != common.UNRECORDED_MACHINE:  # files without a machine record sit with the run they belong to
             assert path.parent.name == slug, f"{path} records {slug}"
+
+
+def test_accuracy_over_seeds_summarises_the_widths_every_run_has():
+    runs = {
+        "0": {"accuracy": {"ffn_100": 0.70, "ffn_50": 0.60, "ffn_58_mix": 0.64}},
+        "1": {"accuracy": {"ffn_100": 0.74, "ffn_50": 0.62}},  # not yet extended: no mix
+    }
+    summary = common.accuracy_over_seeds(runs)
+    assert list(summary) == ["ffn_100", "ffn_50"]
+    assert summary["ffn_100"]["mean"] == pytest.approx(0.72)
+    assert summary["ffn_100"]["std"] == pytest.approx(0.04 / 2**0.5)
+    assert summary["ffn_100"]["sem"] == pytest.approx(0.02)

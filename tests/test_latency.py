@@ -113,3 +113,5 @@ def test_remeasure_interleaved_times_the_front_in_turns(supernet, table, monkeyp
     remeasure(result, supernet, masked, interleaved=True)
     configs = [e.config for e in front]
     assert order == configs * 3 + [active]  # one warm-up and two timed rounds, each over the whole front in turn
+    with pytest.raises(ValueError, match=r"interleaved=True\) times in turns with a LatencyEvaluator only, not Func"):
+        remeasure(result, supernet, FunctionEvaluator(lambda c: 1.0, "latency", "minimize"), interleaved=True)

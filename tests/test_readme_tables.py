@@ -47,3 +47,19 @@ def test_demo_runs_table_has_a_row_per_run_on_file():
     lonas, latency = cards.headline(run), {name: row.get("latency_ms") for name, row in run["rows"].items()}
     assert lonas["name"] == "smallest useful (OpenVINO INT8)" and lonas["reference"] == "max (OpenVINO INT8)"
     assert lonas["speedup"] == pytest.approx(latency["max (OpenVINO INT8)"] / latency[lonas["name"]])
+
+
+def test_seed_rows_give_a_gain_per_column_and_a_dash_where_a_width_is_missing():
+    def entry(**means):
+        return {
+            "runs": {"0": {}, "1": {}},
+            "summary": {k: {"mean": m, "std": 0.01, "sem": 0.03} for k, m in means.items()},
+        }
+
+    results = {"base": entry(a=0.60, b=0.50), "new": entry(a=0.65, b=0.49), "old": entry(b=0.55)}
+    rows = helpers.seed_rows(results, {"base": "B", "new": "N", "old": "O"}, ("a", "b"), "base", ("a", "b"))
+    assert rows == [
+        ["B", "2", "0.600 ± 0.010", "0.500 ± 0.010", "–", "–"],
+        ["N", "2", "0.650 ± 0.010", "0.490 ± 0.010", "+5.0 (SE 4.2)", "-1.0 (SE 4.2)"],
+        ["O", "2", "–", "0.550 ± 0.010", "–", "+5.0 (SE 4.2)"],
+    ]

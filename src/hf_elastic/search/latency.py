@@ -314,15 +314,20 @@ def remeasure(
     """Measure `objective` again for the front (or every evaluation) of `result` with a real evaluator.
 
     Returns a new `SearchResult` of those evaluations with the measured values (default evaluator:
-    `LatencyEvaluator()`); `info["predicted"]` keeps the values the search used, by key. With `interleaved` a
+    `LatencyEvaluator()`); `info["predicted"]` keeps the values the search used, by key. With `interleaved` the
     `LatencyEvaluator` times them in turns (`LatencyEvaluator.interleaved`: steadier ranks, but every sliced copy is
     held at once); otherwise one after the other.
     """
     result._check_objective(objective)
     evaluator = evaluator or LatencyEvaluator()
+    if interleaved and not isinstance(evaluator, LatencyEvaluator):
+        raise ValueError(
+            f"remeasure(interleaved=True) times in turns with a LatencyEvaluator only, not "
+            f"{type(evaluator).__name__}; pass interleaved=False to measure one after the other."
+        )
     chosen = result.front if front_only else result.valid
     predicted = {e.key: e.values[objective] for e in chosen}
-    if interleaved and isinstance(evaluator, LatencyEvaluator):
+    if interleaved:
         measured = evaluator.interleaved(supernet, {e.key: e.config for e in chosen})
     else:
         measured, active = {}, supernet.active_config
