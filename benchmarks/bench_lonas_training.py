@@ -9,7 +9,8 @@ is the base model cut by the order) for every channel order: none / magnitude / 
 steps of one sub-network, `sandwich` half as many of max and min, `progressive` `--steps / 1.75`; in-place distillation
 adds no forward pass), then the mean and standard deviation over the seeds per width. Seeds run in turn over all
 variants, and `--resume` keeps the runs already in the output file, so a long ablation can stop and go on; `--extend`
-trains them again, scores the sub-networks they lack and the max one as a check, and records the check beside the run.
+trains them again and scores the sub-networks they lack and the max one, which must equal the stored max for the new
+widths to join the run (the rerun is recorded beside it either way).
 `sandwich+ffn-only`, the demo's default since, keeps rank 16 and all heads, so the sandwich's min is 50 % FFN at rank
 16. `sandwich+ffn4` adds 62.5 % FFN (scored too), `sandwich+ffn4+k1` trains one random sub-network per step besides max
 and min (`sandwich_k=1`, a third fewer steps), and `sandwich+ffn5+k1` adds 56.25 % FFN to that: the demo's recipe now.
@@ -91,8 +92,8 @@ def main() -> None:
     parser.add_argument(
         "--extend",
         action="store_true",
-        help="with --resume: train the stored runs again and score the sub-networks they lack, with the max one as "
-        "a check that the training reproduced (stored as 'rerun')",
+        help="with --resume: train the stored runs again and score the sub-networks they lack and the max one; the "
+        "new widths join a run only where its max reproduced (the rerun is stored as 'rerun')",
     )
     args = parser.parse_args()
     if args.extend and not args.resume:
@@ -171,8 +172,11 @@ def main() -> None:
                 trainer.train()
                 run = {"steps": trainer.args.max_steps, "train_s": time.perf_counter() - start}
                 run["accuracy"] = score(trainer.supernet, subnets, scorer)
-                if stored is not None:  # the new widths join the stored run; the rerun's max shows if it reproduced
-                    stored["accuracy"] |= {k: v for k, v in run["accuracy"].items() if k not in stored["accuracy"]}
+                if stored is not None:  # the new widths join the stored run only if the rerun's max reproduced it
+                    if run["accuracy"]["ffn_100"] == stored["accuracy"]["ffn_100"]:
+                        stored["accuracy"] |= {k: v for k, v in run["accuracy"].items() if k not in stored["accuracy"]}
+                    else:
+                        print(f"{name} seed {seed}: the rerun's max differs from the stored one; widths not added")
                     stored["rerun"] = run
                     run = stored
                 runs["runs"][str(seed)] = run
