@@ -68,16 +68,6 @@ def score(supernet, configs: dict[str, dict], scorer) -> dict[str, float]:
     return scores
 
 
-def mixed_width_config(supernet, wide: float, narrow: float, every: int = 3) -> dict[str, int]:
-    """Every `every`-th layer's FFN (from the first) at fraction `wide` of its width, the others at `narrow`."""
-    from hf_elastic.demo.lonas import uniform_width_config
-
-    config = uniform_width_config(supernet, narrow)
-    for d in [d for d in supernet.space if d.kind == "ffn"][::every]:
-        config[d.name] = min(d.choices, key=lambda c: abs(c - wide * max(d.choices)))
-    return config
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=80, help="compute, in steps of one sub-network (the demo's)")
@@ -132,8 +122,9 @@ def main() -> None:
         heads = sorted({c for d in supernet.space if d.kind == "heads" for c in d.choices})
         ffn = sorted({c / max(d.choices) for d in supernet.space if d.kind == "ffn" for c in d.choices}, reverse=True)
         subnets = {f"ffn_{100 * f:g}": uniform_width_config(supernet, f) for f in ffn}
-        if {0.75, 0.5} <= set(ffn):
-            subnets["ffn_58_mix"] = mixed_width_config(supernet, 0.75, 0.5)
+        if {0.75, 0.5} <= set(ffn):  # 58.3 %: every third layer (from the first) at 75 % FFN, the others at 50 %
+            thirds = [d.name for d in supernet.space if d.kind == "ffn"][::3]
+            subnets["ffn_58_mix"] = subnets["ffn_50"] | {name: subnets["ffn_75"][name] for name in thirds}
         if len(heads) > 1:
             subnets[f"ffn_50_heads_{heads[0]}"] = uniform_width_config(supernet, 0.5, heads[0])
         return trainer, subnets
